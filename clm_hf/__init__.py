@@ -1,0 +1,46 @@
+"""clm-hf: continual learning for Hugging Face Transformers.
+
+>>> from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments, Replay, EWC
+"""
+
+__version__ = "0.1.0"
+
+from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
+from .buffer import ReservoirBuffer
+from .data import ContinualDataCollator
+from .results import ContinualResults
+from .strategies import (
+    EWC,
+    STRATEGY_REGISTRY,
+    EWCConfig,
+    Replay,
+    ReplayConfig,
+    Strategy,
+    StrategyConfig,
+    TaskInfo,
+    build_strategy,
+    register_strategy,
+)
+from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer, ContinualTrainer
+
+__all__ = [
+    "EWC",
+    "EWCConfig",
+    "STRATEGY_REGISTRY",
+    "ContinualCausalLMTrainer",
+    "ContinualDataCollator",
+    "ContinualResults",
+    "ContinualSeq2SeqTrainer",
+    "ContinualSeq2SeqTrainingArguments",
+    "ContinualTrainer",
+    "ContinualTrainingArguments",
+    "Replay",
+    "ReplayConfig",
+    "ReservoirBuffer",
+    "Strategy",
+    "StrategyConfig",
+    "TaskInfo",
+    "build_strategy",
+    "register_strategy",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""Training arguments for continual runs: ``TrainingArguments`` plus the continual knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from .evaluation import BUILTIN_METRICS
+
+
+@dataclass
+class ContinualTrainingArguments(TrainingArguments):
+    """[`~transformers.TrainingArguments`] with the settings of a continual stream.
+
+    Everything ``TrainingArguments`` takes still applies to each task's ``train()``; the fields
+    below control what happens between tasks.
+
+    Example:
+
+    >>> from clm_hf import ContinualTrainingArguments
+    >>> args = ContinualTrainingArguments(output_dir="runs/x", num_train_epochs=2, primary_metric="exact_match")
+    >>> args.eval_metrics
+    ['exact_match', 'token_accuracy', 'loss', 'perplexity']
+    """
+
+    eval_metrics: list[str] = field(
+        default_factory=lambda: list(BUILTIN_METRICS),
+        metadata={"help": "Per-task scores computed after every task: exact_match, token_accuracy, loss, perplexity."},
+    )
+    primary_metric: str = field(
+        default="exact_match",
+        metadata={"help": "The score whose matrix gives ACC/BWT/FWT/forgetting in summaries and plots."},
+    )
+    eval_before_training: bool = field(
+        default=True,
+        metadata={"help": "Score every task before any training: the baseline b that forward transfer needs."},
+    )
+    continual_eval_batch_size: int = field(
+        default=64, metadata={"help": "Batch size of the between-task evaluation passes."}
+    )
+    save_continual_state: bool = field(
+        default=True,
+        metadata={"help": "Write a continual checkpoint (model, strategies, buffer, results, RNG) after every task."},
+    )
+    continual_save_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many end-of-task continual checkpoints (oldest deleted first)."},
+    )
+    answer_only_loss: bool = field(
+        default=True,
+        metadata={"help": "When the trainer tokenizes prompt/answer rows itself, put the loss on answer tokens only."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [m for m in self.eval_metrics if m not in BUILTIN_METRICS]
+        if unknown:
+            raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
+        if not self.eval_metrics:
+            raise ValueError("eval_metrics must name at least one metric.")
+        if self.continual_eval_batch_size < 1:
+            raise ValueError(f"continual_eval_batch_size must be >= 1, got {self.continual_eval_batch_size}.")
+        if self.continual_save_total_limit is not None and self.continual_save_total_limit < 1:
+            raise ValueError(f"continual_save_total_limit must be >= 1 or None, got {self.continual_save_total_limit}.")
+
+
+@dataclass
+class ContinualSeq2SeqTrainingArguments(Seq2SeqTrainingArguments, ContinualTrainingArguments):
+    """[`~transformers.Seq2SeqTrainingArguments`] with the continual fields of
+    [`ContinualTrainingArguments`].
+
+    >>> from clm_hf import ContinualSeq2SeqTrainingArguments
+    >>> ContinualSeq2SeqTrainingArguments(output_dir="runs/t5").primary_metric
+    'exact_match'
+    """

@@ -1,0 +1,160 @@
+"""Data plumbing for continual training: padding, validation and DataLoader conversion.
+
+The trainer accepts tokenized ``datasets.Dataset`` objects (``input_ids`` + ``labels``), raw
+``prompt``/``answer`` datasets (tokenized on the fly with the trainer's ``processing_class``), or a
+torch ``DataLoader`` as in the original quick start. Everything is checked up front so that a bad
+task fails with a message that names the problem, before any weight has moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+
+# Columns that describe a row rather than feed the model; the collator drops them.
+METADATA_COLUMNS = ("task_id",)
+REQUIRED_COLUMNS = ("input_ids", "labels")
+_PADDED_KEYS = {
+    "input_ids": "pad",
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "labels": "label",
+    "decoder_input_ids": "pad",
+    "decoder_attention_mask": 0,
+}
+
+
+@dataclass
+class ContinualDataCollator:
+    """Right-pads token sequences to the longest row of the batch and drops metadata columns.
+
+    Works for causal and seq2seq models alike: ``labels`` are padded with ``label_pad_token_id``
+    (ignored by the loss) independently of ``input_ids``.
+
+    Args:
+        pad_token_id (`int`): Id used to pad ``input_ids`` / ``decoder_input_ids``.
+        label_pad_token_id (`int`, defaults to -100): Id used to pad ``labels``.
+        pad_to_multiple_of (`int`, *optional*): Round padded lengths up to a multiple of this.
+
+    Example:
+
+    >>> collator = ContinualDataCollator(pad_token_id=0)
+    >>> batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    >>> batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()
+    ([[5, 6, 7], [5, 0, 0]], [[-100, 6, 7], [5, -100, -100]], [[1, 1, 1], [1, 0, 0]])
+    """
+
+    pad_token_id: int
+    label_pad_token_id: int = -100
+    pad_to_multiple_of: int | None = None
+
+    def _pad_value(self, key: str) -> int:
+        kind = _PADDED_KEYS[key]
+        if kind == "pad":
+            return self.pad_token_id
+        if kind == "label":
+            return self.label_pad_token_id
+        return kind
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("ContinualDataCollator got an empty batch.")
+        keys = [k for k in features[0] if k not in METADATA_COLUMNS]
+        batch: dict[str, torch.Tensor] = {}
+        for key in keys:
+            values = [f[key] for f in features]
+            if key in _PADDED_KEYS:
+                batch[key] = self._pad([_as_list(v) for v in values], self._pad_value(key))
+            else:
+                batch[key] = torch.as_tensor(values)
+        if "attention_mask" not in batch and "input_ids" in batch:
+            lengths = torch.tensor([len(_as_list(f["input_ids"])) for f in features])
+            positions = torch.arange(batch["input_ids"].shape[1])
+            batch["attention_mask"] = (positions[None, :] < lengths[:, None]).long()
+        return batch
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        length = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        return out
+
+
+def _as_list(value: Any) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return list(value)
+
+
+def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = None) -> None:
+    """Check that a tokenized dataset can train a language model; raise ``ValueError`` if not.
+
+    Checks: it is a ``datasets.Dataset``, it is not empty, it has ``input_ids`` and ``labels``,
+    at least one label is supervised (not -100), and no token id is outside the vocabulary.
+
+    Args:
+        dataset: The dataset to check.
+        what (`str`): How to name it in messages, e.g. ``"train dataset of task 'reverse'"``.
+        vocab_size (`int`, *optional*): The model's vocabulary size, to check token ids against.
+    """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"The {what} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError(f"The {what} is empty: a task needs at least one example.")
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        hint = ""
+        if {"prompt", "answer"} <= set(dataset.column_names):
+            hint = " It has 'prompt'/'answer' text: pass processing_class=tokenizer to the trainer to tokenize it."
+        raise ValueError(
+            f"The {what} is missing column(s) {missing}; it has {dataset.column_names}.{hint}"
+        )
+    table = dataset.with_format("arrow")[:]  # respects any select()/shuffle() index mapping
+    labels = pc.list_flatten(table.column("labels"))
+    if len(labels) == 0 or pc.all(pc.equal(labels, -100)).as_py():
+        raise ValueError(
+            f"Every label in the {what} is -100, so there is nothing to learn. "
+            "Check the prompt/answer masking (answer tokens must keep their ids)."
+        )
+    if vocab_size is not None:
+        ids = pc.list_flatten(table.column("input_ids"))
+        supervised = pc.filter(labels, pc.not_equal(labels, -100))
+        for column, values in (("input_ids", ids), ("labels", supervised)):
+            if len(values) == 0:
+                continue
+            low, high = pc.min_max(values).values()
+            if high.as_py() >= vocab_size or low.as_py() < 0:
+                raise ValueError(
+                    f"The {what} has {column} outside the model's vocabulary [0, {vocab_size}): "
+                    f"min {low.as_py()}, max {high.as_py()}. Was it tokenized with another tokenizer?"
+                )
+
+
+def dataset_from_loader(loader: torch.utils.data.DataLoader) -> Dataset:
+    """Turn a ``DataLoader`` over dict rows (the original quick start's form) into a ``Dataset``.
+
+    Every row of ``loader.dataset`` is kept; tensors become lists.
+    """
+    source = loader.dataset
+    if isinstance(source, Dataset):
+        return source
+    rows = []
+    for i in range(len(source)):  # type: ignore[arg-type]
+        row = source[i]
+        if not isinstance(row, dict):
+            raise TypeError(
+                "A DataLoader given to train_task must yield dict rows (e.g. input_ids, labels); "
+                f"row {i} is a {type(row).__name__}."
+            )
+        rows.append({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+    if not rows:
+        raise ValueError("The DataLoader's dataset is empty.")
+    return Dataset.from_list(rows)

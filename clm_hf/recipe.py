@@ -1,0 +1,185 @@
+"""YAML recipes: one file says which model, which task stream, which strategies, which arguments.
+
+A recipe is a dict with four sections::
+
+    model:                       # a tiny model built on the spot ...
+      arch: gpt2                 #   gpt2 | llama | t5, plus any build_tiny_model option
+    # ... or a pretrained one:   name_or_path: ./my-model (local folder or Hub id), tokenizer: ...
+    tasks:                       # the built-in synthetic suite ...
+      suite: synthetic
+      names: [copy, reverse, sort]
+      num_train: 512
+    # ... or a list of {name, train, eval} where train/eval are load_dataset() arguments,
+    # e.g. {path: json, data_files: data/reverse.jsonl} with prompt/answer or input_ids/labels.
+    strategies:
+      - {name: replay, buffer_size: 200}
+      - {name: ewc, ewc_lambda: 1000}
+    training:                    # any ContinualTrainingArguments field
+      output_dir: runs/ewc
+      num_train_epochs: 4
+
+Command-line overrides use dotted keys, TRL style: ``--training.learning_rate 1e-3``,
+``--strategies.1.ewc_lambda 50``. Values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = ("model", "tasks", "strategies", "training")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe and apply ``--dotted.key value`` overrides.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "r.yaml")
+    >>> _ = open(path, "w").write("model: {arch: gpt2}\\ntraining: {learning_rate: 0.001}\\n")
+    >>> load_recipe(path, ["--training.learning_rate", "0.01"])["training"]["learning_rate"]
+    0.01
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe file {path} does not exist.")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must be a YAML mapping with sections {list(SECTIONS)}.")
+    return apply_overrides(recipe, overrides or [])
+
+
+def validate_recipe(recipe: dict[str, Any]) -> None:
+    for key in recipe:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, SECTIONS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"Unknown recipe section '{key}'.{hint} Valid sections: {', '.join(SECTIONS)}.")
+    if "model" not in recipe:
+        raise ValueError("A recipe needs a 'model' section (arch: gpt2, or name_or_path: ...).")
+    if "tasks" not in recipe:
+        raise ValueError("A recipe needs a 'tasks' section (suite: synthetic, or a list of tasks).")
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``["--a.b", "value", ...]`` (or ``--a.b=value``) to a copy of ``recipe``."""
+    recipe = copy.deepcopy(recipe)
+    pairs: list[tuple[str, str]] = []
+    items = list(overrides)
+    while items:
+        token = items.pop(0)
+        if not token.startswith("--"):
+            raise ValueError(f"Expected an override like --training.learning_rate 1e-3, got '{token}'.")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if not items:
+                raise ValueError(f"Override --{key} has no value.")
+            value = items.pop(0)
+        pairs.append((key, value))
+    for key, raw in pairs:
+        parts = key.split(".")
+        if parts[0] not in SECTIONS:
+            raise ValueError(f"Override --{key}: unknown section '{parts[0]}'; use one of {', '.join(SECTIONS)}.")
+        node: Any = recipe
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(node, list):
+                node = node[_index(part, node, key)]
+            else:
+                node = node.setdefault(part, [] if nxt.isdigit() else {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[_index(last, node, key)] = value
+        else:
+            node[last] = value
+    return recipe
+
+
+def _index(part: str, node: list, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"Override --{key}: '{part}' is not an index of a list of {len(node)} entries.")
+    return int(part)
+
+
+def build_model_and_tokenizer(section: dict[str, Any]) -> tuple[Any, Any]:
+    """A tiny model built on the spot (``arch``) or a pretrained one (``name_or_path``)."""
+    section = dict(section)
+    if "name_or_path" in section:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        path = section.pop("name_or_path")
+        tokenizer_path = section.pop("tokenizer", path)
+        trust = bool(section.pop("trust_remote_code", False))
+        dtype = section.pop("dtype", "auto")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = auto.from_pretrained(path, trust_remote_code=trust, dtype=dtype, **section)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    from .tasks import build_tiny_model, build_tokenizer
+
+    arch = section.pop("arch", "gpt2")
+    tokenizer = build_tokenizer()
+    return build_tiny_model(arch, tokenizer, **section), tokenizer
+
+
+def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
+    """The task stream of a recipe, as ``{name: {"train": Dataset, "eval": Dataset | None}}``."""
+    if isinstance(section, dict):
+        section = dict(section)
+        suite = section.pop("suite", "synthetic")
+        if suite != "synthetic":
+            raise ValueError(f"Unknown task suite '{suite}'; the built-in suite is 'synthetic'.")
+        from .tasks import make_suite
+
+        return {name: {"train": d["train"], "eval": d["eval"]} for name, d in make_suite(section.pop("names", None), **section).items()}
+    if not isinstance(section, list) or not section:
+        raise ValueError("'tasks' must be {suite: synthetic, ...} or a non-empty list of {name, train, eval}.")
+    from datasets import load_dataset
+
+    stream: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(section):
+        if not isinstance(entry, dict) or "train" not in entry:
+            raise ValueError(f"Task {i} of the recipe needs a 'train' entry (load_dataset arguments).")
+        name = str(entry.get("name", f"task_{i}"))
+        if name in stream:
+            raise ValueError(f"Task name '{name}' appears twice in the recipe; names must be unique.")
+        splits = {}
+        for split in ("train", "eval"):
+            if entry.get(split) is not None:
+                kwargs = dict(entry[split])
+                kwargs.setdefault("split", "train")
+                splits[split] = load_dataset(**kwargs)
+        stream[name] = {"train": splits["train"], "eval": splits.get("eval")}
+    return stream
+
+
+def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None):
+    """Build everything a recipe describes and train the stream; returns the results."""
+    from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
+    from .strategies.base import strategies_from_specs
+    from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer
+
+    validate_recipe(recipe)
+    model, tokenizer = build_model_and_tokenizer(recipe["model"])
+    stream = build_task_stream(recipe["tasks"])
+    strategies = strategies_from_specs(list(recipe.get("strategies") or []))
+    training = dict(recipe.get("training") or {})
+    if output_dir is not None:
+        training["output_dir"] = output_dir
+    training.setdefault("output_dir", "runs/clm_hf")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    args_class = ContinualSeq2SeqTrainingArguments if seq2seq else ContinualTrainingArguments
+    trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
+    args = args_class(**training)
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+    results = trainer.fit(stream, resume_from_checkpoint=resume)
+    return results, trainer

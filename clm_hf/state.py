@@ -1,0 +1,241 @@
+"""Saving and loading the whole continual state, atomically, with safetensors and JSON only.
+
+A continual checkpoint is a folder::
+
+    model.safetensors          the model's weights (safetensors.torch.save_model: tied weights ok)
+    strategies/<i>-<name>/     each strategy's own state (state.safetensors + state.json, a buffer)
+    rng.safetensors            torch / numpy RNG arrays
+    continual_state.json       task list, progress, strategy configs, python RNG, versions
+    results.json               the score matrices so far
+    manifest.json              size + sha256 of every file above, written last
+
+It is built in a temporary sibling folder, every file is fsynced, and the folder is renamed into
+place, so a crash leaves either the old checkpoint or the new one, never half of one. Loading
+checks the manifest first and names the file that is missing, truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE_FILE = "continual_state.json"
+MODEL_FILE = "model.safetensors"
+RNG_FILE = "rng.safetensors"
+RESULTS_FILE = "results.json"
+STRATEGIES_DIR = "strategies"
+
+
+class CheckpointError(ValueError):
+    """A continual checkpoint is missing, incomplete, corrupt or from an incompatible version."""
+
+
+# --- RNG -----------------------------------------------------------------------------------
+def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python, numpy and torch (CPU and CUDA) RNG states, split into JSON and tensors."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(py_state), gauss], "numpy": [name, int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return meta, tensors
+
+
+def restore_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, py_state, gauss = meta["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+# --- atomic folders and manifests ------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(root: Path) -> None:
+    files = {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Check every file listed in ``manifest.json``; raise :class:`CheckpointError` naming the bad one."""
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{root} has no {MANIFEST}: it is not a complete clm-hf checkpoint.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is not valid JSON ({err}).") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{root} was written with checkpoint format {version!r} (clm-hf {manifest.get('clm_hf_version')}); "
+            f"this clm-hf ({__version__}) reads format {FORMAT_VERSION}."
+        )
+    for rel, info in manifest.get("files", {}).items():
+        path = root / rel
+        if not path.is_file():
+            raise CheckpointError(f"Checkpoint {root} is missing {rel}.")
+        if path.stat().st_size != info["size"]:
+            raise CheckpointError(f"Checkpoint file {path} is truncated or changed: {path.stat().st_size} bytes, expected {info['size']}.")
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
+    return manifest
+
+
+def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with ``fill(tmp)`` in a temporary sibling, add a manifest, fsync, rename it in."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
+    try:
+        fill(tmp)
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+        if final_dir.exists():
+            # Move the old copy aside first so that at every instant one complete copy exists.
+            stale = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+            os.replace(final_dir, stale)
+            os.replace(tmp, final_dir)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final_dir)
+        fd = os.open(final_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir
+
+
+# --- continual checkpoint ------------------------------------------------------------------
+def strategy_dir(root: Path, index: int, name: str) -> Path:
+    return root / STRATEGIES_DIR / f"{index:02d}-{name}"
+
+
+def save_continual_checkpoint(
+    final_dir: str | os.PathLike,
+    *,
+    state: dict[str, Any],
+    strategies: list[Any],
+    model: torch.nn.Module | None,
+    results: Any | None,
+) -> Path:
+    """Write one continual checkpoint atomically (see the module docstring for the layout).
+
+    Args:
+        final_dir: Where the checkpoint folder ends up.
+        state (`dict`): JSON-able trainer progress (tasks, index, strategy configs, ...).
+        strategies: The strategies; each writes its own sub-folder through ``save_state``.
+        model: The model whose weights to store; ``None`` when the Trainer already saved them.
+        results: A :class:`~clm_hf.results.ContinualResults` or ``None``.
+    """
+    from safetensors.torch import save_model
+
+    rng_meta, rng_tensors = capture_rng_state()
+
+    def fill(tmp: Path) -> None:
+        if model is not None:
+            save_model(model, str(tmp / MODEL_FILE))
+        for i, strategy in enumerate(strategies):
+            strategy.save_state(strategy_dir(tmp, i, strategy.name))
+        save_file(rng_tensors, str(tmp / RNG_FILE))
+        payload = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "rng": rng_meta, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
+        if results is not None:
+            results.save(tmp / RESULTS_FILE)
+
+    return write_atomically(final_dir, fill)
+
+
+def read_continual_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Verify a checkpoint and return its ``continual_state.json`` content."""
+    directory = Path(directory)
+    verify_manifest(directory)
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    from safetensors.torch import load_model
+
+    path = Path(directory) / MODEL_FILE
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {path} do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. "
+            "Was the checkpoint written for another model or strategy set?"
+        )
+
+
+def load_rng(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
+    restore_rng_state(meta, load_file(str(Path(directory) / RNG_FILE)))
+
+
+def list_checkpoints(run_dir: str | os.PathLike, pattern: str = "task-*") -> list[Path]:
+    """Checkpoint folders under ``run_dir`` (not temporaries), oldest first by name."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+
+
+def latest_valid_checkpoint(candidates: list[Path]) -> Path | None:
+    """The newest folder of ``candidates`` whose manifest verifies; corrupt ones are reported."""
+    for path in reversed(candidates):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError as err:
+            logger.warning("Skipping unusable checkpoint %s: %s", path, err)
+    return None

@@ -1,0 +1,29 @@
+"""Continual-learning strategies and their registry."""
+
+from .base import (
+    STRATEGY_REGISTRY,
+    Strategy,
+    StrategyConfig,
+    TaskInfo,
+    build_strategy,
+    get_strategy_class,
+    register_strategy,
+    strategies_from_specs,
+)
+from .ewc import EWC, EWCConfig
+from .replay import Replay, ReplayConfig
+
+__all__ = [
+    "EWC",
+    "EWCConfig",
+    "Replay",
+    "ReplayConfig",
+    "STRATEGY_REGISTRY",
+    "Strategy",
+    "StrategyConfig",
+    "TaskInfo",
+    "build_strategy",
+    "get_strategy_class",
+    "register_strategy",
+    "strategies_from_specs",
+]

@@ -1,0 +1,334 @@
+"""The strategy protocol, the config base class and the strategy registry.
+
+A strategy is one continual-learning method. The trainer only ever calls the hooks of
+:class:`Strategy`, in the order the user listed the strategies, so a new method is one new
+module plus a :func:`register_strategy` entry and the trainer never changes.
+
+Every hook is a no-op by default; a strategy overrides the few it needs:
+
+============================  ============================================================
+hook                          called
+============================  ============================================================
+``setup(trainer)``            once, when the trainer is built (check backend support)
+``prepare_model(model, t)``   before task ``t`` (PNN adds a column, PackNet installs masks)
+``prepare_train_dataset``     before task ``t``: may mix extra rows in (replay)
+``before_task(trainer, t)``   right before training ``t`` (snapshot a teacher, ...)
+``loss(model, in, out)``      every training micro-batch: extra loss terms, by name
+``edit_gradients(model)``     after backward + accumulation + clipping, before ``step()``
+``after_optimizer_step``      right after ``optimizer.step()`` (restore frozen weights)
+``after_task(trainer, t)``    after training ``t`` (Fisher, pruning, fill a memory)
+``use_task(model, t)``        context manager: behave as right after task ``t``
+``state_dict`` / ``load``     checkpointing (tensors go to safetensors, the rest to JSON)
+============================  ============================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
+    from ..trainer import ContinualTrainer
+
+
+@dataclass
+class TaskInfo:
+    """What a strategy knows about a task.
+
+    Args:
+        task_id (`str`): The task's identifier (user ids are normalised to strings).
+        name (`str`): A human-readable name, used in logs, tables and plots.
+        index (`int`): Position of the task in the stream, from 0.
+        train_dataset (`datasets.Dataset`, *optional*): The task's own tokenized training rows,
+            before any strategy mixed other rows in.
+        resumed (`bool`): True when training of this task restarts from a mid-task checkpoint, so
+            state that ``before_task`` would snapshot was restored instead.
+    """
+
+    task_id: str
+    name: str
+    index: int
+    train_dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "name": self.name, "index": self.index}
+
+
+@dataclass
+class StrategyConfig:
+    """Base class of every strategy's config.
+
+    Subclasses are dataclasses whose fields carry ``metadata={"help": ...}``; they validate in
+    ``validate`` (called from ``__post_init__``) and raise ``ValueError`` naming the field.
+    """
+
+    # Other spellings accepted for a field, e.g. ``{"lambda": "ewc_lambda"}`` (the original
+    # config-dict quick start used ``lambda``, a Python keyword).
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when a value is out of range. Override in subclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], *, owner: str | None = None) -> "StrategyConfig":
+        """Build the config from a dict, resolving aliases; unknown keys raise with a suggestion."""
+        valid = [f.name for f in fields(cls) if f.init]
+        resolved: dict[str, Any] = {}
+        for key, value in options.items():
+            key = cls.aliases.get(key, key)
+            if key not in valid:
+                raise ValueError(_unknown_message(f"option '{key}'", owner or cls.__name__, key, valid + list(cls.aliases)))
+            resolved[key] = value
+        return cls(**resolved)
+
+
+def _unknown_message(what: str, where: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"Unknown {what} for {where}.{hint} Valid: {', '.join(sorted(valid))}."
+
+
+def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Raise a ``ValueError`` naming ``name`` when ``value`` falls outside the given interval."""
+    bad_low = low is not None and (value < low if low_inclusive else value <= low)
+    bad_high = high is not None and (value > high if high_inclusive else value >= high)
+    if bad_low or bad_high:
+        left = ("[" if low_inclusive else "(") + (str(low) if low is not None else "-inf")
+        right = (str(high) if high is not None else "inf") + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must be in {left}, {right}; got {value!r}.")
+
+
+class Strategy:
+    """Base class of continual-learning strategies. Every hook is a no-op by default.
+
+    Subclasses set ``name`` (the registry key) and ``config_class``, and are built either from a
+    config object or from keyword arguments that become the config:
+
+    >>> from clm_hf import EWC
+    >>> EWC(ewc_lambda=50.0).config.ewc_lambda
+    50.0
+    """
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ValueError(f"{type(self).__name__}: pass either a config object or keyword options, not both.")
+        if config is None:
+            config = self.config_class.from_dict(options, owner=type(self).__name__)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}.")
+        self.config = config
+        self.trainer: ContinualTrainer | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def setup(self, trainer: ContinualTrainer) -> None:
+        """Called once when the trainer is built. Keep a handle and check backend support."""
+        self.trainer = trainer
+
+    def prepare_model(self, model: nn.Module, task: TaskInfo) -> nn.Module:
+        """Return the model to train on ``task`` (the same object unless the method grows it)."""
+        return model
+
+    def prepare_train_dataset(self, dataset: Dataset, task: TaskInfo) -> Dataset:
+        """Return the rows to train ``task`` on (replay mixes memory rows in here)."""
+        return dataset
+
+    def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        """Called right before ``trainer.train()`` for ``task``."""
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        """Extra loss terms for one training micro-batch, by name (the name is what gets logged)."""
+        return {}
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        """Edit ``p.grad`` in place after accumulation and clipping, before ``optimizer.step()``."""
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called right after ``optimizer.step()``."""
+
+    def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        """Called after ``task`` has been trained (and before it is evaluated)."""
+
+    def use_task(self, model: nn.Module, task: TaskInfo) -> contextlib.AbstractContextManager:
+        """Context in which ``model`` behaves as it did for ``task``. A no-op by default."""
+        return contextlib.nullcontext()
+
+    def restore_model(self, model: nn.Module) -> nn.Module:
+        """After ``load_state``: rebuild any architecture the method added before weights load."""
+        return model
+
+    # --- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: tensors and JSON-able values, possibly nested in dicts."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def save_state(self, directory: str | os.PathLike) -> None:
+        """Write the state into ``directory`` (safetensors for tensors, JSON for the rest)."""
+        save_tensor_json_state(self.state_dict(), directory)
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        """Read what :meth:`save_state` wrote."""
+        self.load_state_dict(load_tensor_json_state(directory))
+
+
+# --- registry --------------------------------------------------------------------------------
+STRATEGY_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator that adds a strategy under its ``name``; a duplicate name is an error."""
+    key = cls.name.lower()
+    if key in STRATEGY_REGISTRY and STRATEGY_REGISTRY[key] is not cls:
+        raise ValueError(f"A strategy named '{key}' is already registered ({STRATEGY_REGISTRY[key].__name__}).")
+    STRATEGY_REGISTRY[key] = cls
+    return cls
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    """Look a strategy class up by name; an unknown name raises with the closest valid one."""
+    key = name.lower().replace("-", "_")
+    if key not in STRATEGY_REGISTRY:
+        raise ValueError(_unknown_message("strategy", "clm_hf", key, list(STRATEGY_REGISTRY)))
+    return STRATEGY_REGISTRY[key]
+
+
+def build_strategy(name: str, **options: Any) -> Strategy:
+    """Build a registered strategy from its name and options.
+
+    >>> from clm_hf.strategies import build_strategy
+    >>> build_strategy("ewc", ewc_lambda=10.0).name
+    'ewc'
+    """
+    return get_strategy_class(name)(**options)
+
+
+def strategies_from_specs(specs: list[dict[str, Any] | str | Strategy]) -> list[Strategy]:
+    """Turn recipe entries (``{"name": "ewc", ...}``, ``"replay"`` or objects) into strategies."""
+    built = []
+    for spec in specs:
+        if isinstance(spec, Strategy):
+            built.append(spec)
+        elif isinstance(spec, str):
+            built.append(build_strategy(spec))
+        elif isinstance(spec, dict):
+            if "name" not in spec:
+                raise ValueError(f"A strategy entry needs a 'name' key; got {spec!r}.")
+            options = {k: v for k, v in spec.items() if k != "name"}
+            built.append(build_strategy(spec["name"], **options))
+        else:
+            raise TypeError(f"Cannot build a strategy from {type(spec).__name__}: {spec!r}.")
+    return built
+
+
+# --- persistence of nested tensor/JSON state -------------------------------------------------
+_TENSORS_FILE = "state.safetensors"
+_JSON_FILE = "state.json"
+_TENSOR_MARK = "__tensor__"
+
+
+def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach().to("cpu").contiguous()
+        return {_TENSOR_MARK: prefix}
+    if isinstance(state, dict):
+        for key in state:
+            if not isinstance(key, str) or "/" in key:
+                raise ValueError(f"State keys must be strings without '/', got {key!r} under '{prefix}'.")
+        return {k: _split(v, f"{prefix}/{k}" if prefix else k, tensors) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_split(v, f"{prefix}/{i}", tensors) for i, v in enumerate(state)]
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"State value at '{prefix}' has type {type(state).__name__}; only tensors and JSON values persist.")
+
+
+def _merge(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_MARK}:
+            return tensors[obj[_TENSOR_MARK]]
+        return {k: _merge(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_merge(v, tensors) for v in obj]
+    return obj
+
+
+def save_tensor_json_state(state: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Persist a nested dict of tensors and JSON values as ``state.safetensors`` + ``state.json``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, "", tensors)
+    if tensors:
+        save_file(tensors, os.path.join(directory, _TENSORS_FILE))
+    with open(os.path.join(directory, _JSON_FILE), "w") as handle:
+        json.dump(skeleton, handle, indent=1, allow_nan=False)
+
+
+def load_tensor_json_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Inverse of :func:`save_tensor_json_state`."""
+    from safetensors.torch import load_file
+
+    json_path = os.path.join(directory, _JSON_FILE)
+    if not os.path.exists(json_path):
+        return {}
+    with open(json_path) as handle:
+        skeleton = json.load(handle)
+    tensor_path = os.path.join(directory, _TENSORS_FILE)
+    tensors = load_file(tensor_path) if os.path.exists(tensor_path) else {}
+    return _merge(skeleton, tensors)
+
+
+# --- helpers strategies share ------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP/``torch.compile`` wrappers so state is keyed on the bare model's names."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters that receive gradients (adapter weights only, for a PEFT model)."""
+    return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with dropout off, restoring the previous train/eval flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+

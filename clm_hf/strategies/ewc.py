@@ -1,0 +1,287 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, https://arxiv.org/abs/1612.00796),
+with the online variant of Schwarz et al. 2018 (https://arxiv.org/abs/1805.06370).
+
+After each task, EWC estimates the diagonal of the Fisher information F from per-sample
+gradients of the task's loss, and keeps the weights θ* it ended with. While later tasks train,
+it adds λ/2 · Σ F · (θ − θ*)² over the trainable parameters, so weights that mattered for old
+tasks move less.
+
+- ``mode="separate"`` keeps one (F, θ*) pair per task: memory grows with the number of tasks.
+- ``mode="online"`` keeps one running F ← γ·F + F_task and the latest θ*: 8 bytes per
+  parameter (two fp32 tensors) whatever the number of tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import ContinualTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EWCConfig(StrategyConfig):
+    """Settings of :class:`EWC`.
+
+    Args:
+        ewc_lambda (`float`): Strength λ of the penalty (alias ``lambda``). The Fisher of a
+            language model is small per weight, so useful values are large.
+        mode (`str`): ``"online"`` (one running Fisher, constant memory) or ``"separate"``
+            (one Fisher and anchor per task).
+        gamma (`float`): Decay of the old Fisher in online mode, in [0, 1].
+        fisher_samples (`int`): At most this many rows of the task estimate the Fisher.
+        fisher_batch_size (`int`): Rows per vectorised per-sample-gradient pass (bounds memory).
+        fisher_method (`str`): ``"vmap"`` (torch.func per-sample gradients), ``"loop"`` (one
+            backward per row) or ``"auto"`` (vmap, falling back to the loop if the model cannot
+            be vmapped).
+        seed (`int`): Seed of the choice of Fisher rows.
+    """
+
+    aliases = {"lambda": "ewc_lambda", "lambda_": "ewc_lambda", "ewc_mode": "mode"}
+
+    ewc_lambda: float = field(default=5000.0, metadata={"help": "Penalty strength λ."})
+    mode: str = field(default="online", metadata={"help": "'online' or 'separate'."})
+    gamma: float = field(default=1.0, metadata={"help": "Online decay of the old Fisher, in [0, 1]."})
+    fisher_samples: int = field(default=256, metadata={"help": "Max rows used to estimate the Fisher."})
+    fisher_batch_size: int = field(default=16, metadata={"help": "Rows per per-sample-gradient pass."})
+    fisher_method: str = field(default="auto", metadata={"help": "'vmap', 'loop' or 'auto'."})
+    seed: int = field(default=0, metadata={"help": "Seed of the choice of Fisher rows."})
+
+    def validate(self) -> None:
+        check_range("ewc_lambda", self.ewc_lambda, low=0.0)
+        if self.mode not in ("online", "separate"):
+            raise ValueError(f"EWC mode must be 'online' or 'separate', got {self.mode!r}.")
+        check_range("gamma", self.gamma, low=0.0, high=1.0)
+        check_range("fisher_samples", self.fisher_samples, low=1)
+        check_range("fisher_batch_size", self.fisher_batch_size, low=1)
+        if self.fisher_method not in ("auto", "vmap", "loop"):
+            raise ValueError(f"fisher_method must be 'auto', 'vmap' or 'loop', got {self.fisher_method!r}.")
+
+
+@register_strategy
+class EWC(Strategy):
+    """Elastic Weight Consolidation: a quadratic pull towards old weights, weighted by the Fisher.
+
+    Args:
+        config ([`EWCConfig`], *optional*): Or pass its fields as keyword arguments.
+
+    Example:
+
+    >>> from clm_hf import EWC
+    >>> ewc = EWC(ewc_lambda=1000.0, mode="online", gamma=0.9)
+    >>> ewc.config.mode
+    'online'
+    """
+
+    name = "ewc"
+    config_class = EWCConfig
+
+    def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        # One (fisher, anchor) pair per term; online mode keeps a single term.
+        self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self._params: list[tuple[nn.Parameter, list[torch.Tensor], list[torch.Tensor]]] = []
+
+    # --- penalty ---------------------------------------------------------------------------
+    def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        self._bind(trainer.model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Pair each live parameter with its Fisher and anchor tensors once per task, not per step."""
+        params = trainable_parameters(model)
+        self._params = []
+        if not self.terms:
+            return
+        missing = [n for n in self.terms[0][0] if n not in params]
+        if missing:
+            raise ValueError(f"EWC has a Fisher for parameters the model no longer trains: {missing[:5]}.")
+        for name in self.terms[0][0]:
+            p = params[name]
+            fishers = [fisher[name].to(p.device) for fisher, _ in self.terms]
+            anchors = [anchor[name].to(p.device) for _, anchor in self.terms]
+            self._params.append((p, fishers, anchors))
+
+    def penalty(self) -> torch.Tensor:
+        """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends)."""
+        if not self._params:
+            return torch.zeros(())
+        total = None
+        for p, fishers, anchors in self._params:
+            theta = p.float()
+            for fisher, anchor in zip(fishers, anchors):
+                term = (fisher * (theta - anchor).square()).sum()
+                total = term if total is None else total + term
+        return 0.5 * self.config.ewc_lambda * total
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        if not self._params:
+            return {}
+        return {"ewc_penalty": self.penalty()}
+
+    # --- Fisher ------------------------------------------------------------------------------
+    def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        model = trainer.model
+        rows = task.train_dataset
+        count = min(self.config.fisher_samples, len(rows))
+        rows = rows.shuffle(seed=self.config.seed + task.index).select(range(count))
+        fisher = estimate_fisher(
+            model, rows,
+            batch_size=self.config.fisher_batch_size, method=self.config.fisher_method,
+            device=trainer.args.device, disable_progress=trainer.args.disable_tqdm,
+        )
+        for name, value in fisher.items():
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(f"EWC's Fisher for '{name}' is not finite after task '{task.name}'.")
+        anchor = {n: p.detach().float().clone() for n, p in trainable_parameters(model).items()}
+        if self.config.mode == "online" and self.terms:
+            old_fisher, _ = self.terms[0]
+            fisher = {n: self.config.gamma * old_fisher[n].to(f.device) + f for n, f in fisher.items()}
+            self.terms = [(fisher, anchor)]
+        else:
+            self.terms.append((fisher, anchor))
+        self._bind(model)
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"terms": [{"fisher": f, "anchor": a} for f, a in self.terms]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.terms = [(dict(t["fisher"]), dict(t["anchor"])) for t in state.get("terms", [])]
+        self._params = []
+        if self.trainer is not None and self.terms:
+            self._bind(self.trainer.model)
+
+
+def _unpadded_batches(rows, batch_size: int, device) -> list[dict[str, torch.Tensor]]:
+    """Batches of rows of equal length, so that no padding and no attention mask is needed.
+
+    Without padding, the per-row loss is exactly the loss of that row alone, and the model takes
+    no data-dependent branch on a mask, which ``torch.func.vmap`` cannot trace.
+    """
+    columns = [c for c in rows.column_names if c in ("input_ids", "labels", "token_type_ids")]
+    data = rows.select_columns(columns)[:]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(tuple(len(data[c][i]) for c in columns), []).append(i)
+    batches = []
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batches.append({c: torch.tensor([data[c][i] for i in chunk], device=device) for c in columns})
+    return batches
+
+
+def estimate_fisher(
+    model: nn.Module,
+    rows,
+    *,
+    batch_size: int = 16,
+    method: str = "auto",
+    device: torch.device | str | None = None,
+    disable_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher: the mean over rows of the squared per-row loss gradient.
+
+    Each row's loss is the mean NLL over its own supervised tokens. Squares are taken per row,
+    never of a batch-averaged gradient (which would underestimate F by up to the batch size).
+
+    Args:
+        model (`nn.Module`): The model (dropout is switched off while estimating).
+        rows (`datasets.Dataset`): Tokenized rows (``input_ids``, ``labels``).
+        batch_size (`int`): Rows per vectorised pass.
+        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``.
+        device: Where to run.
+
+    Returns:
+        `dict[str, torch.Tensor]`: fp32 Fisher diagonal per trainable parameter name.
+
+    Example:
+
+    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model, make_task, tokenize_for_causal_lm
+    >>> tok = build_tokenizer(); model = build_tiny_model("gpt2", tok)
+    >>> rows = tokenize_for_causal_lm(make_task("copy", 4), tok)
+    >>> fisher = estimate_fisher(model, rows)
+    >>> all(f.min() >= 0 for f in fisher.values())
+    True
+    """
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("EWC found no trainable parameter to estimate a Fisher for.")
+    device = device or next(iter(params.values())).device
+    totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    batches = _unpadded_batches(rows, batch_size, device)
+    use_vmap = method in ("vmap", "auto")
+    with eval_mode(model):
+        for batch in tqdm(batches, desc="EWC Fisher", disable=disable_progress, leave=False):
+            squared = None
+            if use_vmap:
+                try:
+                    squared = _squared_grads_vmap(model, params, batch)
+                except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
+                    if method == "vmap":
+                        raise
+                    logger.warning("EWC: per-sample gradients with torch.func failed (%s); using a loop.", err)
+                    use_vmap = False
+            if squared is None:
+                squared = _squared_grads_loop(model, params, batch)
+            for name, value in squared.items():
+                totals[name] += value
+    return {n: t / len(rows) for n, t in totals.items()}
+
+
+def _squared_grads_vmap(model: nn.Module, params: dict[str, nn.Parameter], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from torch.func import functional_call, grad, vmap
+
+    from ..strategies.base import unwrap_model
+
+    bare = unwrap_model(model)
+    frozen = {n: t.detach() for n, t in bare.named_parameters() if n not in params}
+    frozen.update(dict(bare.named_buffers()))
+    keys = list(batch)
+
+    def row_loss(trainable, *tensors):
+        inputs = {k: t.unsqueeze(0) for k, t in zip(keys, tensors)}
+        return functional_call(bare, {**frozen, **trainable}, args=(), kwargs=inputs).loss
+
+    detached = {n: p.detach() for n, p in params.items()}
+    with _no_padding_warning(bare):
+        per_row = vmap(grad(row_loss), in_dims=(None, *([0] * len(keys))))(detached, *[batch[k] for k in keys])
+    return {n: g.float().square().sum(0) for n, g in per_row.items()}
+
+
+@contextlib.contextmanager
+def _no_padding_warning(model: nn.Module) -> Iterator[None]:
+    # HF models look for pad tokens to warn about a missing attention mask; that lookup is a
+    # data-dependent branch vmap rejects. Our rows are unpadded, so the warning cannot apply.
+    patched = [m for m in model.modules() if hasattr(m, "warn_if_padding_and_no_attention_mask")]
+    for module in patched:
+        module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.warn_if_padding_and_no_attention_mask
+
+
+def _squared_grads_loop(model: nn.Module, params: dict[str, nn.Parameter], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = list(params)
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    for i in range(batch["input_ids"].shape[0]):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        loss = model(**row).loss
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                sums[name] += g.float().square()
+    return sums

@@ -1,0 +1,637 @@
+"""Drop-in continual versions of the Hugging Face ``Trainer`` and ``Seq2SeqTrainer``.
+
+The trainer owns the stream: it registers tasks, lets each strategy prepare the model and the
+data, runs the ordinary ``Trainer.train()`` for the task, evaluates every task, records the score
+matrix and writes a continual checkpoint. It knows nothing of any particular method: strategies
+act only through the hooks of :class:`~clm_hf.strategies.base.Strategy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput
+
+from . import state as ckpt
+from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
+from .config import parse_config_dict
+from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
+from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
+from .results import ContinualResults
+from .strategies.base import Strategy, TaskInfo, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+CONTINUAL_DIR = "continual"
+IN_TASK_STATE_DIR = "continual_state"
+
+
+class _StrategyStepHooks(TrainerCallback):
+    """Runs the strategies' gradient hooks at the Trainer's own optimizer-step events.
+
+    ``on_pre_optimizer_step`` fires after backward, gradient accumulation, the DDP all-reduce and
+    clipping, and right before ``optimizer.step()``: the one point where an edited gradient is
+    the one the optimizer uses.
+    """
+
+    def __init__(self, trainer: "ContinualTrainerMixin") -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        for strategy in self.trainer.strategies:
+            strategy.edit_gradients(model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        for strategy in self.trainer.strategies:
+            strategy.after_optimizer_step(model)
+
+
+class ContinualTrainerMixin:
+    """The continual machinery shared by :class:`ContinualTrainer` and :class:`ContinualSeq2SeqTrainer`."""
+
+    args_class: type = ContinualTrainingArguments
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *,
+        strategies: Sequence[Strategy] | None = None,
+        config: dict[str, Any] | None = None,
+        task_metrics: dict[str, TokenMetric] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        strategies = list(strategies or [])
+        if config is not None:
+            args_kwargs, config_strategies = parse_config_dict(config)
+            if args is None:
+                args_kwargs.setdefault("output_dir", "clm_hf_output")
+                args = self.args_class(**args_kwargs)
+            elif args_kwargs:
+                raise ValueError("Pass training settings either in `args` or in `config`, not both.")
+            strategies += config_strategies
+        if args is None:
+            args = self.args_class(output_dir="clm_hf_output")
+        _check_strategies(strategies)
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
+        super().__init__(model=model, args=args, **kwargs)
+        self.strategies: list[Strategy] = strategies
+        self.task_metrics = dict(task_metrics or {})
+        self.tasks: list[TaskInfo] = []  # tasks trained (or in training), in order
+        self.current_task: TaskInfo | None = None
+        self.results: ContinualResults | None = None
+        self._eval_sets: dict[str, Dataset] = {}  # task_id -> tokenized eval rows
+        self._task_names: dict[str, str] = {}
+        self._base_output_dir = self.args.output_dir
+        self._loss_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.current_gradient_accumulation_steps = 1
+        self.add_callback(_StrategyStepHooks(self))
+        for strategy in self.strategies:
+            strategy.setup(self)
+
+    # --- the continual settings, also when plain TrainingArguments are passed -----------------
+    def _setting(self, name: str) -> Any:
+        if hasattr(self.args, name):
+            return getattr(self.args, name)
+        spec = ContinualTrainingArguments.__dataclass_fields__[name]
+        return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+    # --- loss: model loss + named strategy terms ---------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The model's loss plus every strategy's terms (training only), each logged by name.
+
+        The HF loss is already normalised over the whole accumulated batch when the model takes
+        ``num_items_in_batch``, so a per-micro-batch penalty is divided by the number of
+        accumulation steps; otherwise ``training_step`` divides the summed loss itself.
+        """
+        inputs = {k: v for k, v in inputs.items() if k != "task_id"}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.strategies:
+            scale = 1.0
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                scale = 1.0 / self.current_gradient_accumulation_steps
+            for strategy in self.strategies:
+                for name, term in strategy.loss(model, inputs, outputs).items():
+                    self._loss_terms[name].append(term.detach())
+                    loss = loss + term * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of every strategy loss term since the last log to training logs."""
+        if "loss" in logs and self._loss_terms:
+            for name, values in self._loss_terms.items():
+                value = torch.stack(values).mean().item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"The strategy loss term '{name}' became {value} by step {self.state.global_step} "
+                        f"of task '{self.current_task.name if self.current_task else '?'}'. Lower its weight or the learning rate."
+                    )
+                logs[name] = value
+            self._loss_terms.clear()
+        super().log(logs, start_time)
+
+    # --- tasks ------------------------------------------------------------------------------
+    def _register_task(self, task_id: Any, task_name: str | None) -> TaskInfo:
+        if task_id is None:
+            task_id = task_name if task_name is not None else len(self.tasks)
+        if not isinstance(task_id, (str, int)) or isinstance(task_id, bool):
+            raise TypeError(f"task_id must be a str or an int, got {type(task_id).__name__}.")
+        key = str(task_id)
+        if any(t.task_id == key for t in self.tasks):
+            raise ValueError(
+                f"Task id '{key}' was already trained in this stream (tasks so far: {[t.task_id for t in self.tasks]}). "
+                "Give every task a unique task_id."
+            )
+        name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
+        return TaskInfo(task_id=key, name=name, index=len(self.tasks))
+
+    def task(self, task_id: Any) -> TaskInfo:
+        """The :class:`TaskInfo` of a trained task; an unknown id raises a ``KeyError`` listing the known ones."""
+        key = str(task_id)
+        for task in self.tasks:
+            if task.task_id == key:
+                return task
+        raise KeyError(f"Unknown task '{key}'. Tasks trained so far: {[t.task_id for t in self.tasks]}.")
+
+    @contextlib.contextmanager
+    def use_task(self, task_id: Any) -> Iterator[nn.Module]:
+        """Make the model behave as it did for a trained task (PackNet masks, PNN columns, ...).
+
+        >>> with trainer.use_task("reverse"):  # doctest: +SKIP
+        ...     scores = trainer.evaluate_task(eval_rows)
+        """
+        task = self.task(task_id)
+        with contextlib.ExitStack() as stack:
+            for strategy in self.strategies:
+                stack.enter_context(strategy.use_task(self.model, task))
+            yield self.model
+
+    def _prepare_rows(self, dataset: Any, what: str) -> Dataset:
+        """Tokenize raw prompt/answer rows if needed, then validate them."""
+        if isinstance(dataset, DataLoader):
+            dataset = dataset_from_loader(dataset)
+        if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and {"prompt", "answer"} <= set(dataset.column_names):
+            if self.processing_class is None:
+                raise ValueError(f"The {what} has raw 'prompt'/'answer' text; pass processing_class=tokenizer to tokenize it.")
+            from .tasks import tokenize_task
+
+            dataset = tokenize_task(dataset, self.processing_class, is_seq2seq(self.model),
+                                    **({} if is_seq2seq(self.model) else {"answer_only_loss": self._setting("answer_only_loss")}))
+        vocab = getattr(getattr(unwrap_model(self.model), "config", None), "vocab_size", None)
+        validate_lm_dataset(dataset, what=what, vocab_size=vocab)
+        return dataset
+
+    def add_eval_task(self, task_id: Any, eval_dataset: Any, task_name: str | None = None) -> None:
+        """Register a task's evaluation rows, so it is scored after every task (also before it is trained)."""
+        key = str(task_id)
+        name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
+        self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'")
+        self._task_names[key] = name
+        if self.results is None:
+            self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        if name not in self.results.task_names:
+            self.results.add_task(name)
+
+    def train_task(
+        self,
+        train_dataset: Dataset | DataLoader | None = None,
+        eval_dataset: Dataset | DataLoader | None = None,
+        task_id: str | int | None = None,
+        task_name: str | None = None,
+        num_epochs: float | None = None,
+        *,
+        train_loader: DataLoader | None = None,
+        val_loader: DataLoader | None = None,
+        resume_from_checkpoint: str | bool | None = None,
+    ) -> TrainOutput:
+        """Train one task of the stream, then evaluate every task and save the continual state.
+
+        Each call starts a fresh optimizer and learning-rate schedule.
+
+        Args:
+            train_dataset (`Dataset` or `DataLoader`): The task's rows: tokenized (``input_ids``,
+                ``labels``) or raw ``prompt``/``answer`` text (needs ``processing_class``).
+            eval_dataset (`Dataset` or `DataLoader`, *optional*): Rows to score this task on.
+            task_id (`str` or `int`, *optional*): Unique id; defaults to the task's position.
+            task_name (`str`, *optional*): Display name; defaults to the id.
+            num_epochs (`float`, *optional*): Overrides ``args.num_train_epochs`` for this task.
+            train_loader / val_loader: The original quick start's names for the two datasets.
+            resume_from_checkpoint: Passed to ``Trainer.train`` to resume inside this task.
+
+        Returns:
+            `TrainOutput` of the task's ``train()``.
+
+        Example:
+
+        >>> trainer.train_task(train_rows, eval_rows, task_id="reverse", num_epochs=2)  # doctest: +SKIP
+        """
+        if train_dataset is not None and train_loader is not None:
+            raise ValueError("Pass the training data once: train_dataset or train_loader.")
+        if eval_dataset is not None and val_loader is not None:
+            raise ValueError("Pass the evaluation data once: eval_dataset or val_loader.")
+        train_dataset = train_dataset if train_dataset is not None else train_loader
+        eval_dataset = eval_dataset if eval_dataset is not None else val_loader
+        if train_dataset is None:
+            raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
+        task = self._register_task(task_id, task_name)
+        task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
+        if eval_dataset is not None:
+            self.add_eval_task(task.task_id, eval_dataset, task.name)
+        elif self.results is None or task.name not in self.results.task_names:
+            if self.results is None:
+                self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+            self.results.add_task(task.name)
+        self._task_names[task.task_id] = task.name
+        if isinstance(train_loader, DataLoader) and train_loader.batch_size:
+            self.args.per_device_train_batch_size = train_loader.batch_size
+        return self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume_from_checkpoint)
+
+    def _run_task(self, task: TaskInfo, *, num_epochs: float | None, resume_from_checkpoint: Any = None) -> TrainOutput:
+        self.tasks.append(task)
+        self.current_task = task
+        logger.info("clm-hf: training task %d '%s' (%d rows)", task.index, task.name, len(task.train_dataset))
+        for strategy in self.strategies:
+            self._set_model(strategy.prepare_model(self.model, task))
+        rows = task.train_dataset
+        for strategy in self.strategies:
+            rows = strategy.prepare_train_dataset(rows, task)
+        self.train_dataset = rows
+        # A new task starts from a fresh optimizer and schedule: old moments would drag the new
+        # task towards the previous one, and parameter sets may have changed (PNN, PackNet).
+        self.optimizer, self.lr_scheduler = None, None
+        for strategy in self.strategies:
+            strategy.before_task(self, task)
+        with self._task_scope(task, num_epochs):
+            output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+        for strategy in self.strategies:
+            strategy.after_task(self, task)
+        self.current_task = None
+        task.resumed = False
+        self._evaluate_stream(row=True)
+        if self._setting("save_continual_state"):
+            self.save_continual_checkpoint()
+        return output
+
+    def run_training_phase(self, dataset: Dataset, *, num_epochs: float, phase: str) -> TrainOutput:
+        """Run an extra short ``train()`` inside the current task (e.g. PackNet's retraining).
+
+        It uses a fresh optimizer and the same hooks; checkpoints go to a ``phase`` sub-folder.
+        """
+        task = self.current_task or (self.tasks[-1] if self.tasks else None)
+        if task is None:
+            raise RuntimeError("run_training_phase needs a task in progress.")
+        previous, self.train_dataset = self.train_dataset, dataset
+        self.optimizer, self.lr_scheduler = None, None
+        try:
+            with self._task_scope(task, num_epochs, suffix=f"-{phase}"):
+                return self.train()
+        finally:
+            self.train_dataset = previous
+            self.optimizer, self.lr_scheduler = None, None
+
+    @contextlib.contextmanager
+    def _task_scope(self, task: TaskInfo, num_epochs: float | None, suffix: str = "") -> Iterator[None]:
+        # Trainer checkpoints of each task go to their own folder, since global_step restarts.
+        saved_dir, saved_epochs = self.args.output_dir, self.args.num_train_epochs
+        self.args.output_dir = os.path.join(self._base_output_dir, f"task-{task.index:03d}{suffix}")
+        if num_epochs is not None:
+            self.args.num_train_epochs = num_epochs
+        try:
+            yield
+        finally:
+            self.args.output_dir, self.args.num_train_epochs = saved_dir, saved_epochs
+
+    def _set_model(self, model: nn.Module) -> None:
+        if model is not self.model:
+            self.model = model
+            self.model_wrapped = model
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate_task(self, dataset: Dataset, *, description: str | None = None) -> dict[str, float]:
+        """Score the model as it is now on tokenized rows (see :func:`~clm_hf.evaluation.evaluate_lm`)."""
+        return evaluate_lm(
+            self.model,
+            dataset,
+            self.data_collator,
+            batch_size=self._setting("continual_eval_batch_size"),
+            metrics=self._setting("eval_metrics"),
+            extra_metrics=self.task_metrics,
+            device=self.args.device,
+            description=description,
+            disable_progress=self.args.disable_tqdm,
+        )
+
+    def evaluate_tasks(self) -> dict[str, dict[str, float]]:
+        """Score every registered task: trained ones under ``use_task``, unseen ones as the model is."""
+        trained = {t.task_id for t in self.tasks if t is not self.current_task}
+        scores: dict[str, dict[str, float]] = {}
+        for task_id, rows in self._eval_sets.items():
+            name = self._task_names[task_id]
+            scope = self.use_task(task_id) if task_id in trained else contextlib.nullcontext()
+            with scope:
+                scores[name] = self.evaluate_task(rows, description=f"eval {name}")
+        return scores
+
+    def _evaluate_stream(self, *, row: bool) -> None:
+        if not self._eval_sets or self.results is None:
+            return
+        scores = self.evaluate_tasks()
+        metrics = list(self._setting("eval_metrics")) + list(self.task_metrics)
+        table = {m: [scores[n][m] if n in scores else None for n in self.results.task_names] for m in metrics}
+        for name in self.task_metrics:
+            self.results.higher_is_better.setdefault(name, True)
+        if row:
+            self.results.add_row(table)
+            stage = f"after_{self.tasks[-1].name}"
+        else:
+            self.results.set_baseline(table)
+            stage = "baseline"
+        logs = {f"cl/{stage}/{n}/{m}": v for n, s in scores.items() for m, v in s.items()}
+        if row:
+            logs.update({f"cl/{k}": v for k, v in self.results.summary().items() if v is not None})
+        self.log(logs)
+        if row:
+            logger.info("clm-hf: after task '%s': %s", self.tasks[-1].name,
+                        {n: round(s[self.results.primary_metric], 4) for n, s in scores.items()})
+        self._save_results()
+
+    def _save_results(self) -> None:
+        if self.results is not None and self.args.should_save:
+            os.makedirs(self._base_output_dir, exist_ok=True)
+            self.results.metadata["strategies"] = [{"name": s.name, **s.config.to_dict()} for s in self.strategies]
+            self.results.save(os.path.join(self._base_output_dir, "results.json"))
+
+    # --- the whole stream -------------------------------------------------------------------------
+    def fit(
+        self,
+        tasks: Mapping[str, Any] | Sequence[Any],
+        resume_from_checkpoint: str | bool | None = None,
+        num_epochs: float | None = None,
+    ) -> ContinualResults:
+        """Train a whole stream of tasks, evaluating every task after each one.
+
+        Args:
+            tasks: Either a dict ``{task name: DatasetDict / {"train": ..., "eval": ...} / (train, eval)}``
+                or a list of such entries (``{"name", "train", "eval"}`` dicts or ``(train, eval)`` pairs).
+            resume_from_checkpoint (`str` or `bool`, *optional*): ``True`` continues from the newest
+                valid checkpoint in ``args.output_dir``; a path continues from that run folder or
+                checkpoint.
+            num_epochs (`float`, *optional*): Epochs per task, overriding ``args.num_train_epochs``.
+
+        Returns:
+            [`ContinualResults`]: the score matrices and summary metrics, also written to
+            ``<output_dir>/results.json``.
+
+        Example:
+
+        >>> from clm_hf.tasks import make_suite
+        >>> results = trainer.fit(make_suite(["copy", "reverse", "sort"]))  # doctest: +SKIP
+        >>> results.summary()["bwt"]  # doctest: +SKIP
+        """
+        specs = normalize_tasks(tasks)
+        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        for spec in specs:
+            self._task_names[spec["task_id"]] = spec["name"]
+            if spec["eval"] is not None:
+                self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
+            elif spec["name"] not in self.results.task_names:
+                self.results.add_task(spec["name"])
+        mid_task_checkpoint = None
+        if resume_from_checkpoint:
+            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs)
+        elif self._setting("eval_before_training"):
+            self._evaluate_stream(row=False)
+        for index, spec in enumerate(specs):
+            if index < len(self.tasks):
+                continue
+            task = self._register_task(spec["task_id"], spec["name"])
+            task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
+            resume = None
+            if mid_task_checkpoint is not None and index == mid_task_checkpoint[0]:
+                resume = str(mid_task_checkpoint[1])
+                task.resumed = True
+            self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
+        return self.results
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _continual_state(self) -> dict[str, Any]:
+        return {
+            "tasks": [t.to_json() for t in self.tasks if t is not self.current_task],
+            "current_task": self.current_task.to_json() if self.current_task else None,
+            "strategies": [{"name": s.name, "config": s.config.to_dict()} for s in self.strategies],
+        }
+
+    def save_continual_checkpoint(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Write the whole continual state (model, strategies, buffer, results, RNG) atomically.
+
+        Defaults to ``<output_dir>/continual/task-XXX`` for the last finished task.
+        """
+        if not self.args.should_save:
+            return None
+        if directory is None:
+            directory = Path(self._base_output_dir) / CONTINUAL_DIR / f"task-{len(self.tasks) - 1:03d}"
+        path = ckpt.save_continual_checkpoint(
+            directory, state=self._continual_state(), strategies=self.strategies,
+            model=unwrap_model(self.model), results=self.results,
+        )
+        limit = self._setting("continual_save_total_limit")
+        if limit:
+            for old in ckpt.list_checkpoints(Path(self._base_output_dir) / CONTINUAL_DIR)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's own mid-task save, plus the continual state needed to resume inside the task."""
+        super()._save_checkpoint(model, trial)
+        if self.current_task is None or not self.args.should_save:
+            return
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / IN_TASK_STATE_DIR
+        ckpt.save_continual_checkpoint(folder, state=self._continual_state(), strategies=self.strategies,
+                                       model=None, results=self.results)
+
+    def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]]) -> tuple[int, Path] | None:
+        """Restore the stream from a run folder or checkpoint; return a mid-task checkpoint if any."""
+        run_dir = Path(self._base_output_dir if checkpoint is True else checkpoint)
+        if (run_dir / ckpt.MANIFEST).is_file():
+            task_ckpt, run_dir = run_dir, run_dir.parent.parent
+        else:
+            task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
+        if task_ckpt is None:
+            if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
+                raise FileNotFoundError(f"No clm-hf checkpoint to resume from in {run_dir}.")
+            done = 0
+        else:
+            meta = ckpt.read_continual_state(task_ckpt)
+            self._restore(task_ckpt, meta, specs, load_model=True)
+            done = len(meta["tasks"])
+        if done >= len(specs):
+            return None
+        # A Trainer checkpoint inside the next task, with its continual state, resumes mid-task.
+        task_dir = run_dir / f"task-{done:03d}"
+        inner = sorted(task_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for candidate in reversed(inner):
+            try:
+                meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR)
+            except ckpt.CheckpointError as err:
+                logger.warning("Skipping unusable mid-task checkpoint %s: %s", candidate, err)
+                continue
+            self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False)
+            return done, candidate
+        if task_ckpt is None and self._setting("eval_before_training"):
+            self._evaluate_stream(row=False)
+        return None
+
+    def _restore(self, directory: Path, meta: dict[str, Any], specs: list[dict[str, Any]], *, load_model: bool) -> None:
+        saved = [(s["name"], s["config"]) for s in meta["strategies"]]
+        current = [(s.name, s.config.to_dict()) for s in self.strategies]
+        if saved != current:
+            raise ValueError(
+                f"The checkpoint in {directory} was written with strategies {saved}, but this trainer has {current}. "
+                "Resume with the same strategies and settings."
+            )
+        for i, done in enumerate(meta["tasks"]):
+            if i >= len(specs) or specs[i]["task_id"] != done["task_id"]:
+                raise ValueError(f"The checkpoint's task {i} is '{done['task_id']}', but the stream given has "
+                                 f"{specs[i]['task_id'] if i < len(specs) else 'no task'} there.")
+        for i, strategy in enumerate(self.strategies):
+            strategy.load_state(ckpt.strategy_dir(directory, i, strategy.name))
+            self._set_model(strategy.restore_model(self.model))
+        if load_model:
+            ckpt.load_model_weights(unwrap_model(self.model), directory)
+        self.tasks = [TaskInfo(**t) for t in meta["tasks"]]
+        results_path = directory / ckpt.RESULTS_FILE
+        if results_path.is_file():
+            loaded = ContinualResults.load(results_path)
+            for name in (self.results.task_names if self.results else []):
+                if name not in loaded.task_names:  # the stream may have grown since the save
+                    loaded.add_task(name)
+            self.results = loaded
+        ckpt.load_rng(directory, meta["rng"])
+        logger.info("clm-hf: resumed from %s after %d task(s)", directory, len(self.tasks))
+
+
+class ContinualTrainer(ContinualTrainerMixin, Trainer):
+    """A [`~transformers.Trainer`] that learns a stream of tasks with continual-learning strategies.
+
+    Everything ``Trainer`` accepts still works (callbacks, ``report_to``, ``eval_dataset``,
+    ``processing_class``, saving). The continual parts:
+
+    Args:
+        model: The model to train (causal or seq2seq LM, optionally a PEFT model).
+        args ([`ContinualTrainingArguments`], *optional*): Plain ``TrainingArguments`` work too.
+        strategies (`list[Strategy]`, *optional*): Applied in order; an empty list is plain
+            sequential fine-tuning. E.g. ``[Replay(), EWC()]``.
+        config (`dict`, *optional*): The original config-dict form (optimizer + continual_strategy).
+        task_metrics (`dict[str, callable]`, *optional*): Extra per-task scores,
+            ``fn(predictions, references) -> float`` over answer token ids.
+        **kwargs: Any other ``Trainer`` argument.
+
+    Example:
+
+    >>> from clm_hf import ContinualTrainer, ContinualTrainingArguments, EWC, Replay
+    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model, make_suite
+    >>> tok = build_tokenizer(); model = build_tiny_model("gpt2", tok)
+    >>> trainer = ContinualTrainer(model=model, args=ContinualTrainingArguments(output_dir="runs/doc"),
+    ...                            processing_class=tok, strategies=[Replay(), EWC()])
+    >>> results = trainer.fit(make_suite(["copy", "reverse"], num_train=32, num_eval=8))  # doctest: +SKIP
+    """
+
+
+class ContinualCausalLMTrainer(ContinualTrainer):
+    """[`ContinualTrainer`] for decoder-only language models (GPT-2, Llama, ...)."""
+
+
+class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
+    """A [`~transformers.Seq2SeqTrainer`] with the continual machinery of [`ContinualTrainer`].
+
+    >>> from clm_hf import ContinualSeq2SeqTrainer, ContinualSeq2SeqTrainingArguments
+    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model
+    >>> tok = build_tokenizer(); model = build_tiny_model("t5", tok)
+    >>> trainer = ContinualSeq2SeqTrainer(model=model, args=ContinualSeq2SeqTrainingArguments(output_dir="runs/t5"),
+    ...                                   processing_class=tok)
+    """
+
+    args_class = ContinualSeq2SeqTrainingArguments
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _check_strategies(strategies: list[Any]) -> None:
+    seen: set[str] = set()
+    for strategy in strategies:
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"strategies must be Strategy objects (e.g. clm_hf.EWC()), got {type(strategy).__name__}. "
+                "Build one from a name with clm_hf.strategies.build_strategy(name, **options)."
+            )
+        if strategy.name in seen:
+            raise ValueError(f"Strategy '{strategy.name}' is listed twice; list each strategy once.")
+        seen.add(strategy.name)
+
+
+def _pad_token_id(model: nn.Module | None, tokenizer: Any) -> int:
+    for source in (tokenizer, getattr(unwrap_model(model), "config", None) if model is not None else None):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
+    """Normalise a stream given as a dict or a list into ``[{"task_id", "name", "train", "eval"}]``."""
+    if isinstance(tasks, DatasetDict):
+        raise TypeError("fit() takes a stream of tasks; wrap a single DatasetDict as {'name': dataset_dict}.")
+    entries: Iterable[tuple[Any, Any]]
+    if isinstance(tasks, Mapping):
+        entries = list(tasks.items())
+    elif isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)):
+        entries = [(None, entry) for entry in tasks]
+    else:
+        raise TypeError(f"fit() expects a dict or a list of tasks, got {type(tasks).__name__}.")
+    specs: list[dict[str, Any]] = []
+    for position, (key, entry) in enumerate(entries):
+        name = key
+        if isinstance(entry, (DatasetDict, Mapping)):
+            unknown = set(entry) - {"train", "eval", "validation", "test", "name", "task_id"}
+            if unknown:
+                raise ValueError(f"Task entry {position} has unknown key(s) {sorted(unknown)}; use 'train' and 'eval'.")
+            if "train" not in entry:
+                raise ValueError(f"Task entry {position} ({name or entry.get('name')}) has no 'train' split.")
+            train = entry["train"]
+            evaluation = next((entry[k] for k in ("eval", "validation", "test") if k in entry), None)
+            name = entry.get("name", name) if isinstance(entry, Mapping) and not isinstance(entry, DatasetDict) else name
+            task_id = entry.get("task_id") if isinstance(entry, Mapping) and not isinstance(entry, DatasetDict) else None
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+            (train, evaluation), task_id = entry, None
+        else:
+            raise TypeError(f"Task entry {position} must be a DatasetDict, a dict with 'train'/'eval' or a (train, eval) pair.")
+        task_id = str(task_id if task_id is not None else (name if name is not None else position))
+        specs.append({"task_id": task_id, "name": str(name if name is not None else f"task_{position}"),
+                      "train": train, "eval": evaluation})
+    if not specs:
+        raise ValueError("fit() got an empty stream: give at least one task.")
+    ids = [s["task_id"] for s in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"Task id(s) {duplicates} appear more than once in the stream; task ids must be unique.")
+    return specs

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tokenizer, tiny models and a small stream, all built offline and seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them many times
+# slower when the 2 cores are shared with another process.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from clm_hf.tasks import build_tokenizer
+
+    return build_tokenizer()
+
+
+NO_DROPOUT = {
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "llama": {"attention_dropout": 0.0},
+    "t5": {"dropout_rate": 0.0},
+}
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Build a fresh tiny model without dropout (so runs are exactly repeatable)."""
+    from clm_hf.tasks import build_tiny_model
+
+    def build(arch: str = "gpt2", **overrides):
+        return build_tiny_model(arch, tokenizer, **{**NO_DROPOUT[arch], **overrides})
+
+    return build
+
+
+def small_args(tmp_path, **overrides):
+    """ContinualTrainingArguments for seconds-long runs."""
+    from clm_hf import ContinualTrainingArguments
+
+    settings = dict(
+        output_dir=str(tmp_path / "run"), num_train_epochs=1, learning_rate=3e-3, per_device_train_batch_size=8,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
+        report_to="none", seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    settings.update(overrides)
+    cls = overrides.pop("args_class", None) or ContinualTrainingArguments
+    settings.pop("args_class", None)
+    return cls(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_stream():
+    """Three short tasks of 32 rows (train) and 16 (eval), as {name: DatasetDict}."""
+    from clm_hf.tasks import make_suite
+
+    return make_suite(["copy", "reverse", "sort"], num_train=32, num_eval=16, seed=0)
