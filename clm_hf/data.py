@@ -69,6 +69,9 @@ class ContinualDataCollator:
             values = [f[key] for f in features]
             if key in _PADDED_KEYS:
                 batch[key] = self._pad([_as_list(v) for v in values], self._pad_value(key))
+            elif isinstance(values[0], (list, tuple, torch.Tensor)):
+                # Side columns of strategies (e.g. cached teacher logits) pad with zeros.
+                batch[key] = _pad_any([_as_list(v) for v in values])
             else:
                 batch[key] = torch.as_tensor(values)
         if "attention_mask" not in batch and "input_ids" in batch:
@@ -86,6 +89,16 @@ class ContinualDataCollator:
             if row:
                 out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         return out
+
+
+def _pad_any(rows: list[list[Any]]) -> torch.Tensor:
+    length = max(len(r) for r in rows)
+    floating = any(isinstance(x, float) for r in rows for x in r[:1])
+    out = torch.zeros((len(rows), length), dtype=torch.float32 if floating else torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.as_tensor(row, dtype=out.dtype)
+    return out
 
 
 def _as_list(value: Any) -> list[int]:

@@ -119,8 +119,9 @@ class ContinualTrainerMixin:
         ``num_items_in_batch``, so a per-micro-batch penalty is divided by the number of
         accumulation steps; otherwise ``training_step`` divides the summed loss itself.
         """
-        inputs = {k: v for k, v in inputs.items() if k != "task_id"}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        hidden = self._side_columns()
+        model_inputs = {k: v for k, v in inputs.items() if k not in hidden}
+        loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and self.strategies:
             scale = 1.0
             if self._loss_is_scaled_for_ga(num_items_in_batch):
@@ -130,6 +131,14 @@ class ContinualTrainerMixin:
                     self._loss_terms[name].append(term.detach())
                     loss = loss + term * scale
         return (loss, outputs) if return_outputs else loss
+
+    def _side_columns(self) -> set[str]:
+        return {"task_id", *(c for s in self.strategies for c in s.side_columns)}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep strategies' side columns when remove_unused_columns drops what forward() lacks.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self._side_columns() if c not in self._signature_columns]
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         if self.loss_is_scaled_for_ga is not None:

@@ -129,6 +129,9 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    # Columns this strategy adds to training rows (in prepare_train_dataset) for its own use in
+    # ``loss``: the trainer keeps them through the collator and hides them from the model.
+    side_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -160,7 +163,11 @@ class Strategy:
         """Called right before ``trainer.train()`` for ``task``."""
 
     def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
-        """Extra loss terms for one training micro-batch, by name (the name is what gets logged)."""
+        """Extra loss terms for one training micro-batch, by name (the name is what gets logged).
+
+        ``inputs`` holds the model inputs plus every strategy's side columns; ``outputs`` is the
+        model's output on those inputs (logits included).
+        """
         return {}
 
     def edit_gradients(self, model: nn.Module) -> None:
