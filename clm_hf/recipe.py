@@ -145,13 +145,16 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
         raise ValueError("'tasks' must be {suite: synthetic, ...} or a non-empty list of {name, train, eval}.")
     from datasets import load_dataset
 
-    stream: dict[str, dict[str, Any]] = {}
+    names = []
     for i, entry in enumerate(section):
         if not isinstance(entry, dict) or "train" not in entry:
             raise ValueError(f"Task {i} of the recipe needs a 'train' entry (load_dataset arguments).")
         name = str(entry.get("name", f"task_{i}"))
-        if name in stream:
+        if name in names:
             raise ValueError(f"Task name '{name}' appears twice in the recipe; names must be unique.")
+        names.append(name)
+    stream: dict[str, dict[str, Any]] = {}
+    for name, entry in zip(names, section):
         splits = {}
         for split in ("train", "eval"):
             if entry.get(split) is not None:

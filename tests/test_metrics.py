@@ -328,3 +328,10 @@ class TestContinualResults:
         assert md[2] == "| ewc | 0.717 | -0.250 | 0.125 | 0.275 |"
         loss = comparison_table({"ewc": _results()}, metric="loss").splitlines()
         assert loss[2].split() == ["ewc", "1.167", "-0.600", "0.750", "0.600"]
+
+
+def test_docs_metrics_worked_example():
+    """The worked example printed in docs/metrics.md."""
+    r = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.3, 0.6, 0.7]]
+    b = [0.0, 0.0, 0.1]
+    assert summarize(r, b) == approx({"acc": 1.6 / 3, "bwt": -0.4, "fwt": 0.1, "forgetting": 0.4})

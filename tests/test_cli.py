@@ -1,0 +1,118 @@
+"""The CLI, YAML recipes, real loading paths (from_pretrained, load_dataset on local files), demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clm_hf.cli import main
+from clm_hf.recipe import apply_overrides, build_task_stream, load_recipe, validate_recipe
+from clm_hf.results import ContinualResults
+from clm_hf.strategies.base import strategies_from_specs
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+FAST = ["--tasks.num_train", "16", "--tasks.num_eval", "8", "--training.num_train_epochs", "1",
+        "--training.disable_tqdm", "true"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(p.parents[1])) for p in RECIPES])
+def test_every_recipe_parses_and_matches_the_code(path):
+    recipe = load_recipe(path)
+    validate_recipe(recipe)
+    strategies_from_specs(recipe.get("strategies") or [])  # unknown names/options would raise
+    from clm_hf import ContinualTrainingArguments
+
+    ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+
+
+def test_overrides_use_dotted_keys_and_yaml_values():
+    recipe = {"strategies": [{"name": "ewc", "ewc_lambda": 1.0}], "training": {}}
+    out = apply_overrides(recipe, ["--strategies.0.ewc_lambda", "5", "--training.report_to=none"])
+    assert out["strategies"][0]["ewc_lambda"] == 5 and out["training"]["report_to"] == "none"
+    assert recipe["strategies"][0]["ewc_lambda"] == 1.0  # the original is untouched
+    with pytest.raises(ValueError, match="unknown section 'trainig'"):
+        apply_overrides(recipe, ["--trainig.x", "1"])
+    with pytest.raises(ValueError, match="not an index"):
+        apply_overrides(recipe, ["--strategies.3.x", "1"])
+    with pytest.raises(ValueError, match="Did you mean 'training'"):
+        validate_recipe({"model": {}, "tasks": {}, "trainng": {}})
+
+
+def test_train_command_runs_a_recipe_with_overrides(tmp_path, capsys):
+    out = tmp_path / "ewc"
+    code = main(["train", str(RECIPES[0].parent.parent / "ewc" / "tiny_gpt2.yaml"), *FAST,
+                 "--strategies.0.ewc_lambda", "7", "--training.output_dir", str(out)])
+    assert code == 0
+    results = ContinualResults.load(out / "results.json")
+    assert results.task_names == ["copy", "reverse", "sort"] and results.num_trained == 3
+    assert results.metadata["strategies"][0]["ewc_lambda"] == 7
+    assert "exact_match" in capsys.readouterr().out
+    # resuming a finished run trains nothing more and keeps the results
+    assert main(["train", str(RECIPES[0].parent.parent / "ewc" / "tiny_gpt2.yaml"), *FAST,
+                 "--strategies.0.ewc_lambda", "7", "--resume", str(out)]) == 0
+    assert ContinualResults.load(out / "results.json").matrix() == results.matrix()
+
+
+def test_recipe_loads_a_local_pretrained_model_and_local_json_data(tmp_path, make_model, tokenizer):
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    from clm_hf.tasks import make_task
+
+    files = {}
+    for name in ("copy", "reverse"):
+        for split, seed in (("train", 0), ("eval", 1)):
+            path = tmp_path / f"{name}_{split}.jsonl"
+            make_task(name, 12, seed=seed).to_json(path)
+            files[(name, split)] = str(path)
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "tasks": [{"name": n, "train": {"path": "json", "data_files": files[(n, "train")]},
+                   "eval": {"path": "json", "data_files": files[(n, "eval")]}} for n in ("copy", "reverse")],
+        "strategies": [{"name": "replay", "buffer_size": 8}],
+        "training": {"output_dir": str(tmp_path / "run"), "num_train_epochs": 1, "report_to": "none",
+                     "save_strategy": "no", "disable_tqdm": True, "per_device_train_batch_size": 4},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    results = ContinualResults.load(tmp_path / "run" / "results.json")
+    assert results.task_names == ["copy", "reverse"] and results.num_trained == 2
+
+
+def test_recipe_task_errors():
+    with pytest.raises(ValueError, match="appears twice"):
+        build_task_stream([{"name": "a", "train": {"path": "json", "data_files": "x"}}] * 2)
+    with pytest.raises(ValueError, match="Unknown task suite"):
+        build_task_stream({"suite": "glue"})
+
+
+def test_demo_and_report_commands(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--strategies", "plain,replay", "--output-dir", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "comparison" in printed and "plain" in printed and "replay" in printed
+    for name in ("plain", "replay"):
+        assert (out / name / "results.json").is_file()
+        assert (out / name / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "comparison.png").is_file()
+    (out / "plain" / "heatmap.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "plain" / "heatmap.png").is_file()
+    comparison = (out / "comparison.md").read_text()
+    assert "BWT" in comparison and "replay" in comparison
+
+
+def test_demo_rejects_an_unknown_strategy_with_a_suggestion():
+    with pytest.raises(ValueError, match="Did you mean 'replay'"):
+        main(["demo", "--strategy", "replai", "--quick"])
+
+
+def test_results_json_is_plain_json(tmp_path):
+    out = tmp_path / "demo"
+    main(["demo", "--strategies", "plain", "--output-dir", str(out), "--quick"])
+    data = json.loads((out / "plain" / "results.json").read_text())
+    assert data["task_names"] == ["copy", "reverse", "sort"]
