@@ -101,13 +101,13 @@ def test_online_mode_keeps_one_decayed_term_and_separate_keeps_all(make_model, t
     rows_b = tokenize_for_causal_lm(make_task("sort", 4, seed=1), tokenizer)
     online, separate = EWC(mode="online", gamma=0.5), EWC(mode="separate")
     trainer = _FakeTrainer(model)
-    fisher_a = estimate_fisher(model, rows_a)
+    fisher_a = estimate_fisher(model, rows_a.shuffle(seed=0), sampled=True, seed=0)  # as after_task draws it
     for strategy in (online, separate):
         strategy.after_task(trainer, _task(0, rows_a))
     with torch.no_grad():  # the model moves between tasks
         for p in model.parameters():
             p.add_(0.01)
-    fisher_b = estimate_fisher(model, rows_b)
+    fisher_b = estimate_fisher(model, rows_b.shuffle(seed=1), sampled=True, seed=1)
     for strategy in (online, separate):
         strategy.after_task(trainer, _task(1, rows_b))
     assert len(online.terms) == 1 and len(separate.terms) == 2
@@ -138,3 +138,20 @@ def test_bad_options_are_named(options, message):
 
 def test_lambda_alias_from_original_quick_start():
     assert EWC(**{"lambda": 100.0}).config.ewc_lambda == 100.0
+
+
+def test_true_fisher_samples_answers_from_the_model(make_model, tokenizer):
+    from clm_hf.strategies.ewc import _sample_labels
+
+    model = make_model("gpt2")
+    rows = tokenize_for_causal_lm(make_task("copy", 4, seed=0, min_len=3, max_len=3), tokenizer)
+    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "labels")}
+    sampled = _sample_labels(model, batch, torch.Generator().manual_seed(0))
+    prompt = batch["labels"] == -100
+    assert torch.equal(sampled[prompt], batch["labels"][prompt])  # unscored positions untouched
+    assert not torch.equal(sampled, batch["labels"])  # an untrained model rarely samples the answer
+    again = _sample_labels(model, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, again)
+    true = estimate_fisher(model, rows, sampled=True, seed=0)
+    empirical = estimate_fisher(model, rows)
+    assert all((true[n] >= 0).all() for n in true) and any(not torch.equal(true[n], empirical[n]) for n in true)

@@ -339,3 +339,27 @@ def test_resume_inside_a_task_from_a_trainer_checkpoint(tmp_path, make_model, to
     reference = _final_state(full)
     for name, value in _final_state(resumed).items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6)
+
+
+def test_trainer_features_still_work(tmp_path, make_model, tokenizer):
+    """eval_dataset + eval_strategy, callbacks, save_model / from_pretrained, as with a plain Trainer."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(metrics)
+
+    rows = tokenize_for_causal_lm(make_task("copy", 16), tokenizer)
+    trainer = ContinualCausalLMTrainer(
+        model=make_model("gpt2"), args=small_args(tmp_path, eval_strategy="epoch", num_train_epochs=2),
+        processing_class=tokenizer, strategies=[EWC()], eval_dataset=rows, callbacks=[Recorder()],
+    )
+    trainer.train_task(rows, task_id="copy")
+    assert len(seen) == 2 and all("eval_loss" in m for m in seen)
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    trainer.model.eval()
+    torch.testing.assert_close(reloaded(**batch).logits, trainer.model(**batch).logits)

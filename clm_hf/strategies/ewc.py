@@ -42,6 +42,11 @@ class EWCConfig(StrategyConfig):
         gamma (`float`): Decay of the old Fisher in online mode, in [0, 1].
         fisher_samples (`int`): At most this many rows of the task estimate the Fisher.
         fisher_batch_size (`int`): Rows per vectorised per-sample-gradient pass (bounds memory).
+        fisher_type (`str`): ``"true"`` (default): gradients of the log-likelihood of answers
+            sampled from the model itself, the Fisher of the paper; ``"empirical"``: gradients of
+            the dataset's own answers. The empirical Fisher vanishes on rows the model already
+            fits, so it underestimates what matters (Kunstner et al. 2019,
+            https://arxiv.org/abs/1905.12558).
         fisher_method (`str`): ``"vmap"`` (torch.func per-sample gradients), ``"loop"`` (one
             backward per row) or ``"auto"`` (vmap, falling back to the loop if the model cannot
             be vmapped).
@@ -55,6 +60,7 @@ class EWCConfig(StrategyConfig):
     gamma: float = field(default=1.0, metadata={"help": "Online decay of the old Fisher, in [0, 1]."})
     fisher_samples: int = field(default=256, metadata={"help": "Max rows used to estimate the Fisher."})
     fisher_batch_size: int = field(default=16, metadata={"help": "Rows per per-sample-gradient pass."})
+    fisher_type: str = field(default="true", metadata={"help": "'true' (sampled answers) or 'empirical'."})
     fisher_method: str = field(default="auto", metadata={"help": "'vmap', 'loop' or 'auto'."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of Fisher rows."})
 
@@ -65,6 +71,8 @@ class EWCConfig(StrategyConfig):
         check_range("gamma", self.gamma, low=0.0, high=1.0)
         check_range("fisher_samples", self.fisher_samples, low=1)
         check_range("fisher_batch_size", self.fisher_batch_size, low=1)
+        if self.fisher_type not in ("true", "empirical"):
+            raise ValueError(f"fisher_type must be 'true' or 'empirical', got {self.fisher_type!r}.")
         if self.fisher_method not in ("auto", "vmap", "loop"):
             raise ValueError(f"fisher_method must be 'auto', 'vmap' or 'loop', got {self.fisher_method!r}.")
 
@@ -138,6 +146,7 @@ class EWC(Strategy):
         fisher = estimate_fisher(
             model, rows,
             batch_size=self.config.fisher_batch_size, method=self.config.fisher_method,
+            sampled=self.config.fisher_type == "true", seed=self.config.seed + task.index,
             device=trainer.args.device, disable_progress=trainer.args.disable_tqdm,
         )
         for name, value in fisher.items():
@@ -188,6 +197,8 @@ def estimate_fisher(
     *,
     batch_size: int = 16,
     method: str = "auto",
+    sampled: bool = False,
+    seed: int = 0,
     device: torch.device | str | None = None,
     disable_progress: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -201,6 +212,9 @@ def estimate_fisher(
         rows (`datasets.Dataset`): Tokenized rows (``input_ids``, ``labels``).
         batch_size (`int`): Rows per vectorised pass.
         method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``.
+        sampled (`bool`): Replace each row's answer tokens by tokens sampled from the model's own
+            prediction at that position (the true Fisher) instead of the dataset's (empirical).
+        seed (`int`): Seed of those samples.
         device: Where to run.
 
     Returns:
@@ -222,8 +236,11 @@ def estimate_fisher(
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     batches = _unpadded_batches(rows, batch_size, device)
     use_vmap = method in ("vmap", "auto")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     with eval_mode(model):
         for batch in tqdm(batches, desc="EWC Fisher", disable=disable_progress, leave=False):
+            if sampled:
+                batch = {**batch, "labels": _sample_labels(model, batch, generator)}
             squared = None
             if use_vmap:
                 try:
@@ -238,6 +255,25 @@ def estimate_fisher(
             for name, value in squared.items():
                 totals[name] += value
     return {n: t / len(rows) for n, t in totals.items()}
+
+
+@torch.no_grad()
+def _sample_labels(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """Labels whose supervised tokens are drawn from the model's own teacher-forced predictions."""
+    from ..evaluation import is_seq2seq
+
+    labels = batch["labels"]
+    seq2seq = is_seq2seq(model)
+    logits = model(**batch).logits.float()
+    if not seq2seq:  # position t predicts token t + 1
+        logits = logits[:, :-1]
+    probs = torch.softmax(logits, dim=-1).cpu()
+    draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+    sampled = labels.clone()
+    target = sampled if seq2seq else sampled[:, 1:]
+    mask = target != -100
+    target[mask] = draws.to(labels.device)[mask]
+    return sampled
 
 
 def _squared_grads_vmap(model: nn.Module, params: dict[str, nn.Parameter], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

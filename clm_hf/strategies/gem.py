@@ -1,0 +1,573 @@
+"""Gradient Episodic Memory (GEM, Lopez-Paz & Ranzato 2017, https://arxiv.org/abs/1706.08840) and
+Averaged GEM (A-GEM, Chaudhry et al. 2019, https://arxiv.org/abs/1812.00420).
+
+Both keep an *episodic memory*: after each task, ``memory_per_task`` of its training rows. While a
+later task trains, the gradient ``g`` the optimizer is about to use is compared with gradients of
+the loss on the memory, and edited so that, to first order, the step does not raise that loss:
+
+- **GEM** computes one reference gradient ``g_k`` per past task (the rows ``G``, ``K x P``). If some
+  ``g · g_k < 0`` it replaces ``g`` by the closest ``g̃`` with ``G g̃ >= 0``:
+  ``min_g̃ ½||g̃ - g||²  s.t.  G g̃ >= 0``. Its dual has only ``K`` variables,
+  ``min_v ½ vᵀ(G Gᵀ)v + (G g)ᵀv  s.t.  v >= 0``, and ``g̃ = Gᵀv + g``. As in the authors'
+  code, the margin ``γ`` is the lower bound of the dual variables (``v >= γ``), which is the same
+  as first adding ``γ Σ_k g_k`` to ``g`` and then projecting: the step is biased towards lowering
+  the memory loss, not just keeping it level. The dual is solved exactly here
+  (:func:`solve_nonnegative_qp`, an active-set method in float64 on ``K`` numbers).
+- **A-GEM** uses one reference gradient ``g_ref``: that of the mean loss on a random sample of the
+  whole memory. If ``g · g_ref < 0``: ``g̃ = g - (g · g_ref / g_ref · g_ref) g_ref``. That is the
+  GEM projection with a single constraint (and ``γ = 0``).
+
+Where it runs: ``edit_gradients``, i.e. after gradient accumulation, the DDP all-reduce and gradient
+clipping, right before ``optimizer.step()``. The A-GEM projection never lengthens ``g`` (it removes
+a component), but the GEM one adds ``Gᵀv`` and *can* make ``g̃`` longer than the clipping threshold.
+
+Cost per optimizer step: one forward pass over the memory rows used, one backward that returns all
+``K`` reference gradients at once (a batched vector-Jacobian product,
+``torch.autograd.grad(..., is_grads_batched=True)``), and a few ``K x P`` products. The gradient is
+flattened into one ``P``-vector and the references into one ``K x P`` matrix, both allocated once per
+task and reused at every step. The reference gradients are computed with ``torch.autograd.grad`` on
+the unwrapped model, so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, load_from_disk
+from torch import nn
+
+from .base import (
+    Strategy,
+    StrategyConfig,
+    TaskInfo,
+    check_range,
+    eval_mode,
+    load_tensor_json_state,
+    register_strategy,
+    save_tensor_json_state,
+    trainable_parameters,
+    unwrap_model,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import ContinualTrainer
+
+logger = logging.getLogger(__name__)
+
+# Row columns the memory keeps: what the model reads, nothing else (no side columns, no raw text).
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+_MEMORY_DIR = "memory"
+
+
+# --- the projections, as plain tensor functions ---------------------------------------------------
+def solve_nonnegative_qp(P: torch.Tensor, q: torch.Tensor, lower: float = 0.0, *, max_iter: int | None = None) -> torch.Tensor:
+    """Solve ``min_v ½ vᵀPv + qᵀv  s.t.  v >= lower`` for a small symmetric PSD ``P`` (``K x K``).
+
+    This is GEM's dual problem (``P = G Gᵀ``, ``q = G g``). With ``v = lower + u`` it becomes a
+    non-negative least-squares problem in Gram form, which the Lawson-Hanson active-set method
+    solves exactly in finitely many steps; only ``P`` and ``q`` are needed, never ``G``. Runs in
+    float64 on the CPU (``K`` is the number of past tasks).
+
+    Args:
+        P (`torch.Tensor`): ``K x K`` symmetric positive semi-definite matrix.
+        q (`torch.Tensor`): ``K`` vector.
+        lower (`float`): Lower bound of every variable (GEM's margin ``γ``).
+        max_iter (`int`, *optional*): Cap on active-set changes (default ``10 K + 20``).
+
+    Returns:
+        `torch.Tensor`: The minimiser ``v`` (float64, CPU).
+
+    Example:
+
+    >>> P = torch.tensor([[2.0, 0.0], [0.0, 1.0]]); q = torch.tensor([-2.0, 3.0])
+    >>> solve_nonnegative_qp(P, q).tolist()
+    [1.0, 0.0]
+    """
+    P = P.detach().to("cpu", torch.float64)
+    q = q.detach().to("cpu", torch.float64)
+    K = q.shape[0]
+    P = 0.5 * (P + P.T)
+    if lower:
+        q = q + lower * P.sum(1)
+    scale = max(float(P.abs().max()), float(q.abs().max()), 1e-300)
+    tol = 1e-12 * K * scale
+    max_iter = max_iter if max_iter is not None else 10 * K + 20
+    x = torch.zeros(K, dtype=torch.float64)
+    passive = torch.zeros(K, dtype=torch.bool)
+    excluded = torch.zeros(K, dtype=torch.bool)  # numerically degenerate directions, skipped
+    w = -q  # negative gradient of the objective at x = 0
+    for _ in range(max_iter):
+        candidates = ~passive & ~excluded & (w > tol)
+        if not bool(candidates.any()):
+            break
+        j = int(torch.where(candidates, w, torch.full_like(w, -torch.inf)).argmax())
+        passive[j] = True
+        for _ in range(max_iter):
+            z = _solve_on(P, q, passive)
+            if bool((z[passive] > 0).all()):
+                x = z
+                break
+            if not bool(x[j] > 0) and not bool(z[j] > 0):
+                # j cannot enter (rounding in a nearly singular P): drop it and look elsewhere.
+                passive[j], excluded[j] = False, True
+                break
+            blocking = passive & (z <= 0)
+            alpha = float((x[blocking] / (x[blocking] - z[blocking])).min())
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x = torch.where(passive, x, torch.zeros_like(x))
+        w = -(q + P @ x)
+    return x + lower
+
+
+def _solve_on(P: torch.Tensor, q: torch.Tensor, passive: torch.Tensor) -> torch.Tensor:
+    """Unconstrained minimiser over the passive variables, the others held at 0 (least squares)."""
+    index = passive.nonzero().squeeze(1)
+    z = torch.zeros_like(q)
+    if index.numel():
+        sub = P[index][:, index]
+        z[index] = torch.linalg.lstsq(sub, -q[index].unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return z
+
+
+def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
+    """GEM's projection of ``g`` (``P``) against the reference gradients ``G`` (``K x P``), in place.
+
+    Nothing changes unless some ``g · g_k < 0``; then ``g <- g + Gᵀv`` with ``v`` the solution of the
+    dual QP (bounded below by ``margin``), so that ``G g̃ >= 0``.
+
+    One device-to-host copy of ``K x (K + 1)`` numbers decides whether to project and carries the
+    dual problem (the only synchronisation).
+
+    Returns:
+        `bool`: Whether ``g`` was projected.
+
+    Example:
+
+    >>> g = torch.tensor([1.0, -1.0]); G = torch.tensor([[0.0, 1.0]])
+    >>> project_gem_(g, G), g.tolist()
+    (True, [1.0, 0.0])
+    """
+    K = G.shape[0]
+    gram = torch.cat([G @ G.T, (G @ g).unsqueeze(1)], 1).to("cpu", torch.float64)  # [G Gᵀ | G g]: one sync
+    dots = gram[:, K]
+    if not bool((dots < 0).any()):
+        return False
+    v = solve_nonnegative_qp(gram[:, :K], dots, margin)
+    g.addmv_(G.T, v.to(device=G.device, dtype=G.dtype))
+    return True
+
+
+def project_agem_(g: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A-GEM's projection of ``g`` against one reference gradient, in place and without a sync.
+
+    ``g <- g - min(g · r, 0) / (r · r) · r``: a no-op when ``g · r >= 0``.
+
+    Returns:
+        `torch.Tensor`: A 0-dim bool tensor, whether ``g`` was projected (left on the device).
+
+    Example:
+
+    >>> g = torch.tensor([1.0, -1.0])
+    >>> bool(project_agem_(g, torch.tensor([0.0, 2.0]))), g.tolist()
+    (True, [1.0, 0.0])
+    """
+    dot = g @ reference
+    coefficient = dot.clamp(max=0) / (reference @ reference).clamp_min(torch.finfo(g.dtype).tiny)
+    g.addcmul_(reference, -coefficient)
+    return dot < 0
+
+
+# --- reference gradients on the memory -----------------------------------------------------------
+def group_losses(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The mean token NLL of each group of rows, as a ``num_groups`` vector, from ONE forward pass.
+
+    Each group's loss is its supervised-token mean, like the model's own loss on that group alone
+    (padding is masked, so it changes nothing).
+
+    Args:
+        model (`nn.Module`): A causal or seq2seq LM (unwrapped: call it outside DDP).
+        batch (`dict`): Padded rows (``input_ids``, ``labels``, ``attention_mask``, ...).
+        groups (`torch.Tensor`): Group index of every row, in ``[0, num_groups)``.
+        num_groups (`int`): Number of groups ``K``.
+    """
+    from ..evaluation import _decoder_inputs, is_seq2seq
+
+    seq2seq = is_seq2seq(model)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.update(_decoder_inputs(model, batch, seq2seq))
+    logits = model(**inputs).logits
+    if not seq2seq:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    nll = nll.view(labels.shape)
+    zeros = torch.zeros(num_groups, device=nll.device, dtype=nll.dtype)
+    sums = zeros.index_add(0, groups, nll.sum(1))
+    counts = zeros.index_add(0, groups, (labels != -100).sum(1).to(nll.dtype))
+    return sums / counts.clamp_min(1)
+
+
+def reference_gradients(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: dict[str, torch.Tensor],
+    groups: torch.Tensor,
+    num_groups: int,
+    *,
+    batched: bool = True,
+) -> list[torch.Tensor | None]:
+    """Gradients of every group's mean loss w.r.t. ``params``, stacked: one ``K x shape`` per parameter.
+
+    One forward over all rows, then one batched backward (``is_grads_batched``: the ``K`` rows of the
+    identity as output gradients) or, with ``batched=False``, ``K`` backward passes through the same
+    graph. ``p.grad`` is not touched. Runs in eval mode (no dropout), so the result is deterministic.
+
+    Returns:
+        `list`: Per parameter, a ``(K, *p.shape)`` tensor, or ``None`` where no loss depends on it.
+    """
+    with eval_mode(model), torch.enable_grad():
+        losses = group_losses(model, batch, groups, num_groups)
+        if num_groups == 1:
+            grads = torch.autograd.grad(losses[0], params, allow_unused=True)
+            return [None if g is None else g.unsqueeze(0) for g in grads]
+        if batched:
+            eye = torch.eye(num_groups, device=losses.device, dtype=losses.dtype)
+            return list(torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True))
+        per_group = [
+            torch.autograd.grad(losses[k], params, retain_graph=k < num_groups - 1, allow_unused=True)
+            for k in range(num_groups)
+        ]
+    return [None if all(g[i] is None for g in per_group) else
+            torch.stack([g[i] if g[i] is not None else torch.zeros_like(p) for g in per_group])
+            for i, p in enumerate(params)]
+
+
+class _MemoryBank:
+    """All memory rows padded into tensors on the model's device, built once per task."""
+
+    def __init__(self, memories: list[Dataset], collator: Any, device: torch.device) -> None:
+        columns = [c for c in MODEL_COLUMNS if all(c in m.column_names for m in memories)]
+        rows = [row for m in memories for row in m.select_columns(columns)]
+        batch = collator(rows)
+        self.tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+        # Real length of every row and key (kept on the CPU), to trim padding off sampled rows. A
+        # mask the collator made up has the rows' input_ids lengths.
+        self.lengths = {k: torch.tensor([len(r[k]) for r in rows]) for k in self.tensors if k in columns}
+        for key in ("attention_mask", "decoder_attention_mask"):
+            source = "input_ids" if key == "attention_mask" else "decoder_input_ids"
+            if key in self.tensors and key not in self.lengths and source in self.lengths:
+                self.lengths[key] = self.lengths[source]
+        sizes = [len(m) for m in memories]
+        self.groups_cpu = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        self.groups = self.groups_cpu.to(device)
+        self.pooled = torch.zeros_like(self.groups)  # one group for all rows
+        self.starts = torch.tensor([0] + sizes).cumsum(0)
+        self.num_rows = sum(sizes)
+
+    def rows(self, index: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The padded rows ``index`` (CPU long tensor; ``None`` = all) and their group ids."""
+        if index is None:
+            return self.tensors, self.groups
+        device_index = index.to(self.groups.device, non_blocking=True)
+        out = {}
+        for key, values in self.tensors.items():
+            lengths = self.lengths.get(key)
+            width = int(lengths[index].max()) if lengths is not None else values.shape[1]
+            out[key] = values[device_index, :width]
+        return out, self.groups[device_index]
+
+
+# --- the shared strategy ---------------------------------------------------------------------------
+@dataclass
+class EpisodicMemoryConfig(StrategyConfig):
+    """Settings shared by :class:`GEM` and :class:`AGEM`.
+
+    Args:
+        memory_per_task (`int`): Training rows of each task kept in the episodic memory.
+        seed (`int`): Seed of the choice of memory rows and of the per-step draws.
+    """
+
+    memory_per_task: int = field(default=64, metadata={"help": "Rows of each task kept in the episodic memory."})
+    seed: int = field(default=0, metadata={"help": "Seed of the memory rows and of the per-step draws."})
+
+    def validate(self) -> None:
+        check_range("memory_per_task", self.memory_per_task, low=1)
+
+
+class EpisodicGradientStrategy(Strategy):
+    """Base of GEM and A-GEM: the per-task episodic memory and the gradient plumbing.
+
+    Subclasses choose which memory rows feed each step (:meth:`draw`) and how ``g`` is projected
+    against the reference gradients (:meth:`project`).
+    """
+
+    config_class = EpisodicMemoryConfig
+
+    def __init__(self, config: EpisodicMemoryConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.memories: dict[str, Dataset] = {}  # task_id -> rows, in task order
+        self.steps = 0  # optimizer steps that saw a memory
+        self._projected: torch.Tensor | int = 0  # steps whose gradient was projected
+        self._bank: _MemoryBank | None = None
+        self._binding: tuple[nn.Module, list[nn.Parameter], int] | None = None
+        self._flat: torch.Tensor | None = None  # g, one P-vector
+        self._refs: torch.Tensor | None = None  # the K x P reference gradients
+        self._flat_views: list[torch.Tensor] = []
+        self._ref_views: list[torch.Tensor] = []
+        self._batched = True
+
+    @property
+    def projected_steps(self) -> int:
+        """How many optimizer steps had their gradient projected (a sync when read)."""
+        return int(self._projected)
+
+    def setup(self, trainer: ContinualTrainer) -> None:
+        super().setup(trainer)
+        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                f"{type(self).__name__} needs whole gradients on every rank; FSDP and DeepSpeed shard them. Use DDP."
+            )
+
+    # --- memory ------------------------------------------------------------------------------
+    def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        rows = task.train_dataset
+        count = min(self.config.memory_per_task, len(rows))
+        columns = [c for c in MODEL_COLUMNS if c in rows.column_names]
+        chosen = rows.shuffle(seed=self.config.seed + 7919 * task.index).select(range(count))
+        self.memories[task.task_id] = chosen.select_columns(columns).flatten_indices()
+        self._bank, self._binding = None, None  # one more past task: rebuild both lazily
+
+    def memory_bank(self, device: torch.device) -> _MemoryBank:
+        if self._bank is None:
+            collator = getattr(self.trainer, "data_collator", None)
+            if collator is None:
+                from ..data import ContinualDataCollator
+
+                collator = ContinualDataCollator(pad_token_id=0)
+            self._bank = _MemoryBank(list(self.memories.values()), collator, device)
+        return self._bank
+
+    # --- gradients -----------------------------------------------------------------------------
+    def _bind(self, model: nn.Module, num_refs: int) -> list[nn.Parameter]:
+        """Flat buffers for g (P) and the references (K x P), allocated once per task and reused."""
+        if self._binding is not None and self._binding[0] is model and self._binding[2] == num_refs:
+            return self._binding[1]
+        params = list(trainable_parameters(model).values())
+        if not params:
+            raise ValueError(f"{type(self).__name__} found no trainable parameter.")
+        total = sum(p.numel() for p in params)
+        device = params[0].device
+        self._flat = torch.zeros(total, device=device, dtype=torch.float32)
+        self._refs = torch.zeros(num_refs, total, device=device, dtype=torch.float32)
+        self._flat_views, self._ref_views, offset = [], [], 0
+        for p in params:
+            n = p.numel()
+            self._flat_views.append(self._flat[offset : offset + n].view(p.shape))
+            self._ref_views.append(self._refs[:, offset : offset + n].view(num_refs, *p.shape))
+            offset += n
+        self._binding = (model, params, num_refs)
+        return params
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        if not self.memories:
+            return
+        bare = unwrap_model(model)
+        params = self._bind(bare, self.num_references())
+        batch, groups = self.draw(self.memory_bank(params[0].device), self._draw_seed())
+        for view, p in zip(self._flat_views, params):
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+        self._fill_references(bare, params, batch, groups)
+        projected = self.project(self._flat, self._refs)
+        self.steps += 1
+        if projected is False:
+            return
+        self._projected = self._projected + projected
+        for view, p in zip(self._flat_views, params):
+            if p.grad is None:
+                p.grad = view.to(p.dtype).clone()
+            else:
+                p.grad.copy_(view)
+
+    def _fill_references(self, model, params, batch, groups) -> None:
+        num_refs = self._refs.shape[0]
+        try:
+            grads = reference_gradients(model, params, batch, groups, num_refs, batched=self._batched)
+        except RuntimeError as err:
+            if not self._batched:
+                raise
+            logger.warning("%s: batched reference gradients failed (%s); using one backward per task.", self.name, err)
+            self._batched = False
+            grads = reference_gradients(model, params, batch, groups, num_refs, batched=False)
+        for view, grad in zip(self._ref_views, grads):
+            if grad is None:
+                view.zero_()
+            else:
+                view.copy_(grad)
+
+    def _draw_seed(self) -> int:
+        step = getattr(getattr(self.trainer, "state", None), "global_step", self.steps)
+        task = len(self.memories)
+        return self.config.seed + 1_000_003 * task + int(step)
+
+    def num_references(self) -> int:
+        """How many reference gradients each step uses (``K``)."""
+        raise NotImplementedError
+
+    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The memory rows for this step and the reference (in ``[0, K)``) each row's loss feeds."""
+        raise NotImplementedError
+
+    def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool | torch.Tensor:
+        """Edit ``g`` in place against ``refs``; return False when it is surely unchanged."""
+        raise NotImplementedError
+
+    # --- state: one Arrow folder per task's memory, the rest in JSON ------------------------------
+    def save_state(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        folders = []
+        for i, (task_id, rows) in enumerate(self.memories.items()):
+            folder = f"{_MEMORY_DIR}/task-{i:03d}"
+            rows.save_to_disk(str(directory / folder))
+            folders.append({"task_id": task_id, "folder": folder})
+        save_tensor_json_state({"memories": folders, "steps": self.steps, "projected_steps": self.projected_steps}, directory)
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        state = load_tensor_json_state(directory)
+        self.memories = {m["task_id"]: load_from_disk(str(Path(directory) / m["folder"])) for m in state.get("memories", [])}
+        self.steps = state.get("steps", 0)
+        self._projected = state.get("projected_steps", 0)
+        self._bank, self._binding = None, None
+
+
+# --- GEM -------------------------------------------------------------------------------------------
+@dataclass
+class GEMConfig(EpisodicMemoryConfig):
+    """Settings of :class:`GEM`.
+
+    Args:
+        memory_per_task (`int`): Training rows of each task kept in the episodic memory.
+        margin (`float`): ``γ >= 0``, the lower bound of the dual variables (0.5 in the paper's
+            code): a violated step is pushed to *lower* the memory losses, not just keep them.
+        memory_batch_size (`int`, *optional*): Rows of each task's memory per reference gradient,
+            drawn afresh every step; ``None`` uses the whole memory (as in the paper).
+        seed (`int`): Seed of the choice of memory rows and of the per-step draws.
+    """
+
+    aliases = {"gamma": "margin", "memory_strength": "margin", "n_memories": "memory_per_task"}
+
+    margin: float = field(default=0.5, metadata={"help": "Margin γ: lower bound of the dual variables."})
+    memory_batch_size: int | None = field(default=None, metadata={"help": "Memory rows per task per step (None: all)."})
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("margin", self.margin, low=0.0)
+        if self.memory_batch_size is not None:
+            check_range("memory_batch_size", self.memory_batch_size, low=1)
+
+
+@register_strategy
+class GEM(EpisodicGradientStrategy):
+    """Gradient Episodic Memory: never let a step raise the loss of a past task's memory (to first order).
+
+    One reference gradient per past task; when the update conflicts with any of them it is replaced
+    by the closest update that conflicts with none (a ``K``-variable QP solved exactly). The step
+    after the projection can be longer than ``max_grad_norm`` (clipping happened before).
+
+    Args:
+        config ([`GEMConfig`], *optional*): Or pass its fields as keyword arguments.
+
+    Example:
+
+    >>> from clm_hf.strategies.gem import GEM
+    >>> gem = GEM(memory_per_task=32, margin=0.5)
+    >>> gem.name, gem.config.memory_batch_size
+    ('gem', None)
+    """
+
+    name = "gem"
+    config_class = GEMConfig
+
+    def num_references(self) -> int:
+        return len(self.memories)
+
+    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        size = self.config.memory_batch_size
+        if size is None or all(len(m) <= size for m in self.memories.values()):
+            return bank.rows(None)
+        generator = torch.Generator().manual_seed(seed)
+        index = []
+        for k in range(len(self.memories)):
+            start, stop = int(bank.starts[k]), int(bank.starts[k + 1])
+            index.append(start + torch.randperm(stop - start, generator=generator)[:size])
+        return bank.rows(torch.cat(index))
+
+    def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool:
+        return project_gem_(g, refs, self.config.margin)
+
+
+# --- A-GEM -----------------------------------------------------------------------------------------
+@dataclass
+class AGEMConfig(EpisodicMemoryConfig):
+    """Settings of :class:`AGEM`.
+
+    Args:
+        memory_per_task (`int`): Training rows of each task kept in the episodic memory.
+        sample_size (`int`): Rows drawn each step from the whole memory (all past tasks pooled) for
+            the reference gradient.
+        seed (`int`): Seed of the choice of memory rows and of the per-step draws.
+    """
+
+    aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
+
+    sample_size: int = field(default=64, metadata={"help": "Pooled memory rows per reference gradient."})
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("sample_size", self.sample_size, low=1)
+
+
+@register_strategy
+class AGEM(EpisodicGradientStrategy):
+    """Averaged GEM: project the update against the gradient of a random sample of the whole memory.
+
+    One reference gradient per step whatever the number of tasks, and a closed-form projection that
+    never lengthens the update and needs no host synchronisation.
+
+    Args:
+        config ([`AGEMConfig`], *optional*): Or pass its fields as keyword arguments.
+
+    Example:
+
+    >>> from clm_hf.strategies.gem import AGEM
+    >>> agem = AGEM(memory_per_task=32, sample_size=16)
+    >>> agem.name, agem.config.sample_size
+    ('agem', 16)
+    """
+
+    name = "agem"
+    config_class = AGEMConfig
+
+    def num_references(self) -> int:
+        return 1
+
+    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        # All past tasks pooled: every row feeds the one reference loss.
+        if self.config.sample_size >= bank.num_rows:
+            batch, _ = bank.rows(None)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            batch, _ = bank.rows(torch.randperm(bank.num_rows, generator=generator)[: self.config.sample_size])
+        return batch, bank.pooled[: batch["labels"].shape[0]]
+
+    def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        return project_agem_(g, refs[0])
