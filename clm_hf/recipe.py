@@ -165,8 +165,12 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
     return stream
 
 
-def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None):
-    """Build everything a recipe describes and train the stream; returns the results."""
+def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
+               joint: bool = False):
+    """Build everything a recipe describes and train the stream; returns ``(results, trainer)``.
+
+    ``joint=True`` trains all tasks at once instead (the multitask upper bound).
+    """
     from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
     from .strategies.base import strategies_from_specs
     from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer
@@ -184,5 +188,7 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
     args = args_class(**training)
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+    if joint:
+        return trainer.fit_joint(stream), trainer
     results = trainer.fit(stream, resume_from_checkpoint=resume)
     return results, trainer

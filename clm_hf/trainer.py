@@ -442,6 +442,43 @@ class ContinualTrainerMixin:
             self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
         return self.results
 
+    def fit_joint(self, tasks: Mapping[str, Any] | Sequence[Any], num_epochs: float | None = None) -> ContinualResults:
+        """Multitask training on all tasks at once: the upper bound a continual run aims for.
+
+        The rows of every task are shuffled together and trained as one task. The results
+        repeat the final scores in every row, so ACC is the joint model's mean score and
+        BWT/forgetting are 0; ``metadata["joint"]`` marks them.
+
+        >>> joint = trainer.fit_joint(make_suite(["copy", "reverse"]))  # doctest: +SKIP
+        """
+        from datasets import concatenate_datasets
+
+        specs = normalize_tasks(tasks)
+        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        for spec in specs:
+            self._task_names[spec["task_id"]] = spec["name"]
+            if spec["eval"] is not None:
+                self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
+            elif spec["name"] not in self.results.task_names:
+                self.results.add_task(spec["name"])
+        if self._setting("eval_before_training"):
+            self._evaluate_stream(row=False)
+        rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
+        task = self._register_task("joint", "joint")
+        task.train_dataset = concatenate_datasets(rows)
+        saved = self._setting("save_continual_state")
+        self.args.save_continual_state = False
+        try:
+            self._run_task(task, num_epochs=num_epochs)
+        finally:
+            self.args.save_continual_state = saved
+        final = {m: rows[-1] for m, rows in self.results.scores.items()}
+        while self.results.num_trained < len(self.results.task_names):
+            self.results.add_row(final)
+        self.results.metadata["joint"] = True
+        self._save_results()
+        return self.results
+
     # --- checkpoints ------------------------------------------------------------------------------
     def _continual_state(self) -> dict[str, Any]:
         return {

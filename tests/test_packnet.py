@@ -303,6 +303,6 @@ def test_example_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("packnet_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    trainer = module.main(str(tmp_path / "example"), num_train=32, num_epochs=1, print_fn=lambda *a: None)
+    trainer = module.main(str(tmp_path / "example"), num_train=32, num_eval=16, num_epochs=1, print_fn=lambda *a: None)
     assert trainer.results.summary()["bwt"] == 0.0
     assert (tmp_path / "example" / "packnet_parameter_usage.png").is_file()

@@ -363,3 +363,13 @@ def test_trainer_features_still_work(tmp_path, make_model, tokenizer):
     batch = trainer.data_collator([rows[i] for i in range(4)])
     trainer.model.eval()
     torch.testing.assert_close(reloaded(**batch).logits, trainer.model(**batch).logits)
+
+
+def test_fit_joint_is_the_multitask_upper_bound(tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    results = trainer.fit_joint(tiny_stream)
+    rows = results.matrix("loss")
+    assert len(rows) == 3 and rows[0] == rows[1] == rows[2]
+    assert results.metadata["joint"] and results.summary()["bwt"] == 0.0
+    assert len(trainer.train_dataset) == sum(len(t["train"]) for t in tiny_stream.values())
+    assert all(r < b for r, b in zip(rows[0], results.baseline["loss"]))  # it learned every task

@@ -55,7 +55,7 @@ class EWCConfig(StrategyConfig):
 
     aliases = {"lambda": "ewc_lambda", "lambda_": "ewc_lambda", "ewc_mode": "mode"}
 
-    ewc_lambda: float = field(default=5000.0, metadata={"help": "Penalty strength λ."})
+    ewc_lambda: float = field(default=3000.0, metadata={"help": "Penalty strength λ."})
     mode: str = field(default="online", metadata={"help": "'online' or 'separate'."})
     gamma: float = field(default=1.0, metadata={"help": "Online decay of the old Fisher, in [0, 1]."})
     fisher_samples: int = field(default=256, metadata={"help": "Max rows used to estimate the Fisher."})

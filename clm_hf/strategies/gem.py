@@ -164,10 +164,12 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
     return True
 
 
-def project_agem_(g: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """A-GEM's projection of ``g`` against one reference gradient, in place and without a sync.
+def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """A-GEM's projection of ``g`` against one reference gradient ``r``, in place and without a sync.
 
-    ``g <- g - min(g · r, 0) / (r · r) · r``: a no-op when ``g · r >= 0``.
+    If ``g · r < 0``: ``g <- g + v r`` with ``v = max(-g · r / (r · r), margin)``; otherwise ``g`` is
+    left as it is. ``margin = 0`` is the rule of the A-GEM paper, ``g - (g · r / r · r) r``, and any
+    ``margin`` gives exactly GEM's projection for a single constraint.
 
     Returns:
         `torch.Tensor`: A 0-dim bool tensor, whether ``g`` was projected (left on the device).
@@ -179,9 +181,10 @@ def project_agem_(g: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     (True, [1.0, 0.0])
     """
     dot = g @ reference
-    coefficient = dot.clamp(max=0) / (reference @ reference).clamp_min(torch.finfo(g.dtype).tiny)
-    g.addcmul_(reference, -coefficient)
-    return dot < 0
+    violated = dot < 0
+    v = (-dot / (reference @ reference).clamp_min(torch.finfo(g.dtype).tiny)).clamp(min=margin)
+    g.addcmul_(reference, v * violated)
+    return violated
 
 
 # --- reference gradients on the memory -----------------------------------------------------------
@@ -530,10 +533,12 @@ class AGEMConfig(EpisodicMemoryConfig):
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
 
     sample_size: int = field(default=64, metadata={"help": "Pooled memory rows per reference gradient."})
+    margin: float = field(default=0.0, metadata={"help": "GEM's margin γ for the one constraint (0: the paper's rule)."})
 
     def validate(self) -> None:
         super().validate()
         check_range("sample_size", self.sample_size, low=1)
+        check_range("margin", self.margin, low=0.0)
 
 
 @register_strategy
@@ -570,4 +575,4 @@ class AGEM(EpisodicGradientStrategy):
         return batch, bank.pooled[: batch["labels"].shape[0]]
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-        return project_agem_(g, refs[0])
+        return project_agem_(g, refs[0], self.config.margin)

@@ -298,7 +298,7 @@ class PackNet(Strategy):
 
         A task PackNet has not packed (yet) sees the model as it is.
         """
-        if True:
+        if not any(t["index"] == task.index for t in self.packed):
             return contextlib.nullcontext()
         return self._masked(model, task.index + 1)
 

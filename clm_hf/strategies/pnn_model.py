@@ -340,7 +340,7 @@ class ProgressiveModel(nn.Module):
             handle.remove()
             # Gradient checkpointing re-runs the blocks during backward: keep the old columns'
             # states until the next forward pass so that the recomputation adds the same laterals.
-            keep = self.training and torch.is_grad_enabled() and getattr(column, "is_gradient_checkpointing", False)
+            keep = self.training and torch.is_grad_enabled() and _checkpointing(column)
             if not keep:
                 self._run = None
 
@@ -426,7 +426,7 @@ class ProgressiveModel(nn.Module):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.columns[-1], "is_gradient_checkpointing", False))
+        return _checkpointing(self.columns[-1])
 
     # --- state dict: tied weights appear once ------------------------------------------------------
     def _aliases(self) -> dict[str, str]:
@@ -464,6 +464,14 @@ class ProgressiveModel(nn.Module):
         """Unique parameters in total and those that train now (the newest column and its laterals)."""
         params = list(self.parameters())
         return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def _checkpointing(column: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, without transformers' deprecated name."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(column), attr):
+            return bool(getattr(column, attr))
+    return False
 
 
 def _fresh_like(column: nn.Module) -> nn.Module:

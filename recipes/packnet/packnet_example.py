@@ -24,7 +24,7 @@ from clm_hf.plots import write_report
 from clm_hf.tasks import build_tiny_model, build_tokenizer, make_suite
 
 
-def main(output_dir: str = "runs/packnet_example", *, num_train: int = 512, num_epochs: float = 4,
+def main(output_dir: str = "runs/packnet_example", *, num_train: int = 512, num_eval: int = 64, num_epochs: float = 4,
          print_fn=print) -> ContinualTrainer:
     torch.set_num_threads(1)  # a tiny model gains nothing from more threads
     tokenizer = build_tokenizer()
@@ -51,7 +51,7 @@ def main(output_dir: str = "runs/packnet_example", *, num_train: int = 512, num_
     )
 
     # Three tasks over the same inputs, so their answers conflict: plain fine-tuning forgets.
-    suite = make_suite(["copy", "reverse", "sort"], num_train=num_train, num_eval=64, min_len=2, max_len=4)
+    suite = make_suite(["copy", "reverse", "sort"], num_train=num_train, num_eval=num_eval, min_len=2, max_len=4)
     task_data = [(DataLoader(s["train"], batch_size=16, shuffle=True), DataLoader(s["eval"], batch_size=64))
                  for s in suite.values()]
     for task_id, (train_loader, val_loader) in enumerate(task_data):
