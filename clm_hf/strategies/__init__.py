@@ -11,11 +11,14 @@ from .base import (
     strategies_from_specs,
 )
 from .ewc import EWC, EWCConfig
+from .packnet import PackNet, PackNetConfig
 from .replay import Replay, ReplayConfig
 
 __all__ = [
     "EWC",
     "EWCConfig",
+    "PackNet",
+    "PackNetConfig",
     "Replay",
     "ReplayConfig",
     "STRATEGY_REGISTRY",

@@ -111,10 +111,11 @@ class EWC(Strategy):
         self._params = []
         if not self.terms:
             return
-        missing = [n for n in self.terms[0][0] if n not in params]
-        if missing:
-            raise ValueError(f"EWC has a Fisher for parameters the model no longer trains: {missing[:5]}.")
+        # A parameter another strategy froze since (PackNet) cannot move, so its penalty term is a
+        # constant: skipping it changes no gradient.
         for name in self.terms[0][0]:
+            if name not in params:
+                continue
             p = params[name]
             fishers = [fisher[name].to(p.device) for fisher, _ in self.terms]
             anchors = [anchor[name].to(p.device) for _, anchor in self.terms]

@@ -24,7 +24,7 @@ from clm_hf.plots import write_report
 from clm_hf.tasks import build_tiny_model, build_tokenizer, make_suite
 
 
-def main(output_dir: str = "runs/packnet_example", *, num_train: int = 512, num_eval: int = 64, num_epochs: float = 4,
+def main(output_dir: str = "runs/packnet_example", *, num_train: int = 512, num_eval: int = 64, num_epochs: float = 3,
          print_fn=print) -> ContinualTrainer:
     torch.set_num_threads(1)  # a tiny model gains nothing from more threads
     tokenizer = build_tokenizer()
