@@ -11,12 +11,15 @@ from .base import (
     strategies_from_specs,
 )
 from .ewc import EWC, EWCConfig
+from .lwf import LwF, LwFConfig
 from .packnet import PackNet, PackNetConfig
 from .replay import Replay, ReplayConfig
 
 __all__ = [
     "EWC",
     "EWCConfig",
+    "LwF",
+    "LwFConfig",
     "PackNet",
     "PackNetConfig",
     "Replay",
