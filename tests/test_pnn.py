@@ -126,6 +126,35 @@ def test_gradient_reaches_only_the_newest_column_and_its_laterals(arch, make_mod
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
+def test_gradient_checkpointing_recomputes_the_same_laterals(make_model):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        _, pnn_model = _columns(make_model("gpt2"), 2)
+        with torch.no_grad():
+            for adapter in pnn_model.laterals[1]:
+                adapter.up.weight.normal_(std=0.1)
+        if checkpointing:
+            pnn_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert pnn_model.is_activation_checkpointing
+        pnn_model.train()
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        pnn_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in pnn_model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("laterals.1" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6)
+
+
+def test_fresh_columns_are_random_as_in_the_paper(make_model):
+    _, pnn_model = _columns(make_model("gpt2"), 2, column_init="fresh")
+    old, new = (dict(c.named_parameters()) for c in pnn_model.columns)
+    assert old.keys() == new.keys()
+    assert not torch.equal(old["transformer.h.0.attn.c_attn.weight"], new["transformer.h.0.attn.c_attn.weight"])
+    fresh = pnn_model.columns[1]
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied, as the config says
+
+
 # --- through the trainer ----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
 def test_fit_freezes_old_columns_exactly_and_new_columns_learn(arch, tmp_path, make_model, tokenizer, tiny_stream):
@@ -227,6 +256,8 @@ def test_lora_mode_one_adapter_per_task_on_a_frozen_base(arch, tmp_path, make_mo
     assert torch.equal(_logits(trainer, "copy", batch), copy_logits)
     assert not torch.allclose(_logits(trainer, "reverse", batch), copy_logits)
     assert trainer.results.summary()["bwt"] == 0.0
+    loss = trainer.results.matrix("loss")
+    assert loss[1][1] < loss[0][1]  # the new adapter learns its task
     assert model.active_adapter == adapter_name(1) and [n for n, p in model.named_parameters() if p.requires_grad] == trainable
     growth = pnn.parameter_growth()
     adapter_size = sum(p.numel() for n, p in model.named_parameters() if f".{adapter_name(1)}." in n)

@@ -13,6 +13,7 @@ from .base import (
 from .ewc import EWC, EWCConfig
 from .lwf import LwF, LwFConfig
 from .packnet import PackNet, PackNetConfig
+from .pnn import PNN, PNNConfig
 from .replay import Replay, ReplayConfig
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "LwFConfig",
     "PackNet",
     "PackNetConfig",
+    "PNN",
+    "PNNConfig",
     "Replay",
     "ReplayConfig",
     "STRATEGY_REGISTRY",

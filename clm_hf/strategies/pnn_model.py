@@ -167,9 +167,10 @@ class ProgressiveModel(nn.Module):
     >>> pnn.add_column()
     1
     >>> ids = torch.tensor([[5, 6, 7]])
-    >>> out = pnn(input_ids=ids, labels=ids)
-    >>> with pnn.use_column(0):
-    ...     old = pnn(input_ids=ids).logits
+    >>> with torch.no_grad():
+    ...     out = pnn.eval()(input_ids=ids, labels=ids)
+    ...     with pnn.use_column(0):
+    ...         old = pnn(input_ids=ids).logits
     >>> torch.equal(out.logits, old)  # a copied column with zero-initialised laterals starts identical
     True
     """
@@ -318,13 +319,14 @@ class ProgressiveModel(nn.Module):
                 raise ValueError("A seq2seq PNN forward needs decoder_input_ids or labels.")
             inputs["decoder_input_ids"] = self.prepare_decoder_input_ids_from_labels(labels=labels)
         inputs["use_cache"] = False
-        self._run = run = _Run(target, {j: [None] * self.num_blocks for j in range(target)})
+        # Columns run in order, each reading the states of those before it (its own laterals).
+        # A causal LM's backbone is enough (no LM head); a seq2seq column runs whole.
+        self._run = _Run(target, {j: [None] * self.num_blocks for j in range(target)})
         with torch.no_grad():
             for j in range(target):
                 column = self.columns[j]
                 backbone = column if seq2seq else getattr(column, "base_model", column)
                 backbone(**inputs)
-        self._run = run
 
     @contextlib.contextmanager
     def _routing(self, target: int) -> Iterator[None]:
@@ -416,13 +418,31 @@ class ProgressiveModel(nn.Module):
     def can_generate(self) -> bool:
         return bool(getattr(self.columns[0], "can_generate", lambda: False)())
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Turn activation (gradient) checkpointing on in every column; the laterals are recomputed too."""
         for column in self.columns:
-            column.gradient_checkpointing_enable(**kwargs)
+            if hasattr(column, "activation_checkpointing_enable"):
+                column.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+            else:  # transformers before activation_* names
+                column.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        for column in self.columns:
+            if hasattr(column, "activation_checkpointing_disable"):
+                column.activation_checkpointing_disable()
+            else:
+                column.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        for column in self.columns:
-            column.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return _checkpointing(self.columns[-1])
 
     @property
     def is_gradient_checkpointing(self) -> bool:
