@@ -127,8 +127,8 @@ def replay_only(tmp_path_factory, tokenizer, tiny_stream):
     def make_model(arch, **kw):
         return build_tiny_model(arch, tokenizer, **{**NO_DROPOUT[arch], **kw})
 
-    trainer, _, _ = _replay_run(tmp_path_factory.mktemp("replay_only"), make_model, tokenizer, tiny_stream)
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    _, _, results = _replay_run(tmp_path_factory.mktemp("replay_only"), make_model, tokenizer, tiny_stream)
+    return results
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "replay"])
@@ -136,7 +136,5 @@ def test_composes_with_replay(name, tmp_path, make_model, tokenizer, tiny_stream
     trainer, replay, results = _replay_run(tmp_path, make_model, tokenizer, tiny_stream, _fast(name))
     assert results.num_trained == 3
     assert set(replay.buffer.task_counts()) == {"copy", "reverse", "sort"}
-    # the second strategy still acted: the weights differ from a replay-only run with the same seed
-    final = dict(trainer.model.named_parameters())
-    shared = [n for n in replay_only if n in final]
-    assert shared and any(not torch.equal(final[n].detach(), replay_only[n]) for n in shared), name
+    # the second strategy still acted: the scores differ from a replay-only run with the same seed
+    assert results.matrix("loss") != replay_only.matrix("loss"), name
