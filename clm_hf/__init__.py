@@ -10,6 +10,10 @@ from .buffer import ReservoirBuffer
 from .data import ContinualDataCollator
 from .results import ContinualResults
 from .strategies import (
+    AGEM,
+    GEM,
+    AGEMConfig,
+    GEMConfig,
     EWC,
     STRATEGY_REGISTRY,
     EWCConfig,
@@ -30,6 +34,10 @@ from .strategies import (
 from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer, ContinualTrainer
 
 __all__ = [
+    "AGEM",
+    "AGEMConfig",
+    "GEM",
+    "GEMConfig",
     "EWC",
     "EWCConfig",
     "STRATEGY_REGISTRY",

@@ -11,12 +11,17 @@ from .base import (
     strategies_from_specs,
 )
 from .ewc import EWC, EWCConfig
+from .gem import AGEM, GEM, AGEMConfig, GEMConfig
 from .lwf import LwF, LwFConfig
 from .packnet import PackNet, PackNetConfig
 from .pnn import PNN, PNNConfig
 from .replay import Replay, ReplayConfig
 
 __all__ = [
+    "AGEM",
+    "AGEMConfig",
+    "GEM",
+    "GEMConfig",
     "EWC",
     "EWCConfig",
     "LwF",

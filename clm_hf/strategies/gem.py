@@ -14,19 +14,29 @@ the loss on the memory, and edited so that, to first order, the step does not ra
   the memory loss, not just keeping it level. The dual is solved exactly here
   (:func:`solve_nonnegative_qp`, an active-set method in float64 on ``K`` numbers).
 - **A-GEM** uses one reference gradient ``g_ref``: that of the mean loss on a random sample of the
-  whole memory. If ``g · g_ref < 0``: ``g̃ = g - (g · g_ref / g_ref · g_ref) g_ref``. That is the
-  GEM projection with a single constraint (and ``γ = 0``).
+  whole memory (all past tasks pooled). If ``g · g_ref < 0``: ``g̃ = g + v g_ref`` with
+  ``v = max(-g · g_ref / g_ref · g_ref, γ)``. With ``γ = 0`` that is the paper's rule,
+  ``g̃ = g - (g · g_ref / g_ref · g_ref) g_ref``; any ``γ`` gives GEM's projection for the single
+  pooled constraint. The default ``γ = 0.5`` borrows GEM's margin: under Adam, the paper's rule
+  (``γ = 0``) did not reduce forgetting at all on the demo stream (see :class:`AGEMConfig`).
 
 Where it runs: ``edit_gradients``, i.e. after gradient accumulation, the DDP all-reduce and gradient
-clipping, right before ``optimizer.step()``. The A-GEM projection never lengthens ``g`` (it removes
-a component), but the GEM one adds ``Gᵀv`` and *can* make ``g̃`` longer than the clipping threshold.
+clipping, right before ``optimizer.step()``. The margin-free A-GEM projection never lengthens ``g``
+(it removes a component), but GEM's (and A-GEM's with a margin) adds memory gradients and *can*
+make ``g̃`` longer than the clipping threshold: the step is taken after clipping, as it is.
 
-Cost per optimizer step: one forward pass over the memory rows used, one backward that returns all
-``K`` reference gradients at once (a batched vector-Jacobian product,
-``torch.autograd.grad(..., is_grads_batched=True)``), and a few ``K x P`` products. The gradient is
-flattened into one ``P``-vector and the references into one ``K x P`` matrix, both allocated once per
-task and reused at every step. The reference gradients are computed with ``torch.autograd.grad`` on
-the unwrapped model, so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back.
+Cost per optimizer step: one forward and one backward over the memory rows used (one pass per past
+task by default, see ``reference_method``), a ``K x (K + 1)`` Gram product and, for GEM, one
+device-to-host copy of it that decides whether to project and carries the dual problem. The
+gradient is flattened into one ``P``-vector and the references into one ``K x P`` matrix, both
+allocated once per task and reused at every step. The reference gradients come from
+``torch.autograd.grad`` on the unwrapped model, so ``p.grad`` and DDP's hooks are left alone until
+``g̃`` is written back; every rank computes the same references from the same memory, so the ranks
+stay in step.
+
+Adam and the like rescale the edited gradient per coordinate, so the first-order guarantee holds
+for the gradient, not for the optimizer's step; the margin (which adds at least ``γ`` times the
+memory gradients whenever a constraint is violated) is what keeps the effect under Adam.
 """
 
 from __future__ import annotations
@@ -188,16 +198,19 @@ def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0)
 
 
 # --- reference gradients on the memory -----------------------------------------------------------
-def group_losses(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """The mean token NLL of each group of rows, as a ``num_groups`` vector, from ONE forward pass.
+def memory_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], groups: torch.Tensor | None = None, num_groups: int = 1
+) -> torch.Tensor:
+    """The mean token NLL of each group of rows, as a ``num_groups`` vector, from one forward pass.
 
-    Each group's loss is its supervised-token mean, like the model's own loss on that group alone
-    (padding is masked, so it changes nothing).
+    Each group's loss is the mean over its supervised tokens, like the model's own loss on that
+    group alone (padding is masked out, so it changes nothing).
 
     Args:
         model (`nn.Module`): A causal or seq2seq LM (unwrapped: call it outside DDP).
         batch (`dict`): Padded rows (``input_ids``, ``labels``, ``attention_mask``, ...).
-        groups (`torch.Tensor`): Group index of every row, in ``[0, num_groups)``.
+        groups (`torch.Tensor`, *optional*): Group of every row, in ``[0, num_groups)``; ``None``
+            puts all rows in one group.
         num_groups (`int`): Number of groups ``K``.
     """
     from ..evaluation import _decoder_inputs, is_seq2seq
@@ -210,46 +223,65 @@ def group_losses(model: nn.Module, batch: dict[str, torch.Tensor], groups: torch
     if not seq2seq:
         logits, labels = logits[:, :-1], labels[:, 1:]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    nll = nll.view(labels.shape)
+    row_sums, row_counts = nll.view(labels.shape).sum(1), (labels != -100).sum(1).to(nll.dtype)
+    if groups is None:
+        return (row_sums.sum() / row_counts.sum().clamp_min(1)).unsqueeze(0)
     zeros = torch.zeros(num_groups, device=nll.device, dtype=nll.dtype)
-    sums = zeros.index_add(0, groups, nll.sum(1))
-    counts = zeros.index_add(0, groups, (labels != -100).sum(1).to(nll.dtype))
-    return sums / counts.clamp_min(1)
+    return zeros.index_add(0, groups, row_sums) / zeros.index_add(0, groups, row_counts).clamp_min(1)
 
 
-def reference_gradients(
+def reference_gradients_(
     model: nn.Module,
     params: list[nn.Parameter],
-    batch: dict[str, torch.Tensor],
-    groups: torch.Tensor,
-    num_groups: int,
+    batches: list[dict[str, torch.Tensor]],
+    out: list[torch.Tensor],
     *,
-    batched: bool = True,
-) -> list[torch.Tensor | None]:
-    """Gradients of every group's mean loss w.r.t. ``params``, stacked: one ``K x shape`` per parameter.
+    method: str = "per_task",
+) -> None:
+    """Write into ``out`` the gradient of the mean loss on each of the ``K`` ``batches``.
 
-    One forward over all rows, then one batched backward (``is_grads_batched``: the ``K`` rows of the
-    identity as output gradients) or, with ``batched=False``, ``K`` backward passes through the same
-    graph. ``p.grad`` is not touched. Runs in eval mode (no dropout), so the result is deterministic.
+    ``out`` holds, per parameter, a ``(K, *p.shape)`` tensor (views into one ``K x P`` buffer);
+    ``p.grad`` is not touched. Runs in eval mode (no dropout), so the result is deterministic.
 
-    Returns:
-        `list`: Per parameter, a ``(K, *p.shape)`` tensor, or ``None`` where no loss depends on it.
+    - ``"per_task"``: one forward and one backward per batch, each on its own rows. The work is that
+      of one forward/backward over all the rows: linear in ``K``.
+    - ``"batched"``: one forward over all the rows, then ONE batched backward that returns the ``K``
+      gradients (``torch.autograd.grad(losses, grad_outputs=I_K, is_grads_batched=True)``). Fewer,
+      larger kernels, but each of the ``K`` backward lanes runs over all ``K`` batches' rows (the
+      others' get zero gradient), so the backward work grows as ``K²``.
+
+    Both give the same gradients (up to float rounding).
     """
     with eval_mode(model), torch.enable_grad():
-        losses = group_losses(model, batch, groups, num_groups)
-        if num_groups == 1:
-            grads = torch.autograd.grad(losses[0], params, allow_unused=True)
-            return [None if g is None else g.unsqueeze(0) for g in grads]
-        if batched:
-            eye = torch.eye(num_groups, device=losses.device, dtype=losses.dtype)
-            return list(torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True))
-        per_group = [
-            torch.autograd.grad(losses[k], params, retain_graph=k < num_groups - 1, allow_unused=True)
-            for k in range(num_groups)
-        ]
-    return [None if all(g[i] is None for g in per_group) else
-            torch.stack([g[i] if g[i] is not None else torch.zeros_like(p) for g in per_group])
-            for i, p in enumerate(params)]
+        if method == "batched" and len(batches) > 1:
+            batch, groups = _concatenate(batches)
+            losses = memory_losses(model, batch, groups, len(batches))
+            eye = torch.eye(len(batches), device=losses.device, dtype=losses.dtype)
+            grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+            for view, grad in zip(out, grads):
+                view.zero_() if grad is None else view.copy_(grad)
+            return
+        if method not in ("per_task", "batched"):
+            raise ValueError(f"method must be 'per_task' or 'batched', got {method!r}.")
+        for k, batch in enumerate(batches):
+            grads = torch.autograd.grad(memory_losses(model, batch)[0], params, allow_unused=True)
+            for view, grad in zip(out, grads):
+                view[k].zero_() if grad is None else view[k].copy_(grad)
+
+
+_PAD_VALUES = {"labels": -100}  # anything else pads with 0 (ids under a 0 mask, or masks)
+
+
+def _concatenate(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Stack padded batches of different widths into one, with the batch index of every row."""
+    joined = {}
+    for key in batches[0]:
+        width = max(b[key].shape[1] for b in batches)
+        value = _PAD_VALUES.get(key, 0)
+        joined[key] = torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+    sizes = torch.tensor([b["labels"].shape[0] for b in batches])
+    groups = torch.repeat_interleave(torch.arange(len(batches)), sizes).to(joined["labels"].device)
+    return joined, groups
 
 
 class _MemoryBank:
@@ -260,31 +292,30 @@ class _MemoryBank:
         rows = [row for m in memories for row in m.select_columns(columns)]
         batch = collator(rows)
         self.tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
-        # Real length of every row and key (kept on the CPU), to trim padding off sampled rows. A
+        # Real length of every row and key (kept on the CPU), to trim padding off a selection. A
         # mask the collator made up has the rows' input_ids lengths.
         self.lengths = {k: torch.tensor([len(r[k]) for r in rows]) for k in self.tensors if k in columns}
-        for key in ("attention_mask", "decoder_attention_mask"):
-            source = "input_ids" if key == "attention_mask" else "decoder_input_ids"
+        for key, source in (("attention_mask", "input_ids"), ("decoder_attention_mask", "decoder_input_ids")):
             if key in self.tensors and key not in self.lengths and source in self.lengths:
                 self.lengths[key] = self.lengths[source]
         sizes = [len(m) for m in memories]
-        self.groups_cpu = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        self.groups = self.groups_cpu.to(device)
-        self.pooled = torch.zeros_like(self.groups)  # one group for all rows
-        self.starts = torch.tensor([0] + sizes).cumsum(0)
-        self.num_rows = sum(sizes)
+        self.starts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        self.num_rows = self.starts[-1]
 
-    def rows(self, index: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The padded rows ``index`` (CPU long tensor; ``None`` = all) and their group ids."""
-        if index is None:
-            return self.tensors, self.groups
-        device_index = index.to(self.groups.device, non_blocking=True)
+    def task_rows(self, k: int) -> slice:
+        """The rows of the ``k``-th task's memory."""
+        return slice(self.starts[k], self.starts[k + 1])
+
+    def batch(self, rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The selected rows (a slice, or a CPU index tensor), their padding trimmed."""
+        if isinstance(rows, torch.Tensor):
+            device_rows = rows.to(next(iter(self.tensors.values())).device, non_blocking=True)
         out = {}
         for key, values in self.tensors.items():
             lengths = self.lengths.get(key)
-            width = int(lengths[index].max()) if lengths is not None else values.shape[1]
-            out[key] = values[device_index, :width]
-        return out, self.groups[device_index]
+            width = int(lengths[rows].max()) if lengths is not None else values.shape[1]
+            out[key] = values[rows, :width] if isinstance(rows, slice) else values[device_rows, :width]
+        return out
 
 
 # --- the shared strategy ---------------------------------------------------------------------------
@@ -383,13 +414,11 @@ class EpisodicGradientStrategy(Strategy):
             return
         bare = unwrap_model(model)
         params = self._bind(bare, self.num_references())
-        batch, groups = self.draw(self.memory_bank(params[0].device), self._draw_seed())
+        bank = self.memory_bank(params[0].device)
+        batches = [bank.batch(rows) for rows in self.draw(bank, self._draw_seed())]
         for view, p in zip(self._flat_views, params):
-            if p.grad is None:
-                view.zero_()
-            else:
-                view.copy_(p.grad)
-        self._fill_references(bare, params, batch, groups)
+            view.zero_() if p.grad is None else view.copy_(p.grad)
+        self._fill_references(bare, params, batches)
         projected = self.project(self._flat, self._refs)
         self.steps += 1
         if projected is False:
@@ -401,21 +430,15 @@ class EpisodicGradientStrategy(Strategy):
             else:
                 p.grad.copy_(view)
 
-    def _fill_references(self, model, params, batch, groups) -> None:
-        num_refs = self._refs.shape[0]
-        try:
-            grads = reference_gradients(model, params, batch, groups, num_refs, batched=self._batched)
-        except RuntimeError as err:
-            if not self._batched:
-                raise
-            logger.warning("%s: batched reference gradients failed (%s); using one backward per task.", self.name, err)
-            self._batched = False
-            grads = reference_gradients(model, params, batch, groups, num_refs, batched=False)
-        for view, grad in zip(self._ref_views, grads):
-            if grad is None:
-                view.zero_()
-            else:
-                view.copy_(grad)
+    def _fill_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]]) -> None:
+        method = getattr(self.config, "reference_method", "per_task")
+        if method == "batched" and self._batched:
+            try:
+                return reference_gradients_(model, params, batches, self._ref_views, method="batched")
+            except RuntimeError as err:
+                logger.warning("%s: the batched backward failed (%s); using one backward per task.", self.name, err)
+                self._batched = False
+        reference_gradients_(model, params, batches, self._ref_views, method="per_task")
 
     def _draw_seed(self) -> int:
         step = getattr(getattr(self.trainer, "state", None), "global_step", self.steps)
@@ -426,8 +449,8 @@ class EpisodicGradientStrategy(Strategy):
         """How many reference gradients each step uses (``K``)."""
         raise NotImplementedError
 
-    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The memory rows for this step and the reference (in ``[0, K)``) each row's loss feeds."""
+    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+        """The memory rows of each of the ``K`` reference losses for this step."""
         raise NotImplementedError
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool | torch.Tensor:
@@ -460,9 +483,15 @@ class GEMConfig(EpisodicMemoryConfig):
     Args:
         memory_per_task (`int`): Training rows of each task kept in the episodic memory.
         margin (`float`): ``γ >= 0``, the lower bound of the dual variables (0.5 in the paper's
-            code): a violated step is pushed to *lower* the memory losses, not just keep them.
+            code): when a constraint is violated, at least ``γ`` times every past task's gradient is
+            added, which biases the step towards lowering the memory losses, not just keeping them.
         memory_batch_size (`int`, *optional*): Rows of each task's memory per reference gradient,
             drawn afresh every step; ``None`` uses the whole memory (as in the paper).
+        reference_method (`str`): How the ``K`` reference gradients are computed:
+            ``"per_task"``, one forward/backward per past task on its own rows (total work that of
+            one pass over all memory rows, linear in ``K``), or ``"batched"``, one forward over all
+            memories and one batched backward (fewer kernel launches, but backward work that grows
+            as ``K²``; see :func:`reference_gradients_`).
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
@@ -470,12 +499,15 @@ class GEMConfig(EpisodicMemoryConfig):
 
     margin: float = field(default=0.5, metadata={"help": "Margin γ: lower bound of the dual variables."})
     memory_batch_size: int | None = field(default=None, metadata={"help": "Memory rows per task per step (None: all)."})
+    reference_method: str = field(default="per_task", metadata={"help": "'per_task' (work linear in K) or 'batched'."})
 
     def validate(self) -> None:
         super().validate()
         check_range("margin", self.margin, low=0.0)
         if self.memory_batch_size is not None:
             check_range("memory_batch_size", self.memory_batch_size, low=1)
+        if self.reference_method not in ("per_task", "batched"):
+            raise ValueError(f"reference_method must be 'per_task' or 'batched', got {self.reference_method!r}.")
 
 
 @register_strategy
@@ -503,16 +535,16 @@ class GEM(EpisodicGradientStrategy):
     def num_references(self) -> int:
         return len(self.memories)
 
-    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
         size = self.config.memory_batch_size
-        if size is None or all(len(m) <= size for m in self.memories.values()):
-            return bank.rows(None)
         generator = torch.Generator().manual_seed(seed)
-        index = []
+        selections = []
         for k in range(len(self.memories)):
-            start, stop = int(bank.starts[k]), int(bank.starts[k + 1])
-            index.append(start + torch.randperm(stop - start, generator=generator)[:size])
-        return bank.rows(torch.cat(index))
+            rows = bank.task_rows(k)
+            if size is not None and rows.stop - rows.start > size:
+                rows = rows.start + torch.randperm(rows.stop - rows.start, generator=generator)[:size]
+            selections.append(rows)
+        return selections
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool:
         return project_gem_(g, refs, self.config.margin)
@@ -527,13 +559,17 @@ class AGEMConfig(EpisodicMemoryConfig):
         memory_per_task (`int`): Training rows of each task kept in the episodic memory.
         sample_size (`int`): Rows drawn each step from the whole memory (all past tasks pooled) for
             the reference gradient.
+        margin (`float`): ``γ >= 0``: a violating step gets at least ``γ · g_ref`` added (GEM's
+            margin for the single pooled constraint). ``0`` is the A-GEM paper's exact rule; on the
+            demo stream (Adam) it left forgetting where plain fine-tuning has it (BWT -0.52 for
+            both), while ``0.5`` brought BWT to about -0.3.
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
 
-    sample_size: int = field(default=64, metadata={"help": "Pooled memory rows per reference gradient."})
-    margin: float = field(default=0.0, metadata={"help": "GEM's margin γ for the one constraint (0: the paper's rule)."})
+    sample_size: int = field(default=128, metadata={"help": "Pooled memory rows per reference gradient."})
+    margin: float = field(default=0.5, metadata={"help": "GEM's margin γ for the one constraint (0: the paper's rule)."})
 
     def validate(self) -> None:
         super().validate()
@@ -546,7 +582,8 @@ class AGEM(EpisodicGradientStrategy):
     """Averaged GEM: project the update against the gradient of a random sample of the whole memory.
 
     One reference gradient per step whatever the number of tasks, and a closed-form projection that
-    never lengthens the update and needs no host synchronisation.
+    needs no host synchronisation. Set ``margin=0`` for the paper's exact rule (which never
+    lengthens the update).
 
     Args:
         config ([`AGEMConfig`], *optional*): Or pass its fields as keyword arguments.
@@ -565,14 +602,12 @@ class AGEM(EpisodicGradientStrategy):
     def num_references(self) -> int:
         return 1
 
-    def draw(self, bank: _MemoryBank, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        # All past tasks pooled: every row feeds the one reference loss.
+    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+        # All past tasks pooled into the one reference loss.
         if self.config.sample_size >= bank.num_rows:
-            batch, _ = bank.rows(None)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            batch, _ = bank.rows(torch.randperm(bank.num_rows, generator=generator)[: self.config.sample_size])
-        return batch, bank.pooled[: batch["labels"].shape[0]]
+            return [slice(0, bank.num_rows)]
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randperm(bank.num_rows, generator=generator)[: self.config.sample_size]]
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         return project_agem_(g, refs[0], self.config.margin)

@@ -1,0 +1,368 @@
+"""GEM and A-GEM: the dual QP, the projections, the reference gradients, the trainer and checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from clm_hf import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer, ContinualSeq2SeqTrainingArguments, Replay, Strategy
+from clm_hf.data import ContinualDataCollator
+from clm_hf.strategies import build_strategy
+from clm_hf.strategies.base import TaskInfo, trainable_parameters
+from clm_hf.strategies.gem import (
+    AGEM,
+    GEM,
+    memory_losses,
+    project_agem_,
+    project_gem_,
+    reference_gradients_,
+    solve_nonnegative_qp,
+)
+from clm_hf.tasks import make_task, tokenize_for_causal_lm, tokenize_for_seq2seq
+from tests.conftest import small_args
+
+
+# --- the dual QP and the projections on random problems -------------------------------------------
+def _brute_force_qp(P, q, lower):
+    """Try every set of free variables; keep the best feasible stationary point."""
+    K = len(q)
+    shifted = q + lower * P.sum(1)
+    best, best_value = None, None
+    for size in range(K + 1):
+        for free in itertools.combinations(range(K), size):
+            u = torch.zeros(K, dtype=torch.float64)
+            if free:
+                idx = torch.tensor(free)
+                u[idx] = torch.linalg.solve(P[idx][:, idx], -shifted[idx])
+            if (u < -1e-12).any():
+                continue
+            value = 0.5 * u @ P @ u + shifted @ u
+            if best_value is None or value < best_value:
+                best, best_value = u, value
+    return best + lower
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_dual_solver_matches_brute_force(margin):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        K = int(torch.randint(1, 7, (), generator=gen))
+        G = torch.randn(K, K + 10, generator=gen, dtype=torch.float64)
+        g = torch.randn(K + 10, generator=gen, dtype=torch.float64) - 0.5 * G.sum(0)
+        P, q = G @ G.T, G @ g
+        v = solve_nonnegative_qp(P, q, margin)
+        torch.testing.assert_close(v, _brute_force_qp(P, q, margin), rtol=1e-8, atol=1e-9)
+        assert (v >= margin - 1e-12).all()
+
+
+def test_dual_solver_handles_linearly_dependent_gradients():
+    # Two tasks with the same gradient and one that is the sum of two others: G Gᵀ is singular.
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(3, 12, generator=gen, dtype=torch.float64)
+    G = torch.cat([G, G[:1], G[1:2] + G[2:3]])
+    g = -G.sum(0) + 0.1 * torch.randn(12, generator=gen, dtype=torch.float64)
+    v = solve_nonnegative_qp(G @ G.T, G @ g)
+    assert torch.isfinite(v).all() and (v >= 0).all()
+    assert float((G @ (g + G.T @ v)).min()) > -1e-9
+
+
+def test_gem_projection_satisfies_every_constraint_and_is_closest():
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(20):
+        G = torch.randn(5, 40, generator=gen)
+        g = torch.randn(40, generator=gen) - 0.3 * G.sum(0)  # conflicts with some tasks
+        if not (G @ g < 0).any():
+            continue
+        original = g.clone()
+        assert project_gem_(g, G, margin=0.0)
+        assert float((G @ g).min()) >= -1e-4 * float(G.norm() * original.norm())
+        # Closest: g̃ - g = Gᵀv with v >= 0 and complementary slackness (v_k > 0 only on active k).
+        v = torch.linalg.lstsq(G.T.double(), (g - original).double().unsqueeze(1)).solution.squeeze(1)
+        assert (v > -1e-4).all()
+        active = (G @ g).abs() < 1e-3 * float(G.norm() * original.norm())
+        assert (v[~active].abs() < 1e-4).all()
+    # No violation: g is left exactly as it was, and the function says so.
+    G, g = torch.eye(3), torch.tensor([1.0, 2.0, 0.0])
+    assert not project_gem_(g, G, margin=0.5) and g.tolist() == [1.0, 2.0, 0.0]
+
+
+def test_gem_margin_pushes_towards_the_memory():
+    G = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([-1.0, 1.0])
+    project_gem_(g, G, margin=0.0)
+    torch.testing.assert_close(g, torch.tensor([0.0, 1.0]))  # just level
+    g = torch.tensor([-1.0, 1.0])
+    project_gem_(g, G, margin=2.0)  # v >= 2: g + 2 g_1
+    torch.testing.assert_close(g, torch.tensor([1.0, 1.0]))
+
+
+def test_agem_projection_removes_only_the_conflicting_component():
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randn(30, generator=gen)
+    g = torch.randn(30, generator=gen) - r
+    assert float(g @ r) < 0
+    before = g.clone()
+    assert bool(project_agem_(g, r))
+    assert abs(float(g @ r)) < 1e-4 * float(r.norm() * before.norm())
+    assert float(g.norm()) <= float(before.norm())  # never longer (unlike GEM with a margin)
+    torch.testing.assert_close(g, before - (before @ r) / (r @ r) * r)
+    agreeing = torch.randn(30, generator=gen) + 2 * r
+    kept = agreeing.clone()
+    assert not bool(project_agem_(agreeing, r)) and torch.equal(agreeing, kept)
+
+
+# --- real tiny models ------------------------------------------------------------------------------
+def _rows(tokenizer, name, count, seed, seq2seq=False, max_len=6):
+    rows = make_task(name, count, seed=seed, min_len=2, max_len=max_len)
+    return tokenize_for_seq2seq(rows, tokenizer) if seq2seq else tokenize_for_causal_lm(rows, tokenizer)
+
+
+def _batch(rows):
+    return ContinualDataCollator(pad_token_id=0)([rows[i] for i in range(len(rows))])
+
+
+def _armed(strategy, memories):
+    strategy.memories = {str(k): rows for k, rows in enumerate(memories)}
+    return strategy
+
+
+def _set_grad(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+
+
+def _memory_loss(model, rows):
+    with torch.no_grad():
+        return float(model(**_batch(rows)).loss)
+
+
+@pytest.fixture
+def conflicted(make_model, tokenizer):
+    """A GPT-2 trained a little on copy, then on sort, whose gradient on reverse conflicts with sort's."""
+    torch.manual_seed(0)
+    model = make_model("gpt2")
+    memories = [_rows(tokenizer, "copy", 16, 0), _rows(tokenizer, "sort", 16, 1)]
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for rows in memories:
+        batch = _batch(rows)
+        for _ in range(20):
+            model.zero_grad()
+            model(**batch).loss.backward()
+            optimizer.step()
+    current = _batch(_rows(tokenizer, "reverse", 16, 2))
+    return model, memories, current
+
+
+def _concat(memories):
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets(memories)
+
+
+def _sgd_step(model, grads, lr):
+    with torch.no_grad():
+        for name, p in trainable_parameters(model).items():
+            p.sub_(lr * grads[name])
+
+
+def test_projected_step_does_not_raise_the_memory_losses(conflicted):
+    model, memories, current = conflicted
+    params = trainable_parameters(model)
+    raw = _set_grad(model, current)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    losses_before = [_memory_loss(model, m) for m in memories]
+    lr = 1e-4  # small enough that second-order terms (~lr²) stay far below the first-order rise
+
+    def losses_after(grads):
+        _sgd_step(model, grads, lr)
+        after = [_memory_loss(model, m) for m in memories]
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+        return [a - b for a, b in zip(after, losses_before)]
+
+    plain_rise = losses_after(raw)
+    assert plain_rise[1] > 5e-5  # the unprojected step raises sort's memory loss (~lr · 1.1)
+    for strategy in (GEM(margin=0.0), GEM(margin=0.5)):
+        _armed(strategy, memories)
+        _set_grad(model, current)
+        strategy.edit_gradients(model)
+        assert strategy.projected_steps == 1
+        rise = losses_after({n: p.grad for n, p in params.items()})
+        assert max(rise) < 0.05 * plain_rise[1], (strategy, rise, plain_rise)  # every task's memory
+        if strategy.config.margin > 0:  # at least γ of every memory gradient is added: the total falls
+            assert sum(rise) < 0
+    agem = _armed(AGEM(margin=0.0), memories[1:])
+    _set_grad(model, current)
+    agem.edit_gradients(model)
+    assert agem.projected_steps == 1
+    rise = losses_after({n: p.grad for n, p in params.items()})
+    assert rise[1] < 0.05 * plain_rise[1], (rise, plain_rise)  # sort, its one memory
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_gem_with_one_past_task_equals_agem(margin, conflicted):
+    model, memories, current = conflicted
+    results = []
+    for strategy in (GEM(margin=margin), AGEM(margin=margin, sample_size=1000)):
+        _armed(strategy, memories[1:])
+        _set_grad(model, current)
+        strategy.edit_gradients(model)
+        assert strategy.projected_steps == 1
+        results.append(torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_batched_reference_gradients_equal_per_task_ones(arch, make_model, tokenizer):
+    model = make_model(arch)
+    seq2seq = arch == "t5"
+    # Different lengths per task, so the batched pass pads rows the per-task pass does not.
+    batches = [_batch(_rows(tokenizer, name, 5, seed, seq2seq, max_len)) for name, seed, max_len
+               in (("copy", 0, 3), ("reverse", 1, 6), ("sort", 2, 4))]
+    params = list(trainable_parameters(model).values())
+    outs = {}
+    for method in ("batched", "per_task"):
+        outs[method] = [torch.full((3, *p.shape), float("nan")) for p in params]
+        reference_gradients_(model, params, batches, outs[method], method=method)
+    for batched, looped in zip(outs["batched"], outs["per_task"]):
+        torch.testing.assert_close(batched, looped, rtol=1e-4, atol=1e-6)
+    # And each is the gradient of the model's own loss on that task's rows.
+    model.zero_grad()
+    model(**batches[1]).loss.backward()
+    torch.testing.assert_close(outs["per_task"][0][1], params[0].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_memory_losses_are_per_task_means(make_model, tokenizer):
+    model = make_model("gpt2").eval()
+    rows = [_rows(tokenizer, "copy", 4, 0, max_len=3), _rows(tokenizer, "sort", 3, 1, max_len=6)]
+    batch = _batch(_concat(rows))
+    groups = torch.tensor([0] * 4 + [1] * 3)
+    with torch.no_grad():
+        losses = memory_losses(model, batch, groups, 2)
+        expected = torch.stack([model(**_batch(r)).loss for r in rows])
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_edit_gradients_reuses_its_buffers_and_leaves_no_memory_alone(conflicted):
+    model, memories, current = conflicted
+    gem = GEM()
+    _set_grad(model, current)
+    before = {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+    gem.edit_gradients(model)  # no past task yet: a no-op
+    assert gem.steps == 0 and all(torch.equal(p.grad, before[n]) for n, p in trainable_parameters(model).items())
+    _armed(gem, memories)
+    pointers = set()
+    for _ in range(3):
+        _set_grad(model, current)
+        gem.edit_gradients(model)
+        pointers.add((gem._flat.data_ptr(), gem._refs.data_ptr()))
+    assert len(pointers) == 1 and gem.steps == 3
+
+
+# --- through the trainer ---------------------------------------------------------------------------
+class _CheckConstraints(Strategy):
+    """Listed after GEM/A-GEM: checks the gradient the optimizer gets against that step's references."""
+
+    name = "check_constraints"
+
+    def __init__(self, episodic):
+        super().__init__()
+        self.episodic, self.checked = episodic, 0
+
+    def edit_gradients(self, model):
+        if not self.episodic.memories:
+            return
+        g = torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()])
+        dots = self.episodic._refs @ g
+        assert float(dots.min()) >= -1e-4 * float(self.episodic._refs.norm() * g.norm())
+        self.checked += 1
+
+
+@pytest.mark.parametrize("arch, name", [("gpt2", "gem"), ("gpt2", "agem"), ("t5", "gem"), ("t5", "agem")])
+def test_fit_learns_a_stream(arch, name, make_model, tokenizer, tiny_stream, tmp_path):
+    strategy = build_strategy(name, memory_per_task=8)
+    check = _CheckConstraints(strategy)
+    if arch == "t5":
+        args = small_args(tmp_path, args_class=ContinualSeq2SeqTrainingArguments, save_continual_state=False)
+        trainer = ContinualSeq2SeqTrainer(model=make_model("t5"), args=args, processing_class=tokenizer,
+                                          strategies=[strategy, check])
+    else:
+        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), args=small_args(tmp_path, save_continual_state=False),
+                                           processing_class=tokenizer, strategies=[strategy, check])
+    results = trainer.fit(tiny_stream)
+    assert len(results.matrix("exact_match")) == 3
+    assert [len(rows) for rows in strategy.memories.values()] == [8, 8, 8]
+    assert strategy.steps == check.checked == 8  # 4 steps of tasks 2 and 3 each
+    assert set(strategy.memories["copy"].column_names) <= {"input_ids", "attention_mask", "labels"}
+
+
+def test_composes_with_replay_and_restores_from_a_checkpoint(make_model, tokenizer, tiny_stream, tmp_path):
+    replay, gem = Replay(buffer_size=16), GEM(memory_per_task=8, memory_batch_size=4)
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), args=small_args(tmp_path), processing_class=tokenizer,
+                                       strategies=[replay, gem])
+    trainer.fit(tiny_stream)
+    assert len(replay.buffer) == 16 and len(gem.memories) == 3
+    assert gem.steps == 12  # tasks 2 and 3 train on 32 rows + 16 replayed: 6 steps each
+    # The trainer's continual checkpoint holds the memories as Arrow folders, no pickle.
+    checkpoint = max((tmp_path / "run" / "continual").glob("task-*"))
+    files = [p.name for p in Path(checkpoint).rglob("*") if p.is_file()]
+    assert any(f.endswith(".arrow") for f in files) and not any(f.endswith((".pkl", ".pickle", ".pt")) for f in files)
+    fresh = ContinualCausalLMTrainer(model=make_model("gpt2"), args=small_args(tmp_path / "again"),
+                                     processing_class=tokenizer,
+                                     strategies=[Replay(buffer_size=16), GEM(memory_per_task=8, memory_batch_size=4)])
+    fresh.fit(tiny_stream, resume_from_checkpoint=str(checkpoint))
+    restored = fresh.strategies[1]
+    assert list(restored.memories) == list(gem.memories)
+    for task_id, rows in gem.memories.items():
+        assert restored.memories[task_id].to_dict() == rows.to_dict()
+
+
+def test_state_round_trip_gives_the_same_memories_and_gradients(conflicted, tmp_path):
+    model, memories, current = conflicted
+    agem = _armed(AGEM(sample_size=8), memories)
+    agem.steps = 5
+    agem.save_state(tmp_path / "state")
+    loaded = AGEM(sample_size=8)
+    loaded.load_state(tmp_path / "state")
+    assert list(loaded.memories) == ["0", "1"] and loaded.steps == 5
+    for task_id, rows in agem.memories.items():
+        assert loaded.memories[task_id].to_dict() == rows.to_dict()
+    grads = []
+    for strategy in (agem, loaded):  # same memory, same step: same sample, same gradient
+        _set_grad(model, current)
+        strategy.edit_gradients(model)
+        grads.append(torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_memory_is_a_seeded_sample_of_the_task(tokenizer):
+    rows = _rows(tokenizer, "copy", 40, 0)
+    task = TaskInfo(task_id="copy", name="copy", index=0, train_dataset=rows)
+    picks = []
+    for seed in (0, 0, 1):
+        gem = GEM(memory_per_task=10, seed=seed)
+        gem.after_task(None, task)
+        picks.append(gem.memories["copy"]["input_ids"])
+    assert picks[0] == picks[1] and picks[0] != picks[2]
+    assert len(picks[0]) == 10 and all(r in rows["input_ids"] for r in picks[0])
+
+
+@pytest.mark.parametrize(
+    "cls, options, message",
+    [
+        (GEM, {"memory_per_task": 0}, "memory_per_task"),
+        (GEM, {"margin": -0.1}, "margin"),
+        (GEM, {"memory_batch_size": 0}, "memory_batch_size"),
+        (GEM, {"reference_method": "vmap"}, "reference_method"),
+        (AGEM, {"sample_size": 0}, "sample_size"),
+        (AGEM, {"margn": 0.5}, "Did you mean 'margin'"),
+    ],
+)
+def test_bad_options_are_named(cls, options, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**options)
