@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="Path to the YAML recipe.")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="Continue an interrupted run from its folder (its newest valid checkpoint).")
+    train.add_argument("--force-resume", action="store_true",
+                       help="With --resume: go on even though strategy settings changed since the checkpoint.")
 
     report = sub.add_parser("report", help="Write plots (PNG) and tables for a run folder.")
     report.add_argument("run_dir", help="A folder with results.json (or sub-folders with one each).")
@@ -64,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .recipe import load_recipe, run_recipe
 
         recipe = load_recipe(args.recipe, extra)
-        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=args.resume)
+        if args.force_resume and not args.resume:
+            parser.error("--force-resume needs --resume RUN_DIR")
+        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=args.resume,
+                                      force_resume=args.force_resume)
         print(results.format_table())
         print({k: (round(v, 4) if v is not None else None) for k, v in results.summary().items()})
         print(f"Results in {trainer.args.output_dir}/results.json")

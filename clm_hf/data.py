@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
@@ -107,16 +108,18 @@ def _as_list(value: Any) -> list[int]:
     return list(value)
 
 
-def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = None) -> None:
+def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = None, causal: bool = False) -> None:
     """Check that a tokenized dataset can train a language model; raise ``ValueError`` if not.
 
-    Checks: it is a ``datasets.Dataset``, it is not empty, it has ``input_ids`` and ``labels``,
-    at least one label is supervised (not -100), and no token id is outside the vocabulary.
+    Checks: it is a ``datasets.Dataset``, it is not empty, it has ``input_ids`` and ``labels``
+    holding lists of integers, at least one label is supervised (not -100), no token id is
+    outside the vocabulary, and (``causal``) every row has as many labels as ``input_ids``.
 
     Args:
         dataset: The dataset to check.
         what (`str`): How to name it in messages, e.g. ``"train dataset of task 'reverse'"``.
         vocab_size (`int`, *optional*): The model's vocabulary size, to check token ids against.
+        causal (`bool`): The rows train a decoder-only model, whose labels align with ``input_ids``.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"The {what} must be a datasets.Dataset, got {type(dataset).__name__}.")
@@ -130,7 +133,25 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
         raise ValueError(
             f"The {what} is missing column(s) {missing}; it has {dataset.column_names}.{hint}"
         )
+    schema = dataset.features.arrow_schema
+    for column in REQUIRED_COLUMNS:
+        kind = schema.field(column).type
+        if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)):
+            raise ValueError(
+                f"The {what} has column '{column}' of type {dataset.features[column]}, but '{column}' must hold lists "
+                "of integer token ids (e.g. [5, 6, 7]). Tokenize the rows first, or give 'prompt'/'answer' text "
+                "columns and pass processing_class=tokenizer to the trainer."
+            )
     table = dataset.with_format("arrow")[:]  # respects any select()/shuffle() index mapping
+    if causal:
+        mismatch = pc.not_equal(pc.list_value_length(table.column("input_ids")), pc.list_value_length(table.column("labels")))
+        if pc.any(mismatch).as_py():
+            row = pc.index(mismatch, True).as_py()
+            raise ValueError(
+                f"Row {row} of the {what} has {len(dataset[row]['input_ids'])} input_ids but {len(dataset[row]['labels'])} "
+                "labels. A causal LM's labels line up with its input_ids (the model shifts them itself): give one "
+                "label per token, -100 where there is nothing to predict."
+            )
     labels = pc.list_flatten(table.column("labels"))
     if len(labels) == 0 or pc.all(pc.equal(labels, -100)).as_py():
         raise ValueError(

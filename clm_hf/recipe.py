@@ -166,10 +166,11 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
 
 
 def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
-               joint: bool = False):
+               joint: bool = False, force_resume: bool = False):
     """Build everything a recipe describes and train the stream; returns ``(results, trainer)``.
 
-    ``joint=True`` trains all tasks at once instead (the multitask upper bound).
+    ``joint=True`` trains all tasks at once instead (the multitask upper bound); ``force_resume``
+    resumes even though strategy settings changed (see ``ContinualTrainer.fit``).
     """
     from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
     from .strategies.base import strategies_from_specs
@@ -190,5 +191,5 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
     if joint:
         return trainer.fit_joint(stream), trainer
-    results = trainer.fit(stream, resume_from_checkpoint=resume)
+    results = trainer.fit(stream, resume_from_checkpoint=resume, force_resume=force_resume)
     return results, trainer

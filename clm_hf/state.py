@@ -47,6 +47,10 @@ class CheckpointError(ValueError):
     """A continual checkpoint is missing, incomplete, corrupt or from an incompatible version."""
 
 
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint written in another checkpoint format: never skipped silently, always reported."""
+
+
 # --- RNG -----------------------------------------------------------------------------------
 def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Python, numpy and torch (CPU and CUDA) RNG states, split into JSON and tensors."""
@@ -116,11 +120,29 @@ def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({err}).") from err
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(
+        raise CheckpointVersionError(
             f"{root} was written with checkpoint format {version!r} (clm-hf {manifest.get('clm_hf_version')}); "
-            f"this clm-hf ({__version__}) reads format {FORMAT_VERSION}."
+            f"this clm-hf ({__version__}) reads format {FORMAT_VERSION}. Resume it with the clm-hf version that "
+            "wrote it, or start a new run in another output_dir."
         )
-    for rel, info in manifest.get("files", {}).items():
+    verify_files(root, manifest.get("files", {}))
+    return manifest
+
+
+def describe_files(root: str | os.PathLike, exclude: str | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``root`` (but not under its sub-folder ``exclude``)."""
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not (exclude and p.relative_to(root).parts[0] == exclude)
+    }
+
+
+def verify_files(root: str | os.PathLike, files: dict[str, dict[str, Any]]) -> None:
+    """Check files against :func:`describe_files` output; raise :class:`CheckpointError` naming the bad one."""
+    root = Path(root)
+    for rel, info in files.items():
         path = root / rel
         if not path.is_file():
             raise CheckpointError(f"Checkpoint {root} is missing {rel}.")
@@ -128,7 +150,6 @@ def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"Checkpoint file {path} is truncated or changed: {path.stat().st_size} bytes, expected {info['size']}.")
         if _sha256(path) != info["sha256"]:
             raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
-    return manifest
 
 
 def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
@@ -236,6 +257,8 @@ def latest_valid_checkpoint(candidates: list[Path]) -> Path | None:
         try:
             verify_manifest(path)
             return path
+        except CheckpointVersionError:
+            raise  # another format is not damage: falling back to an older checkpoint would hide it
         except CheckpointError as err:
             logger.warning("Skipping unusable checkpoint %s: %s", path, err)
     return None

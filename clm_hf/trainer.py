@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
+from . import hub, tracking
 from . import state as ckpt
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
@@ -100,7 +101,12 @@ class ContinualTrainerMixin:
         self._base_output_dir = self.args.output_dir
         self._loss_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.current_gradient_accumulation_steps = 1
+        self._finite_watch: list[tuple[int, str, torch.Tensor]] = []  # (step, term, value) not yet checked
+        self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
+        _check_vocabulary(self.model, self.processing_class)
+        self._check_backend_support()
         self.add_callback(_StrategyStepHooks(self))
+        tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
         for strategy in self.strategies:
             strategy.setup(self)
 
@@ -110,6 +116,36 @@ class ContinualTrainerMixin:
             return getattr(self.args, name)
         spec = ContinualTrainingArguments.__dataclass_fields__[name]
         return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+    def _check_backend_support(self) -> None:
+        """Refuse strategies that cannot work on the active distributed backend, naming both."""
+        from accelerate.utils import DistributedType
+
+        backend = getattr(getattr(self, "accelerator", None), "distributed_type", None)
+        if backend != DistributedType.DEEPSPEED:
+            return
+        editing = [s.name for s in self.strategies
+                   if type(s).edit_gradients is not Strategy.edit_gradients
+                   or type(s).after_optimizer_step is not Strategy.after_optimizer_step]
+        if editing:
+            raise NotImplementedError(
+                f"Strategy {', '.join(repr(n) for n in editing)} edits gradients or weights around the optimizer step, "
+                "which is not supported on the DeepSpeed backend: DeepSpeed steps its optimizer inside backward(), "
+                "before that hook runs, so the edit would be silently lost. Train without DeepSpeed (plain DDP, "
+                "one process per GPU) or use a strategy that only adds loss terms or data (replay, EWC, LwF)."
+            )
+        plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
+        ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
+        if getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)()):
+            # ZeRO-3 leaves each rank an empty placeholder of every parameter outside forward/backward.
+            whole = [s.name for s in self.strategies if not getattr(type(s), "supports_partitioned_parameters", False)]
+            if whole:
+                raise NotImplementedError(
+                    f"Strategy {', '.join(repr(n) for n in whole)} reads or copies whole parameters (a Fisher and "
+                    "anchors, a teacher snapshot, columns or adapters), which is not supported on DeepSpeed ZeRO-3: it "
+                    "partitions every parameter across the ranks, so the strategy would see empty placeholders. Use "
+                    "ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; replay works on ZeRO-3."
+                )
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -122,6 +158,8 @@ class ContinualTrainerMixin:
         hidden = self._side_columns()
         model_inputs = {k: v for k, v in inputs.items() if k not in hidden}
         loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._watch_finite("model loss", loss)
         if model.training and self.strategies:
             scale = 1.0
             if self._loss_is_scaled_for_ga(num_items_in_batch):
@@ -129,8 +167,40 @@ class ContinualTrainerMixin:
             for strategy in self.strategies:
                 for name, term in strategy.loss(model, inputs, outputs).items():
                     self._loss_terms[name].append(term.detach())
+                    self._watch_finite(name, term)
                     loss = loss + term * scale
         return (loss, outputs) if return_outputs else loss
+
+    def _watch_finite(self, name: str, value: torch.Tensor) -> None:
+        """Remember a loss term to check for NaN/inf later, in one batch, without a per-step sync.
+
+        The Trainer's ``logging_nan_inf_filter`` hides a non-finite loss from the logs; these
+        checks run when the loss is logged, before every checkpoint and after every ``train()``.
+        """
+        self._finite_watch.append((self.state.global_step, name, value.detach()))
+        if len(self._finite_watch) >= 1024:  # bounded memory when logging and saving are rare
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first step and term whose value was NaN or inf."""
+        watch, self._finite_watch = self._finite_watch, []
+        if not watch:
+            return
+        values = torch.stack([v.float().sum() for _, _, v in watch])
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        step, name, value = watch[first]
+        task = self.current_task.name if self.current_task else "?"
+        if name == "model loss":
+            fix = "Lower the learning rate, check the rows (labels, token ids) and the precision (fp16 overflows)."
+        else:
+            fix = f"Lower the strategy's weight for '{name}' or the learning rate."
+        raise FloatingPointError(
+            f"The {name if name == 'model loss' else f'strategy loss term {name!r}'} became {float(values[first])} at "
+            f"optimizer step {step + 1} of task '{task}'; training stopped before saving it. {fix}"
+        )
 
     def _side_columns(self) -> set[str]:
         return {"task_id", *(c for s in self.strategies for c in s.side_columns)}
@@ -147,6 +217,8 @@ class ContinualTrainerMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of every strategy loss term since the last log to training logs."""
+        if "loss" in logs:
+            self._check_finite()
         if "loss" in logs and self._loss_terms:
             for name, values in self._loss_terms.items():
                 value = torch.stack(values).mean().item()
@@ -207,7 +279,7 @@ class ContinualTrainerMixin:
             dataset = tokenize_task(dataset, self.processing_class, is_seq2seq(self.model),
                                     **({} if is_seq2seq(self.model) else {"answer_only_loss": self._setting("answer_only_loss")}))
         vocab = getattr(getattr(unwrap_model(self.model), "config", None), "vocab_size", None)
-        validate_lm_dataset(dataset, what=what, vocab_size=vocab)
+        validate_lm_dataset(dataset, what=what, vocab_size=vocab, causal=not is_seq2seq(self.model))
         return dataset
 
     def add_eval_task(self, task_id: Any, eval_dataset: Any, task_name: str | None = None) -> None:
@@ -291,7 +363,13 @@ class ContinualTrainerMixin:
         for strategy in self.strategies:
             strategy.before_task(self, task)
         with self._task_scope(task, num_epochs):
+            if self._pending_rng is not None:
+                # Resuming inside the task: the RNG as it was at that checkpoint, after the hooks above.
+                ckpt.load_rng(*self._pending_rng)
+                self._pending_rng = None
+            self._drop_stale_ddp_wrapper()
             output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+        self._check_finite()
         for strategy in self.strategies:
             strategy.after_task(self, task)
         self.current_task = None
@@ -299,6 +377,8 @@ class ContinualTrainerMixin:
         self._evaluate_stream(row=True)
         if self._setting("save_continual_state"):
             self.save_continual_checkpoint()
+        tracking.task_finished(self)  # results files and plots to MLflow / TensorBoard
+        hub.task_finished(self)  # push after the task when args.push_to_hub
         return output
 
     def run_training_phase(self, dataset: Dataset, *, num_epochs: float, phase: str) -> TrainOutput:
@@ -313,7 +393,10 @@ class ContinualTrainerMixin:
         self.optimizer, self.lr_scheduler = None, None
         try:
             with self._task_scope(task, num_epochs, suffix=f"-{phase}"):
-                return self.train()
+                self._drop_stale_ddp_wrapper()
+                output = self.train()
+            self._check_finite()
+            return output
         finally:
             self.train_dataset = previous
             self.optimizer, self.lr_scheduler = None, None
@@ -329,6 +412,22 @@ class ContinualTrainerMixin:
             yield
         finally:
             self.args.output_dir, self.args.num_train_epochs = saved_dir, saved_epochs
+
+    def _drop_stale_ddp_wrapper(self) -> None:
+        """Let the next ``train()`` wrap the model in a new DDP instead of reusing the last task's.
+
+        DDP fixes the parameters it all-reduces when it is built, and the Trainer reuses its wrapper
+        across ``train()`` calls. Strategies change that set between tasks (PNN adds a column or an
+        adapter, PackNet freezes the shared weights): under a stale wrapper a new parameter's
+        gradient is never averaged and the ranks silently drift apart. A fresh wrapper also
+        broadcasts rank 0's weights, so every task starts in step.
+        """
+        ddp = nn.parallel.DistributedDataParallel
+        models = getattr(self.accelerator, "_models", None)
+        if isinstance(models, list):  # let old wrappers (and their gradient buckets) be freed
+            models[:] = [m for m in models if not isinstance(m, ddp)]
+        if isinstance(self.model_wrapped, ddp):
+            self.model_wrapped = self.model
 
     def _set_model(self, model: nn.Module) -> None:
         if model is not self.model:
@@ -396,6 +495,7 @@ class ContinualTrainerMixin:
         tasks: Mapping[str, Any] | Sequence[Any],
         resume_from_checkpoint: str | bool | None = None,
         num_epochs: float | None = None,
+        force_resume: bool = False,
     ) -> ContinualResults:
         """Train a whole stream of tasks, evaluating every task after each one.
 
@@ -406,6 +506,8 @@ class ContinualTrainerMixin:
                 valid checkpoint in ``args.output_dir``; a path continues from that run folder or
                 checkpoint.
             num_epochs (`float`, *optional*): Epochs per task, overriding ``args.num_train_epochs``.
+            force_resume (`bool`, *optional*): Resume even though the strategies' settings changed
+                since the checkpoint was written (the strategy list itself must be the same).
 
         Returns:
             [`ContinualResults`]: the score matrices and summary metrics, also written to
@@ -417,17 +519,10 @@ class ContinualTrainerMixin:
         >>> results = trainer.fit(make_suite(["copy", "reverse", "sort"]))  # doctest: +SKIP
         >>> results.summary()["bwt"]  # doctest: +SKIP
         """
-        specs = normalize_tasks(tasks)
-        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
-        for spec in specs:
-            self._task_names[spec["task_id"]] = spec["name"]
-            if spec["eval"] is not None:
-                self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
-            elif spec["name"] not in self.results.task_names:
-                self.results.add_task(spec["name"])
+        specs = self._plan_stream(tasks)
         mid_task_checkpoint = None
         if resume_from_checkpoint:
-            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs)
+            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume)
         elif self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         for index, spec in enumerate(specs):
@@ -442,6 +537,18 @@ class ContinualTrainerMixin:
             self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
         return self.results
 
+    def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
+        """Register every task of a stream (names, eval rows) before any training."""
+        specs = normalize_tasks(tasks)
+        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        for spec in specs:
+            self._task_names[spec["task_id"]] = spec["name"]
+            if spec["eval"] is not None:
+                self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
+            elif spec["name"] not in self.results.task_names:
+                self.results.add_task(spec["name"])
+        return specs
+
     def fit_joint(self, tasks: Mapping[str, Any] | Sequence[Any], num_epochs: float | None = None) -> ContinualResults:
         """Multitask training on all tasks at once: the upper bound a continual run aims for.
 
@@ -453,14 +560,7 @@ class ContinualTrainerMixin:
         """
         from datasets import concatenate_datasets
 
-        specs = normalize_tasks(tasks)
-        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
-        for spec in specs:
-            self._task_names[spec["task_id"]] = spec["name"]
-            if spec["eval"] is not None:
-                self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
-            elif spec["name"] not in self.results.task_names:
-                self.results.add_task(spec["name"])
+        specs = self._plan_stream(tasks)
         if self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
@@ -477,6 +577,8 @@ class ContinualTrainerMixin:
             self.results.add_row(final)
         self.results.metadata["joint"] = True
         self._save_results()
+        tracking.task_finished(self)
+        hub.task_finished(self)
         return self.results
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -506,16 +608,28 @@ class ContinualTrainerMixin:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # The Trainer pickles its arguments into every save (training_args.bin): keep Hub tokens out.
+        with _tokens_hidden(self.args):
+            super()._save(output_dir, state_dict=state_dict)
+
     def _save_checkpoint(self, model, trial):
-        """The Trainer's own mid-task save, plus the continual state needed to resume inside the task."""
+        """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.
+
+        The continual state is written last and lists the size and sha256 of the Trainer's files, so
+        a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
+        """
+        self._check_finite()  # never save weights a NaN/inf loss has already reached
         super()._save_checkpoint(model, trial)
         if self.current_task is None or not self.args.should_save:
             return
-        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / IN_TASK_STATE_DIR
-        ckpt.save_continual_checkpoint(folder, state=self._continual_state(), strategies=self.strategies,
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
+        ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
                                        model=None, results=self.results)
 
-    def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]]) -> tuple[int, Path] | None:
+    def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]], *,
+                      force: bool = False) -> tuple[int, Path] | None:
         """Restore the stream from a run folder or checkpoint; return a mid-task checkpoint if any."""
         run_dir = Path(self._base_output_dir if checkpoint is True else checkpoint)
         if (run_dir / ckpt.MANIFEST).is_file():
@@ -524,11 +638,14 @@ class ContinualTrainerMixin:
             task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
         if task_ckpt is None:
             if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
-                raise FileNotFoundError(f"No clm-hf checkpoint to resume from in {run_dir}.")
+                raise FileNotFoundError(
+                    f"No clm-hf checkpoint to resume from in {run_dir}: nothing was saved there yet (or it is not the "
+                    "run's output_dir). Start the run again without resuming."
+                )
             done = 0
         else:
             meta = ckpt.read_continual_state(task_ckpt)
-            self._restore(task_ckpt, meta, specs, load_model=True)
+            self._restore(task_ckpt, meta, specs, load_model=True, force=force)
             done = len(meta["tasks"])
         if done >= len(specs):
             return None
@@ -538,23 +655,32 @@ class ContinualTrainerMixin:
         for candidate in reversed(inner):
             try:
                 meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR)
+                ckpt.verify_files(candidate, meta.get("trainer_files", {}))
+            except ckpt.CheckpointVersionError:
+                raise
             except ckpt.CheckpointError as err:
                 logger.warning("Skipping unusable mid-task checkpoint %s: %s", candidate, err)
                 continue
-            self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False)
+            self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False, force=force)
             return done, candidate
         if task_ckpt is None and self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         return None
 
-    def _restore(self, directory: Path, meta: dict[str, Any], specs: list[dict[str, Any]], *, load_model: bool) -> None:
+    def _restore(self, directory: Path, meta: dict[str, Any], specs: list[dict[str, Any]], *, load_model: bool,
+                 force: bool = False) -> None:
         saved = [(s["name"], s["config"]) for s in meta["strategies"]]
         current = [(s.name, s.config.to_dict()) for s in self.strategies]
-        if saved != current:
+        same_names = [n for n, _ in saved] == [n for n, _ in current]
+        if saved != current and not (force and same_names):
+            hint = (" or pass force_resume=True (clm-hf train --force-resume) to go on with the new settings"
+                    if same_names else " (force_resume cannot change the list of strategies: their states differ)")
             raise ValueError(
                 f"The checkpoint in {directory} was written with strategies {saved}, but this trainer has {current}. "
-                "Resume with the same strategies and settings."
+                f"Resume with the same strategies and settings{hint}."
             )
+        if saved != current:
+            logger.warning("clm-hf: force_resume: the checkpoint's strategy settings %s are replaced by %s.", saved, current)
         for i, done in enumerate(meta["tasks"]):
             if i >= len(specs) or specs[i]["task_id"] != done["task_id"]:
                 raise ValueError(f"The checkpoint's task {i} is '{done['task_id']}', but the stream given has "
@@ -572,8 +698,42 @@ class ContinualTrainerMixin:
                 if name not in loaded.task_names:  # the stream may have grown since the save
                     loaded.add_task(name)
             self.results = loaded
-        ckpt.load_rng(directory, meta["rng"])
+        if load_model:
+            ckpt.load_rng(directory, meta["rng"])
+        else:  # inside a task: restored right before train(), after the task's hooks ran again
+            self._pending_rng = (directory, meta["rng"])
         logger.info("clm-hf: resumed from %s after %d task(s)", directory, len(self.tasks))
+
+    # --- the Hugging Face Hub (clm_hf.hub) --------------------------------------------------------
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs: Any):
+        """``Trainer.push_to_hub`` plus the continual state, results, plots and a continual model card.
+
+        See :mod:`clm_hf.hub` for the repository layout; ``kwargs`` go to the model card.
+        """
+        return hub.push_to_hub(self, super().push_to_hub, commit_message=commit_message, blocking=blocking,
+                               token=token, revision=revision, private=private, **kwargs)
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the continual model card (tasks, strategies, score matrices) to ``<output_dir>/README.md``."""
+        hub.write_model_card(self, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Mid-task weights are never pushed: the repo gets whole continual states after each task.
+        if self.current_task is None:
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, *, args: Any = None,
+                        strategies: Sequence[Strategy] | None = None, **kwargs: Any):
+        """Rebuild a trainer with its whole continual state from a Hub repo or a local folder.
+
+        >>> trainer = ContinualCausalLMTrainer.from_pretrained("user/my-stream")  # doctest: +SKIP
+        >>> trainer.fit(stream, resume_from_checkpoint=True)  # doctest: +SKIP
+
+        See :func:`clm_hf.hub.from_pretrained` for the options.
+        """
+        return hub.from_pretrained(cls, path_or_repo, args=args, strategies=strategies, **kwargs)
 
 
 class ContinualTrainer(ContinualTrainerMixin, Trainer):
@@ -621,6 +781,38 @@ class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tokens_hidden(args: Any) -> Iterator[None]:
+    """Set every ``*_token`` string field of ``args`` to None for the duration of a save."""
+    hidden = {name: value for name, value in vars(args).items() if name.endswith("_token") and isinstance(value, str)}
+    for name in hidden:
+        setattr(args, name, None)
+    try:
+        yield
+    finally:
+        for name, value in hidden.items():
+            setattr(args, name, value)
+
+
+def _check_vocabulary(model: nn.Module | None, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model has embedding rows makes out-of-range ids."""
+    if model is None or tokenizer is None or not hasattr(tokenizer, "__len__"):
+        return
+    bare = unwrap_model(model)
+    embeddings = bare.get_input_embeddings() if hasattr(bare, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(getattr(bare, "config", None), "vocab_size", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return
+    if isinstance(rows, int) and size > rows:
+        raise ValueError(
+            f"The tokenizer has {size} tokens but the model's input embeddings have only {rows} rows, so token ids "
+            f">= {rows} would index past the embedding. Call model.resize_token_embeddings(len(tokenizer)) before "
+            "building the trainer, or use the tokenizer the model was trained with."
+        )
+
+
 def _check_strategies(strategies: list[Any]) -> None:
     seen: set[str] = set()
     for strategy in strategies:

@@ -13,7 +13,7 @@ from clm_hf.recipe import apply_overrides, build_task_stream, load_recipe, valid
 from clm_hf.results import ContinualResults
 from clm_hf.strategies.base import strategies_from_specs
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").rglob("*.yaml") if "accelerate" not in p.parent.name)
 FAST = ["--tasks.num_train", "16", "--tasks.num_eval", "8", "--training.num_train_epochs", "1",
         "--training.disable_tqdm", "true"]
 

@@ -13,6 +13,7 @@ from .base import (
 from .ewc import EWC, EWCConfig
 from .gem import AGEM, GEM, AGEMConfig, GEMConfig
 from .lwf import LwF, LwFConfig
+from .olora import OLoRA, OLoRAConfig
 from .packnet import PackNet, PackNetConfig
 from .pnn import PNN, PNNConfig
 from .replay import Replay, ReplayConfig
@@ -26,6 +27,8 @@ __all__ = [
     "EWCConfig",
     "LwF",
     "LwFConfig",
+    "OLoRA",
+    "OLoRAConfig",
     "PackNet",
     "PackNetConfig",
     "PNN",

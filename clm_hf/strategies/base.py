@@ -108,6 +108,10 @@ def _unknown_message(what: str, where: str, key: str, valid: list[str]) -> str:
 def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
     """Raise a ``ValueError`` naming ``name`` when ``value`` falls outside the given interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if value != value:  # NaN passes every comparison below
+        raise ValueError(f"{name} must be a number, got NaN.")
     bad_low = low is not None and (value < low if low_inclusive else value <= low)
     bad_high = high is not None and (value > high if high_inclusive else value >= high)
     if bad_low or bad_high:
@@ -132,6 +136,8 @@ class Strategy:
     # Columns this strategy adds to training rows (in prepare_train_dataset) for its own use in
     # ``loss``: the trainer keeps them through the collator and hides them from the model.
     side_columns: ClassVar[tuple[str, ...]] = ()
+    # True when the strategy never reads whole parameters (works on DeepSpeed ZeRO-3).
+    supports_partitioned_parameters: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -221,7 +227,7 @@ def get_strategy_class(name: str) -> type[Strategy]:
     """Look a strategy class up by name; an unknown name raises with the closest valid one."""
     key = name.lower().replace("-", "_")
     if key not in STRATEGY_REGISTRY:
-        raise ValueError(_unknown_message("strategy", "clm_hf", key, list(STRATEGY_REGISTRY)))
+        raise ValueError(_unknown_message(f"strategy '{key}'", "clm_hf", key, list(STRATEGY_REGISTRY)))
     return STRATEGY_REGISTRY[key]
 
 

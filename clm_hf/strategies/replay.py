@@ -63,6 +63,8 @@ class Replay(Strategy):
 
     name = "replay"
     config_class = ReplayConfig
+    # A data source only: it never reads a parameter, so DeepSpeed ZeRO-3's partitioning is fine.
+    supports_partitioned_parameters = True
 
     def __init__(self, config: ReplayConfig | None = None, buffer: ReservoirBuffer | None = None, **options: Any) -> None:
         super().__init__(config, **options)

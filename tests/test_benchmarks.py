@@ -1,0 +1,143 @@
+"""Smoke runs of the benchmark scripts (tiny sizes, a few steps) so they don't rot; no timing assertions.
+
+Also the exactness of what the benchmarks led to change: EWC's fused penalty (value and gradient of
+several merged terms, non-fp32 parameters).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("steps")
+    module = _load("step_overhead")
+    report = module.main(["--quick", "--strategies", "ewc,replay", "--gem-scaling", "1,2", "--gem-curves", "per_task:1",
+                          "--output", str(tmp / "steps.json"), "--plot", str(tmp / "gem.png")])
+    return report, tmp
+
+
+def test_step_overhead_alternates_both_sides_and_plots_gem_scaling(step_report):
+    report, tmp = step_report
+    assert [r["strategy"] for r in report["rows"]] == ["ewc", "replay"]
+    for row in report["rows"]:
+        assert row["ratio_step"] > 0 and row["ratio_token"] > 0 and row["blocks"] >= 1
+        assert row["tokens_per_step"]["plain"] > 0 and row["tokens_per_step"]["strategy"] > 0
+    assert [r["past_tasks"] for r in report["gem_scaling"]] == [1, 2]
+    assert (tmp / "gem.png").stat().st_size > 0
+    assert json.loads((tmp / "steps.json").read_text())["rows"][0]["target"] == 1.10
+
+
+def test_baton_alternates_strictly():
+    module = _load("step_overhead")
+    import threading
+
+    baton, order = module.Baton("a"), []
+
+    def side(me, other):
+        baton.wait(me)
+        for i in range(3):
+            order.append(me)
+            baton.hand(me, other)
+        baton.finish(me, other)
+
+    threads = [threading.Thread(target=side, args=pair) for pair in (("a", "b"), ("b", "a"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == ["a", "b"] * 3
+
+
+def test_between_tasks_smoke(tmp_path):
+    report = _load("between_tasks").main(["--quick", "--output", str(tmp_path / "between.json")])
+    assert {r["what"] for r in report["fisher"]} >= {"EWC Fisher (true, vmap)", "EWC Fisher (true, loop)"}
+    assert all(r["ratio"] > 0 for r in report["fisher"] + report["lwf"])
+    assert report["packnet"][0]["ms_per_million"] > 0 and report["replay"][0]["add_ms_per_10k_rows"] > 0
+
+
+def test_memory_accounting_is_exact(tmp_path):
+    report = _load("memory").main(["--quick", "--in-process", "--configs", "ewc,packnet,gem",
+                                   "--output", str(tmp_path / "memory.json")])
+    rows = {r["config"]: r for r in report["rows"]}
+    assert rows["plain"]["state_B_per_param"] == [0.0, 0.0]
+    assert rows["ewc"]["state_B_per_param"] == [8.0, 8.0]  # online: one fp32 Fisher + one anchor
+    assert rows["packnet"]["state_B_per_prunable"] == [1.0, 1.0]  # one uint8 owner per weight
+    assert rows["gem"]["rows"] == [8, 16]  # memory_per_task (64) capped by the 8 rows of each task
+
+
+def test_quality_vs_cost_combines_and_plots(step_report, tmp_path):
+    _, steps_dir = step_report
+    quality = [{"name": "plain", "acc": 0.2, "bwt": -0.5, "forgetting": 0.5, "time_ratio": 1.0},
+               {"name": "joint", "acc": 0.9, "bwt": 0.0, "forgetting": 0.0, "time_ratio": 1.1},
+               {"name": "ewc", "acc": 0.4, "bwt": -0.3, "forgetting": 0.3, "time_ratio": 1.3}]
+    (tmp_path / "q.json").write_text(json.dumps(quality))
+    rows = _load("quality_vs_cost").main(["--quality", str(tmp_path / "q.json"), "--steps", str(steps_dir / "steps.json"),
+                                          "--plot", str(tmp_path / "qc.png"), "--output", str(tmp_path / "qc.json")])
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["plain"]["step_ratio"] == 1.0 and by_name["ewc"]["step_ratio"] > 0
+    assert (tmp_path / "qc.png").stat().st_size > 0
+
+
+# --- the EWC penalty the benchmarks made fused stays exact ---------------------------------------------
+def _random_terms(model, count, seed=0):
+    from clm_hf.strategies.base import trainable_parameters
+
+    gen = torch.Generator().manual_seed(seed)
+    params = trainable_parameters(model)
+    terms = []
+    for _ in range(count):
+        fisher = {n: torch.rand(p.shape, generator=gen) * (torch.rand(p.shape, generator=gen) > 0.3) for n, p in params.items()}
+        anchor = {n: p.detach().float() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in params.items()}
+        terms.append((fisher, anchor))
+    return params, terms
+
+
+def test_ewc_merged_separate_terms_equal_the_direct_sum(make_model):
+    from clm_hf import EWC
+
+    model = make_model("gpt2")
+    params, terms = _random_terms(model, 3)
+    ewc = EWC(mode="separate", ewc_lambda=7.0)
+    ewc.terms = terms
+    ewc._bind(model)
+    penalty = ewc.penalty()
+    penalty.backward()
+    direct = 3.5 * sum((f[n] * (p.detach() - a[n]) ** 2).sum() for f, a in terms for n, p in params.items())
+    torch.testing.assert_close(penalty.detach(), direct, rtol=1e-5, atol=1e-4)
+    for name, p in params.items():
+        expected = 7.0 * sum(f[name] * (p.detach() - a[name]) for f, a in terms)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ewc_penalty_keeps_the_parameter_dtype(make_model):
+    from clm_hf import EWC
+
+    model = make_model("gpt2").to(torch.bfloat16)
+    params, terms = _random_terms(model, 1)
+    ewc = EWC(ewc_lambda=2.0)
+    ewc.terms = terms
+    ewc._bind(model)
+    ewc.penalty().backward()
+    for name, p in params.items():
+        assert p.grad.dtype == torch.bfloat16
+        expected = 2.0 * terms[0][0][name] * (p.detach().float() - terms[0][1][name])
+        torch.testing.assert_close(p.grad.float(), expected, rtol=2e-2, atol=1e-3)

@@ -1,0 +1,170 @@
+"""The accelerate configs and the real-model recipes stay in step with accelerate, with the code and
+with the support matrix of docs/distributed.md, without downloading anything."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+import clm_hf.strategies.gem  # noqa: F401 - registers gem / agem
+import clm_hf.strategies.olora  # noqa: F401 - registers olora
+from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments
+from clm_hf.recipe import load_recipe, validate_recipe
+from clm_hf.strategies.base import STRATEGY_REGISTRY, build_strategy, strategies_from_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+REAL = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml")
+              if p.parent.name != "accelerate" and "name_or_path" in yaml.safe_load(p.read_text())["model"])
+STRATEGIES = ["replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "olora"]
+BACKENDS = ["DDP", "FSDP2", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"]
+# What from_pretrained receives from a recipe's model section (besides name_or_path and tokenizer).
+MODEL_KEYS = {"name_or_path", "tokenizer", "trust_remote_code", "dtype", "attn_implementation", "revision"}
+
+
+def _ids(paths):
+    return [str(p.relative_to(ROOT / "recipes")) for p in paths]
+
+
+# --- accelerate configs ---------------------------------------------------------------------------
+def test_there_is_a_config_for_every_backend():
+    assert {p.stem for p in ACCELERATE} == {"single_gpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"}
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=_ids(ACCELERATE))
+def test_accelerate_config_is_valid_for_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    config = ClusterConfig.from_yaml_file(str(path))  # unknown top-level keys / bad enum values raise
+    raw = yaml.safe_load(path.read_text())
+    # Nested keys become `accelerate launch` arguments (fsdp_config.x -> --fsdp_x): they must exist.
+    arguments = {action.dest for action in launch_command_parser()._actions}
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in raw.get(section) or {}:
+            name = key if section != "fsdp_config" or key.startswith("fsdp") else f"fsdp_{key}"
+            assert name in arguments, f"{path.name}: {section}.{key} is not an accelerate launch option"
+    kind = config.distributed_type.value
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                "deepspeed_zero3": "DEEPSPEED"}[path.stem]
+    assert kind == expected
+    if path.stem == "fsdp2":
+        assert raw["fsdp_config"]["fsdp_version"] == 2
+    if path.stem.startswith("deepspeed_zero"):
+        assert raw["deepspeed_config"]["zero_stage"] == int(path.stem[-1])
+    assert config.num_processes >= 1 and config.use_cpu is False
+    # The example command in the header names this file and a recipe that exists.
+    for command in re.findall(r"accelerate launch --config_file (\S+) .*train (\S+\.yaml)", path.read_text()):
+        assert (ROOT / command[0]).resolve() == path.resolve() and (ROOT / command[1]).is_file(), command
+
+
+# --- recipes for real models ------------------------------------------------------------------------
+def test_every_strategy_has_a_causal_and_a_seq2seq_recipe():
+    for name in STRATEGIES:
+        assert (ROOT / "recipes" / name / "qwen2.5-0.5b.yaml") in REAL, name
+        assert (ROOT / "recipes" / name / "t5-small.yaml") in REAL, name
+    assert set(STRATEGIES) <= set(STRATEGY_REGISTRY)
+
+
+@pytest.mark.parametrize("path", REAL, ids=_ids(REAL))
+def test_real_model_recipe_matches_the_code(path):
+    recipe = load_recipe(path)
+    validate_recipe(recipe)
+    built = strategies_from_specs(recipe.get("strategies") or [])
+    assert [s.name for s in built] == [path.parent.name], "a recipe folder holds recipes of its strategy"
+    args = ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+    assert args.output_dir.startswith(f"runs/{path.parent.name}/")
+    model = recipe["model"]
+    assert set(model) <= MODEL_KEYS, set(model) - MODEL_KEYS
+    assert model.get("dtype", "auto") == "auto" or isinstance(getattr(torch, model["dtype"], None), torch.dtype)
+    for task in recipe["tasks"]:
+        for split in ("train", "eval"):
+            files = task[split]["data_files"]
+            assert (ROOT / files).is_file(), f"{path.name}: {files} is missing"
+    text = path.read_text()
+    relative = str(path.relative_to(ROOT))
+    assert f"accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m clm_hf.cli train {relative}" in text
+
+
+def test_recipe_data_has_prompt_and_answer_rows():
+    from datasets import load_dataset
+
+    rows = load_dataset("json", data_files=str(ROOT / "recipes" / "data" / "reverse_train.jsonl"), split="train")
+    assert rows.column_names == ["prompt", "answer"] and len(rows) >= 100
+    assert rows[0]["answer"] == " ".join(reversed(rows[0]["prompt"].split(":")[1].strip(" =").split()))
+
+
+def test_the_cli_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "clm_hf.cli", "train", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "recipe" in done.stdout
+
+
+# --- the support matrix of docs/distributed.md is what the code does ----------------------------------
+def _matrix() -> dict[str, dict[str, str]]:
+    rows = {}
+    for line in (ROOT / "docs" / "distributed.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in STRATEGIES:
+            rows[cells[0]] = dict(zip(BACKENDS, cells[1:]))
+    return rows
+
+
+def _start(name, backend, make_model, tokenizer, monkeypatch) -> str | None:
+    """Build a trainer for ``name`` as if on ``backend``; the error message, or None if it starts."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    strategy = build_strategy(name)
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
+    trainer.strategies = [strategy]
+    with monkeypatch.context() as patch:
+        if backend == "FSDP2":
+            patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+            trainer.is_fsdp_enabled = True
+        elif backend.startswith("DeepSpeed"):
+            stage = int(backend[-1])
+            patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+            patch.setattr(AcceleratorState, "deepspeed_plugin",
+                          property(lambda self: SimpleNamespace(zero_stage=stage, hf_ds_config=None)))
+            trainer.is_deepspeed_enabled = True
+        try:
+            trainer._check_backend_support()
+            strategy.setup(trainer)
+        except (NotImplementedError, ValueError) as err:
+            return str(err)
+    return None
+
+
+def test_the_doc_matrix_covers_every_strategy_and_backend():
+    matrix = _matrix()
+    assert sorted(matrix) == sorted(STRATEGIES)
+    from tests.test_distributed import RUNS
+
+    for name, cells in matrix.items():
+        for backend, cell in cells.items():
+            assert cell == "tested (CPU torchrun, gloo)" or cell == "untested: needs GPU" or \
+                cell.startswith("rejected at start-up: `"), (name, backend, cell)
+        assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_the_doc_matrix_is_what_the_code_does(name, make_model, tokenizer, monkeypatch):
+    cells = _matrix()[name]
+    for backend in BACKENDS[1:]:
+        error = _start(name, backend, make_model, tokenizer, monkeypatch)
+        cell = cells[backend]
+        if cell.startswith("rejected"):
+            excerpt = re.search(r"`([^`]+)`", cell).group(1)
+            assert error is not None, f"docs say {name} is rejected on {backend}, but it starts"
+            assert excerpt in error and name in error.lower(), (error, excerpt)
+        else:
+            assert error is None, f"docs say {name} is not rejected on {backend}, but: {error}"
