@@ -75,9 +75,14 @@ def run_demo(
 
     >>> results = run_demo(["plain", "ewc"], "runs/demo", quick=True, print_fn=lambda *a: None)  # doctest: +SKIP
     """
+    import torch
+
     from .plots import write_report
     from .recipe import run_recipe
 
+    # A model this small gains nothing from intra-op threads, and on a busy machine OpenMP's
+    # spin-waiting threads slow it down many times over: one thread keeps the demo at ~1 minute.
+    torch.set_num_threads(1)
     output_dir = Path(output_dir)
     all_results: dict[str, ContinualResults] = {}
     for name in strategies:
