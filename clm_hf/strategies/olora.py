@@ -160,7 +160,9 @@ class OLoRA(Strategy):
                 self.adapter_names = [lora[0]]
                 logger.info("O-LoRA: the PeftModel's adapter '%s' is the first task's; later adapters copy its config.",
                             lora[0])
-            missing = [n for n in self.adapter_names if n not in model.peft_config]
+            # Only the first adapter must pre-exist: later ones are rebuilt below (a mid-task resume can
+            # follow an end-of-task restore that built fewer adapters than the mid-task state names).
+            missing = [n for n in self.adapter_names[:1] if n not in model.peft_config]
             if missing:
                 raise ValueError(f"The model lacks O-LoRA's adapter(s) {missing} (it has {sorted(model.peft_config)}). "
                                  "Resume with the model the run started from.")
@@ -172,6 +174,9 @@ class OLoRA(Strategy):
             model = get_peft_model(model, _lora_config(model, self.config), adapter_name=first)
             self.adapter_names = [first]
         template = model.peft_config[self.adapter_names[0]]
+        for name in self.adapter_names[1:count]:
+            if name not in model.peft_config:
+                model.add_adapter(name, copy.deepcopy(template))
         while len(self.adapter_names) < count:
             name = adapter_name(len(self.adapter_names))
             if name not in model.peft_config:
