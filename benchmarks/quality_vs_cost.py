@@ -61,6 +61,8 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str) -> Path:
                            (axes[1], "bwt", "BWT (higher is better, 0 = no forgetting)")):
         for r in rows:
             if r["name"] == "joint" and r[key] is not None:
+                if key == "bwt":  # joint's BWT is 0 by construction: not a bound worth drawing
+                    continue
                 ax.axhline(r[key], ls="--", color="grey", lw=1)
                 ax.annotate("joint (upper bound)", (1.0, r[key]), textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
                 continue
