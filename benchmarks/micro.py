@@ -1,0 +1,259 @@
+"""Micro-benchmarks behind the optimisations and the diagnoses of docs/benchmarks.md.
+
+Each case times a piece of a strategy's step in isolation, alternating the variants it compares
+(median of ``--repeats`` runs, after warm-up):
+
+- ``ewc-penalty``: EWC's penalty + backward, the former per-tensor autograd form against the fused
+  ``_QuadraticPenalty``.
+- ``packnet-hooks``: PackNet's ``edit_gradients`` + ``after_optimizer_step`` with 25% of the weights
+  fixed (the second task), the former ``masked_fill_`` + ``torch.where`` against the current hooks.
+- ``fisher-squares``: squaring and summing a rows x parameters block of per-row gradients, with and
+  without a new allocation.
+- ``gem-breakdown``: where GEM's ``edit_gradients`` spends its time (reference gradients, Gram
+  product, flattening), K separate passes against one pass over the same rows and ``vmap`` over groups.
+- ``lwf-teacher``: a training step, the live teacher call and a bare no-grad forward.
+
+    OMP_NUM_THREADS=1 python benchmarks/micro.py                  # every case, medium model
+    OMP_NUM_THREADS=1 python benchmarks/micro.py --cases gem-breakdown --model tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * C.median(times)
+
+
+def alternated(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each variant, the variants run in turn ``repeats`` times."""
+    for fn in variants.values():
+        fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(1e3 * C.median(values), 3) for name, values in times.items()}
+
+
+def ewc_penalty(model_size: str, repeats: int) -> dict[str, Any]:
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    model = C.build_model(model_size)
+    params = trainable_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    ewc = EWC(ewc_lambda=3.0)
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
+    ewc._bind(model)
+
+    def per_tensor() -> None:  # the former implementation: one autograd expression per tensor
+        model.zero_grad(set_to_none=True)
+        total = None
+        for p, fisher, anchor in zip(ewc._params, ewc._fishers, ewc._anchors):
+            term = (fisher * (p.float() - anchor).square()).sum()
+            total = term if total is None else total + term
+        (0.5 * ewc.config.ewc_lambda * total).backward()
+
+    def fused() -> None:
+        model.zero_grad(set_to_none=True)
+        ewc.penalty().backward()
+
+    return {"tensors": len(params), "parameters": sum(p.numel() for p in params.values()),
+            "ms": alternated({"per_tensor_autograd": per_tensor, "fused": fused}, repeats)}
+
+
+def packnet_hooks(model_size: str, repeats: int) -> dict[str, Any]:
+    from clm_hf.strategies.packnet import PackNet
+
+    model = C.build_model(model_size)
+    packnet = PackNet()
+    named = dict(model.named_parameters())
+    names = packnet.select_prunable(model)
+    gen = torch.Generator().manual_seed(0)
+    for name in names:
+        p = named[name]
+        p.grad = torch.randn(p.shape, generator=gen)
+        packnet._hold(name, p, torch.rand(p.shape, generator=gen) < 0.25)
+    former = [(named[n], fixed, named[n].detach().clone()) for n, (_, fixed, _) in packnet._guard.items()]
+
+    def masked() -> None:  # the former hooks
+        for p, fixed, _ in former:
+            p.grad.masked_fill_(fixed, 0.0)
+        with torch.no_grad():
+            for p, fixed, values in former:
+                torch.where(fixed, values, p, out=p)
+
+    def current() -> None:
+        packnet.edit_gradients(model)
+        packnet.after_optimizer_step(model)
+
+    return {"prunable": sum(named[n].numel() for n in names), "fixed_share": 0.25,
+            "ms": alternated({"masked_fill_and_where": masked, "foreach_and_index": current}, repeats)}
+
+
+def fisher_squares(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
+    parameters = C.count_parameters(C.build_model(model_size))
+    block = torch.randn(rows, parameters)
+    work = block.clone()
+
+    def allocating() -> None:
+        work.copy_(block)
+        work.float().square().sum(0)
+
+    def in_place() -> None:
+        work.copy_(block)
+        work.square_().sum(0)
+
+    copy_only = timed(lambda: work.copy_(block), repeats)
+    ms = alternated({"square_then_sum": allocating, "square_in_place_then_sum": in_place}, repeats)
+    return {"rows": rows, "parameters": parameters, "ms": {k: round(v - copy_only, 3) for k, v in ms.items()}}
+
+
+def gem_breakdown(model_size: str, repeats: int, past: int = 5, rows_per_task: int = 4) -> dict[str, Any]:
+    from torch.func import functional_call, grad, vmap
+
+    from clm_hf.data import ContinualDataCollator
+    from clm_hf.strategies.base import trainable_parameters
+    from clm_hf.strategies.ewc import _no_padding_warning
+    from clm_hf.strategies.gem import GEM, project_gem_
+
+    model = C.build_model(model_size)
+    tasks = C.task_rows(past, max(16, rows_per_task), 8)
+    gem = GEM(memory_per_task=64, memory_batch_size=rows_per_task)
+    gem.memories = {tid: rows.select_columns(["input_ids", "attention_mask", "labels"]) for tid, rows in tasks}
+
+    class _Trainer:  # what GEM reads from its trainer
+        data_collator = ContinualDataCollator(pad_token_id=C.tokenizer().pad_token_id)
+        state = None
+
+    gem.trainer = _Trainer()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    params = gem._bind(model, past)
+    bank = gem.memory_bank(params[0].device)
+    batches = [bank.batch(rows) for rows in gem.draw(bank, 0)]
+    ids = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    train_ids = torch.tensor(tasks[0][1]["input_ids"][:16])
+    train_labels = torch.tensor(tasks[0][1]["labels"][:16])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    named = trainable_parameters(model)
+    plist = list(named.values())
+    detached = {n: p.detach() for n, p in named.items()}
+
+    def plain_step() -> None:
+        model(input_ids=train_ids, labels=train_labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    def one_pass() -> None:
+        torch.autograd.grad(model(input_ids=ids, labels=labels).loss, plist)
+
+    def separate_passes() -> None:
+        for b in batches:
+            torch.autograd.grad(model(input_ids=b["input_ids"], labels=b["labels"]).loss, plist)
+
+    def vmap_groups() -> None:
+        def loss(trainable, i, lab):
+            return functional_call(model, trainable, args=(), kwargs={"input_ids": i, "labels": lab}).loss
+
+        with _no_padding_warning(model):
+            vmap(grad(loss), in_dims=(None, 0, 0))(detached, ids.view(past, rows_per_task, -1),
+                                                   labels.view(past, rows_per_task, -1))
+
+    model.eval()
+    passes = alternated({"K_separate_passes": separate_passes, "one_pass_same_rows": one_pass,
+                         "vmap_over_groups": vmap_groups}, repeats)
+    model.train()
+    parts = {
+        "plain_step": timed(plain_step, repeats),
+        "edit_gradients": timed(lambda: gem.edit_gradients(model), repeats),
+        "reference_gradients": timed(lambda: gem._fill_references(model, params, batches), repeats),
+        "gram_and_projection": timed(lambda: project_gem_(gem._flat.clone(), gem._refs, 0.5), repeats),
+        "flatten_gradient": timed(lambda: [v.copy_(p.grad) for v, p in zip(gem._flat_views, params)], repeats),
+    }
+    return {"past_tasks": past, "rows_per_task": rows_per_task, "ms": {**{k: round(v, 3) for k, v in parts.items()}, **passes}}
+
+
+def lwf_teacher(model_size: str, repeats: int) -> dict[str, Any]:
+    from clm_hf.strategies.lwf import LwF, _teacher_logits
+
+    model = C.build_model(model_size)
+    lwf = LwF()
+    lwf.teacher = lwf.snapshot(model)
+    rows = C.task_rows(1, 16, 8)[0][1]
+    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def step_with_lwf() -> None:
+        out = model(**batch)
+        (out.loss + lwf.loss(model, batch, out)["lwf_distillation"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def bare_forward() -> None:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    return {"ms": alternated({"train_step": step, "train_step_with_lwf": step_with_lwf,
+                              "teacher_call": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False),
+                              "bare_no_grad_forward": bare_forward}, repeats)}
+
+
+CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
+         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--model", default="medium")
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--output", default="benchmarks/results/micro.json")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.repeats = "tiny", 2
+    C.quiet()
+    report: dict[str, Any] = {"machine": C.machine(), "model": args.model, "cases": {}}
+    for name in args.cases.split(","):
+        result = CASES[name](args.model, args.repeats)
+        result["load_avg"] = C.load_average()
+        report["cases"][name] = result
+        print(name, json.dumps(result), flush=True)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
