@@ -264,9 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(to_markdown(report["rows"]))
     print("\n".join(report["targets"]))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1, default=str))
+    C.save_json(report, args.output)
     return report
 
 

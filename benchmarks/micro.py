@@ -249,9 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["load_avg"] = C.load_average()
         report["cases"][name] = result
         print(name, json.dumps(result), flush=True)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1, default=str))
+    C.save_json(report, args.output)
     return report
 
 

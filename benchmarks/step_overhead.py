@@ -385,9 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     print()
     print(to_markdown(report))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1, default=str))
+    C.save_json(report, args.output)
     if report["gem_scaling"]:
         written = plot_gem_scaling(report, Path(args.plot))
         print(f"plot: {written}")

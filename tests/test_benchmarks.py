@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def test_between_tasks_smoke(tmp_path):
     assert {r["what"] for r in report["fisher"]} >= {"EWC Fisher (true, vmap)", "EWC Fisher (true, loop)"}
     assert all(r["ratio"] > 0 for r in report["fisher"] + report["lwf"])
     assert report["packnet"][0]["ms_per_million"] > 0 and report["replay"][0]["add_ms_per_10k_rows"] > 0
+
+
+def test_micro_benchmarks_smoke(tmp_path):
+    report = _load("micro").main(["--quick", "--output", str(tmp_path / "micro.json")])
+    assert set(report["cases"]) == {"ewc-penalty", "packnet-hooks", "fisher-squares", "gem-breakdown", "lwf-teacher"}
+    assert all(math.isfinite(v) for case in report["cases"].values() for v in case["ms"].values())
+    assert report["cases"]["gem-breakdown"]["ms"]["reference_gradients"] > 0
 
 
 def test_memory_accounting_is_exact(tmp_path):
