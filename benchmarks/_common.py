@@ -31,6 +31,8 @@ if str(ROOT) not in sys.path:
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4},
     "medium": {"hidden_size": 256, "num_layers": 6, "num_heads": 8},
+    # GPU only: the shape of GPT-2 small (12 layers, width 768), for the bf16 runs on a lent GPU.
+    "wide": {"hidden_size": 768, "num_layers": 12, "num_heads": 12},
 }
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 # Synthetic tasks whose rows all have the same length for a given sequence length (``count``

@@ -20,6 +20,10 @@ input token); every row reports both per step and per token.
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --models tiny --strategies ewc,gem
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --gem-scaling 1,2,3,4,5,6,7,8 --strategies none
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --quick                # smoke test
+    python benchmarks/step_overhead.py --models wide --bf16 --seq-len 60         # on a GPU (see gpu_run.sh)
+
+On a GPU the clock synchronises the device at both ends of a step, so a step's time includes its
+kernels, not only their launches.
 """
 
 from __future__ import annotations
@@ -122,15 +126,24 @@ class StepClock(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._pending = 0
+        _synchronize()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        _synchronize()  # GPU work is asynchronous: a step ends when its kernels have run
         self.times.append(time.perf_counter() - self._start)
         self.tokens.append(self._pending)
         if len(self.times) % self.block == 0:
             if len(self.times) >= self.total:
                 raise _Done
             self.baton.hand(self.me, self.other)
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _count_tokens(trainer, clock: StepClock) -> None:
@@ -166,11 +179,13 @@ def measure_pair(
     seq_len: int,
     rows_per_task: int,
     workdir: Path,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Alternate plain and strategy steps on a new task after ``past`` tasks; return both step series."""
     tasks = C.task_rows(past + 1, rows_per_task, seq_len)
-    strategy_trainer = C.make_trainer(C.build_model(size), build(), workdir / "strategy", batch_size=batch_size)
-    plain_trainer = C.make_trainer(C.build_model(size), [], workdir / "plain", batch_size=batch_size)
+    precision = {"bf16": True} if bf16 else {}
+    strategy_trainer = C.make_trainer(C.build_model(size), build(), workdir / "strategy", batch_size=batch_size, **precision)
+    plain_trainer = C.make_trainer(C.build_model(size), [], workdir / "plain", batch_size=batch_size, **precision)
     setup_start = time.perf_counter()
     for task_id, rows in tasks[:past]:
         strategy_trainer.train_task(rows, task_id=task_id)
@@ -253,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = _parse_options(args.option)
     report: dict[str, Any] = {"machine": C.machine(), "settings": vars(args).copy(), "rows": [], "gem_scaling": []}
     measure = dict(blocks=args.blocks, block_steps=args.block_steps, batch_size=args.batch_size,
-                   seq_len=args.seq_len, rows_per_task=args.rows_per_task)
+                   seq_len=args.seq_len, rows_per_task=args.rows_per_task, bf16=args.bf16)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.models.split(","):
             for name in names:
@@ -355,7 +370,8 @@ def plot_gem_scaling(report: dict[str, Any], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium")
+    parser.add_argument("--models", default="tiny,medium", help="comma list of tiny, medium, wide (GPT-2 small's shape; for a GPU)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the GPU runs)")
     parser.add_argument("--strategies", default="all", help="comma list of cases, 'all' or 'none'")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per side (the first is a warm-up)")
     parser.add_argument("--block-steps", type=int, default=4)

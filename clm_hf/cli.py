@@ -4,6 +4,7 @@ Examples::
 
     clm-hf demo                                  # plain vs replay vs EWC on the synthetic suite
     clm-hf demo --strategies plain,ewc --output-dir runs/mine
+    clm-hf demo --report-to none                 # no MLflow / TensorBoard runs even if installed
     clm-hf train recipes/ewc/tiny_gpt2.yaml --training.learning_rate 1e-3
     clm-hf train recipes/ewc/tiny_gpt2.yaml --resume runs/ewc
     clm-hf report runs/demo
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategy", default=None, help="Run this one strategy next to plain fine-tuning.")
     demo.add_argument("--output-dir", default="runs/demo", help="Run folder (results.json and plots go here).")
     demo.add_argument("--quick", action="store_true", help="Smoke-test sizes (seconds, meaningless numbers).")
+    demo.add_argument("--report-to", default="auto", metavar="{auto,none,mlflow,tensorboard}",
+                      help="Trackers, comma-separated: 'auto' (default) = each of mlflow and tensorboard that is "
+                           "installed, one run per strategy, stored under --output-dir (a set MLFLOW_TRACKING_URI "
+                           "wins); 'none' = no tracking.")
 
     train = sub.add_parser("train", help="Train a task stream from a YAML recipe.")
     train.add_argument("recipe", help="Path to the YAML recipe.")
@@ -50,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import parse_report_to, run_demo
         from .strategies.base import get_strategy_class
 
         names = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -59,7 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             if name not in ("plain", "joint"):
                 get_strategy_class(name)  # fail fast on a typo, with a suggestion
-        run_demo(names, args.output_dir, quick=args.quick)
+        try:
+            parse_report_to(args.report_to)  # a bad tracker name fails before any training
+        except ValueError as err:
+            parser.error(str(err))
+        run_demo(names, args.output_dir, quick=args.quick, report_to=args.report_to)
         return 0
 
     if args.command == "train":

@@ -26,12 +26,36 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 SECTIONS = ("model", "tasks", "strategies", "training")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e-4`` as a float (YAML 1.2), not as the string "1e-4".
+
+    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-4``); a learning rate written the
+    usual way would otherwise reach the optimizer as a string.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _RecipeLoader(text)  # what yaml.safe_load does, with the resolver above
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -42,11 +66,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
     >>> _ = open(path, "w").write("model: {arch: gpt2}\\ntraining: {learning_rate: 0.001}\\n")
     >>> load_recipe(path, ["--training.learning_rate", "0.01"])["training"]["learning_rate"]
     0.01
+    >>> load_recipe(path, ["--training.learning_rate", "3e-4"])["training"]["learning_rate"]
+    0.0003
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Recipe file {path} does not exist.")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = _load_yaml(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"Recipe {path} must be a YAML mapping with sections {list(SECTIONS)}.")
     return apply_overrides(recipe, overrides or [])
@@ -93,7 +119,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
             else:
                 node = node.setdefault(part, [] if nxt.isdigit() else {})
         last = parts[-1]
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
         if isinstance(node, list):
             node[_index(last, node, key)] = value
         else:

@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -79,10 +78,14 @@ def available_trackers() -> list[str]:
     >>> set(available_trackers()) <= {"mlflow", "tensorboard"}
     True
     """
+    # transformers' own checks, so this agrees with what report_to can use (they also honour
+    # DISABLE_MLFLOW_INTEGRATION).
+    from transformers.integrations import is_mlflow_available, is_tensorboard_available
+
     found = []
-    if importlib.util.find_spec("mlflow") is not None:
+    if is_mlflow_available():
         found.append("mlflow")
-    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+    if is_tensorboard_available():
         found.append("tensorboard")
     return found
 

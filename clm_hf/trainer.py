@@ -351,6 +351,10 @@ class ContinualTrainerMixin:
         self.tasks.append(task)
         self.current_task = task
         logger.info("clm-hf: training task %d '%s' (%d rows)", task.index, task.name, len(task.train_dataset))
+        if task.index == 0:
+            logger.info("clm-hf: device %s, mixed precision %s, %d process(es)%s", self.args.device,
+                        self.args.mixed_precision, self.args.world_size,
+                        ", FSDP" if getattr(self, "is_fsdp_enabled", False) else "")
         for strategy in self.strategies:
             self._set_model(strategy.prepare_model(self.model, task))
         rows = task.train_dataset

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 # Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them many times
 # slower when the 2 cores are shared with another process.
@@ -59,3 +60,27 @@ def tiny_stream():
     from clm_hf.tasks import make_suite
 
     return make_suite(["copy", "reverse", "sort"], num_train=32, num_eval=16, seed=0)
+
+
+class AtTaskStep(TrainerCallback):
+    """A Trainer callback that calls :meth:`act` when optimizer step ``step`` of task ``task_index``
+    has run (``on="step"``) or has been checkpointed (``on="save"``). By default it simulates a
+    kill (``KeyboardInterrupt``)."""
+
+    def __init__(self, trainer, task_index: int, step: int, on: str = "step") -> None:
+        self.trainer, self.task_index, self.step, self.on = trainer, task_index, step, on
+
+    def _due(self, state) -> bool:
+        task = self.trainer.current_task
+        return task is not None and task.index == self.task_index and state.global_step == self.step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on == "step" and self._due(state):
+            self.act()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.on == "save" and self._due(state):
+            self.act()
+
+    def act(self) -> None:
+        raise KeyboardInterrupt(f"simulated crash at {self.on} {self.step} of task {self.task_index}")

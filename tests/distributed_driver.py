@@ -51,6 +51,12 @@ NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch
 FIRST_EPOCHS = {"gem": 20, "agem": 20}
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy; an FSDP2 shard (DTensor) is gathered into the whole tensor first."""
+    full = getattr(tensor, "full_tensor", None)
+    return (full() if callable(full) else tensor).detach().cpu().clone()
+
+
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -59,7 +65,7 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
         for i, item in enumerate(value):
             _flat(item, f"{prefix}/{i}", out)
     elif isinstance(value, torch.Tensor):
-        out[prefix] = value.detach().cpu().clone()
+        out[prefix] = _whole(value)
     else:
         out[prefix] = value
 
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--tasks", default="copy,reverse")
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
     options = parser.parse_args(argv)
 
     import clm_hf.strategies.ewc as ewc_module
@@ -118,12 +125,14 @@ def main(argv: list[str] | None = None) -> None:
 
         def _dump(self, trainer, task, when: str) -> None:
             data: dict[str, Any] = {"world_size": trainer.args.world_size, "rank": rank,
-                                    "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows)}
+                                    "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows),
+                                    "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
+                                    "device": str(next(trainer.model.parameters()).device)}
             for strategy in trainer.strategies:
                 if strategy is not self:
                     data.update(strategy_snapshot(strategy))
             for key, value in unwrap_model(trainer.model).state_dict().items():
-                data[f"model/{key}"] = value.detach().cpu().clone()
+                data[f"model/{key}"] = _whole(value)
             self.folder.mkdir(parents=True, exist_ok=True)
             torch.save(data, self.folder / f"task{task.index}_{when}.pt")
 
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
             dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,
-            continual_eval_batch_size=8, use_cpu=True,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
+            continual_eval_batch_size=8,
+            use_cpu=not options.gpu,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
         )
         strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)

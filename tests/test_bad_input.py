@@ -15,14 +15,13 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from clm_hf import EWC, ContinualCausalLMTrainer, Replay, Strategy
 from clm_hf import state as ckpt
 from clm_hf.strategies.base import build_strategy, strategies_from_specs
 from clm_hf.strategies.packnet import PackNet, PackNetCapacityError
 from clm_hf.tasks import make_task, tokenize_for_causal_lm
-from tests.conftest import small_args
+from tests.conftest import AtTaskStep, small_args
 
 
 def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
@@ -127,17 +126,12 @@ def test_tokenizer_larger_than_the_model_vocabulary(make_model):
 
 
 # --- NaN and inf ---------------------------------------------------------------------------------------
-class _PoisonAt(TrainerCallback):
+class _PoisonAt(AtTaskStep):
     """Puts NaN into the embeddings once the given optimizer step of the given task has run."""
 
-    def __init__(self, trainer, task_index, step):
-        self.trainer, self.task_index, self.step = trainer, task_index, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        task = self.trainer.current_task
-        if task is not None and task.index == self.task_index and state.global_step == self.step:
-            with torch.no_grad():
-                self.trainer.model.get_input_embeddings().weight.fill_(math.nan)
+    def act(self) -> None:
+        with torch.no_grad():
+            self.trainer.model.get_input_embeddings().weight.fill_(math.nan)
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,31 @@ def test_ewc_penalty_keeps_the_parameter_dtype(make_model):
         assert p.grad.dtype == torch.bfloat16
         expected = 2.0 * terms[0][0][name] * (p.detach().float() - terms[0][1][name])
         torch.testing.assert_close(p.grad.float(), expected, rtol=2e-2, atol=1e-3)
+
+
+def test_gpu_check_model_and_compare(tmp_path, capsys):
+    # The pieces of benchmarks/gpu_run.sh that a CPU can run: the local model folder a recipe
+    # loads, and the run-by-run comparison of two distributed-driver outputs (which must flag a change).
+    module = _load("gpu_check")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = module.build_model(tmp_path / "m", layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, vocab=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "qwen2" and model.config.num_key_value_heads == 1
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert model.config.vocab_size == len(tokenizer)
+
+    for name, shift in (("a", 0.0), ("b", 0.0), ("c", 1e-3)):
+        folder = tmp_path / name / "ewc" / "rank0"
+        folder.mkdir(parents=True)
+        torch.save({"model/w": torch.ones(3) + shift, "ewc/fisher": torch.zeros(2), "fsdp": name != "a"}, folder / "task0_after.pt")
+    same = module.compare(tmp_path / "a", tmp_path / "b", ["ewc", "lwf"], atol=1e-5)
+    assert same["ewc"]["ok"] and same["ewc"]["max_abs_diff"] == 0.0 and same["ewc"]["second_run_fsdp"] is True
+    assert not same["lwf"]["ok"] and "no output" in same["lwf"]["error"]
+    moved = module.compare(tmp_path / "a", tmp_path / "c", ["ewc"], atol=1e-5)["ewc"]
+    assert not moved["ok"] and moved["at"] == "model/w" and moved["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+
+    log = tmp_path / "mem.csv"
+    log.write_text("1024\n80512\n512\n")
+    assert module.peak_memory(log) == 80512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_recipe_task_errors():
 
 def test_demo_and_report_commands(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--strategies", "plain,replay", "--output-dir", str(out), "--quick"]) == 0
+    assert main(["demo", "--strategies", "plain,replay", "--output-dir", str(out), "--quick", "--report-to", "none"]) == 0
     printed = capsys.readouterr().out
     assert "comparison" in printed and "plain" in printed and "replay" in printed
     for name in ("plain", "replay"):
@@ -111,8 +112,79 @@ def test_demo_rejects_an_unknown_strategy_with_a_suggestion():
         main(["demo", "--strategy", "replai", "--quick"])
 
 
-def test_results_json_is_plain_json(tmp_path):
+def test_results_json_is_plain_json_and_report_to_none_logs_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--strategies", "plain", "--output-dir", str(out), "--quick"])
+    main(["demo", "--strategies", "plain", "--output-dir", str(out), "--quick", "--report-to", "none"])
     data = json.loads((out / "plain" / "results.json").read_text())
     assert data["task_names"] == ["copy", "reverse", "sort"]
+    assert not (out / "mlruns").exists() and not (out / "tensorboard").exists()
+    assert not list(out.rglob("events.out.tfevents.*")) and not (out / "plain" / "runs").exists()
+    assert "MLflow" not in capsys.readouterr().out
+
+
+def test_demo_auto_logs_one_named_mlflow_run_and_tensorboard_folder_per_strategy(tmp_path, monkeypatch, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE",
+                "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--strategies", "plain,ewc", "--output-dir", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    uri = (out / "mlruns").absolute().as_uri()
+    assert f"--backend-store-uri {uri}" in printed and f"tensorboard --logdir {out / 'tensorboard'}" in printed
+    # The demo's settings were for its own run only.
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert mlflow.active_run() is None
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("clm-hf-demo").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["ewc", "plain"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "cl/task/copy/exact_match")] == [0, 2, 4, 6]
+        assert client.get_metric_history(run.info.run_id, "cl/acc")
+    ewc = next(r for r in runs if r.info.run_name == "ewc")
+    assert ewc.data.tags["clm_hf.strategies"] == "ewc"
+    assert {f.path for f in client.list_artifacts(ewc.info.run_id, "continual")} >= {"continual/results.json"}
+
+    for name in ("plain", "ewc"):
+        events_files = list((out / "tensorboard" / name).glob("events.out.tfevents.*"))
+        assert events_files, name
+        events = EventAccumulator(str(out / "tensorboard" / name), size_guidance={"scalars": 0})
+        events.Reload()
+        assert "cl/acc" in events.Tags()["scalars"]
+    assert not (out / "plain" / "runs").exists()  # no second TensorBoard folder under the strategy's output
+
+
+def test_demo_auto_skips_a_tracker_that_is_missing_or_broken(tmp_path, monkeypatch, caplog, capsys):
+    from clm_hf import tracking
+
+    for key in ("MLFLOW_TRACKING_URI", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking, "available_trackers", lambda: ["tensorboard"])  # as if mlflow were not installed
+    import transformers.integrations as integrations
+
+    def broken(self, *args, **kwargs):
+        raise ImportError("tensorboard is broken")
+
+    monkeypatch.setattr(integrations.TensorBoardCallback, "__init__", broken)
+    out = tmp_path / "demo"
+    with caplog.at_level("INFO", logger="clm_hf.demo"):
+        assert main(["demo", "--strategies", "plain", "--output-dir", str(out), "--quick"]) == 0
+    messages = caplog.text
+    assert "mlflow is not installed" in messages and "clm-hf[mlflow]" in messages
+    assert "tensorboard is installed but cannot be used" in messages and "tensorboard is broken" in messages
+    assert (out / "plain" / "results.json").is_file()
+    assert not (out / "mlruns").exists() and not list(out.rglob("events.out.tfevents.*"))
+    assert "No tracker installed" in capsys.readouterr().out
+
+
+def test_demo_rejects_an_unknown_tracker():
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--report-to", "wandb"])

@@ -25,13 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import TrainerCallback
 
 import clm_hf.strategies as strategies_package
 from clm_hf import ContinualCausalLMTrainer, Replay, Strategy
 from clm_hf import state as ckpt
 from clm_hf.strategies.base import STRATEGY_REGISTRY
-from tests.conftest import small_args
+from tests.conftest import AtTaskStep, small_args
 from tests.crash_driver import differences, final_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,14 +323,8 @@ def test_resume_at_a_tasks_last_step_restores_the_rng_after_the_hooks_rerun(tmp_
                                rtol=0, atol=1e-6)
 
 
-class _CrashOnSave(TrainerCallback):
-    def __init__(self, trainer, task_index, step):
-        self.trainer, self.task_index, self.step = trainer, task_index, step
-
-    def on_save(self, args, state, control, **kwargs):
-        task = self.trainer.current_task
-        if task is not None and task.index == self.task_index and state.global_step == self.step:
-            raise KeyboardInterrupt("killed after a save")
+def _CrashOnSave(trainer, task_index, step):
+    return AtTaskStep(trainer, task_index, step, on="save")
 
 
 def test_damaged_mid_task_checkpoints_are_skipped_naming_the_file(tmp_path, make_model, tokenizer, tiny_stream,

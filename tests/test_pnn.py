@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
 
 from clm_hf import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer, ContinualSeq2SeqTrainingArguments
 from clm_hf.strategies import build_strategy
 from clm_hf.strategies.base import TaskInfo
 from clm_hf.strategies.pnn import PNN, adapter_name
 from clm_hf.strategies.pnn_model import ProgressiveModel, find_blocks
-from tests.conftest import small_args
+from tests.conftest import AtTaskStep, small_args
 
 
 def _trainer(tmp_path, model, tokenizer, strategies, arch="gpt2", **overrides):
@@ -198,14 +197,7 @@ def test_checkpoint_round_trip_rebuilds_the_columns(tmp_path, make_model, tokeni
     assert [g["columns"] for g in resumed.results.metadata["pnn_parameters"]] == [1, 2, 3]
 
 
-class _CrashAt(TrainerCallback):
-    def __init__(self, trainer, task_index, step):
-        self.trainer, self.task_index, self.step = trainer, task_index, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        task = self.trainer.current_task
-        if task is not None and task.index == self.task_index and state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
+_CrashAt = AtTaskStep
 
 
 @pytest.mark.parametrize("mode", ["columns", "lora"])

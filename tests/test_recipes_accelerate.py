@@ -168,3 +168,20 @@ def test_the_doc_matrix_is_what_the_code_does(name, make_model, tokenizer, monke
             assert excerpt in error and name in error.lower(), (error, excerpt)
         else:
             assert error is None, f"docs say {name} is not rejected on {backend}, but: {error}"
+
+
+def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads "3e-4" as a string; AdamW then failed deep inside torch.
+    from clm_hf.recipe import apply_overrides, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {arch: gpt2}\ntraining: {learning_rate: 3e-4, weight_decay: 1E-2, warmup_steps: 10}\n"
+                    "strategies: [{name: ewc, ewc_lambda: 1e3}]\n")
+    recipe = load_recipe(path, ["--training.adam_epsilon", "1e-8", "--training.run_name", "1e-4x"])
+    assert recipe["training"]["learning_rate"] == pytest.approx(3e-4)
+    assert recipe["training"]["weight_decay"] == pytest.approx(1e-2)
+    assert recipe["strategies"][0]["ewc_lambda"] == pytest.approx(1000.0)
+    assert recipe["training"]["adam_epsilon"] == pytest.approx(1e-8)
+    assert recipe["training"]["warmup_steps"] == 10 and isinstance(recipe["training"]["warmup_steps"], int)
+    assert recipe["training"]["run_name"] == "1e-4x"  # not a number: stays a string
+    assert apply_overrides({}, ["--training.learning_rate", "-2.5e-3"])["training"]["learning_rate"] == pytest.approx(-2.5e-3)

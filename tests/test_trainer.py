@@ -23,7 +23,7 @@ from clm_hf import (
 )
 from clm_hf.strategies.base import register_strategy, trainable_parameters
 from clm_hf.tasks import make_task, tokenize_for_causal_lm
-from tests.conftest import small_args
+from tests.conftest import AtTaskStep, small_args
 
 
 def _trainer(tmp_path, model, tokenizer, strategies=(), **arg_overrides):
@@ -263,16 +263,7 @@ def _final_state(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-class _CrashAt(TrainerCallback):
-    """Simulates a kill: raises once the given optimizer step of the given task has run."""
-
-    def __init__(self, trainer, task_index, step):
-        self.trainer, self.task_index, self.step = trainer, task_index, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        task = self.trainer.current_task
-        if task is not None and task.index == self.task_index and state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
+_CrashAt = AtTaskStep  # simulates a kill after the given optimizer step of the given task
 
 
 def _crash_then_resume(tmp_path, make_model, tokenizer, stream, strategies, task_index, step, **overrides):

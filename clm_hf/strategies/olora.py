@@ -26,11 +26,12 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ._lora import adapters_active, lora_config, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,7 +172,7 @@ class OLoRA(Strategy):
             if first != adapter_name(0):
                 raise ValueError(f"This O-LoRA state started from a PeftModel whose adapter is '{first}': "
                                  "wrap the base model the same way before resuming.")
-            model = get_peft_model(model, _lora_config(model, self.config), adapter_name=first)
+            model = get_peft_model(model, lora_config(model, self.config), adapter_name=first)
             self.adapter_names = [first]
         template = model.peft_config[self.adapter_names[0]]
         for name in self.adapter_names[1:count]:
@@ -235,7 +236,7 @@ class OLoRA(Strategy):
             return contextlib.nullcontext()
         if task.task_id not in self.task_ids:
             raise KeyError(f"O-LoRA has no adapter for task '{task.task_id}'; adapters belong to {self.task_ids}.")
-        return _only_adapters(unwrap_model(model), self.adapter_names[: self.task_ids.index(task.task_id) + 1])
+        return adapters_active(unwrap_model(model), self.adapter_names[: self.task_ids.index(task.task_id) + 1])
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -252,32 +253,7 @@ def adapter_name(index: int) -> str:
     return f"{ADAPTER_PREFIX}{index}"
 
 
-def _lora_config(model: nn.Module, config: OLoRAConfig):
-    from peft import LoraConfig, TaskType
-
-    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    return LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-    )
-
-
 def _activate(model: nn.Module, active: list[str], *, trainable: str) -> None:
     """All ``active`` adapters in the forward pass (summed); only ``trainable``'s weights train."""
     model.base_model.set_adapter(list(active))
-    for name, p in model.named_parameters():
-        p.requires_grad_(f".{trainable}." in name)
-
-
-@contextlib.contextmanager
-def _only_adapters(model: nn.Module, active: list[str]) -> Iterator[nn.Module]:
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    previous = list(model.base_model.active_adapters)
-    model.base_model.set_adapter(list(active))
-    try:
-        yield model
-    finally:
-        model.base_model.set_adapter(previous)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    train_only(model, trainable)

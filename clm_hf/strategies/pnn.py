@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ._lora import adapters_active, lora_config, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 from .pnn_model import ACTIVATIONS, ProgressiveModel
 
@@ -219,17 +220,6 @@ def adapter_name(index: int) -> str:
     return f"{ADAPTER_PREFIX}{index}"
 
 
-def _lora_config(model: nn.Module, config: PNNConfig):
-    from peft import LoraConfig, TaskType
-
-    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    return LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-    )
-
-
 def _grow_lora(model: nn.Module, adapters: int, config: PNNConfig) -> nn.Module:
     """Wrap ``model`` in PEFT if needed and add adapters up to ``adapters``; the newest trains."""
     from peft import PeftModel, get_peft_model
@@ -240,10 +230,10 @@ def _grow_lora(model: nn.Module, adapters: int, config: PNNConfig) -> nn.Module:
             raise ValueError(f"PNN(mode='lora') adds its own LoRA adapters; pass the base model, not a PeftModel "
                              f"with adapter(s) {foreign}.")
     else:
-        model = get_peft_model(model, _lora_config(model, config), adapter_name=adapter_name(0))
+        model = get_peft_model(model, lora_config(model, config), adapter_name=adapter_name(0))
     for index in range(len(model.peft_config), adapters):
         name = adapter_name(index)
-        model.add_adapter(name, _lora_config(model.get_base_model(), config))
+        model.add_adapter(name, lora_config(model.get_base_model(), config))
         if config.column_init == "copy":
             _copy_adapter(model, adapter_name(index - 1), name)
     _activate_newest(model)
@@ -263,25 +253,14 @@ def _copy_adapter(model: nn.Module, source: str, target: str) -> None:
 def _activate_newest(model: nn.Module) -> None:
     newest = adapter_name(len(model.peft_config) - 1)
     model.set_adapter(newest)
-    # Only the newest adapter trains: the base and every older adapter stay frozen.
-    for name, p in model.named_parameters():
-        p.requires_grad_(f".{newest}." in name)
+    train_only(model, newest)  # the base and every older adapter stay frozen
 
 
-@contextlib.contextmanager
-def _use_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
+def _use_adapter(model: nn.Module, name: str):
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"PNN(mode='lora').use_task expects the PeftModel it built, got {type(model).__name__}.")
     if name not in model.peft_config:
         raise KeyError(f"The model has no adapter '{name}' (adapters: {list(model.peft_config)}).")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    previous = model.active_adapter
-    model.set_adapter(name)
-    try:
-        yield model
-    finally:
-        model.set_adapter(previous)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return adapters_active(model, [name])

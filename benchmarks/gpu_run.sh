@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The lent-GPU checks, in one call of a few minutes (see docs/benchmarks.md, "GPU" and
+# docs/distributed.md). Each part has its own time limit and a failure does not stop the next.
+#
+#   1. a recipe on one GPU in bf16: recipes/ewc/qwen2.5-0.5b.yaml through `accelerate launch` with
+#      recipes/accelerate/single_gpu.yaml, on a random model of Qwen2.5-0.5B's shape saved to a
+#      local folder (the machine reaches no Hub); wall time, throughput, peak GPU memory;
+#   2. the step-overhead benchmark in bf16 on a wider GPT-2 (12 x 768);
+#   3. FSDP2 on one GPU against plain one-GPU training, through tests/distributed_driver.py: the
+#      same weights and strategy state after each task (world size 1: shows the strategies run on
+#      FSDP2's sharded DTensor parameters, not that sharding over several GPUs is right).
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # on the GPU machine
+#   QUICK=1 OUT=/tmp/gpu bash benchmarks/gpu_run.sh    # tiny sizes, parts 1-2 only on a CPU: a smoke run
+# Wheels of packages the GPU image lacks (datasets, ...) are installed from .whl/ when it exists.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+WORK=${WORK:-/tmp/gpu_work}
+QUICK=${QUICK:-0}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+PY=${PY:-python3}
+if [ "$QUICK" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+LAUNCH="$PY -m accelerate.commands.launch"
+{
+    date -u
+    $PY -c "import torch, transformers, datasets, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '| transformers', transformers.__version__, '| datasets', datasets.__version__, '| accelerate', accelerate.__version__, '| peft', peft.__version__)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+} 2>&1 | tee "$OUT/env.log"
+
+# --- 1. recipe, one GPU, bf16 ---------------------------------------------------------------------
+if [ "$QUICK" = 1 ]; then
+    MODEL_ARGS="--layers 2 --hidden 64 --heads 2 --kv-heads 1 --intermediate 128 --vocab 0"
+    RECIPE_ARGS="--training.num_train_epochs 0.05 --strategies.0.fisher_samples 8"
+    LAUNCH_ARGS="--cpu --mixed_precision no"
+else
+    MODEL_ARGS=""
+    RECIPE_ARGS=""
+    LAUNCH_ARGS=""
+fi
+{
+    $PY benchmarks/gpu_check.py model "$WORK/qwen-shape" $MODEL_ARGS
+    (nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/recipe_mem.csv" 2>/dev/null &
+     echo $! > "$WORK/smi.pid")
+    start=$(date +%s.%N)
+    # The recipe as written, except: the local model folder, and a learning rate for a random
+    # (not pretrained) model so that it learns something in one epoch.
+    timeout ${RECIPE_TIMEOUT:-200} $LAUNCH --config_file recipes/accelerate/single_gpu.yaml $LAUNCH_ARGS \
+        -m clm_hf.cli train recipes/ewc/qwen2.5-0.5b.yaml --model.name_or_path "$WORK/qwen-shape" \
+        --training.output_dir "$WORK/runs/ewc-qwen" --training.learning_rate 1e-4 --training.logging_steps 25 \
+        --training.disable_tqdm true $RECIPE_ARGS
+    echo "recipe exit $? wall_s $(echo "$(date +%s.%N) - $start" | bc)"
+    kill "$(cat "$WORK/smi.pid")" 2>/dev/null
+    $PY benchmarks/gpu_check.py gpu-memory "$WORK/recipe_mem.csv"
+    cp "$WORK/runs/ewc-qwen/results.json" "$OUT/recipe_results.json"
+} > "$OUT/recipe.log" 2>&1
+tail -n 12 "$OUT/recipe.log"
+
+# --- 2. step overhead, bf16, GPT-2 12 x 768 -----------------------------------------------------------
+if [ "$QUICK" = 1 ]; then
+    STEP_ARGS="--quick --strategies ewc,gem"
+else
+    STEP_ARGS="--models wide --bf16 --seq-len 60 --blocks 8 --block-steps 4 --strategies ${STEP_STRATEGIES:-replay,ewc,lwf,lwf_cached,packnet,pnn,olora,agem,gem}"
+fi
+timeout ${STEP_TIMEOUT:-200} $PY benchmarks/step_overhead.py $STEP_ARGS --output "$OUT/step_overhead_gpu.json" \
+    --plot "$WORK/gem_scaling_gpu.png" > "$OUT/step.log" 2>&1
+echo "step overhead exit $?"
+tail -n 14 "$OUT/step.log"
+
+# --- 3. FSDP2 on one GPU == plain one-GPU training --------------------------------------------------
+if [ "$QUICK" != 1 ]; then
+    RUNS=${FSDP_RUNS:-plain,replay,ewc,lwf,packnet,pnn,olora,replay+ewc}
+    {
+        timeout ${FSDP_TIMEOUT:-100} $PY -m tests.distributed_driver "$WORK/d/plain" --batch 8 --runs "$RUNS" --gpu
+        echo "plain exit $?"
+        timeout ${FSDP_TIMEOUT:-100} $LAUNCH --config_file recipes/accelerate/fsdp2.yaml --num_processes 1 \
+            --mixed_precision no -m tests.distributed_driver "$WORK/d/fsdp" --batch 8 --runs "$RUNS" --gpu
+        echo "fsdp exit $?"
+        $PY benchmarks/gpu_check.py compare "$WORK/d/plain" "$WORK/d/fsdp" --runs "$RUNS" --atol 1e-5 | tee "$OUT/fsdp_compare.json"
+    } > "$OUT/fsdp.log" 2>&1
+    tail -n 40 "$OUT/fsdp.log"
+fi
+date -u
