@@ -64,10 +64,10 @@ tail -n 12 "$OUT/recipe.log"
 if [ "$QUICK" = 1 ]; then
     STEP_ARGS="--quick --strategies ewc,gem"
 else
-    STEP_ARGS="--models wide --bf16 --seq-len 60 --blocks 8 --block-steps 4 --strategies ${STEP_STRATEGIES:-replay,ewc,lwf,lwf_cached,packnet,pnn,olora,agem,gem}"
+    STEP_ARGS="--models wide --bf16 --seq-len 60 --blocks 8 --block-steps 4 --strategies ${STEP_STRATEGIES:-replay,ewc,lwf,lwf_cached,packnet,pnn,olora,agem,gem} --gem-scaling wide=1,2,4,8 --gem-curves total:16"
 fi
-timeout ${STEP_TIMEOUT:-200} $PY benchmarks/step_overhead.py $STEP_ARGS --output "$OUT/step_overhead_gpu.json" \
-    --plot "$WORK/gem_scaling_gpu.png" > "$OUT/step.log" 2>&1
+timeout ${STEP_TIMEOUT:-210} $PY benchmarks/step_overhead.py $STEP_ARGS --output "$OUT/step_overhead_gpu.json" \
+    --plot "$OUT/gem_scaling_gpu.png" > "$OUT/step.log" 2>&1
 echo "step overhead exit $?"
 tail -n 14 "$OUT/step.log"
 
@@ -75,9 +75,9 @@ tail -n 14 "$OUT/step.log"
 if [ "$QUICK" != 1 ]; then
     RUNS=${FSDP_RUNS:-plain,replay,ewc,lwf,packnet,pnn,olora,replay+ewc}
     {
-        timeout ${FSDP_TIMEOUT:-100} $PY -m tests.distributed_driver "$WORK/d/plain" --batch 8 --runs "$RUNS" --gpu
+        timeout ${FSDP_TIMEOUT:-90} $PY -m tests.distributed_driver "$WORK/d/plain" --batch 8 --runs "$RUNS" --gpu
         echo "plain exit $?"
-        timeout ${FSDP_TIMEOUT:-100} $LAUNCH --config_file recipes/accelerate/fsdp2.yaml --num_processes 1 \
+        timeout ${FSDP_TIMEOUT:-90} $LAUNCH --config_file recipes/accelerate/fsdp2.yaml --num_processes 1 \
             --mixed_precision no -m tests.distributed_driver "$WORK/d/fsdp" --batch 8 --runs "$RUNS" --gpu
         echo "fsdp exit $?"
         $PY benchmarks/gpu_check.py compare "$WORK/d/plain" "$WORK/d/fsdp" --runs "$RUNS" --atol 1e-5 | tee "$OUT/fsdp_compare.json"
