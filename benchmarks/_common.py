@@ -67,7 +67,7 @@ def tokenizer():
     if _TOKENIZER is None:
         from clm_hf.tasks import build_tokenizer
 
-        _TOKENIZER = build_tokenizer()
+        _TOKENIZER = build_tokenizer(model_max_length=128)  # the models hold 128 positions
     return _TOKENIZER
 
 
