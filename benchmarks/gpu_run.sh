@@ -46,14 +46,14 @@ fi
     $PY benchmarks/gpu_check.py model "$WORK/qwen-shape" $MODEL_ARGS
     (nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/recipe_mem.csv" 2>/dev/null &
      echo $! > "$WORK/smi.pid")
-    start=$(date +%s.%N)
+    start=$(date +%s)
     # The recipe as written, except: the local model folder, and a learning rate for a random
     # (not pretrained) model so that it learns something in one epoch.
     timeout ${RECIPE_TIMEOUT:-200} $LAUNCH --config_file recipes/accelerate/single_gpu.yaml $LAUNCH_ARGS \
         -m clm_hf.cli train recipes/ewc/qwen2.5-0.5b.yaml --model.name_or_path "$WORK/qwen-shape" \
         --training.output_dir "$WORK/runs/ewc-qwen" --training.learning_rate 1e-4 --training.logging_steps 25 \
         --training.disable_tqdm true $RECIPE_ARGS
-    echo "recipe exit $? wall_s $(echo "$(date +%s.%N) - $start" | bc)"
+    echo "recipe exit $? wall_s $(( $(date +%s) - start ))"
     kill "$(cat "$WORK/smi.pid")" 2>/dev/null
     $PY benchmarks/gpu_check.py gpu-memory "$WORK/recipe_mem.csv"
     cp "$WORK/runs/ewc-qwen/results.json" "$OUT/recipe_results.json"

@@ -49,9 +49,10 @@ TARGETS = {"replay": 1.05, "ewc": 1.10, "packnet": 1.05, "lwf": 1.5, "lwf_cached
 def strategy_cases(batch_size: int) -> dict[str, dict[str, Any]]:
     """name -> how to build the strategy list, how many past tasks come first, what the row shows.
 
-    GEM and A-GEM use as many memory rows per step as the training batch has (GEM: split over the
-    past tasks, ``ceil(batch / K)`` rows of each; A-GEM: ``batch`` pooled rows), so that their
-    reference gradients cost about one extra forward/backward of a batch. With the defaults
+    GEM and A-GEM use at most as many memory rows per step as the training batch has (GEM: split
+    over the past tasks, ``max(1, batch // K)`` rows of each, 15 rows for a batch of 16 and K = 5;
+    A-GEM: ``batch`` pooled rows), so that their reference gradients cost about one extra
+    forward/backward of a batch. With the defaults
     (A-GEM: 64 pooled rows; GEM: the whole memory, 64 rows per past task) the extra work is
     ``rows / batch`` times a batch's, which ``--option`` can reproduce.
     """
@@ -73,10 +74,15 @@ def strategy_cases(batch_size: int) -> dict[str, dict[str, Any]]:
         "packnet": {"build": lambda o: [PackNet(**o)], "past": 2},
         "pnn": {"build": lambda o: [PNN(**o)], "past": 2},
         "agem": {"build": lambda o: [AGEM(**{"sample_size": batch_size, **o})], "past": 5},
-        "gem": {"build": lambda o, k=5: [GEM(**{"memory_batch_size": -(-batch_size // k), **o})], "past": 5},
-        "gem_batched": {"build": lambda o, k=5: [GEM(**{"memory_batch_size": -(-batch_size // k), "reference_method": "batched", **o})],
+        "gem": {"build": lambda o, k=5: [GEM(**{"memory_batch_size": _share(batch_size, k), **o})], "past": 5},
+        "gem_batched": {"build": lambda o, k=5: [GEM(**{"memory_batch_size": _share(batch_size, k), "reference_method": "batched", **o})],
                         "past": 5, "target_of": "gem"},
     }
+
+
+def _share(rows: int, tasks: int) -> int:
+    """Memory rows of each past task when ``rows`` are split over ``tasks``: never more in total."""
+    return max(1, rows // tasks)
 
 
 class _Done(Exception):
@@ -288,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for k in args.gem_scaling.get(size, args.gem_scaling.get("*", [])):
                     # "per_task:4": 4 memory rows of every past task per step (work grows with K);
                     # "total:16": 16 rows per step split over the K past tasks (work constant in K).
-                    per_task = int(rows) if kind == "per_task" else -(-int(rows) // k)
+                    per_task = int(rows) if kind == "per_task" else _share(int(rows), k)
                     opts = {"memory_batch_size": per_task, **options.get("gem", {})}
                     build = (lambda o=opts: cases["gem"]["build"](o))
                     pair = measure_pair(size, build, k, workdir=Path(tmp) / f"{size}-gem-{curve}-{k}", **measure)

@@ -122,6 +122,21 @@ class ContinualTrainerMixin:
         from accelerate.utils import DistributedType
 
         backend = getattr(getattr(self, "accelerator", None), "distributed_type", None)
+        if backend == DistributedType.FSDP:
+            # Checked on one GPU under FSDP2 (docs/distributed.md): plain training and replay match
+            # unsharded training exactly; EWC, LwF, PackNet, PNN and O-LoRA mix the sharded DTensor
+            # parameters with plain tensors (errors, or for LwF a silently wrong teacher).
+            # GEM/A-GEM give their own reason in setup().
+            sharded = [s.name for s in self.strategies if not getattr(type(s), "supports_partitioned_parameters", False)
+                       and s.name not in ("gem", "agem")]
+            if sharded:
+                raise NotImplementedError(
+                    f"Strategy {', '.join(repr(n) for n in sharded)} is not supported on FSDP: FSDP shards every "
+                    "parameter into a DTensor, and the strategy reads, copies or masks whole parameters (a Fisher and "
+                    "anchors, a teacher snapshot, ownership masks, columns or adapters); a one-GPU FSDP2 run showed "
+                    "errors or wrong results. Use DDP (recipes/accelerate/multi_gpu.yaml); replay works on FSDP2."
+                )
+            return
         if backend != DistributedType.DEEPSPEED:
             return
         editing = [s.name for s in self.strategies

@@ -54,28 +54,136 @@ def test_penalty_not_detached_from_live_parameters(make_model):
     assert ewc.penalty().requires_grad
 
 
+def _rows_for(arch, tokenizer, n=6, seed=3):
+    rows = make_task("reverse", n, seed=seed, min_len=2, max_len=5)
+    return tokenize_for_seq2seq(rows, tokenizer) if arch == "t5" else tokenize_for_causal_lm(rows, tokenizer)
+
+
+def _reference_fisher(model, rows, *, sampled, seed, batch_size):
+    """Mean over rows of the squared gradient of the row's own HF loss (``model(...).loss``),
+    one backward per row; for the true Fisher, against answers drawn as ``estimate_fisher``
+    documents it: one ``torch.rand(labels.shape)`` per length group's batch from the seeded
+    generator, then :func:`_draw_tokens` on that row's teacher-forced logits."""
+    from clm_hf.evaluation import is_seq2seq
+    from clm_hf.strategies.ewc import _draw_tokens, _unpadded_batches
+
+    seq2seq = is_seq2seq(model)
+    params = trainable_parameters(model)
+    reference = {n: torch.zeros_like(p) for n, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    for batch in _unpadded_batches(rows, batch_size, "cpu"):
+        labels = batch.pop("labels")
+        if seq2seq:  # the decoder is teacher-forced on the dataset's answer
+            batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        uniforms = torch.rand(labels.shape, generator=generator)
+        for i in range(labels.shape[0]):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            target = labels[i : i + 1].clone()
+            if sampled:
+                with torch.no_grad():
+                    logits = model(**row).logits.float()
+                if seq2seq:
+                    draws = _draw_tokens(logits, uniforms[i : i + 1])
+                    target = torch.where(target != -100, draws, target)
+                else:  # position t predicts token t + 1
+                    draws = _draw_tokens(logits[:, :-1], uniforms[i : i + 1, 1:])
+                    target[:, 1:] = torch.where(target[:, 1:] != -100, draws, target[:, 1:])
+            model.zero_grad()
+            model(**row, labels=target).loss.backward()
+            for n, p in params.items():
+                reference[n] += p.grad**2
+    model.zero_grad()
+    return {n: r / len(rows) for n, r in reference.items()}
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["empirical", "true"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
-def test_fisher_vmap_equals_loop_and_is_per_sample(arch, make_model, tokenizer):
+def test_fisher_vmap_equals_loop_and_is_per_sample(arch, sampled, make_model, tokenizer):
     model = make_model(arch)
-    rows = make_task("reverse", 6, seed=3, min_len=2, max_len=5)
-    rows = tokenize_for_seq2seq(rows, tokenizer) if arch == "t5" else tokenize_for_causal_lm(rows, tokenizer)
-    vmapped = estimate_fisher(model, rows, method="vmap", batch_size=4)
-    looped = estimate_fisher(model, rows, method="loop", batch_size=4)
+    rows = _rows_for(arch, tokenizer)
+    vmapped = estimate_fisher(model, rows, method="vmap", batch_size=4, sampled=sampled, seed=7)
+    looped = estimate_fisher(model, rows, method="loop", batch_size=4, sampled=sampled, seed=7)
     for name in looped:
         torch.testing.assert_close(vmapped[name], looped[name], rtol=1e-4, atol=1e-9)
-    # Reference: mean over rows of the squared gradient of that row's own loss.
-    params = trainable_parameters(model)
-    name = next(iter(params))
-    reference = torch.zeros_like(params[name])
-    for i in range(len(rows)):
-        model.zero_grad()
-        row = {k: torch.tensor([rows[i][k]]) for k in ("input_ids", "labels")}
-        model(**row).loss.backward()
-        reference += params[name].grad ** 2
-    torch.testing.assert_close(looped[name], reference / len(rows), rtol=1e-4, atol=1e-9)
-    # Squaring the batch-mean gradient instead would give a smaller estimate.
-    model.zero_grad()
-    assert float(reference.sum()) > 0
+    # Reference: mean over rows of the squared gradient of that row's own loss (HF's), with the
+    # same draws for the true Fisher: only answer positions sampled, and averaged over.
+    reference = _reference_fisher(model, rows, sampled=sampled, seed=7, batch_size=4)
+    for name in looped:
+        torch.testing.assert_close(looped[name], reference[name], rtol=1e-4, atol=1e-9)
+    assert sum(float(r.sum()) for r in reference.values()) > 0
+
+
+def test_true_fisher_is_seeded_and_differs_from_empirical(make_model, tokenizer):
+    model = make_model("gpt2")
+    rows = _rows_for("gpt2", tokenizer, n=8)
+    first = estimate_fisher(model, rows, sampled=True, seed=0)
+    again = estimate_fisher(model, rows, sampled=True, seed=0)
+    other = estimate_fisher(model, rows, sampled=True, seed=1)
+    empirical = estimate_fisher(model, rows)
+    assert all(torch.equal(first[n], again[n]) for n in first)  # same seed, identical Fisher
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+    assert any(not torch.equal(first[n], empirical[n]) for n in first)
+    assert all((first[n] >= 0).all() for n in first)
+
+
+def test_row_loss_samples_and_counts_only_answer_positions():
+    from clm_hf.strategies.ewc import _draw_tokens, _row_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 6, 11, generator=gen)
+    labels = torch.tensor([[-100, -100, 4, 7, -100, 2]])
+    uniforms = torch.rand(1, 6, generator=gen)
+    loss = _row_loss(logits, labels, uniforms, seq2seq=False)
+    # Causal: position t scores labels[t + 1]; answers at label positions 2, 3, 5.
+    draws = _draw_tokens(logits[:, :-1], uniforms[:, 1:])
+    logp = torch.log_softmax(logits[0, :-1], -1)
+    expected = -torch.stack([logp[t - 1, draws[0, t - 1]] for t in (2, 3, 5)]).mean()
+    torch.testing.assert_close(loss, expected)
+    # The draws at unscored positions do not matter; the dataset's answers are not used.
+    moved = uniforms.clone()
+    moved[:, [0, 1, 4]] = torch.rand(1, 3, generator=gen)
+    other_labels = torch.where(labels != -100, (labels + 1) % 11, labels)
+    torch.testing.assert_close(_row_loss(logits, other_labels, moved, seq2seq=False), loss)
+    # Without uniforms: the empirical loss, HF's mean NLL of the dataset's answers.
+    expected = -torch.stack([logp[t - 1, labels[0, t]] for t in (2, 3, 5)]).mean()
+    torch.testing.assert_close(_row_loss(logits, labels, None, seq2seq=False), expected)
+
+
+def test_sampled_answers_follow_the_models_distribution(make_model, tokenizer):
+    """Over many seeds, the token drawn at one answer position has the frequencies of
+    softmax(logits) there (chi-square goodness of fit), so the true Fisher's answers are samples
+    of the model's own predictive distribution."""
+    from clm_hf.strategies.ewc import _draw_tokens
+
+    model = make_model("gpt2")
+    with torch.no_grad():  # sharpen the prediction so that the test tells it from uniform
+        model.transformer.ln_f.weight.mul_(5.0)
+    rows = tokenize_for_causal_lm(make_task("copy", 1, seed=0, min_len=4, max_len=4), tokenizer)
+    ids, labels = torch.tensor(rows["input_ids"]), torch.tensor(rows["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()[0, :-1]
+    position = int((labels[0, 1:] != -100).nonzero()[0])  # first answer position (shifted)
+    probs = torch.softmax(logits[position], -1).double()
+    draws = 20_000
+    counts = torch.zeros_like(probs)
+    for seed in range(draws):  # as estimate_fisher draws: a uniform per label position per seed
+        uniforms = torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed))[0, 1:]
+        counts[_draw_tokens(logits, uniforms)[position]] += 1
+    expected = draws * probs
+    assert float(probs.max()) > 0.3, "the sharpened model should not be near-uniform"
+    big = expected >= 5  # tokens rarer than that are pooled into one cell
+    observed, expected = counts[big], expected[big]
+    if not big.all():
+        observed = torch.cat([observed, counts[~big].sum().view(1)])
+        expected = torch.cat([expected, (draws * probs[~big]).sum().view(1)])
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(observed) - 1
+    z = 3.719  # one-sided p = 1e-4; Wilson-Hilferty approximation of the chi-square quantile
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert statistic < critical, (statistic, critical, dof)
+    # The same counts are far from a uniform sampler's.
+    uniform = torch.full_like(probs, draws / len(probs))
+    assert float(((counts - uniform) ** 2 / uniform).sum()) > 10 * critical
 
 
 class _FakeTrainer:
@@ -140,18 +248,14 @@ def test_lambda_alias_from_original_quick_start():
     assert EWC(**{"lambda": 100.0}).config.ewc_lambda == 100.0
 
 
-def test_true_fisher_samples_answers_from_the_model(make_model, tokenizer):
-    from clm_hf.strategies.ewc import _sample_labels
+def test_fused_and_per_tensor_penalty_sums_agree():
+    # The GPU path (one fused L1 norm of F·d²) and the CPU path (one dot per tensor) are the same sum.
+    from clm_hf.strategies.ewc import _weighted_square_sum
 
-    model = make_model("gpt2")
-    rows = tokenize_for_causal_lm(make_task("copy", 4, seed=0, min_len=3, max_len=3), tokenizer)
-    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "labels")}
-    sampled = _sample_labels(model, batch, torch.Generator().manual_seed(0))
-    prompt = batch["labels"] == -100
-    assert torch.equal(sampled[prompt], batch["labels"][prompt])  # unscored positions untouched
-    assert not torch.equal(sampled, batch["labels"])  # an untrained model rarely samples the answer
-    again = _sample_labels(model, batch, torch.Generator().manual_seed(0))
-    assert torch.equal(sampled, again)
-    true = estimate_fisher(model, rows, sampled=True, seed=0)
-    empirical = estimate_fisher(model, rows)
-    assert all((true[n] >= 0).all() for n in true) and any(not torch.equal(true[n], empirical[n]) for n in true)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    diffs = [torch.randn(s, generator=generator) for s in shapes]
+    pulls = [torch.rand(s, generator=generator) * d for s, d in zip(shapes, diffs)]  # q = F d with F >= 0
+    exact = sum(float((d.double() * q.double()).sum()) for d, q in zip(diffs, pulls))
+    for fused in (True, False):
+        assert float(_weighted_square_sum(diffs, pulls, fused=fused)) == pytest.approx(exact, rel=1e-6)

@@ -237,6 +237,114 @@ def test_batched_reference_gradients_equal_per_task_ones(arch, make_model, token
     torch.testing.assert_close(outs["per_task"][0][1], params[0].grad, rtol=1e-4, atol=1e-6)
 
 
+def _unequal_batches(tokenizer, count):
+    """``count`` batches of different row counts and widths (padding rows and padded widths)."""
+    specs = (("reverse", 5, 1, 6), ("copy", 2, 0, 3), ("sort", 3, 2, 4))[:count]
+    return [_batch(_rows(tokenizer, name, rows, seed, max_len=max_len)) for name, rows, seed, max_len in specs]
+
+
+def _references(model, batches, method):
+    params = list(trainable_parameters(model).values())
+    out = [torch.full((len(batches), *p.shape), float("nan")) for p in params]
+    reference_gradients_(model, params, batches, out, method=method)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_vmap_reference_gradients_equal_per_task_ones(arch, count, make_model, tokenizer):
+    model = make_model(arch).train()
+    batches = _unequal_batches(tokenizer, count)
+    if count > 1:  # the stacked groups need both dummy rows and right-padded widths
+        assert len({b["labels"].shape for b in batches}) == count
+    vmapped, looped = _references(model, batches, "vmap"), _references(model, batches, "per_task")
+    for a, b in zip(vmapped, looped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert model.training  # eval mode only while computing
+
+
+def test_vmap_reference_gradients_with_bf16_weights(make_model, tokenizer):
+    # Gradients in the weights' dtype cannot accumulate into the fp32 buffer: copied after.
+    model = make_model("gpt2").to(torch.bfloat16)
+    batches = _unequal_batches(tokenizer, 2)
+    vmapped, looped = _references(model, batches, "vmap"), _references(model, batches, "per_task")
+    for a, b in zip(vmapped, looped):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()) + 1e-6)
+
+
+def test_vmap_references_through_the_memory_bank_equal_per_task_ones(make_model, tokenizer):
+    # The strategy's own path: one gather from the memory bank, groups of 5, 2 and 3 rows.
+    model = make_model("llama")
+    memories = [_rows(tokenizer, name, n, seed, max_len=m) for name, n, seed, m in
+                (("reverse", 5, 1, 6), ("copy", 2, 0, 3), ("sort", 3, 2, 4))]
+    refs = {}
+    for method in ("vmap", "per_task"):
+        gem = _armed(GEM(reference_method=method), memories)
+        _set_grad(model, _batch(memories[0]))
+        gem.edit_gradients(model)
+        refs[method] = gem._refs.clone()
+    assert torch.isfinite(refs["vmap"]).all()
+    torch.testing.assert_close(refs["vmap"], refs["per_task"], rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_refuses_left_padding_and_auto_does_not_use_it(make_model, tokenizer):
+    from clm_hf.strategies.gem import _MemoryBank
+
+    def left_padded(batch):
+        lengths = batch["attention_mask"].sum(1)
+        return {k: torch.stack([torch.roll(row, int(row.shape[0] - n)) for row, n in zip(v, lengths)]) for k, v in batch.items()}
+
+    model = make_model("gpt2")
+    rows = _rows(tokenizer, "reverse", 4, 1)
+    with pytest.raises(ValueError, match="right-padded"):
+        _references(model, [left_padded(_batch(rows))], "vmap")
+    gem = GEM()
+    assert gem._reference_method(model, _MemoryBank([rows], ContinualDataCollator(pad_token_id=0), "cpu")) == "vmap"
+    bank = _MemoryBank([rows], lambda features: left_padded(_batch(features)), "cpu")
+    assert not bank.right_padded and gem._reference_method(model, bank) == "per_task"
+    assert gem._reference_method(model, None, 1) == "per_task"  # one past task: one plain pass
+
+
+def test_auto_on_a_seq2seq_model_gives_the_per_task_references(make_model, tokenizer, caplog):
+    model = make_model("t5")
+    memories = [_rows(tokenizer, name, 4, seed, seq2seq=True, max_len=m) for name, seed, m in (("copy", 0, 3), ("sort", 1, 5))]
+    refs = {}
+    for method in ("auto", "per_task"):
+        gem = _armed(GEM(reference_method=method), memories)
+        assert gem._reference_method(model, None) == "per_task"
+        _set_grad(model, _batch(memories[0]))
+        gem.edit_gradients(model)
+        refs[method] = gem._refs.clone()
+    assert torch.equal(refs["auto"], refs["per_task"])
+    assert "failed" not in caplog.text  # chosen up front, not after an error
+    with pytest.raises(ValueError, match="causal"):
+        _references(model, [_batch(memories[0])], "vmap")
+
+
+def test_auto_falls_back_to_per_task_when_vmap_fails(conflicted, monkeypatch, caplog):
+    import clm_hf.strategies.gem as gem_module
+
+    model, memories, current = conflicted
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    refs = {}
+    for method in ("per_task", "auto"):
+        gem = _armed(GEM(reference_method=method), memories)
+        if method == "auto":
+            monkeypatch.setattr(gem_module, "_vmap_reference_gradients_", broken)
+        _set_grad(model, current)
+        gem.edit_gradients(model)
+        refs[method] = gem._refs.clone()
+    assert gem._reference_method(model, gem._bank) == "per_task" and "failed" in caplog.text
+    torch.testing.assert_close(refs["auto"], refs["per_task"], rtol=0, atol=0)
+    explicit = _armed(GEM(reference_method="vmap"), memories)
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        explicit.edit_gradients(model)
+
+
 def test_memory_losses_are_per_task_means(make_model, tokenizer):
     model = make_model("gpt2").eval()
     rows = [_rows(tokenizer, "copy", 4, 0, max_len=3), _rows(tokenizer, "sort", 3, 1, max_len=6)]
@@ -358,7 +466,7 @@ def test_memory_is_a_seeded_sample_of_the_task(tokenizer):
         (GEM, {"memory_per_task": 0}, "memory_per_task"),
         (GEM, {"margin": -0.1}, "margin"),
         (GEM, {"memory_batch_size": 0}, "memory_batch_size"),
-        (GEM, {"reference_method": "vmap"}, "reference_method"),
+        (GEM, {"reference_method": "vmapped"}, "reference_method"),
         (AGEM, {"sample_size": 0}, "sample_size"),
         (AGEM, {"margn": 0.5}, "Did you mean 'margin'"),
     ],

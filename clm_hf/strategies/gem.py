@@ -25,14 +25,20 @@ clipping, right before ``optimizer.step()``. The margin-free A-GEM projection ne
 (it removes a component), but GEM's (and A-GEM's with a margin) adds memory gradients and *can*
 make ``g̃`` longer than the clipping threshold: the step is taken after clipping, as it is.
 
-Cost per optimizer step: one forward and one backward over the memory rows used (one pass per past
-task by default, see ``reference_method``), a ``K x (K + 1)`` Gram product and, for GEM, one
-device-to-host copy of it that decides whether to project and carries the dual problem. The
-gradient is flattened into one ``P``-vector and the references into one ``K x P`` matrix, both
-allocated once per task and reused at every step. The reference gradients come from
-``torch.autograd.grad`` on the unwrapped model, so ``p.grad`` and DDP's hooks are left alone until
-``g̃`` is written back; every rank computes the same references from the same memory, so the ranks
-stay in step.
+Cost per optimizer step: the reference gradients, then ``K`` dot products ``G g`` and their copy to
+the host (for GEM; A-GEM needs no synchronisation) and, only when a constraint is violated, the
+``K x K`` Gram matrix ``G Gᵀ`` and a second small copy. With the default ``reference_method="auto"``
+on a causal LM, GEM's ``K > 1`` reference gradients take ONE vmapped forward and ONE backward over the
+``K`` memory batches stacked together (``[K, g, L]``): the work of one pass over those rows, in a
+number of kernel calls that does not grow with ``K``; with a fixed total of memory rows per step
+(``memory_batch_size ≈ rows / K``) the cost is about constant in ``K``. On CPU it measured 1.2-1.4
+times one plain forward/backward over the same rows (the ``K`` weight gradients, ``K x P`` numbers
+written instead of ``P``, are the difference). Seq2seq models use one forward/backward per past
+task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
+``P``-vector and the references into one ``K x P`` matrix, both allocated once per task and reused
+at every step. The reference gradients are computed on the unwrapped model (``torch.autograd`` or
+``torch.func``), so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back; every
+rank computes the same references from the same memory, so the ranks stay in step.
 
 Adam and the like rescale the edited gradient per coordinate, so the first-order guarantee holds
 for the gradient, not for the optimizer's step; the margin (which adds at least ``γ`` times the
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +59,7 @@ import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 from torch import nn
 
+from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import (
     Strategy,
     StrategyConfig,
@@ -73,6 +81,7 @@ logger = logging.getLogger(__name__)
 # Row columns the memory keeps: what the model reads, nothing else (no side columns, no raw text).
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 _MEMORY_DIR = "memory"
+REFERENCE_METHODS = ("auto", "vmap", "per_task", "batched")
 
 
 # --- the projections, as plain tensor functions ---------------------------------------------------
@@ -152,8 +161,10 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
     Nothing changes unless some ``g · g_k < 0``; then ``g <- g + Gᵀv`` with ``v`` the solution of the
     dual QP (bounded below by ``margin``), so that ``G g̃ >= 0``.
 
-    One device-to-host copy of ``K x (K + 1)`` numbers decides whether to project and carries the
-    dual problem (the only synchronisation).
+    A device-to-host copy of the ``K`` products ``G g`` decides whether to project; only then is the
+    ``K x K`` Gram matrix ``G Gᵀ`` computed (the larger product: ``K²P`` against ``KP``) and copied
+    to the host for the dual problem. So a step that violates no constraint costs one matrix-vector
+    product and one small synchronisation, and one that does, two.
 
     Returns:
         `bool`: Whether ``g`` was projected.
@@ -164,12 +175,10 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
     >>> project_gem_(g, G), g.tolist()
     (True, [1.0, 0.0])
     """
-    K = G.shape[0]
-    gram = torch.cat([G @ G.T, (G @ g).unsqueeze(1)], 1).to("cpu", torch.float64)  # [G Gᵀ | G g]: one sync
-    dots = gram[:, K]
+    dots = (G @ g).to("cpu", torch.float64)  # the first sync: K numbers
     if not bool((dots < 0).any()):
         return False
-    v = solve_nonnegative_qp(gram[:, :K], dots, margin)
+    v = solve_nonnegative_qp((G @ G.T).to("cpu", torch.float64), dots, margin)
     g.addmv_(G.T, v.to(device=G.device, dtype=G.dtype))
     return True
 
@@ -219,7 +228,7 @@ def memory_losses(
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.update(_decoder_inputs(model, batch, seq2seq))
-    logits = model(**inputs).logits
+    logits = model(**inputs, **_no_cache(model)).logits
     if not seq2seq:
         logits, labels = logits[:, :-1], labels[:, 1:]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
@@ -241,18 +250,33 @@ def reference_gradients_(
     """Write into ``out`` the gradient of the mean loss on each of the ``K`` ``batches``.
 
     ``out`` holds, per parameter, a ``(K, *p.shape)`` tensor (views into one ``K x P`` buffer);
-    ``p.grad`` is not touched. Runs in eval mode (no dropout), so the result is deterministic.
+    ``p.grad`` is not touched. Runs in eval mode (no dropout), so the result is deterministic. The
+    loss of batch ``k`` is its mean token NLL (:func:`memory_losses` on that batch alone).
 
     - ``"per_task"``: one forward and one backward per batch, each on its own rows. The work is that
-      of one forward/backward over all the rows: linear in ``K``.
+      of one forward/backward over all the rows, but in ``K`` separate calls: with few rows per
+      batch, the fixed cost of each call dominates.
     - ``"batched"``: one forward over all the rows, then ONE batched backward that returns the ``K``
       gradients (``torch.autograd.grad(losses, grad_outputs=I_K, is_grads_batched=True)``). Fewer,
       larger kernels, but each of the ``K`` backward lanes runs over all ``K`` batches' rows (the
       others' get zero gradient), so the backward work grows as ``K²``.
+    - ``"vmap"``: the batches are stacked into ``[K, g, L]`` tensors (``g`` the most rows of a
+      batch, ``L`` the longest row; missing rows are filled with dummy rows labelled ``-100``, which
+      count nothing) and ONE ``torch.func.vmap``-ped forward over the ``K`` groups, each with its
+      own (stride-0) copy of the weights, and ONE backward give the ``K`` gradients (see
+      :func:`_vmap_reference_gradients_`). The work is that of one pass over ``K x g`` rows, in a
+      number of kernel calls that does not depend on ``K``. Causal LMs only, with right padding
+      (checked): the attention mask, which vmap cannot trace through HF's mask code, is dropped;
+      under causal attention no real token sees the pads that follow it, and the positions are
+      the same. Seq2seq models (a bidirectional encoder) raise ``ValueError``.
 
-    Both give the same gradients (up to float rounding).
+    All give the same gradients (up to float rounding).
     """
     with eval_mode(model), torch.enable_grad():
+        if method == "vmap":
+            _check_vmappable(model, batches)
+            forward = FunctionalModel(model, _named(model, params))
+            return _vmap_reference_gradients_(forward, _stack_groups(batches), out)
         if method == "batched" and len(batches) > 1:
             batch, groups = _concatenate(batches)
             losses = memory_losses(model, batch, groups, len(batches))
@@ -262,11 +286,85 @@ def reference_gradients_(
                 view.zero_() if grad is None else view.copy_(grad)
             return
         if method not in ("per_task", "batched"):
-            raise ValueError(f"method must be 'per_task' or 'batched', got {method!r}.")
+            raise ValueError(f"method must be 'per_task', 'batched' or 'vmap', got {method!r}.")
         for k, batch in enumerate(batches):
             grads = torch.autograd.grad(memory_losses(model, batch)[0], params, allow_unused=True)
             for view, grad in zip(out, grads):
                 view[k].zero_() if grad is None else view[k].copy_(grad)
+
+
+def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torch.Tensor], out: list[torch.Tensor]) -> None:
+    """The ``K`` group gradients of a causal LM in one vmapped forward and one backward, into ``out``.
+
+    ``stacked`` holds ``[K, g, L]`` right-padded tensors; an ``attention_mask`` in it is ignored
+    (see :func:`reference_gradients_`). ``out`` follows the order of ``forward.params``.
+
+    Each group (vmap lane) gets its own copy of the trainable weights: a stride-0 ``expand`` of
+    them to ``[K, ...]``, so no memory is copied. Group ``k``'s loss depends only on copy ``k``, so
+    one ordinary backward of the summed losses gives, as the gradient of the ``[K, ...]`` copies,
+    every group's gradient at once: the same numbers as ``vmap(grad(group_loss))`` over shared
+    weights, but the backward is run by autograd on the batched kernels instead of being
+    re-dispatched through torch.func (15-25% faster on CPU for 5 groups of 4 rows). And the
+    copies' ``.grad`` are the (zeroed) views ``out``, into which autograd accumulates in place: no
+    ``K x P`` temporary and no copy (another ~10% on a 3M-parameter model).
+    """
+    from torch.func import vmap
+
+    keys = [k for k in stacked if k not in ("labels", "attention_mask")]
+    extra = _no_cache(forward.model)
+    groups = stacked["labels"].shape[0]
+
+    def group_loss(weights: dict[str, torch.Tensor], labels: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        logits = forward(weights, **dict(zip(keys, tensors)), **extra).logits[:, :-1]
+        labels = labels[:, 1:]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return nll / (labels != -100).sum().clamp_min(1)
+
+    copies = [p.detach().expand(groups, *p.shape).requires_grad_() for p in forward.params.values()]
+    direct = [c.dtype == view.dtype for c, view in zip(copies, out)]  # else (bf16 weights): copied after
+    zeroed = [view for view, d in zip(out, direct) if d]
+    if zeroed:
+        torch._foreach_zero_(zeroed)
+    for copy, view, d in zip(copies, out, direct):
+        if d:
+            copy.grad = view
+    with eval_mode(forward.model), no_padding_warning(forward.model), batchable_attention(), torch.enable_grad(), \
+            warnings.catch_warnings():
+        # Known and harmless here: a gradient's strides cannot match those of a stride-0 copy.
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+        losses = vmap(group_loss)(dict(zip(forward.params, copies)), stacked["labels"], *[stacked[k] for k in keys])
+        torch.autograd.backward(losses.sum(), inputs=copies)
+    for copy, view in zip(copies, out):
+        if copy.grad is not view:  # not accumulated in place
+            view.zero_() if copy.grad is None else view.copy_(copy.grad)
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    # A loss pass has no use for a KV cache; building one costs copies of every layer's keys/values.
+    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+
+def _named(model: nn.Module, params: list[nn.Parameter]) -> dict[str, nn.Parameter]:
+    """``params`` by their names in ``model`` (unwrapped), in the order of ``params``."""
+    names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"{len(missing)} of the parameters are not parameters of the model.")
+    return {names[id(p)]: p for p in params}
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of a 0/1 attention mask is ones then zeros (one host sync)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
+
+
+def _check_vmappable(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    from ..evaluation import is_seq2seq
+
+    if is_seq2seq(model):
+        raise ValueError("The 'vmap' reference gradients need a decoder-only (causal) LM; use 'per_task'.")
+    if not all(_right_padded(b["attention_mask"]) for b in batches if "attention_mask" in b):
+        raise ValueError("The 'vmap' reference gradients need right-padded rows; use 'per_task'.")
 
 
 _PAD_VALUES = {"labels": -100}  # anything else pads with 0 (ids under a 0 mask, or masks)
@@ -282,6 +380,20 @@ def _concatenate(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torc
     sizes = torch.tensor([b["labels"].shape[0] for b in batches])
     groups = torch.repeat_interleave(torch.arange(len(batches)), sizes).to(joined["labels"].device)
     return joined, groups
+
+
+def _stack_groups(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack ``K`` padded batches into ``[K, g, L]`` tensors: rows padded with dummy rows, widths
+    on the right (``labels`` with -100, so that neither counts in the loss; the rest with 0)."""
+    rows = max(b["labels"].shape[0] for b in batches)
+    stacked = {}
+    for key in batches[0]:
+        width = max(b[key].shape[1] for b in batches)
+        value = _PAD_VALUES.get(key, 0)
+        stacked[key] = torch.stack(
+            [F.pad(b[key], (0, width - b[key].shape[1], 0, rows - b[key].shape[0]), value=value) for b in batches]
+        )
+    return stacked
 
 
 class _MemoryBank:
@@ -301,6 +413,12 @@ class _MemoryBank:
         sizes = [len(m) for m in memories]
         self.starts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
         self.num_rows = self.starts[-1]
+        mask = self.tensors.get("attention_mask")
+        self.right_padded = mask is None or _right_padded(mask)
+        # One dummy row after the real ones (index num_rows) fills the groups of stacked().
+        for key, values in self.tensors.items():
+            dummy = values.new_full((1, values.shape[1]), _PAD_VALUES.get(key, 0))
+            self.tensors[key] = torch.cat([values, dummy])
 
     def task_rows(self, k: int) -> slice:
         """The rows of the ``k``-th task's memory."""
@@ -315,6 +433,24 @@ class _MemoryBank:
             lengths = self.lengths.get(key)
             width = int(lengths[rows].max()) if lengths is not None else values.shape[1]
             out[key] = values[rows, :width] if isinstance(rows, slice) else values[device_rows, :width]
+        return out
+
+    def stacked(self, selections: list[slice | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ``K`` selections as ``[K, g, L]`` tensors (``g`` the largest selection, ``L`` the
+        longest row), in one gather per key: smaller selections are filled with a dummy row whose
+        labels are all -100 (it counts nothing), widths keep the collator's padding."""
+        groups = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r for r in selections]
+        size = max(len(rows) for rows in groups)
+        index = torch.full((len(groups), size), self.num_rows)
+        for k, rows in enumerate(groups):
+            index[k, : len(rows)] = rows
+        real = torch.cat(groups)
+        device_index = index.flatten().to(next(iter(self.tensors.values())).device, non_blocking=True)
+        out = {}
+        for key, values in self.tensors.items():
+            lengths = self.lengths.get(key)
+            width = int(lengths[real].max()) if lengths is not None else values.shape[1]
+            out[key] = values[device_index, :width].view(len(groups), size, width)
         return out
 
 
@@ -356,6 +492,8 @@ class EpisodicGradientStrategy(Strategy):
         self._flat_views: list[torch.Tensor] = []
         self._ref_views: list[torch.Tensor] = []
         self._batched = True
+        self._vmap = True  # False once a vmapped pass failed ("auto" then uses "per_task")
+        self._forward: FunctionalModel | None = None  # the model as a function, for "vmap"
 
     @property
     def projected_steps(self) -> int:
@@ -407,6 +545,7 @@ class EpisodicGradientStrategy(Strategy):
             self._ref_views.append(self._refs[:, offset : offset + n].view(num_refs, *p.shape))
             offset += n
         self._binding = (model, params, num_refs)
+        self._forward = None
         return params
 
     def edit_gradients(self, model: nn.Module) -> None:
@@ -415,10 +554,10 @@ class EpisodicGradientStrategy(Strategy):
         bare = unwrap_model(model)
         params = self._bind(bare, self.num_references())
         bank = self.memory_bank(params[0].device)
-        batches = [bank.batch(rows) for rows in self.draw(bank, self._draw_seed())]
+        selections = self.draw(bank, self._draw_seed())
         for view, p in zip(self._flat_views, params):
             view.zero_() if p.grad is None else view.copy_(p.grad)
-        self._fill_references(bare, params, batches)
+        self._fill_references(bare, params, None, bank=bank, selections=selections)
         projected = self.project(self._flat, self._refs)
         self.steps += 1
         if projected is False:
@@ -430,15 +569,62 @@ class EpisodicGradientStrategy(Strategy):
             else:
                 p.grad.copy_(view)
 
-    def _fill_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]]) -> None:
+    def _reference_method(self, model: nn.Module, bank: _MemoryBank | None, num_groups: int = 2) -> str:
+        """The method the configured ``reference_method`` resolves to for this model and memory."""
+        from ..evaluation import is_seq2seq
+
         method = getattr(self.config, "reference_method", "per_task")
-        if method == "batched" and self._batched:
+        if method == "auto":
+            # One group is one plain pass either way, without vmap's dispatch overhead.
+            usable = num_groups > 1 and self._vmap and not is_seq2seq(model) and (bank is None or bank.right_padded)
+            return "vmap" if usable else "per_task"
+        if method == "batched" and not self._batched:
+            return "per_task"
+        return method
+
+    def _fill_references(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        batches: list[dict[str, torch.Tensor]] | None,
+        *,
+        bank: _MemoryBank | None = None,
+        selections: list[slice | torch.Tensor] | None = None,
+    ) -> None:
+        """Fill the ``K x P`` references from ``batches``, or from ``selections`` of ``bank``."""
+        method = self._reference_method(model, bank, len(batches if batches is not None else selections))
+        if method == "vmap":
+            try:
+                if bank is not None:
+                    if not bank.right_padded:
+                        raise ValueError("The 'vmap' reference gradients need right-padded rows; use 'per_task'.")
+                    return self._vmap_references(model, params, bank.stacked(selections))
+                _check_vmappable(model, batches)
+                return self._vmap_references(model, params, _stack_groups(batches))
+            except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
+                if getattr(self.config, "reference_method", None) == "vmap":
+                    raise
+                logger.warning("%s: vmapped reference gradients failed (%s); using one backward per task.", self.name, err)
+                self._vmap = False
+                method = "per_task"
+        if batches is None:
+            batches = [bank.batch(rows) for rows in selections]
+        if method == "batched":
             try:
                 return reference_gradients_(model, params, batches, self._ref_views, method="batched")
             except RuntimeError as err:
                 logger.warning("%s: the batched backward failed (%s); using one backward per task.", self.name, err)
                 self._batched = False
         reference_gradients_(model, params, batches, self._ref_views, method="per_task")
+
+    def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
+        from ..evaluation import is_seq2seq
+
+        if is_seq2seq(model):
+            raise ValueError("The 'vmap' reference gradients need a decoder-only (causal) LM; use 'per_task'.")
+        if self._forward is None or self._forward.model is not model:
+            self._forward = FunctionalModel(model, _named(model, params))
+        _vmap_reference_gradients_(self._forward, stacked, self._ref_views)
 
     def _draw_seed(self) -> int:
         step = getattr(getattr(self.trainer, "state", None), "global_step", self.steps)
@@ -487,11 +673,20 @@ class GEMConfig(EpisodicMemoryConfig):
             added, which biases the step towards lowering the memory losses, not just keeping them.
         memory_batch_size (`int`, *optional*): Rows of each task's memory per reference gradient,
             drawn afresh every step; ``None`` uses the whole memory (as in the paper).
-        reference_method (`str`): How the ``K`` reference gradients are computed:
-            ``"per_task"``, one forward/backward per past task on its own rows (total work that of
-            one pass over all memory rows, linear in ``K``), or ``"batched"``, one forward over all
-            memories and one batched backward (fewer kernel launches, but backward work that grows
-            as ``K²``; see :func:`reference_gradients_`).
+        reference_method (`str`): How the ``K`` reference gradients are computed (see
+            :func:`reference_gradients_`):
+
+            - ``"vmap"``: the ``K`` memory batches stacked into ``[K, g, L]`` tensors and ONE
+              ``torch.func.vmap``-ped forward and ONE backward over them: the work of one pass
+              over ``K x g`` rows in one call, so with a fixed total of memory rows per step the
+              cost hardly grows with ``K``. Decoder-only (causal) LMs with right-padded rows only:
+              the attention mask is dropped, which changes nothing there.
+            - ``"per_task"``: one forward/backward per past task on its own rows. The same total
+              work, but ``K`` calls, whose fixed costs dominate when each has few rows.
+            - ``"batched"``: one forward over all memories and one ``is_grads_batched`` backward
+              (few calls, but backward work that grows as ``K²``).
+            - ``"auto"`` (default): ``"vmap"`` where it applies, else (one past task, seq2seq
+              models, left padding, or once a vmapped pass failed) ``"per_task"``.
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
@@ -499,15 +694,17 @@ class GEMConfig(EpisodicMemoryConfig):
 
     margin: float = field(default=0.5, metadata={"help": "Margin γ: lower bound of the dual variables."})
     memory_batch_size: int | None = field(default=None, metadata={"help": "Memory rows per task per step (None: all)."})
-    reference_method: str = field(default="per_task", metadata={"help": "'per_task' (work linear in K) or 'batched'."})
+    reference_method: str = field(
+        default="auto", metadata={"help": "'auto' (vmap where it applies, else per_task), 'vmap', 'per_task' or 'batched'."}
+    )
 
     def validate(self) -> None:
         super().validate()
         check_range("margin", self.margin, low=0.0)
         if self.memory_batch_size is not None:
             check_range("memory_batch_size", self.memory_batch_size, low=1)
-        if self.reference_method not in ("per_task", "batched"):
-            raise ValueError(f"reference_method must be 'per_task' or 'batched', got {self.reference_method!r}.")
+        if self.reference_method not in REFERENCE_METHODS:
+            raise ValueError(f"reference_method must be one of {', '.join(REFERENCE_METHODS)}; got {self.reference_method!r}.")
 
 
 @register_strategy
