@@ -318,3 +318,37 @@ def test_resume_inside_a_task_reproduces_uninterrupted_run(tmp_path, make_model,
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         LwF(**options)
+
+
+def test_teacher_runs_without_dropout_and_skips_the_mode_switch_only_when_nothing_drops(make_model, tokenizer, tmp_path):
+    from clm_hf.strategies.lwf import _teacher_logits, has_active_dropout
+    from clm_hf.tasks import build_tiny_model
+
+    assert not has_active_dropout(make_model("gpt2"))  # the fixtures switch dropout off
+    dropping = build_tiny_model("gpt2", tokenizer, resid_pdrop=0.3, embd_pdrop=0.0, attn_pdrop=0.0)
+    assert has_active_dropout(dropping)
+    functional = build_tiny_model("llama", tokenizer, attention_dropout=0.2)  # no Dropout module, a config rate
+    assert has_active_dropout(functional)
+
+    batch = _model_inputs(_batch(_trainer(tmp_path, dropping, tokenizer, []), _rows(tokenizer)))
+    dropping.train()
+    with torch.no_grad():
+        dropping.eval()
+        reference = dropping(**batch).logits
+        dropping.train()
+    teacher = _teacher_logits(dropping, None, batch, seq2seq=False)  # switches to eval: deterministic
+    assert torch.equal(teacher, reference) and dropping.training
+    noisy = _teacher_logits(dropping, None, batch, seq2seq=False, switch_to_eval=False)
+    assert not torch.equal(noisy, reference)  # what skipping the switch would do with active dropout
+
+
+def test_batch_without_supervised_tokens_gives_zero_with_a_gradient_path(tmp_path, make_model, tokenizer):
+    model = make_model("gpt2")
+    trainer = _trainer(tmp_path, model, tokenizer, [])
+    lwf = LwF()
+    lwf.teacher = lwf.snapshot(model)
+    _perturb(model)
+    batch = _batch(trainer, _rows(tokenizer))
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    term = lwf.loss(model, batch, model(**_model_inputs(batch)))["lwf_distillation"]
+    assert float(term) == 0.0 and term.requires_grad

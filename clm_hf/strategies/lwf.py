@@ -28,6 +28,7 @@ columns of the training rows: training then needs no teacher forward pass and ho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -134,12 +135,29 @@ def _is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(getattr(unwrap_model(model), "config", None), "is_encoder_decoder", False))
 
 
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` can drop anything in training mode: a dropout module with ``p > 0``, or a
+    module holding a dropout rate above 0 for a functional call (e.g. Llama's attention keeps
+    ``attention_dropout`` as a float and passes it to the attention function in training only)."""
+    for module in unwrap_model(model).modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                return True
+            continue
+        for key, value in vars(module).items():
+            if isinstance(value, float) and value > 0 and ("dropout" in key or "pdrop" in key):
+                return True
+    return False
+
+
 def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
-                    seq2seq: bool) -> torch.Tensor:
+                    seq2seq: bool, *, switch_to_eval: bool = True) -> torch.Tensor:
     """Logits of ``model`` with ``params`` swapped in (the live weights when None), no grad, dropout off.
 
     ``functional_call`` swaps the tensors for the duration of the call without touching the live
-    parameters in place, so the student's autograd graph stays valid.
+    parameters in place, so the student's autograd graph stays valid. ``switch_to_eval=False``
+    skips the train/eval switch (a walk over every module, twice), for a model without active
+    dropout, where the two modes compute the same thing.
     """
     bare = unwrap_model(model)
     inputs = dict(inputs)
@@ -147,7 +165,7 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
         inputs.pop("labels", None)  # the teacher's own loss is not needed; seq2seq needs labels for decoder inputs
     if getattr(getattr(bare, "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False
-    with torch.no_grad(), eval_mode(bare):
+    with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
         if params is None:
             return bare(**inputs).logits
         from torch.func import functional_call
@@ -262,6 +280,7 @@ class LwF(Strategy):
         self._cached_rows: Dataset | None = None
         self._cache_task: int | None = None
         self._restored_cache: dict[str, Any] | None = None
+        self._dropout: tuple[nn.Module, bool] | None = None  # (model, whether it has active dropout)
 
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
@@ -348,8 +367,6 @@ class LwF(Strategy):
         seq2seq = _is_seq2seq(model)
         student, mask = supervised_mask(outputs.logits, labels, seq2seq)
         temperature = self.config.temperature
-        if not bool(mask.any()):
-            return {"lwf_distillation": outputs.logits.sum() * 0.0}
         if cached:
             kl = topk_distillation_kl(student[mask], *self._gather_cache(inputs, mask, student.shape[-1]), temperature)
         else:
@@ -357,9 +374,14 @@ class LwF(Strategy):
             if self.trainer is not None:
                 hidden.update(c for s in getattr(self.trainer, "strategies", []) for c in s.side_columns)
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
-            teacher, _ = supervised_mask(_teacher_logits(model, self.teacher, teacher_inputs, seq2seq), labels, seq2seq)
+            if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
+                self._dropout = (model, has_active_dropout(model))
+            logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1])
+            teacher, _ = supervised_mask(logits, labels, seq2seq)
             kl = distillation_kl(student[mask], teacher[mask], temperature)
-        return {"lwf_distillation": self.config.alpha * temperature**2 * kl.mean()}
+        # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
+        # asking the device whether it has any (a host sync every step).
+        return {"lwf_distillation": self.config.alpha * temperature**2 * kl.sum() / mask.sum().clamp_min(1)}
 
     def _gather_cache(self, inputs: dict[str, Any], mask: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached (ids, log-probs) of the batch as (n_supervised, k), in the order of ``mask``.
