@@ -136,7 +136,7 @@ def gem_breakdown(model_size: str, repeats: int, past: int = 5, rows_per_task: i
 
     from clm_hf.data import ContinualDataCollator
     from clm_hf.strategies.base import trainable_parameters
-    from clm_hf.strategies.ewc import _no_padding_warning
+    from clm_hf.strategies._functional import no_padding_warning
     from clm_hf.strategies.gem import GEM, project_gem_
 
     model = C.build_model(model_size)
@@ -179,7 +179,7 @@ def gem_breakdown(model_size: str, repeats: int, past: int = 5, rows_per_task: i
         def loss(trainable, i, lab):
             return functional_call(model, trainable, args=(), kwargs={"input_ids": i, "labels": lab}).loss
 
-        with _no_padding_warning(model):
+        with no_padding_warning(model):
             vmap(grad(loss), in_dims=(None, 0, 0))(detached, ids.view(past, rows_per_task, -1),
                                                    labels.view(past, rows_per_task, -1))
 

@@ -74,11 +74,7 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("Quality for the cost (demo recipe: copy -> reverse -> sort)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -106,9 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = combine(quality_rows, steps, args.model)
     print(to_markdown(rows, args.model))
     print(f"plot: {plot(rows, Path(args.plot), args.model)}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"rows": rows, "machine": C.machine(), "quality": args.quality, "steps": args.steps}, indent=1))
+    C.save_json({"rows": rows, "machine": C.machine(), "quality": args.quality, "steps": args.steps}, args.output)
     return rows
 
 

@@ -29,7 +29,6 @@ kernels, not only their launches.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -367,11 +366,7 @@ def plot_gem_scaling(report: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("GEM cost per optimizer step vs number of past tasks")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -122,45 +122,46 @@ class ContinualTrainerMixin:
         from accelerate.utils import DistributedType
 
         backend = getattr(getattr(self, "accelerator", None), "distributed_type", None)
-        if backend == DistributedType.FSDP:
+        if backend == DistributedType.FSDP or getattr(self, "is_fsdp_enabled", False):
+            self._refuse(lambda s: s.needs_whole_gradients,
+                         "needs whole gradients on every rank; FSDP shards them. Use DDP (recipes/accelerate/multi_gpu.yaml).")
             # Checked on one GPU under FSDP2 (docs/distributed.md): plain training and replay match
             # unsharded training exactly; EWC, LwF, PackNet, PNN and O-LoRA mix the sharded DTensor
             # parameters with plain tensors (errors, or for LwF a silently wrong teacher).
-            # GEM/A-GEM give their own reason in setup().
-            sharded = [s.name for s in self.strategies if not getattr(type(s), "supports_partitioned_parameters", False)
-                       and s.name not in ("gem", "agem")]
-            if sharded:
-                raise NotImplementedError(
-                    f"Strategy {', '.join(repr(n) for n in sharded)} is not supported on FSDP: FSDP shards every "
-                    "parameter into a DTensor, and the strategy reads, copies or masks whole parameters (a Fisher and "
-                    "anchors, a teacher snapshot, ownership masks, columns or adapters); a one-GPU FSDP2 run showed "
-                    "errors or wrong results. Use DDP (recipes/accelerate/multi_gpu.yaml); replay works on FSDP2."
-                )
+            self._refuse(
+                lambda s: not s.supports_partitioned_parameters,
+                "is not supported on FSDP: FSDP shards every parameter into a DTensor, and the strategy reads, copies "
+                "or masks whole parameters (a Fisher and anchors, a teacher snapshot, ownership masks, columns or "
+                "adapters); a one-GPU FSDP2 run showed errors or wrong results. Use DDP "
+                "(recipes/accelerate/multi_gpu.yaml); replay works on FSDP2.",
+            )
             return
         if backend != DistributedType.DEEPSPEED:
             return
-        editing = [s.name for s in self.strategies
-                   if type(s).edit_gradients is not Strategy.edit_gradients
-                   or type(s).after_optimizer_step is not Strategy.after_optimizer_step]
-        if editing:
-            raise NotImplementedError(
-                f"Strategy {', '.join(repr(n) for n in editing)} edits gradients or weights around the optimizer step, "
-                "which is not supported on the DeepSpeed backend: DeepSpeed steps its optimizer inside backward(), "
-                "before that hook runs, so the edit would be silently lost. Train without DeepSpeed (plain DDP, "
-                "one process per GPU) or use a strategy that only adds loss terms or data (replay, EWC, LwF)."
-            )
+        self._refuse(
+            lambda s: s.edit_gradients is not Strategy.edit_gradients or s.after_optimizer_step is not Strategy.after_optimizer_step,
+            "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend: "
+            "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost. "
+            "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
+            "data (replay, EWC, LwF).",
+        )
         plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
         ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
         if getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)()):
             # ZeRO-3 leaves each rank an empty placeholder of every parameter outside forward/backward.
-            whole = [s.name for s in self.strategies if not getattr(type(s), "supports_partitioned_parameters", False)]
-            if whole:
-                raise NotImplementedError(
-                    f"Strategy {', '.join(repr(n) for n in whole)} reads or copies whole parameters (a Fisher and "
-                    "anchors, a teacher snapshot, columns or adapters), which is not supported on DeepSpeed ZeRO-3: it "
-                    "partitions every parameter across the ranks, so the strategy would see empty placeholders. Use "
-                    "ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; replay works on ZeRO-3."
-                )
+            self._refuse(
+                lambda s: not s.supports_partitioned_parameters,
+                "reads or copies whole parameters (a Fisher and anchors, a teacher snapshot, columns or adapters), "
+                "which is not supported on DeepSpeed ZeRO-3: it partitions every parameter across the ranks, so the "
+                "strategy would see empty placeholders. Use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; "
+                "replay works on ZeRO-3.",
+            )
+
+    def _refuse(self, unsupported: Callable[[type[Strategy]], bool], reason: str) -> None:
+        """Raise ``NotImplementedError`` naming every strategy whose class ``unsupported`` picks."""
+        names = [s.name for s in self.strategies if unsupported(type(s))]
+        if names:
+            raise NotImplementedError(f"Strategy {', '.join(repr(n) for n in names)} {reason}")
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):

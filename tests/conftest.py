@@ -62,6 +62,19 @@ def tiny_stream():
     return make_suite(["copy", "reverse", "sort"], num_train=32, num_eval=16, seed=0)
 
 
+# Options that keep each strategy's test runs to seconds; defaults are checked separately.
+FAST_OPTIONS: dict[str, dict] = {
+    "replay": {"buffer_size": 16},
+    "ewc": {"fisher_samples": 16},
+    "lwf": {},
+    "gem": {"memory_per_task": 8},
+    "agem": {"memory_per_task": 8},
+    "packnet": {"retrain_epochs": 1},
+    "pnn": {},
+    "olora": {"lora_rank": 4},
+}
+
+
 class AtTaskStep(TrainerCallback):
     """A Trainer callback that calls :meth:`act` when optimizer step ``step`` of task ``task_index``
     has run (``on="step"``) or has been checkpointed (``on="save"``). By default it simulates a

@@ -9,23 +9,15 @@ import torch
 from clm_hf import ContinualCausalLMTrainer, Strategy
 from clm_hf.strategies import build_strategy
 from clm_hf.strategies.base import unwrap_model
-from tests.conftest import small_args
+from tests.conftest import FAST_OPTIONS, small_args
 
 peft = pytest.importorskip("peft")
 
 import clm_hf.strategies.gem  # noqa: E402,F401 - registers gem / agem
 import clm_hf.strategies.olora  # noqa: E402,F401 - registers olora
 
-OPTIONS = {
-    "replay": {"buffer_size": 16},
-    "ewc": {"fisher_samples": 16},
-    "lwf": {},
-    "gem": {"memory_per_task": 8},
-    "agem": {"memory_per_task": 8},
-    "packnet": {"retrain_epochs": 1},
-    "pnn": {"lateral_rank": 4},
-    "olora": {},
-}
+# The common fast options, with PNN's lateral rank and O-LoRA's default rank for these LoRA runs.
+OPTIONS = {**FAST_OPTIONS, "pnn": {"lateral_rank": 4}, "olora": {}}
 
 
 def _lora(make_model, seed: int = 0):

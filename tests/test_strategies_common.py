@@ -12,19 +12,8 @@ import torch
 import clm_hf.strategies as strategies_pkg
 from clm_hf import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer, ContinualSeq2SeqTrainingArguments, Replay
 from clm_hf.strategies import STRATEGY_REGISTRY, build_strategy, get_strategy_class
-from tests.conftest import small_args
+from tests.conftest import FAST_OPTIONS, small_args
 
-# Options that keep each strategy's test runs to seconds; defaults are checked separately.
-FAST_OPTIONS: dict[str, dict] = {
-    "replay": {"buffer_size": 16},
-    "ewc": {"fisher_samples": 16},
-    "lwf": {},
-    "gem": {"memory_per_task": 8},
-    "agem": {"memory_per_task": 8},
-    "packnet": {"retrain_epochs": 1},
-    "pnn": {},
-    "olora": {"lora_rank": 4},
-}
 NAMES = sorted(n for n in STRATEGY_REGISTRY if n in FAST_OPTIONS)
 
 

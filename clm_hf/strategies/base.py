@@ -136,8 +136,10 @@ class Strategy:
     # Columns this strategy adds to training rows (in prepare_train_dataset) for its own use in
     # ``loss``: the trainer keeps them through the collator and hides them from the model.
     side_columns: ClassVar[tuple[str, ...]] = ()
-    # True when the strategy never reads whole parameters (works on DeepSpeed ZeRO-3).
+    # True when the strategy never reads whole parameters (works on DeepSpeed ZeRO-3 and FSDP).
     supports_partitioned_parameters: ClassVar[bool] = False
+    # True when the strategy reads the whole gradient on every rank (FSDP and DeepSpeed shard it).
+    needs_whole_gradients: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

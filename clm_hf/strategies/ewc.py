@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._functional import FunctionalModel, batchable_attention
-from ._functional import no_padding_warning as _no_padding_warning  # noqa: F401 - also imported from here
+from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -323,7 +322,7 @@ def estimate_fisher(
     >>> all(f.min() >= 0 for f in fisher.values())
     True
     """
-    from ..evaluation import is_seq2seq
+    from ..evaluation import _decoder_inputs, is_seq2seq
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
@@ -339,10 +338,12 @@ def estimate_fisher(
     forward = FunctionalModel(model, params)  # built once: the frozen weights, the pure call
     seq2seq = is_seq2seq(model)
     per_row = _vmapped_row_grads(forward, seq2seq) if use_vmap else None
-    with eval_mode(model), _no_padding_warning(forward.model):
+    with eval_mode(model), no_padding_warning(forward.model):
         for batch in tqdm(batches, desc="EWC Fisher", disable=disable_progress, leave=False):
             labels = batch.pop("labels")
-            inputs = _model_inputs(forward.model, batch, labels, seq2seq)
+            # No labels: the model computes logits only. A seq2seq decoder is teacher-forced on the
+            # dataset's answer, as in training; only the scored tokens are sampled.
+            inputs = {**batch, **_decoder_inputs(forward.model, {**batch, "labels": labels}, seq2seq)}
             # The sampler's randomness: one uniform per label position, drawn here from the seeded
             # generator (on the CPU, so a seed gives the same draws on any device) and shared by
             # the vmap and loop paths.
@@ -372,20 +373,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
-
-
-def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, seq2seq: bool) -> dict[str, torch.Tensor]:
-    """The model's inputs without ``labels``, so that it computes logits and no loss of its own.
-
-    A seq2seq decoder is teacher-forced on the dataset's answer (its labels shifted right), as in
-    training; only the scored tokens are sampled, never the decoder's inputs.
-    """
-    if not seq2seq:
-        return batch
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if prepare is None:  # pragma: no cover - every HF seq2seq LM we know has it
-        raise ValueError(f"EWC cannot build decoder inputs for {type(model).__name__}.")
-    return {**batch, "decoder_input_ids": prepare(labels=labels)}
 
 
 def _draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -274,7 +274,7 @@ def reference_gradients_(
     """
     with eval_mode(model), torch.enable_grad():
         if method == "vmap":
-            _check_vmappable(model, batches)
+            _check_vmappable(model, _all_right_padded(batches))
             forward = FunctionalModel(model, _named(model, params))
             return _vmap_reference_gradients_(forward, _stack_groups(batches), out)
         if method == "batched" and len(batches) > 1:
@@ -358,12 +358,16 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
 
 
-def _check_vmappable(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+def _all_right_padded(batches: list[dict[str, torch.Tensor]]) -> bool:
+    return all(_right_padded(b["attention_mask"]) for b in batches if "attention_mask" in b)
+
+
+def _check_vmappable(model: nn.Module, right_padded: bool) -> None:
     from ..evaluation import is_seq2seq
 
     if is_seq2seq(model):
         raise ValueError("The 'vmap' reference gradients need a decoder-only (causal) LM; use 'per_task'.")
-    if not all(_right_padded(b["attention_mask"]) for b in batches if "attention_mask" in b):
+    if not right_padded:
         raise ValueError("The 'vmap' reference gradients need right-padded rows; use 'per_task'.")
 
 
@@ -479,6 +483,7 @@ class EpisodicGradientStrategy(Strategy):
     """
 
     config_class = EpisodicMemoryConfig
+    needs_whole_gradients = True  # the trainer refuses FSDP (and DeepSpeed, which runs the step in backward)
 
     def __init__(self, config: EpisodicMemoryConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -499,13 +504,6 @@ class EpisodicGradientStrategy(Strategy):
     def projected_steps(self) -> int:
         """How many optimizer steps had their gradient projected (a sync when read)."""
         return int(self._projected)
-
-    def setup(self, trainer: ContinualTrainer) -> None:
-        super().setup(trainer)
-        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                f"{type(self).__name__} needs whole gradients on every rank; FSDP and DeepSpeed shard them. Use DDP."
-            )
 
     # --- memory ------------------------------------------------------------------------------
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
@@ -595,12 +593,9 @@ class EpisodicGradientStrategy(Strategy):
         method = self._reference_method(model, bank, len(batches if batches is not None else selections))
         if method == "vmap":
             try:
-                if bank is not None:
-                    if not bank.right_padded:
-                        raise ValueError("The 'vmap' reference gradients need right-padded rows; use 'per_task'.")
-                    return self._vmap_references(model, params, bank.stacked(selections))
-                _check_vmappable(model, batches)
-                return self._vmap_references(model, params, _stack_groups(batches))
+                _check_vmappable(model, bank.right_padded if bank is not None else _all_right_padded(batches))
+                stacked = bank.stacked(selections) if bank is not None else _stack_groups(batches)
+                return self._vmap_references(model, params, stacked)
             except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
                 if getattr(self.config, "reference_method", None) == "vmap":
                     raise
@@ -618,10 +613,6 @@ class EpisodicGradientStrategy(Strategy):
         reference_gradients_(model, params, batches, self._ref_views, method="per_task")
 
     def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
-        from ..evaluation import is_seq2seq
-
-        if is_seq2seq(model):
-            raise ValueError("The 'vmap' reference gradients need a decoder-only (causal) LM; use 'per_task'.")
         if self._forward is None or self._forward.model is not model:
             self._forward = FunctionalModel(model, _named(model, params))
         _vmap_reference_gradients_(self._forward, stacked, self._ref_views)
