@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         names = ["plain", "joint", *C.registered_strategies()]
         C.quiet()
-        rows = quality.run(names, Path(args.quality_dir), quick=args.quick)
+        table = quality.aggregate(quality.run(names, Path(args.quality_dir), quick=args.quick))
         Path(args.quality_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.quality_dir) / "quality.json").write_text(json.dumps(rows, indent=1))
+        (Path(args.quality_dir) / "quality.json").write_text(json.dumps({"table": table}, indent=1))
         args.quality = str(Path(args.quality_dir) / "quality.json")
     quality_rows = json.loads(Path(args.quality).read_text())
+    if isinstance(quality_rows, dict):  # quality.py's output: seed means under "table"
+        quality_rows = quality_rows["table"]
     steps = json.loads(Path(args.steps).read_text()) if Path(args.steps).is_file() else {"rows": []}
     rows = combine(quality_rows, steps, args.model)
     print(to_markdown(rows, args.model))
