@@ -38,20 +38,29 @@ QUALITY_NUM_EVAL = 256  # one row is 0.4 percentage points of exact match
 def seeded_recipe(name: str, output_dir: str | Path, seed: int, *, num_eval: int = QUALITY_NUM_EVAL,
                   quick: bool = False) -> dict[str, Any]:
     """The demo recipe for ``name`` with every seed (model, rows, data order) set to ``seed``."""
-    recipe = demo_recipe(name, Path(output_dir) / f"seed{seed}", quick=quick)
-    recipe["model"]["seed"] = seed
-    recipe["tasks"]["seed"] = seed
+    recipe = demo_recipe(name, Path(output_dir) / f"seed{seed}", quick=quick, seed=seed)
     if not quick:
         recipe["tasks"]["num_eval"] = num_eval
-    recipe["training"].update(seed=seed, disable_tqdm=True, save_continual_state=False)
+    recipe["training"].update(disable_tqdm=True, save_continual_state=False)
     return recipe
 
 
-def run_one(name: str, output_dir: str | Path, seed: int, **kwargs: Any) -> dict[str, Any]:
-    """Train one strategy on one seed; its summary plus the matrix diagonal and wall time."""
-    start = time.perf_counter()
-    results, _ = run_recipe(seeded_recipe(name, output_dir, seed, **kwargs), joint=name == "joint")
-    seconds = time.perf_counter() - start
+def run_one(name: str, output_dir: str | Path, seed: int, threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train one strategy on one seed; its summary plus the matrix diagonal and wall time.
+
+    ``threads`` sets torch's intra-op threads first (for worker processes).
+    """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    logging.disable(logging.WARNING)
+    try:
+        start = time.perf_counter()
+        results, _ = run_recipe(seeded_recipe(name, output_dir, seed, **kwargs), joint=name == "joint")
+        seconds = time.perf_counter() - start
+    finally:
+        logging.disable(logging.NOTSET)
     matrix = results.matrix(results.primary_metric)
     return {"name": name, "seed": seed, "seconds": seconds, **results.summary(),
             "diagonal": [matrix[i][i] for i in range(len(matrix))], "final": list(matrix[-1])}
@@ -59,11 +68,7 @@ def run_one(name: str, output_dir: str | Path, seed: int, **kwargs: Any) -> dict
 
 def run(names: list[str], output_dir: Path, seeds: tuple[int, ...] = QUALITY_SEEDS, **kwargs: Any) -> list[dict]:
     """Every (strategy, seed) run, in the order strategies x seeds."""
-    logging.disable(logging.WARNING)
-    try:
-        return [run_one(name, output_dir, seed, **kwargs) for name in names for seed in seeds]
-    finally:
-        logging.disable(logging.NOTSET)
+    return [run_one(name, output_dir, seed, **kwargs) for name in names for seed in seeds]
 
 
 def aggregate(runs: list[dict]) -> list[dict]:

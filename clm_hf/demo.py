@@ -146,6 +146,20 @@ def _restored_tracking_env() -> Iterator[None]:
             fluent._active_experiment_id = experiment  # set_experiment() is process-global
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars (tokenizing, flattening) between the Trainer's own bars."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bars()
+
+
 def _mlflow_fluent() -> Any:
     import sys
 
@@ -180,12 +194,17 @@ def _tensorboard_root(output_dir: Path) -> Path:
 
 
 def demo_recipe(strategy: str, output_dir: str | Path, *, quick: bool = False,
-                report_to: Sequence[str] = ()) -> dict[str, Any]:
+                report_to: Sequence[str] = (), seed: int = 0) -> dict[str, Any]:
     """The demo's recipe for one strategy name (``plain`` or any registered strategy).
 
     ``report_to`` lists the trackers (default: none); the run is named after the strategy.
+    ``seed`` sets the model's initialisation, the task rows and the data order together.
+
+    >>> demo_recipe("ewc", "runs/demo", seed=1)["tasks"]["seed"]
+    1
     """
     recipe = copy.deepcopy(DEMO_RECIPE)
+    recipe["model"]["seed"] = recipe["tasks"]["seed"] = recipe["training"]["seed"] = seed
     if strategy == "joint":
         recipe["strategies"] = []
     elif strategy in DEMO_STRATEGIES:
@@ -237,7 +256,7 @@ def run_demo(
     output_dir = Path(output_dir)
     trackers = resolve_report_to(report_to)
     all_results: dict[str, ContinualResults] = {}
-    with _restored_tracking_env():
+    with _restored_tracking_env(), _quiet_datasets():
         mlflow_info = _setup_mlflow(output_dir) if "mlflow" in trackers else None
         tb_root = _tensorboard_root(output_dir) if "tensorboard" in trackers else None
         for name in strategies:

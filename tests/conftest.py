@@ -9,8 +9,9 @@ import torch
 from transformers import TrainerCallback
 
 # Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them many times
-# slower when the 2 cores are shared with another process.
-torch.set_num_threads(1)
+# slower when the 2 cores are shared with another process. CLM_HF_TEST_THREADS=2 checks the
+# suite under another thread count (training is not bit-reproducible across thread counts).
+torch.set_num_threads(int(os.environ.get("CLM_HF_TEST_THREADS", "1")))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -1,52 +1,88 @@
 """Each strategy forgets measurably less than plain fine-tuning on the synthetic suite.
 
-The runs are the demo's (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> reverse -> sort, fixed
-seeds), so the numbers match `docs/strategies.md`. Margins are set below the BWT gains measured
-on this project's 2-core CPU machine (see that page), not tuned to pass.
+The runs are the demo's (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> reverse -> sort, 256
+held-out rows per task) on seeds 0, 1 and 2 (a seed sets the initial weights, the rows and the data
+order), so the figures are those of `benchmarks/quality.py` and `docs/strategies.md`. Training a
+tiny model is not bit-reproducible across CPU kernels and thread counts, so every assertion is on
+the mean over the seeds, with a margin set well inside the spread measured under
+`ATEN_CPU_CAPABILITY=default|avx2|avx512` and 1 or 2 threads (docs/strategies.md lists the figures;
+`CLM_HF_TEST_THREADS=2` runs this file with 2 threads per run).
+
+The runs go to two worker processes (the CI machine has 2 cores).
 """
 
 from __future__ import annotations
 
-import logging
+import importlib.util
+import multiprocessing
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from clm_hf.demo import demo_recipe
-from clm_hf.recipe import run_recipe
-from clm_hf.strategies import STRATEGY_REGISTRY
-
 pytestmark = pytest.mark.slow
 
-# Minimum BWT gain (exact match, absolute) over plain fine-tuning, per strategy.
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SEEDS = (0, 1, 2)
+
+# Minimum mean BWT gain (exact match, absolute) over plain fine-tuning of the same seeds. Measured
+# means and per-seed ranges are in docs/strategies.md; each margin sits well below the lowest mean
+# measured under any kernel / thread setting.
 MIN_BWT_GAIN = {
-    "replay": 0.2,
-    "ewc": 0.2,
-    "lwf": 0.2,
+    "replay": 0.25,
+    "ewc": 0.1,
+    "lwf": 0.25,
     "gem": 0.2,
-    "agem": 0.2,
-    "packnet": 0.2,
-    "pnn": 0.2,
+    "agem": 0.1,
+    "packnet": 0.5,
+    "pnn": 0.5,
 }
+# PackNet and PNN isolate each task's parameters: old tasks' scores cannot move at all.
+EXACT_ISOLATION = ("packnet", "pnn")
 
 
-def _run(name, tmp_path_factory):
-    logging.disable(logging.WARNING)
-    try:
-        results, _ = run_recipe(demo_recipe(name, tmp_path_factory.mktemp(name)))
-    finally:
-        logging.disable(logging.NOTSET)
-    return results.summary()
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("quality", module)  # so worker processes can unpickle its functions
+    spec.loader.exec_module(module)
+    return sys.modules["quality"]
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    return _run("plain", tmp_path_factory)
+def runs(tmp_path_factory):
+    """``{(name, seed): summary}`` for plain fine-tuning and every strategy, on two processes."""
+    quality = _quality_module()
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # spawned workers import `quality` from here
+    threads = int(os.environ.get("CLM_HF_TEST_THREADS", "1"))
+    out = tmp_path_factory.mktemp("forgetting")
+    # The slowest runs first, so the two workers finish together.
+    names = ["gem", "agem", "packnet", "pnn", "replay", "lwf", "ewc", "plain"]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {(n, s): pool.submit(quality.run_one, n, out / n, s, threads=threads) for n in names for s in SEEDS}
+        return {key: future.result() for key, future in futures.items()}
 
 
-@pytest.mark.parametrize("name", [n for n in MIN_BWT_GAIN if n in STRATEGY_REGISTRY])
-def test_strategy_forgets_less_than_plain_fine_tuning(name, plain, tmp_path_factory):
-    summary = _run(name, tmp_path_factory)
-    assert plain["bwt"] < -0.3, f"plain fine-tuning should forget on this suite: {plain}"
-    gain = summary["bwt"] - plain["bwt"]
-    assert gain >= MIN_BWT_GAIN[name], f"{name}: BWT {summary['bwt']:.3f} vs plain {plain['bwt']:.3f}"
-    assert summary["forgetting"] < plain["forgetting"]
+def _mean(runs, name, key):
+    return statistics.mean(runs[(name, s)][key] for s in SEEDS)
+
+
+def test_plain_fine_tuning_learns_every_task_then_forgets_it(runs):
+    for seed in SEEDS:
+        diagonal = runs[("plain", seed)]["diagonal"]
+        assert min(diagonal) >= 0.5, f"seed {seed}: a task was not learned: {diagonal}"
+    assert _mean(runs, "plain", "bwt") < -0.6, [runs[("plain", s)]["bwt"] for s in SEEDS]
+
+
+@pytest.mark.parametrize("name", list(MIN_BWT_GAIN))
+def test_strategy_forgets_less_than_plain_fine_tuning(name, runs):
+    per_seed = [(round(runs[(name, s)]["bwt"], 3), round(runs[("plain", s)]["bwt"], 3)) for s in SEEDS]
+    gain = _mean(runs, name, "bwt") - _mean(runs, "plain", "bwt")
+    assert gain >= MIN_BWT_GAIN[name], f"{name}: mean BWT gain {gain:.3f}; (strategy, plain) per seed {per_seed}"
+    assert _mean(runs, name, "forgetting") < _mean(runs, "plain", "forgetting")
+    if name in EXACT_ISOLATION:
+        assert all(runs[(name, s)]["bwt"] == 0.0 for s in SEEDS), per_seed
