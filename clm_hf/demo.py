@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 DEMO_RECIPE: dict[str, Any] = {
     "model": {"arch": "gpt2", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-    "tasks": {"suite": "synthetic", "names": ["copy", "reverse", "sort"], "num_train": 512, "num_eval": 256,
+    "tasks": {"suite": "synthetic", "names": ["copy", "shift", "rotate"], "num_train": 512, "num_eval": 256,
               "min_len": 2, "max_len": 4, "seed": 0},
     "training": {
         "num_train_epochs": 12, "learning_rate": 1e-3, "per_device_train_batch_size": 16,

@@ -7,7 +7,7 @@ A recipe is a dict with four sections::
     # ... or a pretrained one:   name_or_path: ./my-model (local folder or Hub id), tokenizer: ...
     tasks:                       # the built-in synthetic suite ...
       suite: synthetic
-      names: [copy, reverse, sort]
+      names: [copy, shift, rotate]
       num_train: 512
     # ... or a list of {name, train, eval} where train/eval are load_dataset() arguments,
     # e.g. {path: json, data_files: data/reverse.jsonl} with prompt/answer or input_ids/labels.

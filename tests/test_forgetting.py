@@ -6,7 +6,8 @@ order), so the figures are those of `benchmarks/quality.py` and `docs/strategies
 tiny model is not bit-reproducible across CPU kernels and thread counts, so every assertion is on
 the mean over the seeds, with a margin set well inside the spread measured under
 `ATEN_CPU_CAPABILITY=default|avx2|avx512` and 1 or 2 threads (docs/strategies.md lists the figures;
-`CLM_HF_TEST_THREADS=2` runs this file with 2 threads per run).
+`CLM_HF_TEST_THREADS=2` runs this file with 2 threads per run; `CLM_HF_QUALITY_JSON=path` keeps
+the runs and the table of `benchmarks/quality.py`).
 
 The runs go to two worker processes (the CI machine has 2 cores).
 """
@@ -64,7 +65,18 @@ def runs(tmp_path_factory):
     names = ["gem", "agem", "packnet", "pnn", "replay", "lwf", "ewc", "plain"]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {(n, s): pool.submit(quality.run_one, n, out / n, s, threads=threads) for n in names for s in SEEDS}
-        return {key: future.result() for key, future in futures.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    if os.environ.get("CLM_HF_QUALITY_JSON"):  # keep the figures of this kernel / thread setting
+        import json
+
+        import torch
+
+        setting = {"ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "(auto)"),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+        rows = quality.aggregate(list(results.values()))
+        Path(os.environ["CLM_HF_QUALITY_JSON"]).write_text(json.dumps(
+            {"setting": setting, "runs": list(results.values()), "table": rows}, indent=1))
+    return results
 
 
 def _mean(runs, name, key):
