@@ -149,15 +149,15 @@ def _restored_tracking_env() -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No ``datasets`` progress bars (tokenizing, flattening) between the Trainer's own bars."""
-    from datasets.utils import logging as datasets_logging
+    import datasets
 
-    was_enabled = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bars()
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         if was_enabled:
-            datasets_logging.enable_progress_bars()
+            datasets.enable_progress_bars()
 
 
 def _mlflow_fluent() -> Any:
