@@ -366,6 +366,10 @@ class ContinualTrainerMixin:
     def _run_task(self, task: TaskInfo, *, num_epochs: float | None, resume_from_checkpoint: Any = None) -> TrainOutput:
         self.tasks.append(task)
         self.current_task = task
+        if self.results is not None and task.name in self.results.task_names:
+            # The metrics read column j as the j-th trained task: an eval set registered before
+            # others (add_eval_task) takes its training position now.
+            self.results.move_task(task.name, task.index)
         logger.info("clm-hf: training task %d '%s' (%d rows)", task.index, task.name, len(task.train_dataset))
         if task.index == 0:
             logger.info("clm-hf: device %s, mixed precision %s, %d process(es)%s", self.args.device,
