@@ -283,8 +283,12 @@ class ContinualTrainerMixin:
                 stack.enter_context(strategy.use_task(self.model, task))
             yield self.model
 
-    def _prepare_rows(self, dataset: Any, what: str) -> Dataset:
-        """Tokenize raw prompt/answer rows if needed, then validate them."""
+    def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset:
+        """Tokenize raw prompt/answer rows if needed, then validate them.
+
+        ``scoring`` rows are eval rows: their labels always cover the answer only, whatever
+        ``answer_only_loss`` says for training, so the scores never include the prompt.
+        """
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
         if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and {"prompt", "answer"} <= set(dataset.column_names):
@@ -293,7 +297,8 @@ class ContinualTrainerMixin:
             from .tasks import tokenize_task
 
             dataset = tokenize_task(dataset, self.processing_class, is_seq2seq(self.model),
-                                    **({} if is_seq2seq(self.model) else {"answer_only_loss": self._setting("answer_only_loss")}))
+                                    **({} if is_seq2seq(self.model) else
+                                       {"answer_only_loss": scoring or self._setting("answer_only_loss")}))
         vocab = getattr(getattr(unwrap_model(self.model), "config", None), "vocab_size", None)
         validate_lm_dataset(dataset, what=what, vocab_size=vocab, causal=not is_seq2seq(self.model))
         return dataset
@@ -302,7 +307,7 @@ class ContinualTrainerMixin:
         """Register a task's evaluation rows, so it is scored after every task (also before it is trained)."""
         key = str(task_id)
         name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
-        self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'")
+        self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'", scoring=True)
         self._task_names[key] = name
         if self.results is None:
             self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))

@@ -35,3 +35,19 @@ def test_columns_follow_training_order_whatever_the_registration_order(tmp_path,
     loss = reverse_first.matrix("loss")
     assert reverse_first.summary("loss")["bwt"] == pytest.approx(-(loss[1][0] - loss[0][0]))
     assert reverse_first.format_table("loss").splitlines()[2].startswith("after copy")
+
+
+def test_answer_only_loss_false_still_scores_the_answer_only(tmp_path, make_model, tokenizer):
+    from clm_hf.evaluation import evaluate_lm
+
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, answer_only_loss=False, save_continual_state=False)
+    raw_eval = make_task("copy", 16, seed=1)
+    trainer.train_task(make_task("copy", 32), raw_eval, task_id="copy")
+    # Training follows the flag: every position is supervised, the prompt included ...
+    assert -100 not in trainer.tasks[0].train_dataset[0]["labels"]
+    # ... but the eval rows are scored on the answer tokens only.
+    answer_only = tokenize_for_causal_lm(raw_eval, tokenizer, answer_only_loss=True)
+    assert trainer._eval_sets["copy"]["labels"] == answer_only["labels"]
+    expected = evaluate_lm(trainer.model, answer_only, trainer.data_collator, metrics=["exact_match", "loss"])
+    assert trainer.results.matrix("exact_match")[0][0] == pytest.approx(expected["exact_match"])
+    assert trainer.results.matrix("loss")[0][0] == pytest.approx(expected["loss"])
