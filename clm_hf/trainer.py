@@ -113,7 +113,7 @@ class ContinualTrainerMixin:
         _check_vocabulary(self.model, self.processing_class)
         # Settings that would only fail (or silently do nothing) after the first task, checked now.
         check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
-        check_training_length(self.args.num_train_epochs, self.args.max_steps, "args")
+        check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
         self.add_callback(_StrategyStepHooks(self))
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
@@ -382,6 +382,7 @@ class ContinualTrainerMixin:
         eval_dataset = eval_dataset if eval_dataset is not None else val_loader
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
+        check_training_length(num_epochs, self.args.max_steps, "train_task: ", "num_epochs")
         task = self._register_task(task_id, task_name)
         task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         if eval_dataset is not None:
@@ -577,6 +578,7 @@ class ContinualTrainerMixin:
         >>> results = trainer.fit(make_suite(["copy", "reverse", "sort"]))  # doctest: +SKIP
         >>> results.summary()["bwt"]  # doctest: +SKIP
         """
+        check_training_length(num_epochs, self.args.max_steps, "fit: ", "num_epochs")
         specs = self._plan_stream(tasks)
         mid_task_checkpoint = None
         if resume_from_checkpoint:

@@ -155,7 +155,7 @@ def validate_training_section(section: Any, args_class: type, where: str = "trai
             out[key] = as_number(value, name, int)
         elif float in allowed and str not in allowed:
             out[key] = as_number(value, name, float)
-    check_training_length(out.get("num_train_epochs"), out.get("max_steps"), where)
+    check_training_length(out.get("num_train_epochs"), out.get("max_steps"), f"{where}.")
     if "primary_metric" in out and "eval_metrics" in fields:
         metrics = out.get("eval_metrics") or fields["eval_metrics"].default_factory()
         check_primary_metric(out["primary_metric"], metrics, where)
@@ -174,13 +174,14 @@ def check_primary_metric(primary_metric: Any, computed: Iterable[str], where: st
         )
 
 
-def check_training_length(num_train_epochs: Any, max_steps: Any = None, where: str = "training") -> None:
+def check_training_length(num_train_epochs: Any, max_steps: Any = None, where: str = "training.",
+                          name: str = "num_train_epochs") -> None:
     """``num_train_epochs <= 0`` (without ``max_steps``) trains nothing yet saves checkpoints as if trained."""
     if num_train_epochs is None or (isinstance(max_steps, int) and max_steps > 0):
         return
     if isinstance(num_train_epochs, (int, float)) and not isinstance(num_train_epochs, bool) and num_train_epochs <= 0:
         raise RecipeError(
-            f"{where}.num_train_epochs must be > 0, got {num_train_epochs!r}: the task would train 0 steps and then be "
+            f"{where}{name} must be > 0, got {num_train_epochs!r}: the task would train 0 steps and then be "
             "saved and scored as if trained. Set max_steps > 0 instead for a fixed number of steps."
         )
 

@@ -433,3 +433,12 @@ def test_mid_task_resume_with_a_model_of_another_shape_names_the_parameter(tmp_p
     with pytest.raises(ValueError, match=r"checkpoint-2 has parameter 'transformer.h.0.attn.c_attn.bias' of shape \(192,\), "
                                          r"but this model's is \(96,\): it was written by a model of another shape"):
         other.fit(stream, resume_from_checkpoint=True)
+
+
+def test_zero_epochs_for_one_task_is_refused(tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    with pytest.raises(ValueError, match=r"train_task: num_epochs must be > 0, got 0"):
+        trainer.train_task(_rows(tokenizer), task_id="a", num_epochs=0)
+    with pytest.raises(ValueError, match=r"fit: num_epochs must be > 0, got 0"):
+        trainer.fit(tiny_stream, num_epochs=0)
+    assert trainer.tasks == []
