@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         from .recipe import load_recipe, run_recipe
 
-        recipe = load_recipe(args.recipe, extra)
+        try:
+            recipe = load_recipe(args.recipe, extra)
+        except FileNotFoundError as err:  # one line, not a traceback, and argparse's exit code
+            print(f"clm-hf train: error: {err}", file=sys.stderr)
+            return 2
         if args.force_resume and not args.resume:
             parser.error("--force-resume needs --resume RUN_DIR")
         results, trainer = run_recipe(recipe, resume=args.resume, output_dir=args.resume,

@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 from .strategies.base import Strategy, _unknown_message, build_strategy
+from .validation import as_bool, as_number, validate_training_section
 
 TOP_LEVEL_KEYS = ("optimizer", "continual_strategy", "training", "output_dir", "num_epochs", "batch_size", "seed")
 OPTIMIZER_KEYS = ("type", "lr", "weight_decay", "betas", "eps", "momentum")
@@ -30,20 +31,27 @@ def _check_keys(section: dict[str, Any], valid: tuple[str, ...], where: str) -> 
             raise ValueError(_unknown_message(f"config key '{key}'", where, key, list(valid)))
 
 
-def parse_config_dict(config: dict[str, Any]) -> tuple[dict[str, Any], list[Strategy]]:
+def parse_config_dict(config: dict[str, Any], args_class: type | None = None) -> tuple[dict[str, Any], list[Strategy]]:
     """Turn a config dict into ``TrainingArguments`` keyword arguments and strategy objects.
 
     Args:
         config (`dict`): Keys ``optimizer`` ({type, lr, weight_decay, betas, eps, momentum}),
             ``continual_strategy`` ({strategy name: {enabled, options...}}), ``training`` (any
             ``TrainingArguments`` field), ``output_dir``, ``num_epochs``, ``batch_size``, ``seed``.
+            Numbers may be written as strings that parse ("1e-3"); booleans must be real booleans or
+            exactly "true"/"false".
+        args_class (`type`, *optional*): The arguments class the keywords are for (defaults to
+            ``ContinualTrainingArguments``); every keyword is checked against its fields.
 
     Returns:
         `(dict, list[Strategy])`: keyword arguments for the arguments class, and the enabled
         strategies in the order they appear.
     """
     _check_keys(config, TOP_LEVEL_KEYS, "config")
-    kwargs: dict[str, Any] = dict(config.get("training", {}))
+    if args_class is None:
+        from .args import ContinualTrainingArguments as args_class
+    # Names and types of every training keyword, before any model or data is touched.
+    kwargs: dict[str, Any] = validate_training_section(config.get("training", {}), args_class, where="config['training']")
     optimizer = config.get("optimizer", {})
     _check_keys(optimizer, OPTIMIZER_KEYS, "config['optimizer']")
     if "type" in optimizer:
@@ -56,19 +64,27 @@ def parse_config_dict(config: dict[str, Any]) -> tuple[dict[str, Any], list[Stra
         if kind == "adam":
             kwargs.setdefault("weight_decay", 0.0)
     if "lr" in optimizer:
-        kwargs["learning_rate"] = float(optimizer["lr"])
+        kwargs["learning_rate"] = as_number(optimizer["lr"], "config['optimizer']['lr']")
     if "weight_decay" in optimizer:
-        kwargs["weight_decay"] = float(optimizer["weight_decay"])
+        kwargs["weight_decay"] = as_number(optimizer["weight_decay"], "config['optimizer']['weight_decay']")
     if "betas" in optimizer:
-        kwargs["adam_beta1"], kwargs["adam_beta2"] = (float(b) for b in optimizer["betas"])
+        betas = optimizer["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ValueError(f"config['optimizer']['betas'] must be a pair of numbers, got {betas!r}.")
+        kwargs["adam_beta1"], kwargs["adam_beta2"] = (as_number(b, "config['optimizer']['betas']") for b in betas)
     if "eps" in optimizer:
-        kwargs["adam_epsilon"] = float(optimizer["eps"])
+        kwargs["adam_epsilon"] = as_number(optimizer["eps"], "config['optimizer']['eps']")
     if "momentum" in optimizer:
-        kwargs["optim_args"] = f"momentum={float(optimizer['momentum'])}"
-    for key, target in (("output_dir", "output_dir"), ("num_epochs", "num_train_epochs"),
-                        ("batch_size", "per_device_train_batch_size"), ("seed", "seed")):
-        if key in config:
-            kwargs[target] = config[key]
+        momentum = as_number(optimizer["momentum"], "config['optimizer']['momentum']")
+        kwargs["optim_args"] = f"momentum={momentum}"
+    if "output_dir" in config:
+        kwargs["output_dir"] = config["output_dir"]
+    if "num_epochs" in config:  # 0 epochs would train nothing, then save the task as trained
+        kwargs["num_train_epochs"] = as_number(config["num_epochs"], "config['num_epochs']", low=0, low_inclusive=False)
+    if "batch_size" in config:
+        kwargs["per_device_train_batch_size"] = as_number(config["batch_size"], "config['batch_size']", int, low=1)
+    if "seed" in config:
+        kwargs["seed"] = as_number(config["seed"], "config['seed']", int)
 
     strategies: list[Strategy] = []
     section = config.get("continual_strategy", {})
@@ -76,7 +92,7 @@ def parse_config_dict(config: dict[str, Any]) -> tuple[dict[str, Any], list[Stra
         raise TypeError("config['continual_strategy'] must be a dict of {strategy name: options}.")
     for name, options in section.items():
         options = dict(options or {})
-        if not options.pop("enabled", True):
+        if not as_bool(options.pop("enabled", True), f"config['continual_strategy']['{name}']['enabled']"):
             continue
         strategies.append(build_strategy(name, **options))
     return kwargs, strategies

@@ -26,11 +26,22 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .validation import (
+    RecipeError,
+    as_bool,
+    validate_model_section,
+    validate_strategies_section,
+    validate_training_section,
+)
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "tasks", "strategies", "training")
 
@@ -141,7 +152,7 @@ def build_model_and_tokenizer(section: dict[str, Any]) -> tuple[Any, Any]:
 
         path = section.pop("name_or_path")
         tokenizer_path = section.pop("tokenizer", path)
-        trust = bool(section.pop("trust_remote_code", False))
+        trust = as_bool(section.pop("trust_remote_code", False), "model.trust_remote_code")
         dtype = section.pop("dtype", "auto")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -173,6 +184,8 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
 
     names = []
     for i, entry in enumerate(section):
+        if isinstance(entry, dict) and entry.get("eval") is not None:
+            _check_eval_split(entry, i)
         if not isinstance(entry, dict) or "train" not in entry:
             raise ValueError(f"Task {i} of the recipe needs a 'train' entry (load_dataset arguments).")
         name = str(entry.get("name", f"task_{i}"))
@@ -191,6 +204,31 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
     return stream
 
 
+def _check_eval_split(entry: dict[str, Any], index: int) -> None:
+    """Refuse an eval entry that would silently score the training rows; log the split otherwise.
+
+    ``load_dataset`` without ``split`` defaults here to "train": right for a local file of eval rows
+    (its only split), wrong for a Hub dataset or for the training files themselves.
+    """
+    train, evaluation = dict(entry.get("train") or {}), dict(entry["eval"])
+    where = f"tasks[{index}] ('{entry.get('name', f'task_{index}')}')"
+    same_source = {k: v for k, v in train.items() if k != "split"} == {k: v for k, v in evaluation.items() if k != "split"}
+    if same_source and evaluation.get("split", "train") == train.get("split", "train"):
+        raise RecipeError(
+            f"{where}: eval loads the same rows as train (split '{evaluation.get('split', 'train')}' of the same "
+            "dataset), so the scores would be on the training rows. Name a held-out split (e.g. split: test) or "
+            "give eval its own data_files."
+        )
+    if "split" in evaluation:
+        return
+    if evaluation.get("data_files") is None:
+        raise RecipeError(
+            f"{where}: the eval entry names no split, so split 'train' of {evaluation.get('path')!r} (its training "
+            "rows) would be scored. Name a held-out split, e.g. 'eval: {path: ..., split: validation}' (or split: test)."
+        )
+    logger.info("clm-hf: task %s is scored on split 'train' of its eval data_files %s", where, evaluation["data_files"])
+
+
 def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
                joint: bool = False, force_resume: bool = False):
     """Build everything a recipe describes and train the stream; returns ``(results, trainer)``.
@@ -203,10 +241,14 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer
 
     validate_recipe(recipe)
-    model, tokenizer = build_model_and_tokenizer(recipe["model"])
-    stream = build_task_stream(recipe["tasks"])
-    strategies = strategies_from_specs(list(recipe.get("strategies") or []))
-    training = dict(recipe.get("training") or {})
+    # Every section is checked before the model or any data is loaded.
+    model_section = validate_model_section(recipe["model"])
+    seq2seq_arch = model_section.get("arch") == "t5" or "name_or_path" in model_section
+    training = validate_training_section(
+        recipe.get("training"), ContinualSeq2SeqTrainingArguments if seq2seq_arch else ContinualTrainingArguments)
+    strategies = strategies_from_specs(validate_strategies_section(recipe.get("strategies")))
+    stream = build_task_stream(recipe["tasks"])  # before the model: it checks the eval splits
+    model, tokenizer = build_model_and_tokenizer(model_section)
     if output_dir is not None:
         training["output_dir"] = output_dir
     training.setdefault("output_dir", "runs/clm_hf")

@@ -275,6 +275,47 @@ class ContinualResults:
         for vector in self.baseline.values():
             vector.append(None)
 
+    def move_task(self, name: str, position: int) -> None:
+        """Moves the column of task ``name`` to ``position`` in every score matrix and the baseline.
+
+        The metrics read column ``j`` as the ``j``-th trained task, so a task registered for
+        evaluation before others (``add_eval_task``) is moved to its training position when it is
+        trained. Only untrained columns (``position`` and after) may move.
+
+        Example:
+
+        ```python
+        >>> res = ContinualResults(task_names=["reverse", "copy"])
+        >>> res.set_baseline({"exact_match": [0.1, 0.2]})
+        >>> res.move_task("copy", 0)
+        >>> res.task_names, res.baseline["exact_match"]
+        (['copy', 'reverse'], [0.2, 0.1])
+
+        ```
+        """
+        name = str(name)
+        if name not in self.task_names:
+            raise ValueError(f"task {name!r} is not in the stream {self.task_names}")
+        old = self.task_names.index(name)
+        if old == position:
+            return
+        if position < self.num_trained or old < self.num_trained or not 0 <= position < len(self.task_names):
+            raise ValueError(
+                f"cannot move task {name!r} from column {old} to {position}: the first {self.num_trained} "
+                "columns are the tasks already trained, in order"
+            )
+
+        def moved(values: list) -> list:
+            values = list(values)
+            values.insert(position, values.pop(old))
+            return values
+
+        self.task_names = moved(self.task_names)
+        for metric, rows in self.scores.items():
+            self.scores[metric] = [moved(row) for row in rows]
+        for metric, vector in self.baseline.items():
+            self.baseline[metric] = moved(vector)
+
     def add_row(self, scores: dict[str, list[float | None]]) -> None:
         """Appends the scores measured after training the next task of the stream.
 

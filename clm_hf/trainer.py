@@ -32,6 +32,13 @@ from .data import ContinualDataCollator, dataset_from_loader, validate_lm_datase
 from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
 from .results import ContinualResults
 from .strategies.base import Strategy, TaskInfo, unwrap_model
+from .validation import (
+    check_checkpoint_matches_model,
+    check_primary_metric,
+    check_row_lengths,
+    check_tensor_columns,
+    check_training_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ class ContinualTrainerMixin:
     ) -> None:
         strategies = list(strategies or [])
         if config is not None:
-            args_kwargs, config_strategies = parse_config_dict(config)
+            args_kwargs, config_strategies = parse_config_dict(config, self.args_class)
             if args is None:
                 args_kwargs.setdefault("output_dir", "clm_hf_output")
                 args = self.args_class(**args_kwargs)
@@ -104,6 +111,9 @@ class ContinualTrainerMixin:
         self._finite_watch: list[tuple[int, str, torch.Tensor]] = []  # (step, term, value) not yet checked
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
         _check_vocabulary(self.model, self.processing_class)
+        # Settings that would only fail (or silently do nothing) after the first task, checked now.
+        check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
+        check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
         self.add_callback(_StrategyStepHooks(self))
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
@@ -260,7 +270,18 @@ class ContinualTrainerMixin:
                 "Give every task a unique task_id."
             )
         name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
+        self._check_display_name(key, name)
         return TaskInfo(task_id=key, name=name, index=len(self.tasks))
+
+    def _check_display_name(self, task_id: str, name: str) -> None:
+        """One display name per task: results, logs and plots are keyed by it."""
+        taken = [k for k, n in self._task_names.items() if n == name and k != task_id]
+        taken += [t.task_id for t in self.tasks if t.name == name and t.task_id != task_id and t.task_id not in taken]
+        if taken:
+            raise ValueError(
+                f"Task '{task_id}' has display name '{name}', which task '{taken[0]}' already uses. Results and plots are "
+                "keyed by display name: give every task its own task_name."
+            )
 
     def task(self, task_id: Any) -> TaskInfo:
         """The :class:`TaskInfo` of a trained task; an unknown id raises a ``KeyError`` listing the known ones."""
@@ -283,8 +304,12 @@ class ContinualTrainerMixin:
                 stack.enter_context(strategy.use_task(self.model, task))
             yield self.model
 
-    def _prepare_rows(self, dataset: Any, what: str) -> Dataset:
-        """Tokenize raw prompt/answer rows if needed, then validate them."""
+    def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset:
+        """Tokenize raw prompt/answer rows if needed, then validate them.
+
+        ``scoring`` rows are eval rows: their labels always cover the answer only, whatever
+        ``answer_only_loss`` says for training, so the scores never include the prompt.
+        """
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
         if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and {"prompt", "answer"} <= set(dataset.column_names):
@@ -293,16 +318,23 @@ class ContinualTrainerMixin:
             from .tasks import tokenize_task
 
             dataset = tokenize_task(dataset, self.processing_class, is_seq2seq(self.model),
-                                    **({} if is_seq2seq(self.model) else {"answer_only_loss": self._setting("answer_only_loss")}))
-        vocab = getattr(getattr(unwrap_model(self.model), "config", None), "vocab_size", None)
+                                    **({} if is_seq2seq(self.model) else
+                                       {"answer_only_loss": scoring or self._setting("answer_only_loss")}))
+        config = getattr(unwrap_model(self.model), "config", None)
+        vocab = getattr(config, "vocab_size", None)
         validate_lm_dataset(dataset, what=what, vocab_size=vocab, causal=not is_seq2seq(self.model))
+        if not is_seq2seq(self.model):
+            check_row_lengths(dataset, getattr(config, "max_position_embeddings", None), what)
+        if scoring or not self.args.remove_unused_columns:  # eval rows always reach the collator whole
+            check_tensor_columns(dataset, what, keep=self._side_columns())
         return dataset
 
     def add_eval_task(self, task_id: Any, eval_dataset: Any, task_name: str | None = None) -> None:
         """Register a task's evaluation rows, so it is scored after every task (also before it is trained)."""
         key = str(task_id)
         name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
-        self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'")
+        self._check_display_name(key, name)
+        self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'", scoring=True)
         self._task_names[key] = name
         if self.results is None:
             self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
@@ -350,6 +382,7 @@ class ContinualTrainerMixin:
         eval_dataset = eval_dataset if eval_dataset is not None else val_loader
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
+        check_training_length(num_epochs, self.args.max_steps, "train_task: ", "num_epochs")
         task = self._register_task(task_id, task_name)
         task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         if eval_dataset is not None:
@@ -366,6 +399,10 @@ class ContinualTrainerMixin:
     def _run_task(self, task: TaskInfo, *, num_epochs: float | None, resume_from_checkpoint: Any = None) -> TrainOutput:
         self.tasks.append(task)
         self.current_task = task
+        if self.results is not None and task.name in self.results.task_names:
+            # The metrics read column j as the j-th trained task: an eval set registered before
+            # others (add_eval_task) takes its training position now.
+            self.results.move_task(task.name, task.index)
         logger.info("clm-hf: training task %d '%s' (%d rows)", task.index, task.name, len(task.train_dataset))
         if task.index == 0:
             logger.info("clm-hf: device %s, mixed precision %s, %d process(es)%s", self.args.device,
@@ -388,6 +425,8 @@ class ContinualTrainerMixin:
                 ckpt.load_rng(*self._pending_rng)
                 self._pending_rng = None
             self._drop_stale_ddp_wrapper()
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                check_checkpoint_matches_model(unwrap_model(self.model), resume_from_checkpoint)
             output = self.train(resume_from_checkpoint=resume_from_checkpoint)
         self._check_finite()
         for strategy in self.strategies:
@@ -539,6 +578,7 @@ class ContinualTrainerMixin:
         >>> results = trainer.fit(make_suite(["copy", "reverse", "sort"]))  # doctest: +SKIP
         >>> results.summary()["bwt"]  # doctest: +SKIP
         """
+        check_training_length(num_epochs, self.args.max_steps, "fit: ", "num_epochs")
         specs = self._plan_stream(tasks)
         mid_task_checkpoint = None
         if resume_from_checkpoint:
@@ -560,6 +600,11 @@ class ContinualTrainerMixin:
     def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
         """Register every task of a stream (names, eval rows) before any training."""
         specs = normalize_tasks(tasks)
+        names = [s["name"] for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Display name(s) {duplicates} are used by more than one task of the stream; results and "
+                             "plots are keyed by display name, so give every task its own name.")
         self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
         for spec in specs:
             self._task_names[spec["task_id"]] = spec["name"]

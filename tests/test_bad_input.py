@@ -259,3 +259,186 @@ def test_resume_with_nothing_saved_says_so(tmp_path, make_model, tokenizer, tiny
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing was saved there yet.*Start the run again without resuming"):
         _trainer(tmp_path, make_model("gpt2"), tokenizer).fit(tiny_stream, resume_from_checkpoint=str(tmp_path / "empty"))
+
+
+# --- recipes, config dicts and arguments: refused before any model or data is loaded -----------------
+def _recipe(tmp_path, **sections):
+    recipe = {"model": {"arch": "gpt2"}, "tasks": {"suite": "synthetic", "names": ["copy"], "num_train": 8, "num_eval": 4},
+              "training": {"output_dir": str(tmp_path / "run"), "report_to": "none"}}
+    for key, value in sections.items():
+        section, _, field = key.partition("__")
+        if field:
+            recipe[section][field] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+_HUB = {"path": "user/dataset"}
+RECIPE_CASES = {
+    "lr-not-a-number": ({"training__learning_rate": "fast"},
+                        r"training.learning_rate must be a number \(float\), got str 'fast'"),
+    "batch-size-not-an-int": ({"training__per_device_train_batch_size": "8x"},
+                              r"training.per_device_train_batch_size must be an integer \(int\), got str '8x'"),
+    "epochs-not-a-number": ({"training__num_train_epochs": "two"}, r"training.num_train_epochs must be a number"),
+    "epochs-zero": ({"training__num_train_epochs": 0}, r"training.num_train_epochs must be > 0, got 0.0.*max_steps"),
+    "training-typo": ({"training__num_epochs": 2},
+                      r"Unknown key 'num_epochs' in training. Did you mean 'num_train_epochs'\?"),
+    "bool-as-other-string": ({"training__bf16": "False"}, r"training.bf16 must be a boolean \(true or false\), got str 'False'"),
+    "primary-metric-not-computed": ({"training__primary_metric": "bleu"},
+                                    r"training.primary_metric is 'bleu', which this run does not compute"),
+    "model-typo": ({"model__hiden_size": 32}, r"Unknown key 'hiden_size' in model. Did you mean 'hidden_size'\?"),
+    "trust-remote-code-string": ({"model": {"name_or_path": "some/model", "trust_remote_code": "False"}},
+                                 r"model.trust_remote_code must be a boolean \(true or false\), got str 'False'"),
+    "strategies-bad-mapping": ({"strategies": {"ewc": 3}}, r"strategies.ewc must be a mapping of options"),
+    "eval-hub-no-split": ({"tasks": [{"name": "a", "train": {**_HUB, "split": "train"}, "eval": {"path": "user/other"}}]},
+                          r"tasks\[0\] \('a'\): the eval entry names no split, so split 'train' of 'user/other'"),
+    "eval-same-rows-as-train": ({"tasks": [{"name": "a", "train": {**_HUB, "split": "train"}, "eval": dict(_HUB)}]},
+                                r"tasks\[0\] \('a'\): eval loads the same rows as train"),
+    "eval-same-files-as-train": ({"tasks": [{"name": "a", "train": {"path": "json", "data_files": "a.jsonl"},
+                                             "eval": {"path": "json", "data_files": "a.jsonl"}}]},
+                                 r"eval loads the same rows as train"),
+}
+
+
+@pytest.mark.parametrize("sections, message", list(RECIPE_CASES.values()), ids=list(RECIPE_CASES))
+def test_bad_recipe_is_refused_before_loading(sections, message, tmp_path, monkeypatch):
+    import clm_hf.recipe as recipe_module
+    from clm_hf.validation import RecipeError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model or the data was loaded before the recipe was checked")
+
+    monkeypatch.setattr(recipe_module, "build_model_and_tokenizer", no_loading)
+    monkeypatch.setattr("datasets.load_dataset", no_loading)
+    with pytest.raises(RecipeError, match=message):
+        recipe_module.run_recipe(_recipe(tmp_path, **sections))
+
+
+def test_values_written_as_strings_are_converted_when_they_parse():
+    from clm_hf import ContinualTrainingArguments
+    from clm_hf.validation import validate_model_section, validate_strategies_section, validate_training_section
+
+    training = validate_training_section({"learning_rate": "1e-3", "per_device_train_batch_size": "8",
+                                          "num_train_epochs": "2", "bf16": "false"}, ContinualTrainingArguments)
+    assert training == {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "num_train_epochs": 2.0, "bf16": False}
+    assert validate_model_section({"name_or_path": "m", "trust_remote_code": "false"})["trust_remote_code"] is False
+    assert validate_model_section({"arch": "gpt2", "resid_pdrop": "0.0"})["resid_pdrop"] == 0.0
+    # strategies written as a mapping rather than a list
+    assert validate_strategies_section({"name": "ewc", "ewc_lambda": 5}) == [{"name": "ewc", "ewc_lambda": 5}]
+    assert validate_strategies_section({"ewc": {"ewc_lambda": 5}, "replay": None}) == [
+        {"name": "ewc", "ewc_lambda": 5}, {"name": "replay"}]
+
+
+def test_eval_files_without_split_are_scored_and_the_split_is_logged(tmp_path, caplog):
+    from clm_hf.recipe import build_task_stream
+
+    for name in ("train", "eval"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt": "copy : a =", "answer": "a"}) + "\n")
+    entry = {"name": "a", "train": {"path": "json", "data_files": str(tmp_path / "train.jsonl")},
+             "eval": {"path": "json", "data_files": str(tmp_path / "eval.jsonl")}}
+    with caplog.at_level("INFO", logger="clm_hf.recipe"):
+        stream = build_task_stream([entry])
+    assert len(stream["a"]["eval"]) == 1 and "scored on split 'train' of its eval data_files" in caplog.text
+
+
+CONFIG_CASES = {
+    "lr-fast": ({"optimizer": {"lr": "fast"}}, r"config\['optimizer'\]\['lr'\] must be a number \(float\), got str 'fast'"),
+    "batch-size-text": ({"batch_size": "eight"}, r"config\['batch_size'\] must be an integer \(int\), got str 'eight'"),
+    "epochs-text": ({"num_epochs": "two"}, r"config\['num_epochs'\] must be a number \(float\), got str 'two'"),
+    "epochs-zero": ({"num_epochs": 0}, r"config\['num_epochs'\] must be > 0, got 0"),
+    "enabled-not-a-bool": ({"continual_strategy": {"ewc": {"enabled": "no"}}},
+                           r"config\['continual_strategy'\]\['ewc'\]\['enabled'\] must be a boolean"),
+    "training-typo": ({"training": {"num_epochs": 2}},
+                      r"Unknown key 'num_epochs' in config\['training'\]. Did you mean 'num_train_epochs'\?"),
+}
+
+
+@pytest.mark.parametrize("config, message", list(CONFIG_CASES.values()), ids=list(CONFIG_CASES))
+def test_bad_config_dict_names_the_key(config, message, make_model):
+    from clm_hf import ContinualTrainer
+    from clm_hf.validation import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        ContinualTrainer(model=make_model("gpt2"), config=config)
+
+
+def test_config_dict_strings_that_parse_are_converted(make_model):
+    from clm_hf.config import parse_config_dict
+
+    kwargs, strategies = parse_config_dict({"batch_size": "8", "num_epochs": "2", "optimizer": {"lr": "1e-3"},
+                                            "continual_strategy": {"ewc": {"enabled": "false"}}})
+    assert kwargs == {"per_device_train_batch_size": 8, "num_train_epochs": 2.0, "learning_rate": 1e-3}
+    assert strategies == []  # enabled: "false" turns EWC off
+
+
+def test_cli_missing_recipe_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from clm_hf.cli import main
+
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clm-hf train: error: Recipe file") and "does not exist" in err and "\n" not in err
+
+
+# --- trainer arguments and rows: refused before any training --------------------------------------------
+def _long_rows(n_tokens):
+    return Dataset.from_dict({"input_ids": [[5] * n_tokens], "labels": [[5] * n_tokens]})
+
+
+TRAINER_CASES = {
+    "epochs-zero": ({"num_train_epochs": 0}, None, r"args.num_train_epochs must be > 0, got 0"),
+    "primary-metric-not-computed": ({"primary_metric": "bleu"}, None,
+                                    r"args.primary_metric is 'bleu', which this run does not compute"),
+    "row-longer-than-positions": ({}, _long_rows(200),
+                                  r"Row 0 of the train dataset of task 'bad' has 200 tokens, but the model has only 128 "
+                                  r"positions"),
+    "text-column-kept": ({"remove_unused_columns": False},
+                         Dataset.from_dict({"input_ids": [[5, 6]], "labels": [[5, 6]], "source": ["web"]}),
+                         r"train dataset of task 'bad' has a text column 'source'.*remove_unused_columns=False"),
+}
+
+
+@pytest.mark.parametrize("settings, rows, message", list(TRAINER_CASES.values()), ids=list(TRAINER_CASES))
+def test_bad_arguments_and_rows_are_refused_before_training(settings, rows, message, tmp_path, make_model, tokenizer):
+    with pytest.raises(ValueError, match=message):
+        trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, **settings)
+        trainer.train_task(rows, task_id="bad")
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # nothing trained, nothing saved
+
+
+def test_primary_metric_from_task_metrics_is_accepted(tmp_path, make_model, tokenizer):
+    ContinualCausalLMTrainer(model=make_model("gpt2"), args=small_args(tmp_path, primary_metric="bleu"),
+                             processing_class=tokenizer, task_metrics={"bleu": lambda p, r: 0.0})
+
+
+def test_one_display_name_for_two_task_ids_is_refused_at_registration(tmp_path, make_model, tokenizer):
+    rows = _rows(tokenizer)
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    with pytest.raises(ValueError, match=r"Display name\(s\) \['x'\] are used by more than one task"):
+        trainer.fit([{"task_id": "a", "name": "x", "train": rows}, {"task_id": "b", "name": "x", "train": rows}])
+    assert trainer.tasks == []
+    trainer.add_eval_task("a", rows, task_name="x")
+    with pytest.raises(ValueError, match="Task 'b' has display name 'x', which task 'a' already uses"):
+        trainer.train_task(rows, task_id="b", task_name="x")
+    assert trainer.tasks == []
+
+
+def test_mid_task_resume_with_a_model_of_another_shape_names_the_parameter(tmp_path, make_model, tokenizer, tiny_stream):
+    stream = {"copy": tiny_stream["copy"]}
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, save_strategy="steps", save_steps=2)
+    trainer.add_callback(AtTaskStep(trainer, task_index=0, step=3))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(stream)
+    other = _trainer(tmp_path, make_model("gpt2", hidden_size=32), tokenizer, save_strategy="steps", save_steps=2)
+    with pytest.raises(ValueError, match=r"checkpoint-2 has parameter 'transformer.h.0.attn.c_attn.bias' of shape \(192,\), "
+                                         r"but this model's is \(96,\): it was written by a model of another shape"):
+        other.fit(stream, resume_from_checkpoint=True)
+
+
+def test_zero_epochs_for_one_task_is_refused(tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    with pytest.raises(ValueError, match=r"train_task: num_epochs must be > 0, got 0"):
+        trainer.train_task(_rows(tokenizer), task_id="a", num_epochs=0)
+    with pytest.raises(ValueError, match=r"fit: num_epochs must be > 0, got 0"):
+        trainer.fit(tiny_stream, num_epochs=0)
+    assert trainer.tasks == []
