@@ -42,18 +42,21 @@ IN_TASK_STATE_DIR = "continual_state"
 class _StrategyStepHooks(TrainerCallback):
     """Runs the strategies' gradient hooks at the Trainer's own optimizer-step events.
 
-    ``on_pre_optimizer_step`` fires after backward, gradient accumulation, the DDP all-reduce and
-    clipping, and right before ``optimizer.step()``: the one point where an edited gradient is
-    the one the optimizer uses.
+    The gradient edits normally run earlier, from ``_clip_grad_norm``/``_get_grad_norm`` (before
+    clipping, see :meth:`ContinualTrainerMixin._edit_gradients`); ``on_pre_optimizer_step`` is the
+    fallback for a step on which neither ran, so an edit is never skipped.
     """
 
     def __init__(self, trainer: "ContinualTrainerMixin") -> None:
         self.trainer = trainer
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._gradients_edited = False  # also after a step an exception cut short
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        model = self.trainer.model
-        for strategy in self.trainer.strategies:
-            strategy.edit_gradients(model)
+        self.trainer._edit_gradients(self.trainer.model)
+        self.trainer._restore_unscale()
+        self.trainer._gradients_edited = False  # the next optimizer step edits its own gradients
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = self.trainer.model
@@ -103,6 +106,8 @@ class ContinualTrainerMixin:
         self.current_gradient_accumulation_steps = 1
         self._finite_watch: list[tuple[int, str, torch.Tensor]] = []  # (step, term, value) not yet checked
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
+        self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
+        self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
         _check_vocabulary(self.model, self.processing_class)
         self._check_backend_support()
         self.add_callback(_StrategyStepHooks(self))
@@ -162,6 +167,63 @@ class ContinualTrainerMixin:
         names = [s.name for s in self.strategies if unsupported(type(s))]
         if names:
             raise NotImplementedError(f"Strategy {', '.join(repr(n) for n in names)} {reason}")
+
+    # --- gradients: every strategy edit runs before clipping ----------------------------------
+    def _edit_gradients(self, model: nn.Module) -> None:
+        """Run every strategy's ``edit_gradients`` once per optimizer step, before clipping.
+
+        Clipping must see the gradient the optimizer will use: a PackNet mask zeroes the fixed
+        weights' entries, which would otherwise still count in the clip norm, and a GEM projection
+        must compare the memory gradients with the unclipped ``g``. Under fp16 the gradients are
+        unscaled first, so every edit sees true gradients.
+        """
+        if self._gradients_edited:
+            return
+        self._gradients_edited = True
+        editors = [s for s in self.strategies if type(s).edit_gradients is not Strategy.edit_gradients]
+        if not editors:
+            return
+        with self._unscaled_once():
+            for strategy in editors:
+                strategy.edit_gradients(model)
+
+    @contextlib.contextmanager
+    def _unscaled_once(self) -> Iterator[None]:
+        """Unscale fp16 gradients now; the Trainer's own unscale (in ``clip_grad_norm_``) then does nothing.
+
+        ``GradScaler.unscale_`` may run once per step, and ``Accelerator.clip_grad_norm_`` calls it
+        unconditionally, so it is made a no-op on this accelerator until the step is taken.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is None or getattr(accelerator, "mixed_precision", None) != "fp16":
+            yield
+            return
+        accelerator.unscale_gradients()
+        accelerator.unscale_gradients = lambda optimizer=None: None  # instance attribute, see _restore_unscale
+        self._scaler_unscaled = True
+        yield
+
+    def _restore_unscale(self) -> None:
+        """Give the accelerator its own ``unscale_gradients`` back once this step's norm is taken."""
+        if getattr(self, "_scaler_unscaled", False):
+            self.accelerator.__dict__.pop("unscale_gradients", None)
+            self._scaler_unscaled = False
+
+    def _clip_grad_norm(self, model):
+        self._edit_gradients(model)
+        try:
+            return super()._clip_grad_norm(model)
+        finally:
+            self._restore_unscale()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # no clipping this step (max_grad_norm <= 0): edit before the norm is taken
+            self._edit_gradients(model)
+        try:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        finally:
+            self._restore_unscale()
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):

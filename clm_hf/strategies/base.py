@@ -14,7 +14,7 @@ hook                          called
 ``prepare_train_dataset``     before task ``t``: may mix extra rows in (replay)
 ``before_task(trainer, t)``   right before training ``t`` (snapshot a teacher, ...)
 ``loss(model, in, out)``      every training micro-batch: extra loss terms, by name
-``edit_gradients(model)``     after backward + accumulation + clipping, before ``step()``
+``edit_gradients(model)``     after backward + accumulation, before clipping and ``step()``
 ``after_optimizer_step``      right after ``optimizer.step()`` (restore frozen weights)
 ``after_task(trainer, t)``    after training ``t`` (Fisher, pruning, fill a memory)
 ``use_task(model, t)``        context manager: behave as right after task ``t``
@@ -179,7 +179,11 @@ class Strategy:
         return {}
 
     def edit_gradients(self, model: nn.Module) -> None:
-        """Edit ``p.grad`` in place after accumulation and clipping, before ``optimizer.step()``."""
+        """Edit ``p.grad`` in place after accumulation (and the DDP all-reduce), before ``optimizer.step()``.
+
+        It runs before gradient clipping, on unscaled gradients under fp16, so the clip norm is that
+        of the edited gradient (the one the optimizer uses).
+        """
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called right after ``optimizer.step()``."""
