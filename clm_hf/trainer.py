@@ -108,6 +108,7 @@ class ContinualTrainerMixin:
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
         self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
         self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
+        self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
         _check_vocabulary(self.model, self.processing_class)
         self._check_backend_support()
         self.add_callback(_StrategyStepHooks(self))
@@ -224,6 +225,31 @@ class ContinualTrainerMixin:
             return super()._get_grad_norm(model, grad_norm=grad_norm)
         finally:
             self._restore_unscale()
+
+    # --- the rows of every epoch -------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset: Dataset | None = None):
+        """The Trainer's sampler, or, when a strategy picks each epoch's rows, one that asks it every epoch."""
+        sampler = super()._get_train_sampler(train_dataset)
+        selectors = [s for s in self.strategies if type(s).select_train_rows is not Strategy.select_train_rows]
+        if not selectors or not self._selecting_rows or self.current_task is None or sampler is None:
+            return sampler
+        if len(selectors) > 1:
+            raise ValueError(
+                f"Strategies {[s.name for s in selectors]} each choose the training rows of every epoch; "
+                "a trainer can have only one of them."
+            )
+        if not isinstance(sampler, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)):
+            raise NotImplementedError(
+                f"Strategy {selectors[0].name!r} chooses the training rows of every epoch, which needs "
+                f"train_sampling_strategy='random' (the default) or 'sequential'; got "
+                f"{self.args.train_sampling_strategy!r}."
+            )
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if selectors[0].select_train_rows(len(dataset), self.current_task, 0) is None:
+            return sampler  # nothing to choose for this task (e.g. replay's buffer is still empty)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return _EpochRowsSampler(selectors[0], self.current_task, len(dataset),
+                                 shuffle=isinstance(sampler, torch.utils.data.RandomSampler), seed=seed)
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -450,7 +476,11 @@ class ContinualTrainerMixin:
                 ckpt.load_rng(*self._pending_rng)
                 self._pending_rng = None
             self._drop_stale_ddp_wrapper()
-            output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+            self._selecting_rows = True
+            try:
+                output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+            finally:
+                self._selecting_rows = False
         self._check_finite()
         for strategy in self.strategies:
             strategy.after_task(self, task)
@@ -863,6 +893,48 @@ class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+class _EpochRowsSampler(torch.utils.data.Sampler[int]):
+    """Yields, every epoch, the rows a strategy's ``select_train_rows`` picks for it, shuffled.
+
+    Not a ``RandomSampler`` (Accelerate would swap that for its own); the Trainer's ``set_epoch``
+    reaches it through the prepared DataLoader, also on a resumed epoch whose first batches are
+    skipped. The shuffle is seeded with ``seed + epoch``, so every rank and every resume sees the
+    same order.
+    """
+
+    def __init__(self, strategy: Strategy, task: TaskInfo, num_rows: int, *, shuffle: bool, seed: int) -> None:
+        self.strategy, self.task, self.num_rows = strategy, task, num_rows
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self._length = len(self._rows(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self, epoch: int) -> torch.Tensor:
+        picked = self.strategy.select_train_rows(self.num_rows, self.task, epoch)
+        if picked is None:
+            return torch.arange(self.num_rows)
+        rows = torch.as_tensor(list(picked), dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            raise IndexError(f"Strategy {self.strategy.name!r} selected rows outside [0, {self.num_rows}) "
+                             f"for epoch {epoch} of task '{self.task.name}'.")
+        return rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[int]:
+        rows = self._rows(self.epoch)
+        if len(rows) != self._length:
+            raise ValueError(
+                f"Strategy {self.strategy.name!r} selected {len(rows)} rows for epoch {self.epoch} of task "
+                f"'{self.task.name}' but {self._length} for its first epoch; every epoch must have as many rows."
+            )
+        if self.shuffle:
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))]
+        return iter(rows.tolist())
+
+
 @contextlib.contextmanager
 def _tokens_hidden(args: Any) -> Iterator[None]:
     """Set every ``*_token`` string field of ``args`` to None for the duration of a save."""

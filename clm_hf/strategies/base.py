@@ -12,6 +12,7 @@ hook                          called
 ``setup(trainer)``            once, when the trainer is built (check backend support)
 ``prepare_model(model, t)``   before task ``t`` (PNN adds a column, PackNet installs masks)
 ``prepare_train_dataset``     before task ``t``: may mix extra rows in (replay)
+``select_train_rows``         when each epoch starts: which of those rows it trains on
 ``before_task(trainer, t)``   right before training ``t`` (snapshot a teacher, ...)
 ``loss(model, in, out)``      every training micro-batch: extra loss terms, by name
 ``edit_gradients(model)``     after backward + accumulation, before clipping and ``step()``
@@ -30,7 +31,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -166,6 +167,19 @@ class Strategy:
     def prepare_train_dataset(self, dataset: Dataset, task: TaskInfo) -> Dataset:
         """Return the rows to train ``task`` on (replay mixes memory rows in here)."""
         return dataset
+
+    def select_train_rows(self, num_rows: int, task: TaskInfo, epoch: int) -> Sequence[int] | None:
+        """The rows of ``task``'s training dataset to train on in ``epoch``, or ``None`` for all of them.
+
+        Called when each epoch of the task's training starts (not for extra phases such as PackNet's
+        retraining). ``num_rows`` is the length of the dataset the ``prepare_train_dataset`` hooks
+        returned; indices are into it and may repeat. Every epoch must select the same number of
+        rows (the Trainer fixes the steps per epoch), and the choice must depend only on ``task``,
+        ``epoch`` and saved state, so that resuming inside an epoch trains on the same rows. The
+        trainer shuffles the selection as it would shuffle the whole dataset. At most one strategy
+        of a trainer may select rows.
+        """
+        return None
 
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         """Called right before ``trainer.train()`` for ``task``."""
