@@ -143,3 +143,36 @@ def test_resume_inside_an_epoch_trains_on_the_same_rows(tmp_path, make_model, to
     assert len(resumed_seen.rows) == (15 - 7) * 8
     for name, p in full.model.named_parameters():
         torch.testing.assert_close(dict(resumed.model.named_parameters())[name], p, rtol=0, atol=1e-6)
+
+
+class _PicksRows(Strategy):
+    name = "picks_rows"
+
+    def select_train_rows(self, num_rows, task, epoch):
+        return list(range(num_rows))
+
+
+@pytest.mark.parametrize("extra, sampling, error, message", [
+    ([], "group_by_length", NotImplementedError, r"'replay' chooses the training rows .* got 'group_by_length'"),
+    ([_PicksRows()], "random", ValueError, r"\['replay', 'picks_rows'\] each choose the training rows"),
+])
+def test_unsupported_samplers_are_refused_by_name(tmp_path, make_model, tokenizer, tiny_stream, extra, sampling, error,
+                                                  message):
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                       args=small_args(tmp_path, train_sampling_strategy=sampling,
+                                                       save_continual_state=False),
+                                       strategies=[Replay(buffer_size=16), *extra])
+    with pytest.raises(error, match=message):
+        trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+
+
+def test_sequential_sampling_keeps_the_selection_in_order(tmp_path, make_model, tokenizer, tiny_stream):
+    replay, seen = Replay(buffer_size=32, replay_ratio=0.25), _SeenRows()
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                       args=small_args(tmp_path, train_sampling_strategy="sequential",
+                                                       save_continual_state=False),
+                                       strategies=[replay, seen])
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    dataset, task = trainer.train_dataset, trainer.tasks[1]
+    expected = [_key(dataset[i]) for i in replay.select_train_rows(len(dataset), task, 0)]
+    assert seen.rows[32:] == expected
