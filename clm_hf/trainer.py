@@ -49,18 +49,21 @@ IN_TASK_STATE_DIR = "continual_state"
 class _StrategyStepHooks(TrainerCallback):
     """Runs the strategies' gradient hooks at the Trainer's own optimizer-step events.
 
-    ``on_pre_optimizer_step`` fires after backward, gradient accumulation, the DDP all-reduce and
-    clipping, and right before ``optimizer.step()``: the one point where an edited gradient is
-    the one the optimizer uses.
+    The gradient edits normally run earlier, from ``_clip_grad_norm``/``_get_grad_norm`` (before
+    clipping, see :meth:`ContinualTrainerMixin._edit_gradients`); ``on_pre_optimizer_step`` is the
+    fallback for a step on which neither ran, so an edit is never skipped.
     """
 
     def __init__(self, trainer: "ContinualTrainerMixin") -> None:
         self.trainer = trainer
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._gradients_edited = False  # also after a step an exception cut short
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        model = self.trainer.model
-        for strategy in self.trainer.strategies:
-            strategy.edit_gradients(model)
+        self.trainer._edit_gradients(self.trainer.model)
+        self.trainer._restore_unscale()
+        self.trainer._gradients_edited = False  # the next optimizer step edits its own gradients
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = self.trainer.model
@@ -110,6 +113,9 @@ class ContinualTrainerMixin:
         self.current_gradient_accumulation_steps = 1
         self._finite_watch: list[tuple[int, str, torch.Tensor]] = []  # (step, term, value) not yet checked
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
+        self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
+        self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
+        self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
         _check_vocabulary(self.model, self.processing_class)
         # Settings that would only fail (or silently do nothing) after the first task, checked now.
         check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
@@ -172,6 +178,88 @@ class ContinualTrainerMixin:
         names = [s.name for s in self.strategies if unsupported(type(s))]
         if names:
             raise NotImplementedError(f"Strategy {', '.join(repr(n) for n in names)} {reason}")
+
+    # --- gradients: every strategy edit runs before clipping ----------------------------------
+    def _edit_gradients(self, model: nn.Module) -> None:
+        """Run every strategy's ``edit_gradients`` once per optimizer step, before clipping.
+
+        Clipping must see the gradient the optimizer will use: a PackNet mask zeroes the fixed
+        weights' entries, which would otherwise still count in the clip norm, and a GEM projection
+        must compare the memory gradients with the unclipped ``g``. Under fp16 the gradients are
+        unscaled first, so every edit sees true gradients.
+        """
+        if self._gradients_edited:
+            return
+        self._gradients_edited = True
+        editors = [s for s in self.strategies if type(s).edit_gradients is not Strategy.edit_gradients]
+        if not editors:
+            return
+        with self._unscaled_once():
+            for strategy in editors:
+                strategy.edit_gradients(model)
+
+    @contextlib.contextmanager
+    def _unscaled_once(self) -> Iterator[None]:
+        """Unscale fp16 gradients now; the Trainer's own unscale (in ``clip_grad_norm_``) then does nothing.
+
+        ``GradScaler.unscale_`` may run once per step, and ``Accelerator.clip_grad_norm_`` calls it
+        unconditionally, so it is made a no-op on this accelerator until the step is taken.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is None or getattr(accelerator, "mixed_precision", None) != "fp16":
+            yield
+            return
+        accelerator.unscale_gradients()
+        accelerator.unscale_gradients = lambda optimizer=None: None  # instance attribute, see _restore_unscale
+        self._scaler_unscaled = True
+        yield
+
+    def _restore_unscale(self) -> None:
+        """Give the accelerator its own ``unscale_gradients`` back once this step's norm is taken."""
+        if getattr(self, "_scaler_unscaled", False):
+            self.accelerator.__dict__.pop("unscale_gradients", None)
+            self._scaler_unscaled = False
+
+    def _clip_grad_norm(self, model):
+        self._edit_gradients(model)
+        try:
+            return super()._clip_grad_norm(model)
+        finally:
+            self._restore_unscale()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # no clipping this step (max_grad_norm <= 0): edit before the norm is taken
+            self._edit_gradients(model)
+        try:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        finally:
+            self._restore_unscale()
+
+    # --- the rows of every epoch -------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset: Dataset | None = None):
+        """The Trainer's sampler, or, when a strategy picks each epoch's rows, one that asks it every epoch."""
+        sampler = super()._get_train_sampler(train_dataset)
+        selectors = [s for s in self.strategies if type(s).select_train_rows is not Strategy.select_train_rows]
+        if not selectors or not self._selecting_rows or self.current_task is None or sampler is None:
+            return sampler
+        if len(selectors) > 1:
+            raise ValueError(
+                f"Strategies {[s.name for s in selectors]} each choose the training rows of every epoch; "
+                "a trainer can have only one of them."
+            )
+        if not isinstance(sampler, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)):
+            raise NotImplementedError(
+                f"Strategy {selectors[0].name!r} chooses the training rows of every epoch, which needs "
+                f"train_sampling_strategy='random' (the default) or 'sequential'; got "
+                f"{self.args.train_sampling_strategy!r}."
+            )
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if selectors[0].select_train_rows(len(dataset), self.current_task, 0) is None:
+            return sampler  # nothing to choose for this task (e.g. replay's buffer is still empty)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return _EpochRowsSampler(selectors[0], self.current_task, len(dataset),
+                                 shuffle=isinstance(sampler, torch.utils.data.RandomSampler), seed=seed)
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -427,7 +515,11 @@ class ContinualTrainerMixin:
             self._drop_stale_ddp_wrapper()
             if isinstance(resume_from_checkpoint, (str, os.PathLike)):
                 check_checkpoint_matches_model(unwrap_model(self.model), resume_from_checkpoint)
-            output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+            self._selecting_rows = True
+            try:
+                output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+            finally:
+                self._selecting_rows = False
         self._check_finite()
         for strategy in self.strategies:
             strategy.after_task(self, task)
@@ -846,6 +938,48 @@ class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+class _EpochRowsSampler(torch.utils.data.Sampler[int]):
+    """Yields, every epoch, the rows a strategy's ``select_train_rows`` picks for it, shuffled.
+
+    Not a ``RandomSampler`` (Accelerate would swap that for its own); the Trainer's ``set_epoch``
+    reaches it through the prepared DataLoader, also on a resumed epoch whose first batches are
+    skipped. The shuffle is seeded with ``seed + epoch``, so every rank and every resume sees the
+    same order.
+    """
+
+    def __init__(self, strategy: Strategy, task: TaskInfo, num_rows: int, *, shuffle: bool, seed: int) -> None:
+        self.strategy, self.task, self.num_rows = strategy, task, num_rows
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self._length = len(self._rows(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self, epoch: int) -> torch.Tensor:
+        picked = self.strategy.select_train_rows(self.num_rows, self.task, epoch)
+        if picked is None:
+            return torch.arange(self.num_rows)
+        rows = torch.as_tensor(list(picked), dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            raise IndexError(f"Strategy {self.strategy.name!r} selected rows outside [0, {self.num_rows}) "
+                             f"for epoch {epoch} of task '{self.task.name}'.")
+        return rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[int]:
+        rows = self._rows(self.epoch)
+        if len(rows) != self._length:
+            raise ValueError(
+                f"Strategy {self.strategy.name!r} selected {len(rows)} rows for epoch {self.epoch} of task "
+                f"'{self.task.name}' but {self._length} for its first epoch; every epoch must have as many rows."
+            )
+        if self.shuffle:
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))]
+        return iter(rows.tolist())
+
+
 @contextlib.contextmanager
 def _tokens_hidden(args: Any) -> Iterator[None]:
     """Set every ``*_token`` string field of ``args`` to None for the duration of a save."""

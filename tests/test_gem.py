@@ -114,6 +114,66 @@ def test_agem_projection_removes_only_the_conflicting_component():
     assert not bool(project_agem_(agreeing, r)) and torch.equal(agreeing, kept)
 
 
+def test_agem_default_is_the_papers_rule():
+    # margin 0 by default: g~ = g - (g.r / r.r) r only when g.r < 0, so g~.r >= 0, and g itself otherwise.
+    agem = AGEM()
+    assert agem.config.margin == 0.0
+    gen = torch.Generator().manual_seed(5)
+    violated = 0
+    for _ in range(200):
+        r = torch.randn(1, 50, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+        g = torch.randn(50, generator=gen)
+        before = g.clone()
+        projected = bool(agem.project(g, r))
+        assert projected == bool(before @ r[0] < 0)
+        if projected:
+            violated += 1
+            assert float(g @ r[0]) >= -1e-6 * float(before.norm() * r[0].norm())
+            torch.testing.assert_close(g, before - (before @ r[0]) / (r[0] @ r[0]) * r[0])
+        else:
+            assert torch.equal(g, before)
+    assert 50 < violated < 150
+    variant = AGEM(margin=0.5)  # the explicit variant adds at least 0.5 r, however small the violation
+    g, r = torch.tensor([1.0, -1e-3]), torch.tensor([[0.0, 1.0]])
+    assert bool(variant.project(g, r)) and g.tolist() == pytest.approx([1.0, 0.5 - 1e-3])
+
+
+class _RecordGradient(Strategy):
+    """Records the flat gradient it sees in ``edit_gradients`` (and, after A-GEM, its reference)."""
+
+    def __init__(self, name, agem, after):
+        super().__init__()
+        self.name, self.agem, self.after, self.seen, self.refs = name, agem, after, [], []
+
+    def edit_gradients(self, model):
+        if not self.agem.memories:  # the first task: nothing to project against
+            return
+        self.seen.append(torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()]).clone())
+        if self.after:
+            self.refs.append(self.agem._refs[0].clone())
+
+
+def test_agem_projects_the_unclipped_gradient_and_clipping_comes_after(make_model, tokenizer, tiny_stream, tmp_path):
+    # g and g_ref are both unclipped: the gradient A-GEM edits is the raw one, and the norm the
+    # Trainer clips with (logged as grad_norm) is that of the projected gradient.
+    agem = AGEM(memory_per_task=8, sample_size=8)
+    before, after = _RecordGradient("before_agem", agem, False), _RecordGradient("after_agem", agem, True)
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                       args=small_args(tmp_path, max_grad_norm=1e-3, save_continual_state=False,
+                                                       learning_rate=1e-2, num_train_epochs=4),
+                                       strategies=[before, agem, after])
+    trainer.fit({k: tiny_stream[k] for k in ("reverse", "sort")})  # 3 of the 16 steps of sort conflict
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]  # the second task
+    assert len(before.seen) == len(after.seen) == len(logged) == 16 and agem.projected_steps >= 1
+    for g, projected, ref, clip_norm in zip(before.seen, after.seen, after.refs, logged):
+        assert float(g.norm()) > 1e-2  # unclipped (max_grad_norm is 1e-3)
+        expected = g.clone()
+        project_agem_(expected, ref)
+        torch.testing.assert_close(projected, expected)
+        assert float(projected @ ref) >= -1e-6 * float(g.norm() * ref.norm())
+        assert clip_norm == pytest.approx(float(projected.norm()), rel=1e-4)
+
+
 # --- real tiny models ------------------------------------------------------------------------------
 def _rows(tokenizer, name, count, seed, seq2seq=False, max_len=6):
     rows = make_task(name, count, seed=seed, min_len=2, max_len=max_len)

@@ -306,3 +306,47 @@ def test_example_runs(tmp_path):
     trainer = module.main(str(tmp_path / "example"), num_train=32, num_eval=16, num_epochs=1, print_fn=lambda *a: None)
     assert trainer.results.summary()["bwt"] == 0.0
     assert (tmp_path / "example" / "packnet_parameter_usage.png").is_file()
+
+
+class _GradientNorms(Strategy):
+    """Listed after PackNet: the norm of the gradient the optimizer gets, as the edits leave it."""
+
+    name = "packnet_norms"
+
+    def __init__(self, packnet: PackNet):
+        super().__init__()
+        self.packnet = packnet
+        self.norms: list[float] = []
+        self.free_norms: list[float] = []
+
+    def edit_gradients(self, model):
+        if not self.packnet._guard:  # the first task has no fixed weight
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        # The same by hand from the free weights alone: fixed entries of packed weights left out.
+        fixed = {id(p): mask for p, mask, _ in self.packnet._guard.values()}
+        squares = sum(float((p.grad[~fixed[id(p)]] if id(p) in fixed else p.grad).double().square().sum())
+                      for p in model.parameters() if p.grad is not None)
+        self.free_norms.append(math.sqrt(squares))
+
+
+def test_clip_norm_sees_only_the_free_weights(tmp_path, make_model, tokenizer, tiny_stream):
+    # The masks are applied before clipping: the norm the Trainer clips with (and logs as grad_norm)
+    # is that of the free weights' gradients, and the fixed weights stay bit-identical.
+    packnet = PackNet(retrain_epochs=0.0)
+    norms = _GradientNorms(packnet)
+    probe = Probe(packnet)
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [packnet, norms, probe], max_grad_norm=1e-3,
+                       optim="adamw_torch", weight_decay=0.1, save_continual_state=False)
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]  # the second task
+    assert len(norms.norms) == len(logged) == 4
+    for clip_norm, seen, free in zip(logged, norms.norms, norms.free_norms):
+        assert seen == pytest.approx(free, rel=1e-5)  # unclipped: the edits run before clipping
+        assert clip_norm == pytest.approx(free, rel=1e-5)
+        assert clip_norm > 1e-3  # so the step was clipped
+    for name, owner in probe.ownership[0].items():
+        held = owner != 0
+        assert torch.equal(probe.snapshots[1][name][held], probe.snapshots[0][name][held]), name
+    assert probe.fixed_grad_violations == 0

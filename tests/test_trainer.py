@@ -364,3 +364,37 @@ def test_fit_joint_is_the_multitask_upper_bound(tmp_path, make_model, tokenizer,
     assert results.metadata["joint"] and results.summary()["bwt"] == 0.0
     assert len(trainer.train_dataset) == sum(len(t["train"]) for t in tiny_stream.values())
     assert all(r < b for r, b in zip(rows[0], results.baseline["loss"]))  # it learned every task
+
+
+class _EditNorms(Strategy):
+    """Records, in ``edit_gradients``, the norm of the gradient strategies get to edit."""
+
+    name = "edit_norms"
+
+    def __init__(self):
+        super().__init__()
+        self.norms: list[float] = []
+
+    def edit_gradients(self, model):
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+
+
+@pytest.mark.parametrize("loss_scale", [None, 2.0**10])
+def test_gradient_edits_run_before_clipping_on_unscaled_gradients(tmp_path, make_model, tokenizer, tiny_stream,
+                                                                  loss_scale):
+    # Edits see the unclipped gradient (the norm the Trainer then clips with and logs), unscaled
+    # under an fp16 GradScaler, whose unscale then runs once per step (a second would raise).
+    probe = _EditNorms()
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [probe], max_grad_norm=1e-3, save_continual_state=False)
+    if loss_scale is not None:  # fp16 loss scaling as on a GPU, simulated with a CPU GradScaler
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale)
+        trainer.accelerator.native_amp = True
+        trainer.accelerator.state._mixed_precision = "fp16"
+        assert trainer.accelerator.mixed_precision == "fp16"
+    trainer.fit({"copy": tiny_stream["copy"]})
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(probe.norms) == len(logged) == 4
+    for seen, clip_norm in zip(probe.norms, logged):
+        assert seen == pytest.approx(clip_norm, rel=1e-4) and seen > 1e-2  # unclipped and unscaled
+    assert "unscale_gradients" not in vars(trainer.accelerator)  # the accelerator's own method is back

@@ -12,9 +12,10 @@ hook                          called
 ``setup(trainer)``            once, when the trainer is built (check backend support)
 ``prepare_model(model, t)``   before task ``t`` (PNN adds a column, PackNet installs masks)
 ``prepare_train_dataset``     before task ``t``: may mix extra rows in (replay)
+``select_train_rows``         when each epoch starts: which of those rows it trains on
 ``before_task(trainer, t)``   right before training ``t`` (snapshot a teacher, ...)
 ``loss(model, in, out)``      every training micro-batch: extra loss terms, by name
-``edit_gradients(model)``     after backward + accumulation + clipping, before ``step()``
+``edit_gradients(model)``     after backward + accumulation, before clipping and ``step()``
 ``after_optimizer_step``      right after ``optimizer.step()`` (restore frozen weights)
 ``after_task(trainer, t)``    after training ``t`` (Fisher, pruning, fill a memory)
 ``use_task(model, t)``        context manager: behave as right after task ``t``
@@ -30,7 +31,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -167,6 +168,19 @@ class Strategy:
         """Return the rows to train ``task`` on (replay mixes memory rows in here)."""
         return dataset
 
+    def select_train_rows(self, num_rows: int, task: TaskInfo, epoch: int) -> Sequence[int] | None:
+        """The rows of ``task``'s training dataset to train on in ``epoch``, or ``None`` for all of them.
+
+        Called when each epoch of the task's training starts (not for extra phases such as PackNet's
+        retraining). ``num_rows`` is the length of the dataset the ``prepare_train_dataset`` hooks
+        returned; indices are into it and may repeat. Every epoch must select the same number of
+        rows (the Trainer fixes the steps per epoch), and the choice must depend only on ``task``,
+        ``epoch`` and saved state, so that resuming inside an epoch trains on the same rows. The
+        trainer shuffles the selection as it would shuffle the whole dataset. At most one strategy
+        of a trainer may select rows.
+        """
+        return None
+
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         """Called right before ``trainer.train()`` for ``task``."""
 
@@ -179,7 +193,11 @@ class Strategy:
         return {}
 
     def edit_gradients(self, model: nn.Module) -> None:
-        """Edit ``p.grad`` in place after accumulation and clipping, before ``optimizer.step()``."""
+        """Edit ``p.grad`` in place after accumulation (and the DDP all-reduce), before ``optimizer.step()``.
+
+        It runs before gradient clipping, on unscaled gradients under fp16, so the clip norm is that
+        of the edited gradient (the one the optimizer uses).
+        """
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called right after ``optimizer.step()``."""

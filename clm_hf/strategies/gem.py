@@ -16,14 +16,13 @@ the loss on the memory, and edited so that, to first order, the step does not ra
 - **A-GEM** uses one reference gradient ``g_ref``: that of the mean loss on a random sample of the
   whole memory (all past tasks pooled). If ``g · g_ref < 0``: ``g̃ = g + v g_ref`` with
   ``v = max(-g · g_ref / g_ref · g_ref, γ)``. With ``γ = 0`` that is the paper's rule,
-  ``g̃ = g - (g · g_ref / g_ref · g_ref) g_ref``; any ``γ`` gives GEM's projection for the single
-  pooled constraint. The default ``γ = 0.5`` borrows GEM's margin: under Adam, the paper's rule
-  (``γ = 0``) did not reduce forgetting at all on the demo stream (see :class:`AGEMConfig`).
+  ``g̃ = g - (g · g_ref / g_ref · g_ref) g_ref``, and the default. Any ``γ > 0`` gives GEM's
+  projection for the single pooled constraint: an explicit variant (``AGEM(margin=0.5)``), which
+  adds at least ``γ · g_ref`` on any violation, however small (see :class:`AGEMConfig`).
 
-Where it runs: ``edit_gradients``, i.e. after gradient accumulation, the DDP all-reduce and gradient
-clipping, right before ``optimizer.step()``. The margin-free A-GEM projection never lengthens ``g``
-(it removes a component), but GEM's (and A-GEM's with a margin) adds memory gradients and *can*
-make ``g̃`` longer than the clipping threshold: the step is taken after clipping, as it is.
+Where it runs: ``edit_gradients``, i.e. after gradient accumulation and the DDP all-reduce, and
+before gradient clipping (on unscaled gradients under fp16): ``g`` and the reference gradients are
+both unclipped, and the clipping threshold bounds the edited ``g̃``, the step actually taken.
 
 Cost per optimizer step: the reference gradients, then ``K`` dot products ``G g`` and their copy to
 the host (for GEM; A-GEM needs no synchronisation) and, only when a constraint is violated, the
@@ -703,8 +702,8 @@ class GEM(EpisodicGradientStrategy):
     """Gradient Episodic Memory: never let a step raise the loss of a past task's memory (to first order).
 
     One reference gradient per past task; when the update conflicts with any of them it is replaced
-    by the closest update that conflicts with none (a ``K``-variable QP solved exactly). The step
-    after the projection can be longer than ``max_grad_norm`` (clipping happened before).
+    by the closest update that conflicts with none (a ``K``-variable QP solved exactly). Clipping
+    comes after the projection, so ``max_grad_norm`` bounds the projected step.
 
     Args:
         config ([`GEMConfig`], *optional*): Or pass its fields as keyword arguments.
@@ -747,17 +746,19 @@ class AGEMConfig(EpisodicMemoryConfig):
         memory_per_task (`int`): Training rows of each task kept in the episodic memory.
         sample_size (`int`): Rows drawn each step from the whole memory (all past tasks pooled) for
             the reference gradient.
-        margin (`float`): ``γ >= 0``: a violating step gets at least ``γ · g_ref`` added (GEM's
-            margin for the single pooled constraint). ``0`` is the A-GEM paper's exact rule; on the
-            demo stream (Adam) it left forgetting where plain fine-tuning has it (BWT -0.52 for
-            both), while ``0.5`` brought BWT to about -0.3.
+        margin (`float`): ``γ >= 0``. ``0`` (default) is the A-GEM paper's exact rule: only the
+            conflicting component of ``g`` is removed. ``γ > 0`` is a variant that borrows GEM's
+            margin for the single pooled constraint: a violating step gets at least ``γ · g_ref``
+            added, however small the violation. On the demo stream (Adam) the paper's rule left
+            forgetting where plain fine-tuning has it (BWT -0.52 for both), while ``0.5`` brought
+            BWT to about -0.3 (measured before the projection moved ahead of clipping).
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
 
     sample_size: int = field(default=128, metadata={"help": "Pooled memory rows per reference gradient."})
-    margin: float = field(default=0.5, metadata={"help": "GEM's margin γ for the one constraint (0: the paper's rule)."})
+    margin: float = field(default=0.0, metadata={"help": "0: the paper's rule; γ > 0: GEM's margin for the one constraint."})
 
     def validate(self) -> None:
         super().validate()
@@ -770,8 +771,8 @@ class AGEM(EpisodicGradientStrategy):
     """Averaged GEM: project the update against the gradient of a random sample of the whole memory.
 
     One reference gradient per step whatever the number of tasks, and a closed-form projection that
-    needs no host synchronisation. Set ``margin=0`` for the paper's exact rule (which never
-    lengthens the update).
+    needs no host synchronisation. The default ``margin=0`` is the paper's exact rule (which never
+    lengthens the update); ``margin > 0`` is GEM's margin for the one constraint, a variant.
 
     Args:
         config ([`AGEMConfig`], *optional*): Or pass its fields as keyword arguments.

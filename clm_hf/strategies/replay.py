@@ -1,9 +1,15 @@
 """Experience replay with a reservoir buffer (Rolnick et al. 2019, https://arxiv.org/abs/1811.11682;
 reservoir sampling: Vitter 1985, https://doi.org/10.1145/3147.3165).
 
-Replay is a data source, not a loss: before each task it mixes rows drawn from the buffer into the
-task's training rows, and after the task it offers the task's own rows to the reservoir. The
-buffer therefore holds a uniform sample of everything seen so far, whatever the task sizes.
+Replay is a data source, not a loss: every epoch of a task trains on the task's rows plus
+``replay_ratio × |task|`` rows drawn afresh from the buffer, and after the task its own rows are
+offered to the reservoir. The buffer therefore holds a uniform sample of everything seen so far,
+whatever the task sizes, and over the epochs of a task every buffered row gets its turn.
+
+How: ``prepare_train_dataset`` appends the whole buffer to the task's rows, and
+``select_train_rows`` picks, at the start of each epoch, all the task's rows and a fresh draw of
+buffer rows, seeded by (``seed``, the Trainer's ``args.seed``, task, epoch) so that a run resumed
+inside an epoch trains on the same rows.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from datasets import Dataset, concatenate_datasets
 
 from ..buffer import ReservoirBuffer
@@ -29,8 +36,9 @@ class ReplayConfig(StrategyConfig):
     Args:
         buffer_size (`int`): Rows the reservoir holds (over all tasks).
         replay_ratio (`float`): Replayed rows per new row, in [0, 1]: 0.5 adds one old row for
-            every two new ones; 1 doubles the epoch with as many old rows as new.
-        seed (`int`): Seeds the reservoir and the draws of replayed rows.
+            every two new ones; 1 doubles the epoch with as many old rows as new. The old rows are
+            drawn afresh from the buffer every epoch (without repeats while the buffer has enough).
+        seed (`int`): Seeds the reservoir and, with the Trainer's seed, the draws of replayed rows.
     """
 
     aliases = {"capacity": "buffer_size", "memory_size": "buffer_size", "ratio": "replay_ratio"}
@@ -69,13 +77,15 @@ class Replay(Strategy):
     def __init__(self, config: ReplayConfig | None = None, buffer: ReservoirBuffer | None = None, **options: Any) -> None:
         super().__init__(config, **options)
         self.buffer = buffer if buffer is not None else ReservoirBuffer(self.config.buffer_size, seed=self.config.seed)
+        # (task index, task rows, buffer rows, replayed rows per epoch) of the dataset last prepared.
+        self._layout: tuple[int, int, int, int] | None = None
 
     def replay_rows(self, dataset: Dataset, task: TaskInfo) -> Dataset | None:
-        """The memory rows mixed into ``task``'s training, cast to the task's features."""
+        """Every buffer row, cast to ``task``'s features: the pool each epoch's replayed rows come from."""
         count = round(self.config.replay_ratio * len(dataset))
         if count == 0 or len(self.buffer) == 0:
             return None
-        rows = self.buffer.sample(count, seed=self.config.seed + 7919 * (task.index + 1))
+        rows = self.buffer.as_dataset()
         missing = [c for c in dataset.column_names if c not in rows.column_names]
         if missing:
             raise ValueError(
@@ -85,11 +95,64 @@ class Replay(Strategy):
         return rows.select_columns(dataset.column_names).cast(dataset.features)
 
     def prepare_train_dataset(self, dataset: Dataset, task: TaskInfo) -> Dataset:
-        replayed = self.replay_rows(dataset, task)
-        if replayed is None:
+        self._layout = None
+        pool = self.replay_rows(dataset, task)
+        if pool is None:
             return dataset
-        # The Trainer's sampler shuffles, so old and new rows share every batch.
-        return concatenate_datasets([dataset, replayed])
+        self._layout = (task.index, len(dataset), len(pool), round(self.config.replay_ratio * len(dataset)))
+        # The task's rows, then the whole buffer; select_train_rows picks each epoch's share of it.
+        return concatenate_datasets([dataset, pool])
+
+    def select_train_rows(self, num_rows: int, task: TaskInfo, epoch: int) -> list[int] | None:
+        """All of ``task``'s own rows plus this epoch's fresh draw of replayed rows (see :meth:`epoch_draw`)."""
+        if self._layout is None or self._layout[0] != task.index or num_rows != self._layout[1] + self._layout[2]:
+            return None  # not the dataset prepare_train_dataset built for this task
+        _, own, _, _ = self._layout
+        return list(range(own)) + (own + self.epoch_draw(task, epoch)).tolist()
+
+    def epoch_draw(self, task: TaskInfo, epoch: int) -> np.ndarray:
+        """Which buffer rows (positions in the buffer) are replayed in ``epoch`` of ``task``.
+
+        With ``n = replay_ratio × |task|`` rows per epoch and a buffer of ``B`` rows, every epoch
+        replays the whole buffer ``n // B`` times, plus the next ``n % B`` rows of a walk through
+        shuffled passes over the buffer (a fresh permutation per pass). So every epoch draws anew,
+        no row repeats inside an epoch beyond the whole copies, and every buffered row is replayed
+        once before any is replayed twice: a buffer larger than ``n`` is covered in ``⌈B / n⌉``
+        epochs. Seeded by the strategy's ``seed``, the Trainer's ``args.seed``, the task and the
+        pass: the same in every run, on every rank and after a resume.
+        """
+        if self._layout is None or self._layout[0] != task.index:
+            raise RuntimeError(f"Replay has not prepared the rows of task '{task.name}'; call prepare_train_dataset first.")
+        _, _, pool, count = self._layout
+        whole, part = divmod(count, pool)
+        picks = [np.tile(np.arange(pool), whole)]
+        if part:
+            start, stop = epoch * part, (epoch + 1) * part
+            first, last = start // pool, (stop - 1) // pool
+            orders = self._pass_orders(task, pool, part, last)
+            walk = orders[first][start - first * pool :]
+            if last != first:  # the epoch's rows run over into the next pass
+                walk = np.concatenate([walk, orders[last][: stop - last * pool]])
+            picks.append(walk[:part])
+        return np.concatenate(picks)
+
+    def _pass_orders(self, task: TaskInfo, pool: int, part: int, last: int) -> list[np.ndarray]:
+        """The order of the buffer's rows in passes ``0..last`` of ``task``'s walk.
+
+        Each pass is a fresh permutation, except that the rows an epoch already took from the end of
+        the previous pass are moved to the end of this one, so that epoch never replays a row twice.
+        """
+        trainer_seed = int(getattr(getattr(self.trainer, "args", None), "seed", 0))
+        orders: list[np.ndarray] = []
+        for index in range(last + 1):
+            order = np.random.default_rng([self.config.seed, trainer_seed, task.index, index]).permutation(pool)
+            boundary = index * pool
+            start = (boundary // part) * part  # the first row of the epoch this pass starts in
+            if index and start < boundary:
+                late = np.isin(order, orders[-1][start - (index - 1) * pool :])
+                order = np.concatenate([order[~late], order[late]])
+            orders.append(order)
+        return orders
 
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         self.buffer.add(task.train_dataset, task.task_id)
