@@ -21,7 +21,8 @@ so the repository holds::
 repository back, and also a local run folder or a continual checkpoint.
 
 Secrets: the Hub token is never written. ``training_args.bin`` is saved with ``hub_token``
-cleared, and ``clm_hf_continual.json`` holds the arguments without any ``*_token`` field.
+cleared (also when the Trainer pushes its own checkpoints, outside a task), and
+``clm_hf_continual.json`` holds the arguments without any ``*_token`` field.
 Mid-task checkpoints are not pushed (they would overwrite the repository's model with weights
 that belong to no finished task); with ``args.push_to_hub=True`` and any ``hub_strategy`` but
 ``"end"``, the trainer pushes after every task instead.
