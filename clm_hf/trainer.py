@@ -646,7 +646,12 @@ class ContinualTrainerMixin:
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
         super()._save_checkpoint(model, trial)
-        if self.current_task is None or not self.args.should_save:
+        if self.current_task is None:
+            return
+        # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
+        # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}

@@ -171,3 +171,19 @@ def test_restart_on_damage_trains_again_from_the_first_task(run, make_model, tok
         assert trainer.resume_stream(True, trainer._plan_stream(_stream(tiny_stream)), restart_on_damage=True) is None
     assert trainer.tasks == [] and "restart_on_damage" in caplog.text
 
+
+# --- distributed: every rank's files are written before rank 0 hashes the folder ------------------------
+def test_ranks_are_awaited_before_the_checkpoint_folder_is_hashed(tmp_path, make_model, tokenizer, tiny_stream,
+                                                                 monkeypatch):
+    from transformers import Trainer
+
+    events: list[str] = []
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                       args=small_args(tmp_path, save_strategy="steps", save_steps=2))
+    save_rng, describe = Trainer._save_rng_state, ckpt.describe_files
+    monkeypatch.setattr(Trainer, "_save_rng_state", lambda self, d: (events.append("rng"), save_rng(self, d))[1])
+    monkeypatch.setattr(trainer.accelerator, "wait_for_everyone", lambda: events.append("barrier"))
+    monkeypatch.setattr(ckpt, "describe_files", lambda *a, **k: (events.append("hash"), describe(*a, **k))[1])
+    trainer.fit({"copy": tiny_stream["copy"]})
+    saves = "".join(e[0] for e in events)  # r(ng) b(arrier) h(ash)
+    assert saves.count("h") == 2 and saves.count("rbh") == 2, events
