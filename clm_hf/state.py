@@ -227,6 +227,35 @@ def verify_files(root: str | os.PathLike, files: Any, *, required: tuple[str, ..
             raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would under the umask.
+
+    ``tempfile.mkdtemp`` creates 0700 folders and safetensors writes 0600 files whatever the umask;
+    a checkpoint should be as readable as any other file the user writes (a shared group
+    folder, an umask of 022), and no more readable than the umask allows.
+    """
+    mask = process_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     """Build a folder with ``fill(tmp)`` in a temporary sibling, add a manifest, fsync, rename it in."""
     final_dir = Path(final_dir)
@@ -234,6 +263,7 @@ def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None])
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
     try:
         fill(tmp)
+        respect_umask(tmp)
         write_manifest(tmp)
         _fsync_tree(tmp)
         if final_dir.exists():

@@ -637,6 +637,13 @@ class ContinualTrainerMixin:
         # The Trainer pickles its arguments into every save (training_args.bin): keep Hub tokens out.
         with _tokens_hidden(self.args):
             super()._save(output_dir, state_dict=state_dict)
+        # safetensors writes its files 0600 whatever the umask; give them the umask's mode like the rest.
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and folder.is_dir():
+            mode = 0o666 & ~ckpt.process_umask()
+            for path in folder.glob("*.safetensors"):
+                if path.name.startswith(("model", "adapter_model")) and path.is_file():
+                    os.chmod(path, mode)
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.

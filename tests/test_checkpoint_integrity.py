@@ -187,3 +187,29 @@ def test_ranks_are_awaited_before_the_checkpoint_folder_is_hashed(tmp_path, make
     trainer.fit({"copy": tiny_stream["copy"]})
     saves = "".join(e[0] for e in events)  # r(ng) b(arrier) h(ash)
     assert saves.count("h") == 2 and saves.count("rbh") == 2, events
+
+
+# --- file modes follow the umask -------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_are_written_with_the_process_umask(tmp_path, make_model, tokenizer, tiny_stream, umask):
+    import os
+    import stat
+
+    from clm_hf.buffer import ReservoirBuffer
+
+    previous = os.umask(umask)
+    try:
+        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                           args=small_args(tmp_path, save_strategy="steps", save_steps=2),
+                                           strategies=[Replay(buffer_size=16)])
+        trainer.fit({"copy": tiny_stream["copy"]})
+        buffer = ReservoirBuffer(4, seed=0)
+        buffer.add(tiny_stream["copy"]["train"].select(range(8)), "copy")
+        buffer.save_to_disk(tmp_path / "run" / "standalone_buffer")
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "run", *(tmp_path / "run").rglob("*")]
+    assert any(p.name == "model.safetensors" for p in paths) and any(p.name == "rng.safetensors" for p in paths)
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert wrong == {}
