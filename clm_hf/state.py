@@ -297,6 +297,7 @@ def save_continual_checkpoint(
     strategies: list[Any],
     model: torch.nn.Module | None,
     results: Any | None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write one continual checkpoint atomically (see the module docstring for the layout).
 
@@ -306,6 +307,8 @@ def save_continual_checkpoint(
         strategies: The strategies; each writes its own sub-folder through ``save_state``.
         model: The model whose weights to store; ``None`` when the Trainer already saved them.
         results: A :class:`~clm_hf.results.ContinualResults` or ``None``.
+        extra_files (`dict[str, str]`, *optional*): More text files (name -> content) to store in
+            the checkpoint, so that its manifest covers them too.
     """
     from safetensors.torch import save_model
 
@@ -321,6 +324,8 @@ def save_continual_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
         if results is not None:
             results.save(tmp / RESULTS_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
     return write_atomically(final_dir, fill)
 

@@ -782,8 +782,9 @@ class ContinualTrainerMixin:
         if self.current_task is not None:
             return
         # Outside fit() (a direct train()), the Trainer pickles self.args into output_dir/training_args.bin
-        # and uploads that folder: hide the tokens while it writes, and give its uploads the token directly.
-        with _uploads_with_token(self.args.hub_token), _tokens_hidden(self.args):
+        # and uploads that folder: hide the tokens while it writes; hub.public_uploads gives the uploads
+        # the token directly and rewrites the uploaded training_args.bin without absolute local paths.
+        with hub.public_uploads(self.args, self.args.hub_token), _tokens_hidden(self.args):
             super()._push_from_checkpoint(checkpoint_folder)
 
     @classmethod
@@ -855,36 +856,6 @@ def _tokens_hidden(args: Any) -> Iterator[None]:
     finally:
         for name, value in hidden.items():
             setattr(args, name, value)
-
-
-@contextlib.contextmanager
-def _uploads_with_token(token: str | None) -> Iterator[None]:
-    """Make the Trainer's ``hf_api().upload_folder`` calls use ``token`` while ``args.hub_token`` is hidden.
-
-    ``Trainer._push_from_checkpoint`` passes ``token=self.args.hub_token`` to its uploads; with the
-    token hidden (so that ``training_args.bin`` holds none) they would fall back to the stored login.
-    """
-    import transformers.trainer as hf_trainer
-
-    original = getattr(hf_trainer, "hf_api", None)
-    if token is None or original is None:
-        yield
-        return
-    api = original()
-
-    class _TokenApi:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(api, name)
-
-        def upload_folder(self, *args: Any, token: str | None = None, **kwargs: Any) -> Any:
-            return api.upload_folder(*args, token=token if token is not None else secret, **kwargs)
-
-    secret, proxy = token, _TokenApi()
-    hf_trainer.hf_api = lambda: proxy
-    try:
-        yield
-    finally:
-        hf_trainer.hf_api = original
 
 
 def _check_vocabulary(model: nn.Module | None, tokenizer: Any) -> None:
