@@ -213,3 +213,20 @@ def test_checkpoints_are_written_with_the_process_umask(tmp_path, make_model, to
     wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths
              if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
     assert wrong == {}
+
+
+def test_cli_restart_on_damage(tmp_path):
+    from clm_hf.cli import main
+
+    recipe = str(Path(__file__).parent.parent / "recipes" / "ewc" / "tiny_gpt2.yaml")
+    fast = ["--tasks.num_train", "16", "--tasks.num_eval", "8", "--training.num_train_epochs", "1",
+            "--training.disable_tqdm", "true", "--tasks.names", "[copy]"]
+    out = tmp_path / "ewc"
+    assert main(["train", recipe, *fast, "--training.output_dir", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", recipe, *fast, "--restart-on-damage"])  # --restart-on-damage needs --resume
+    _edit_manifest(out / "continual" / "task-000", lambda m: m.update(files=[]))
+    with pytest.raises(CheckpointError, match="every checkpoint there is damaged.*--restart-on-damage"):
+        main(["train", recipe, *fast, "--resume", str(out)])
+    assert main(["train", recipe, *fast, "--resume", str(out), "--restart-on-damage"]) == 0
+    ckpt.read_continual_state(out / "continual" / "task-000")  # trained again and saved anew
