@@ -508,6 +508,9 @@ class ReservoirBuffer:
         # leftovers of a crash do not look like buffers.
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
+            from .state import process_umask
+
+            os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700 whatever the umask
             if self._data is not None:
                 self._data.save_to_disk(str(tmp))
             # Written last: a directory with this file is complete.

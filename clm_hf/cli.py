@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="Continue an interrupted run from its folder (its newest valid checkpoint).")
     train.add_argument("--force-resume", action="store_true",
                        help="With --resume: go on even though strategy settings changed since the checkpoint.")
+    train.add_argument("--restart-on-damage", action="store_true",
+                       help="With --resume: if every checkpoint is damaged, train again from the first task "
+                            "(without it, that is an error naming the damage).")
 
     report = sub.add_parser("report", help="Write plots (PNG) and tables for a run folder.")
     report.add_argument("run_dir", help="A folder with results.json (or sub-folders with one each).")
@@ -81,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.force_resume and not args.resume:
             parser.error("--force-resume needs --resume RUN_DIR")
+        if args.restart_on_damage and not args.resume:
+            parser.error("--restart-on-damage needs --resume RUN_DIR")
         results, trainer = run_recipe(recipe, resume=args.resume, output_dir=args.resume,
-                                      force_resume=args.force_resume)
+                                      force_resume=args.force_resume, restart_on_damage=args.restart_on_damage)
         print(results.format_table())
         print({k: (round(v, 4) if v is not None else None) for k, v in results.summary().items()})
         print(f"Results in {trainer.args.output_dir}/results.json")

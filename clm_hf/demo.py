@@ -168,7 +168,7 @@ def _mlflow_fluent() -> Any:
 
 def _setup_mlflow(output_dir: Path) -> dict[str, str]:
     """Point MLflow at a file store in the run folder unless the user set a tracking URI."""
-    from .tracking import offline_mlflow_uri
+    from .tracking import offline_mlflow_uri, redact_uri
 
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if user_uri:
@@ -179,6 +179,7 @@ def _setup_mlflow(output_dir: Path) -> dict[str, str]:
     if not os.environ.get("MLFLOW_EXPERIMENT_NAME") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         os.environ["MLFLOW_EXPERIMENT_NAME"] = "clm-hf-demo"
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"id {os.environ['MLFLOW_EXPERIMENT_ID']}"
+    uri = redact_uri(uri)  # only printed from here on: a server URI may hold user:password@
     if own:
         view = f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {uri}"
     elif "://" in uri and not uri.startswith(("file:", "sqlite:")):

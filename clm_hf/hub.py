@@ -14,14 +14,19 @@ so the repository holds::
                                RNG, manifest with sha256 of every file)
     base_model_config/         config of the underlying pretrained model, to rebuild it before the
                                continual weights load
-    clm_hf_continual.json      trainer class, model class, tasks, strategies, training arguments
+    clm_hf_continual.json      trainer class, model class, tasks, strategies, training arguments (a
+                               copy of continual_state/clm_hf_continual.json, which the manifest
+                               covers and from_pretrained reads)
     plots/heatmap.png, plots/task_curves.png
 
 :func:`from_pretrained` (``ContinualCausalLMTrainer.from_pretrained``) reads such a folder or
 repository back, and also a local run folder or a continual checkpoint.
 
 Secrets: the Hub token is never written. ``training_args.bin`` is saved with ``hub_token``
-cleared, and ``clm_hf_continual.json`` holds the arguments without any ``*_token`` field.
+cleared (also when the Trainer pushes its own checkpoints, outside a task), and
+``clm_hf_continual.json`` holds the arguments without any ``*_token`` field. No absolute local
+path is published either: in ``clm_hf_continual.json`` and in the uploaded ``training_args.bin``,
+an absolute path (``output_dir``) is reduced to its last component.
 Mid-task checkpoints are not pushed (they would overwrite the repository's model with weights
 that belong to no finished task); with ``args.push_to_hub=True`` and any ``hub_strategy`` but
 ``"end"``, the trainer pushes after every task instead.
@@ -29,6 +34,7 @@ that belong to no finished task); with ``args.push_to_hub=True`` and any ``hub_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -37,7 +43,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from . import __version__
 from . import state as ckpt
@@ -109,8 +115,74 @@ def _user_peft(trainer: Any) -> bool:
     return not any(type(s).restore_model is not Strategy.restore_model for s in trainer.strategies)
 
 
+def _public_value(key: str, value: Any) -> Any:
+    """What a training argument may show in a published file: no token, no absolute local path."""
+    if key.endswith("_token"):
+        return None
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return Path(value).name  # e.g. output_dir: the run folder's name, not where it lies on this machine
+    return value
+
+
 def _safe_training_args(args: Any) -> dict[str, Any]:
-    return {k: v for k, v in args.to_dict().items() if not k.endswith("_token")}
+    return {k: _public_value(k, v) for k, v in args.to_dict().items() if not k.endswith("_token")}
+
+
+def write_public_training_args(args: Any, folder: str | os.PathLike) -> None:
+    """Rewrite ``<folder>/training_args.bin`` (if there) from a copy of ``args`` without tokens or absolute paths.
+
+    The Trainer pickles its arguments into every model folder it saves or uploads; in a folder that
+    is published, that pickle must not tell where the run lay on the local disk.
+    """
+    import copy
+
+    import torch
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    path = Path(folder) / TRAINING_ARGS_NAME
+    if not path.is_file():
+        return
+    public = copy.copy(args)
+    for key, value in vars(args).items():
+        cleaned = _public_value(key, value)
+        if cleaned is not value:
+            setattr(public, key, cleaned)
+    torch.save(public, path)
+
+
+@contextlib.contextmanager
+def public_uploads(args: Any, token: str | None) -> Iterator[None]:
+    """Around the Trainer's own pushes: every folder it uploads gets public training args, and the token.
+
+    ``Trainer.push_to_hub`` and ``Trainer._push_from_checkpoint`` save ``training_args.bin`` and then
+    call ``hf_api().upload_folder``; this wraps that call so that the folder's ``training_args.bin``
+    is rewritten by :func:`write_public_training_args` first, and so that the upload gets ``token``
+    even while ``args.hub_token`` is hidden (else it would fall back to the stored login).
+    """
+    import transformers.trainer as hf_trainer
+
+    original = getattr(hf_trainer, "hf_api", None)
+    if original is None:  # another transformers layout: nothing to wrap
+        yield
+        return
+    api = original()
+
+    class _PublicApi:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(api, name)
+
+        def upload_folder(self, *a: Any, folder_path: Any = None, token: str | None = None, **kwargs: Any) -> Any:
+            if folder_path is not None:
+                write_public_training_args(args, folder_path)
+            return api.upload_folder(*a, folder_path=folder_path, token=token if token is not None else secret,
+                                     **kwargs)
+
+    secret, proxy = token, _PublicApi()
+    hf_trainer.hf_api = lambda: proxy
+    try:
+        yield
+    finally:
+        hf_trainer.hf_api = original
 
 
 def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
@@ -132,16 +204,7 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
         if (directory / entry).is_dir():
             shutil.rmtree(directory / entry)
     directory.mkdir(parents=True, exist_ok=True)
-    # A fresh continual checkpoint of the state right now (the same as the last end-of-task one).
-    ckpt.save_continual_checkpoint(
-        directory / STATE_DIR, state=trainer._continual_state(), strategies=trainer.strategies,
-        model=_unwrapped(trainer.model), results=trainer.results,
-    )
     base = _base_pretrained(trainer.model)
-    base.config.save_pretrained(directory / BASE_CONFIG_DIR)
-    generation = getattr(base, "generation_config", None)
-    if generation is not None and getattr(base, "can_generate", lambda: False)():
-        generation.save_pretrained(directory / BASE_CONFIG_DIR)
     meta = {
         "format_version": META_FORMAT_VERSION,
         "clm_hf_version": __version__,
@@ -153,7 +216,19 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
         "primary_metric": trainer.results.primary_metric if trainer.results is not None else None,
         "training_args": _safe_training_args(trainer.args),
     }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    meta_text = json.dumps(meta, indent=1, default=str)
+    # A fresh continual checkpoint of the state right now (the same as the last end-of-task one).
+    # It holds the metadata too, so that its manifest covers the training arguments from_pretrained
+    # applies; the copy at the root is for people and tools that look there, and must be identical.
+    ckpt.save_continual_checkpoint(
+        directory / STATE_DIR, state=trainer._continual_state(), strategies=trainer.strategies,
+        model=_unwrapped(trainer.model), results=trainer.results, extra_files={META_FILE: meta_text},
+    )
+    base.config.save_pretrained(directory / BASE_CONFIG_DIR)
+    generation = getattr(base, "generation_config", None)
+    if generation is not None and getattr(base, "can_generate", lambda: False)():
+        generation.save_pretrained(directory / BASE_CONFIG_DIR)
+    (directory / META_FILE).write_text(meta_text, encoding="utf-8")
     if trainer.results is not None and trainer.results.num_trained:
         for path in write_result_files(trainer.results, directory / PLOTS_DIR):
             if path.suffix != ".png":
@@ -223,7 +298,7 @@ def push_to_hub(
     if trainer.args.should_save:
         _stage(trainer, folder, clean=True)
     kwargs.setdefault("model_name", _model_name(trainer))
-    with _WritingInto(trainer, folder):
+    with _WritingInto(trainer, folder), public_uploads(trainer.args, token):
         result = parent_push(commit_message=commit_message, blocking=blocking, token=token, revision=revision,
                              private=private, **kwargs)
     trainer._clm_hub_push = None if blocking else result
@@ -256,6 +331,7 @@ def save_continual_pretrained(trainer: Any, directory: str | os.PathLike, **card
     with _WritingInto(trainer, directory):
         trainer.save_model(str(directory), _internal_call=True)
         if trainer.args.should_save:
+            write_public_training_args(trainer.args, directory)  # the folder is meant to be published
             write_model_card(trainer, directory, **card_kwargs)
     return directory
 
@@ -436,6 +512,32 @@ def _find_state(root: Path) -> tuple[Path, Path | None]:
     return latest, root if (root / "config.json").is_file() else None
 
 
+def _read_meta(root: Path, state_dir: Path) -> dict[str, Any]:
+    """``clm_hf_continual.json``, only as covered by the continual state's manifest (already verified).
+
+    Its training arguments are applied to the new trainer, so a copy the manifest does not cover
+    (an edited root copy, or an export from before the metadata moved into the state) is refused.
+    """
+    covered, loose = state_dir / META_FILE, root / META_FILE
+    if not covered.is_file():
+        if loose.is_file():
+            raise ckpt.CheckpointError(
+                f"{loose} is not covered by the manifest of {state_dir}, so the training arguments in it cannot be "
+                "checked. Export or push the run again with this clm-hf version, or remove the file and pass args=."
+            )
+        return {}
+    text = covered.read_text(encoding="utf-8")
+    if loose.is_file() and loose.resolve() != covered.resolve() and loose.read_text(encoding="utf-8") != text:
+        raise ckpt.CheckpointError(f"{loose} differs from {covered}, the copy its manifest covers: it was edited.")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ckpt.CheckpointError(f"{covered} is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict):
+        raise ckpt.CheckpointError(f"{covered} is malformed: it holds a {type(meta).__name__}, not an object.")
+    return meta
+
+
 def _strategy_specs(saved: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     from .strategies.base import STRATEGY_REGISTRY, get_strategy_class
 
@@ -529,8 +631,7 @@ def from_pretrained(
     root = _resolve(path_or_repo, token=token, revision=revision, cache_dir=cache_dir)
     state_dir, config_dir = _find_state(root)
     state = ckpt.read_continual_state(state_dir)  # verifies every file against the manifest
-    meta_path = root / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _read_meta(root, state_dir)
     if model is None:
         if config_dir is None or not (config_dir / "config.json").is_file():
             raise FileNotFoundError(

@@ -230,11 +230,12 @@ def _check_eval_split(entry: dict[str, Any], index: int) -> None:
 
 
 def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
-               joint: bool = False, force_resume: bool = False):
+               joint: bool = False, force_resume: bool = False, restart_on_damage: bool = False):
     """Build everything a recipe describes and train the stream; returns ``(results, trainer)``.
 
     ``joint=True`` trains all tasks at once instead (the multitask upper bound); ``force_resume``
-    resumes even though strategy settings changed (see ``ContinualTrainer.fit``).
+    resumes even though strategy settings changed, and ``restart_on_damage`` starts the stream
+    again when every checkpoint is damaged (see ``ContinualTrainer.fit``).
     """
     from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
     from .strategies.base import strategies_from_specs
@@ -259,5 +260,6 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
     if joint:
         return trainer.fit_joint(stream), trainer
-    results = trainer.fit(stream, resume_from_checkpoint=resume, force_resume=force_resume)
+    results = trainer.fit(stream, resume_from_checkpoint=resume, force_resume=force_resume,
+                          restart_on_damage=restart_on_damage)
     return results, trainer

@@ -589,12 +589,14 @@ class ContinualResults:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            # mkstemp creates the file 0600; keep the mode of the file we replace, else 0644,
-            # so results stay readable by the group like any other file the user writes.
+            # mkstemp creates the file 0600; keep the mode of the file we replace, else the mode
+            # a plain open() gives under the umask, like any other file the user writes.
             try:
                 mode = path.stat().st_mode & 0o777
             except FileNotFoundError:
-                mode = 0o644
+                from .state import process_umask
+
+                mode = 0o666 & ~process_umask()
             os.chmod(tmp_name, mode)
             os.replace(tmp_name, path)
         except BaseException:

@@ -16,6 +16,7 @@ checks the manifest first and names the file that is missing, truncated or corru
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import random
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 import numpy as np
@@ -108,16 +109,24 @@ def write_manifest(root: Path) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Check every file listed in ``manifest.json``; raise :class:`CheckpointError` naming the bad one."""
+def verify_manifest(root: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check every file listed in ``manifest.json``; raise :class:`CheckpointError` naming the bad one.
+
+    Args:
+        root: The checkpoint folder.
+        required (`tuple[str]`): Files this kind of checkpoint always has (e.g. ``model.safetensors``);
+            a manifest that does not list one of them is an error, even if the file is absent too.
+    """
     root = Path(root)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{root} has no {MANIFEST}: it is not a complete clm-hf checkpoint.")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({err}).") from err
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path} is malformed: it holds a {type(manifest).__name__}, not an object.")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointVersionError(
@@ -125,7 +134,9 @@ def verify_manifest(root: str | os.PathLike) -> dict[str, Any]:
             f"this clm-hf ({__version__}) reads format {FORMAT_VERSION}. Resume it with the clm-hf version that "
             "wrote it, or start a new run in another output_dir."
         )
-    verify_files(root, manifest.get("files", {}))
+    if "files" not in manifest:
+        raise CheckpointError(f"{manifest_path} is malformed: it has no 'files' entry.")
+    verify_files(root, manifest["files"], required=required, exclude=MANIFEST, what=str(manifest_path))
     return manifest
 
 
@@ -139,9 +150,73 @@ def describe_files(root: str | os.PathLike, exclude: str | None = None) -> dict[
     }
 
 
-def verify_files(root: str | os.PathLike, files: dict[str, dict[str, Any]]) -> None:
-    """Check files against :func:`describe_files` output; raise :class:`CheckpointError` naming the bad one."""
+def confined_path(root: str | os.PathLike, rel: Any, *, what: str = "file") -> Path:
+    """``root / rel``, checked to stay inside ``root``; raise :class:`CheckpointError` naming ``rel`` if not.
+
+    A checkpoint names its own files with paths relative to its folder. An absolute path or ``..``
+    components would make the loader read (hash, size, load) arbitrary local files, so they are
+    refused. The check is on the path as written, not on where symbolic links lead: a Hub download
+    (``snapshot_download``) is a folder of links into the cache's blob store.
+
+    Args:
+        root: The checkpoint folder.
+        rel: The relative path read from the checkpoint.
+        what (`str`): What the path names, for the error message.
+    """
     root = Path(root)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise CheckpointError(f"Checkpoint {root} names a {what} with an invalid path {rel!r}.")
+    parts = PurePosixPath(rel.replace("\\", "/"))
+    if parts.is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).is_absolute():
+        raise CheckpointError(f"Checkpoint {root} names a {what} by the absolute path {rel!r}; "
+                              "checkpoint paths must be relative to the checkpoint folder.")
+    if ".." in parts.parts:
+        raise CheckpointError(f"Checkpoint {root} names a {what} {rel!r} that leads outside the checkpoint folder.")
+    return root / rel
+
+
+def verify_files(root: str | os.PathLike, files: Any, *, required: tuple[str, ...] = (),
+                 exclude: str | None = None, what: str = "the file list") -> None:
+    """Check files against :func:`describe_files` output; raise :class:`CheckpointError` naming the bad one.
+
+    Beyond each file's size and sha256, the list itself is checked: it must be a mapping of
+    relative paths inside ``root`` to ``{"size": int, "sha256": str}``, it must list every path in
+    ``required``, and every file under ``root`` (but ``exclude``, a file or first-level folder
+    name, hidden names and ``datasets`` cache files) must be listed, since loaders read files by name and an unlisted one
+    would be read unverified.
+
+    Args:
+        root: The folder the paths are relative to.
+        files: The ``{path: {"size", "sha256"}}`` mapping read from a manifest.
+        required (`tuple[str]`): Paths that must be listed.
+        exclude (`str`, *optional*): A name directly under ``root`` that the list does not cover.
+        what (`str`): Where the list comes from, for the error messages.
+    """
+    root = Path(root)
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{what} is malformed: 'files' must map paths to {{size, sha256}}, "
+                              f"not be a {type(files).__name__}.")
+    for rel, info in files.items():
+        confined_path(root, rel, what=f"file in {what}")
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and not isinstance(info["size"], bool)
+                and info["size"] >= 0 and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64):
+            raise CheckpointError(f"{what} is malformed: the entry of {rel!r} must be {{'size': bytes, 'sha256': "
+                                  f"64 hex digits}}, got {info!r:.200}.")
+    for rel in required:
+        if rel not in files:
+            raise CheckpointError(f"{what} does not list {rel}, which this kind of checkpoint always has: "
+                                  f"the checkpoint {root} is incomplete or its manifest was edited.")
+    listed = {Path(rel) for rel in files}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        # Never loaded, so harmless: hidden names (leftovers of interrupted atomic writes, .tmp-*, .old-*)
+        # and the cache-*.arrow files `datasets` writes next to a memory-mapped dataset (a replay
+        # buffer, a GEM memory) when it is transformed; load_from_disk reads only the files its
+        # state.json names.
+        ignored = any(part.startswith(".") for part in rel.parts) or fnmatch.fnmatch(rel.name, "cache-*.arrow")
+        if path.is_file() and rel not in listed and not ignored and not (exclude and rel.parts[0] == exclude):
+            raise CheckpointError(f"Checkpoint {root} holds {rel.as_posix()}, which {what} does not list: "
+                                  "it would be loaded unverified.")
     for rel, info in files.items():
         path = root / rel
         if not path.is_file():
@@ -152,6 +227,35 @@ def verify_files(root: str | os.PathLike, files: dict[str, dict[str, Any]]) -> N
             raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would under the umask.
+
+    ``tempfile.mkdtemp`` creates 0700 folders and safetensors writes 0600 files whatever the umask;
+    a checkpoint should be as readable as any other file the user writes (a shared group
+    folder, an umask of 022), and no more readable than the umask allows.
+    """
+    mask = process_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     """Build a folder with ``fill(tmp)`` in a temporary sibling, add a manifest, fsync, rename it in."""
     final_dir = Path(final_dir)
@@ -159,6 +263,7 @@ def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None])
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
     try:
         fill(tmp)
+        respect_umask(tmp)
         write_manifest(tmp)
         _fsync_tree(tmp)
         if final_dir.exists():
@@ -192,6 +297,7 @@ def save_continual_checkpoint(
     strategies: list[Any],
     model: torch.nn.Module | None,
     results: Any | None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write one continual checkpoint atomically (see the module docstring for the layout).
 
@@ -201,6 +307,8 @@ def save_continual_checkpoint(
         strategies: The strategies; each writes its own sub-folder through ``save_state``.
         model: The model whose weights to store; ``None`` when the Trainer already saved them.
         results: A :class:`~clm_hf.results.ContinualResults` or ``None``.
+        extra_files (`dict[str, str]`, *optional*): More text files (name -> content) to store in
+            the checkpoint, so that its manifest covers them too.
     """
     from safetensors.torch import save_model
 
@@ -216,15 +324,61 @@ def save_continual_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
         if results is not None:
             results.save(tmp / RESULTS_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
     return write_atomically(final_dir, fill)
 
 
-def read_continual_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """Verify a checkpoint and return its ``continual_state.json`` content."""
+def read_continual_state(directory: str | os.PathLike, *, with_model: bool = True) -> dict[str, Any]:
+    """Verify a checkpoint and return its ``continual_state.json`` content.
+
+    Args:
+        directory: The continual checkpoint folder.
+        with_model (`bool`, defaults to `True`): Whether this kind of checkpoint holds the model's
+            weights (an end-of-task one does; the continual state inside a Trainer checkpoint does
+            not). The manifest must list every file the kind requires: the state, the RNG, the
+            weights if ``with_model``, and each strategy's ``state.json``.
+
+    Raises:
+        `CheckpointError`: naming the missing, unlisted, damaged or malformed file.
+    """
     directory = Path(directory)
-    verify_manifest(directory)
-    return json.loads((directory / STATE_FILE).read_text())
+    required = (STATE_FILE, RNG_FILE, MODEL_FILE) if with_model else (STATE_FILE, RNG_FILE)
+    manifest = verify_manifest(directory, required=required)
+    state_path = directory / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_path} is not valid JSON ({err}).") from err
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{state_path} is malformed: {problem}.")
+    for i, entry in enumerate(state["strategies"]):
+        # Every strategy writes a state.json (Strategy.save_state), so a missing one is damage.
+        rel = (strategy_dir(Path(), i, entry["name"]) / "state.json").as_posix()
+        if rel not in manifest["files"]:
+            raise CheckpointError(f"The manifest of {directory} does not list {rel}: the state of strategy "
+                                  f"'{entry['name']}' is missing.")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a ``continual_state.json``, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not an object"
+    if not isinstance(state.get("tasks"), list) or not all(isinstance(t, dict) and "task_id" in t for t in state["tasks"]):
+        return "'tasks' must be a list of task objects with a task_id"
+    strategies = state.get("strategies")
+    if not isinstance(strategies, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("config"), dict)
+            for s in strategies):
+        return "'strategies' must be a list of {name, config} objects"
+    if any("/" in s["name"] or "\\" in s["name"] or s["name"] in ("", ".", "..") for s in strategies):
+        return "a strategy name is not a plain name"
+    if not isinstance(state.get("rng"), dict):
+        return "'rng' must be an object"
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
@@ -251,14 +405,22 @@ def list_checkpoints(run_dir: str | os.PathLike, pattern: str = "task-*") -> lis
     return sorted(p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith("."))
 
 
-def latest_valid_checkpoint(candidates: list[Path]) -> Path | None:
-    """The newest folder of ``candidates`` whose manifest verifies; corrupt ones are reported."""
+def latest_valid_checkpoint(candidates: list[Path], damaged: list[tuple[Path, CheckpointError]] | None = None
+                            ) -> Path | None:
+    """The newest folder of ``candidates`` that verifies as an end-of-task checkpoint; damaged ones are reported.
+
+    Args:
+        candidates: Checkpoint folders, oldest first.
+        damaged (`list`, *optional*): Receives ``(folder, error)`` for each damaged folder skipped.
+    """
     for path in reversed(candidates):
         try:
-            verify_manifest(path)
+            read_continual_state(path, with_model=True)
             return path
         except CheckpointVersionError:
             raise  # another format is not damage: falling back to an older checkpoint would hide it
         except CheckpointError as err:
             logger.warning("Skipping unusable checkpoint %s: %s", path, err)
+            if damaged is not None:
+                damaged.append((path, err))
     return None

@@ -59,6 +59,7 @@ __all__ = [
     "attach",
     "available_trackers",
     "offline_mlflow_uri",
+    "redact_uri",
     "results_markdown",
     "task_finished",
     "write_result_files",
@@ -111,6 +112,47 @@ def offline_mlflow_uri(directory: str | os.PathLike, store: str = "file") -> str
         raise ValueError(f"store must be 'file' or 'sqlite', got {store!r}.")
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return (directory / "mlruns").as_uri()
+
+
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "key", "signature", "credential")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its credentials replaced by ``***``, for printing or logging.
+
+    The user-info part (``user:password@``, or a bare token as user name) is replaced as a whole,
+    and so are the values of query parameters whose name suggests a secret (``token``,
+    ``password``, ``key``, ...). Anything that is not a ``scheme://`` URI is returned unchanged.
+
+    >>> redact_uri("https://user:password@mlflow.example.com:5000/path")
+    'https://***@mlflow.example.com:5000/path'
+    >>> redact_uri("https://host/api?run=3&access_token=abc")
+    'https://host/api?run=3&access_token=***'
+    >>> redact_uri("file:///tmp/run/mlruns")
+    'file:///tmp/run/mlruns'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not parseable: print nothing of it rather than risk a secret
+        return "<unparseable URI>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        fields = []
+        for field in query.split("&"):
+            name, sep, _ = field.partition("=")
+            secret = sep and any(word in name.lower() for word in _SECRET_QUERY_KEYS)
+            fields.append(f"{name}=***" if secret else field)
+        query = "&".join(fields)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing secret; urlunsplit would also drop the empty host of sqlite:///path
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def results_markdown(results: Any, *, heading_level: int = 2) -> str:

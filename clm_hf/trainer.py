@@ -647,6 +647,7 @@ class ContinualTrainerMixin:
         resume_from_checkpoint: str | bool | None = None,
         num_epochs: float | None = None,
         force_resume: bool = False,
+        restart_on_damage: bool = False,
     ) -> ContinualResults:
         """Train a whole stream of tasks, evaluating every task after each one.
 
@@ -659,6 +660,9 @@ class ContinualTrainerMixin:
             num_epochs (`float`, *optional*): Epochs per task, overriding ``args.num_train_epochs``.
             force_resume (`bool`, *optional*): Resume even though the strategies' settings changed
                 since the checkpoint was written (the strategy list itself must be the same).
+            restart_on_damage (`bool`, *optional*): When resuming finds checkpoints but every one is
+                damaged, train the stream again from its first task instead of raising
+                :class:`~clm_hf.state.CheckpointError`.
 
         Returns:
             [`ContinualResults`]: the score matrices and summary metrics, also written to
@@ -674,7 +678,8 @@ class ContinualTrainerMixin:
         specs = self._plan_stream(tasks)
         mid_task_checkpoint = None
         if resume_from_checkpoint:
-            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume)
+            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume,
+                                                     restart_on_damage=restart_on_damage)
         elif self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         for index, spec in enumerate(specs):
@@ -769,6 +774,13 @@ class ContinualTrainerMixin:
         # The Trainer pickles its arguments into every save (training_args.bin): keep Hub tokens out.
         with _tokens_hidden(self.args):
             super()._save(output_dir, state_dict=state_dict)
+        # safetensors writes its files 0600 whatever the umask; give them the umask's mode like the rest.
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and folder.is_dir():
+            mode = 0o666 & ~ckpt.process_umask()
+            for path in folder.glob("*.safetensors"):
+                if path.name.startswith(("model", "adapter_model")) and path.is_file():
+                    os.chmod(path, mode)
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.
@@ -778,7 +790,12 @@ class ContinualTrainerMixin:
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
         super()._save_checkpoint(model, trial)
-        if self.current_task is None or not self.args.should_save:
+        if self.current_task is None:
+            return
+        # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
+        # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
@@ -786,13 +803,19 @@ class ContinualTrainerMixin:
                                        model=None, results=self.results)
 
     def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]], *,
-                      force: bool = False) -> tuple[int, Path] | None:
-        """Restore the stream from a run folder or checkpoint; return a mid-task checkpoint if any."""
+                      force: bool = False, restart_on_damage: bool = False) -> tuple[int, Path] | None:
+        """Restore the stream from a run folder or checkpoint; return a mid-task checkpoint if any.
+
+        Damaged checkpoints are skipped in favour of older ones. When checkpoints exist but every
+        one is damaged, a :class:`~clm_hf.state.CheckpointError` names the damage, unless
+        ``restart_on_damage`` lets the stream start again from its first task.
+        """
         run_dir = Path(self._base_output_dir if checkpoint is True else checkpoint)
+        damaged: list[tuple[Path, ckpt.CheckpointError]] = []
         if (run_dir / ckpt.MANIFEST).is_file():
             task_ckpt, run_dir = run_dir, run_dir.parent.parent
         else:
-            task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
+            task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR), damaged)
         if task_ckpt is None:
             if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
                 raise FileNotFoundError(
@@ -811,15 +834,31 @@ class ContinualTrainerMixin:
         inner = sorted(task_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         for candidate in reversed(inner):
             try:
-                meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR)
-                ckpt.verify_files(candidate, meta.get("trainer_files", {}))
+                meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR, with_model=False)
+                if "trainer_files" not in meta:
+                    raise ckpt.CheckpointError(f"{candidate / IN_TASK_STATE_DIR / ckpt.STATE_FILE} has no "
+                                               "'trainer_files' list of the Trainer checkpoint's files.")
+                # The Trainer reads its files by name (weights, optimizer, RNG, trainer_state.json).
+                ckpt.verify_files(candidate, meta["trainer_files"], required=("trainer_state.json",),
+                                  exclude=IN_TASK_STATE_DIR, what=f"the trainer_files list of {candidate}")
             except ckpt.CheckpointVersionError:
                 raise
             except ckpt.CheckpointError as err:
                 logger.warning("Skipping unusable mid-task checkpoint %s: %s", candidate, err)
+                damaged.append((candidate, err))
                 continue
             self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False, force=force)
             return done, candidate
+        if task_ckpt is None and damaged:
+            listing = "; ".join(f"{path}: {err}" for path, err in damaged)
+            if not restart_on_damage:
+                raise ckpt.CheckpointError(
+                    f"Cannot resume from {run_dir}: every checkpoint there is damaged ({listing}). Repair or remove "
+                    "them, or pass restart_on_damage=True (clm-hf train --restart-on-damage) to train the stream "
+                    "again from its first task."
+                )
+            logger.warning("clm-hf: every checkpoint in %s is damaged (%s); restart_on_damage: training the stream "
+                           "again from its first task.", run_dir, listing)
         if task_ckpt is None and self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         return None
@@ -877,7 +916,12 @@ class ContinualTrainerMixin:
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Mid-task weights are never pushed: the repo gets whole continual states after each task.
-        if self.current_task is None:
+        if self.current_task is not None:
+            return
+        # Outside fit() (a direct train()), the Trainer pickles self.args into output_dir/training_args.bin
+        # and uploads that folder: hide the tokens while it writes; hub.public_uploads gives the uploads
+        # the token directly and rewrites the uploaded training_args.bin without absolute local paths.
+        with hub.public_uploads(self.args, self.args.hub_token), _tokens_hidden(self.args):
             super()._push_from_checkpoint(checkpoint_folder)
 
     @classmethod

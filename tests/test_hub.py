@@ -190,3 +190,56 @@ def test_hub_strategy_end_pushes_only_on_request_to_the_run_folder_name(tmp_path
     # A later push waits for nothing and rewrites the staged folder.
     trainer.push_to_hub(blocking=False)
     assert len(fake_hub.uploads) == 2
+
+
+def test_direct_train_with_every_save_pushes_writes_and_uploads_no_token(tmp_path, fake_hub, make_model, tokenizer,
+                                                                        tiny_stream):
+    """A plain ``train()`` (no task): the Trainer's own mid-training push must not carry the token."""
+    from clm_hf.tasks import tokenize_task
+
+    trainer = ContinualCausalLMTrainer(
+        model=make_model("gpt2"), processing_class=tokenizer,
+        train_dataset=tokenize_task(tiny_stream["copy"]["train"], tokenizer, False),
+        args=small_args(tmp_path, push_to_hub=True, hub_model_id="tester/plain", hub_strategy="every_save",
+                        save_strategy="steps", save_steps=2, hub_token=SECRET),
+    )
+    trainer.train()
+    # Every save pushed, each upload with the token passed explicitly (not the stored login).
+    steps = [u for u in fake_hub.uploads if u["message"].startswith("Training in progress")]
+    assert len(steps) >= 2 and all(u["token"] == SECRET for u in fake_hub.uploads)
+    assert trainer.args.hub_token == SECRET
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    uploaded = [p for p in (fake_hub.root / "tester/plain").rglob("*") if p.is_file()]
+    assert "training_args.bin" in {p.name for p in written} and "training_args.bin" in {p.name for p in uploaded}
+    leaks = [str(p) for p in written + uploaded if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    local = [str(p) for p in uploaded if str(tmp_path).encode() in p.read_bytes()]
+    assert local == []  # no absolute local path published either
+
+
+def test_export_publishes_no_local_path_and_its_metadata_is_covered_by_the_manifest(
+        tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model, tokenizer)
+    trainer.fit({"copy": tiny_stream["copy"]})
+    export = save_continual_pretrained(trainer, tmp_path / "export")
+    files = [p for p in export.rglob("*") if p.is_file()]
+    assert "training_args.bin" in {p.name for p in files}
+    assert [str(p) for p in files if str(tmp_path).encode() in p.read_bytes()] == []
+    manifest = json.loads((export / "continual_state" / ckpt.MANIFEST).read_text())
+    assert "clm_hf_continual.json" in manifest["files"]
+    assert (export / "clm_hf_continual.json").read_text() == (export / "continual_state/clm_hf_continual.json").read_text()
+    assert ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "ok")).tasks[0].task_id == "copy"
+
+    # An edited root copy (its training arguments would be applied) is refused, naming the file.
+    meta = json.loads((export / "clm_hf_continual.json").read_text())
+    meta["training_args"]["learning_rate"] = 1.0
+    (export / "clm_hf_continual.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match="clm_hf_continual.json differs from .*continual_state"):
+        ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "edited"))
+    # A metadata file the manifest does not cover at all is refused too.
+    (export / "continual_state/clm_hf_continual.json").unlink()
+    path = export / "continual_state" / ckpt.MANIFEST
+    manifest["files"].pop("clm_hf_continual.json")
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="is not covered by the manifest"):
+        ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "loose"))

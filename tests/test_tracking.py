@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,30 @@ def test_results_markdown_lists_summary_and_every_metric():
     assert text.index("## Summary (exact_match)") < text.index("## exact_match after") < text.index("## loss after")
     assert "| exact_match | 0.750 | -0.200 | 0.000 | 0.200 |" in text
     assert "(lower is better)" in text
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://user:password@mlflow.example.com:5000/", "https://***@mlflow.example.com:5000/"),
+    ("http://onlyatoken@host/api", "http://***@host/api"),
+    ("https://host/x?run=1&access_token=abc&Password=p", "https://host/x?run=1&access_token=***&Password=***"),
+    ("postgresql://u:pw@db/mlflow", "postgresql://***@db/mlflow"),
+    ("file:///tmp/run/mlruns", "file:///tmp/run/mlruns"),
+    ("sqlite:///runs/mlflow.db", "sqlite:///runs/mlflow.db"),
+    ("runs/mlruns", "runs/mlruns"),
+])
+def test_redact_uri_hides_credentials(uri, shown):
+    from clm_hf.tracking import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_demo_prints_the_tracking_uri_without_its_credentials(tmp_path, monkeypatch):
+    from clm_hf.demo import _setup_mlflow
+
+    uri = "https://alice:s3cr3t-pw@mlflow.example.com/"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "exp")
+    info = _setup_mlflow(tmp_path)
+    assert "s3cr3t-pw" not in info["where"] + info["view"] and "alice" not in info["where"] + info["view"]
+    assert "https://***@mlflow.example.com/" in info["where"]
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # MLflow itself still gets the real URI

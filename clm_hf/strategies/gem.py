@@ -644,8 +644,23 @@ class EpisodicGradientStrategy(Strategy):
         save_tensor_json_state({"memories": folders, "steps": self.steps, "projected_steps": self.projected_steps}, directory)
 
     def load_state(self, directory: str | os.PathLike) -> None:
+        from ..state import CheckpointError, confined_path
+
         state = load_tensor_json_state(directory)
-        self.memories = {m["task_id"]: load_from_disk(str(Path(directory) / m["folder"])) for m in state.get("memories", [])}
+        memories = state.get("memories", [])
+        if not isinstance(memories, list) or not all(isinstance(m, dict) and {"task_id", "folder"} <= set(m)
+                                                     for m in memories):
+            raise CheckpointError(f"The {self.name} state in {directory} is malformed: 'memories' must be a list of "
+                                  "{task_id, folder} objects.")
+        self.memories = {}
+        for m in memories:
+            # The folder comes from the checkpoint: it must name a memory inside this strategy's folder.
+            folder = confined_path(directory, m["folder"], what=f"{self.name} memory folder")
+            try:
+                self.memories[m["task_id"]] = load_from_disk(str(folder))
+            except FileNotFoundError as err:
+                raise CheckpointError(f"The {self.name} memory of task {m['task_id']!r} ({folder}) is missing or "
+                                      f"incomplete: {err}") from err
         self.steps = state.get("steps", 0)
         self._projected = state.get("projected_steps", 0)
         self._bank, self._binding = None, None

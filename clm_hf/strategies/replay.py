@@ -23,7 +23,8 @@ import numpy as np
 from datasets import Dataset, concatenate_datasets
 
 from ..buffer import ReservoirBuffer
-from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy
+from .base import (Strategy, StrategyConfig, TaskInfo, check_range, load_tensor_json_state, register_strategy,
+                   save_tensor_json_state)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import ContinualTrainer
@@ -157,15 +158,27 @@ class Replay(Strategy):
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         self.buffer.add(task.train_dataset, task.task_id)
 
-    # The buffer persists as its own Arrow folder (memory-mapped on load), not as tensors.
+    # The buffer persists as its own Arrow folder (memory-mapped on load), not as tensors; state.json
+    # records how many rows it holds, so that a buffer lost from a checkpoint is an error on load
+    # instead of a silently empty buffer.
     def save_state(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         if len(self.buffer):
             self.buffer.save_to_disk(Path(directory) / "buffer")
+        save_tensor_json_state({"buffer_rows": len(self.buffer)}, directory)
 
     def load_state(self, directory: str | os.PathLike) -> None:
+        from ..state import CheckpointError
+
         path = Path(directory) / "buffer"
-        if path.exists():
+        rows = load_tensor_json_state(directory).get("buffer_rows", 0)
+        if rows and not path.is_dir():
+            raise CheckpointError(f"The replay state in {directory} records a buffer of {rows} rows, but {path} "
+                                  "is missing: the checkpoint is incomplete.")
+        if rows:
             self.buffer = ReservoirBuffer.load_from_disk(path)
+            if len(self.buffer) != rows:
+                raise CheckpointError(f"The replay buffer in {path} holds {len(self.buffer)} rows, but the "
+                                      f"checkpoint recorded {rows}.")
         else:  # nothing was stored yet when the checkpoint was written
             self.buffer = ReservoirBuffer(self.config.buffer_size, seed=self.config.seed)
