@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -244,11 +245,17 @@ def load_rng(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
 
 
 def list_checkpoints(run_dir: str | os.PathLike, pattern: str = "task-*") -> list[Path]:
-    """Checkpoint folders under ``run_dir`` (not temporaries), oldest first by name."""
+    """Checkpoint folders under ``run_dir`` (not temporaries), oldest first by their number."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith(".")), key=checkpoint_sort_key)
+
+
+def checkpoint_sort_key(path: Path) -> tuple[int, str]:
+    """Sort key of ``task-7`` / ``checkpoint-120`` folders: by the number, so ``task-1000`` follows ``task-999``."""
+    match = re.search(r"-(\d+)$", path.name)
+    return (int(match.group(1)) if match else -1, path.name)
 
 
 def latest_valid_checkpoint(candidates: list[Path]) -> Path | None:
@@ -262,3 +269,37 @@ def latest_valid_checkpoint(candidates: list[Path]) -> Path | None:
         except CheckpointError as err:
             logger.warning("Skipping unusable checkpoint %s: %s", path, err)
     return None
+
+
+# --- interrupted swaps ---------------------------------------------------------------------------
+def recover_interrupted_swaps(parent: str | os.PathLike) -> list[Path]:
+    """Finish what :func:`write_atomically` left when a kill stopped it, for the folders in ``parent``.
+
+    Replacing an existing checkpoint moves it to ``.old-<name>-<pid>`` before the new copy is
+    renamed in; a kill between the two renames leaves only the ``.old-*`` folder, which is complete
+    (its manifest was verified when it was written). It is put back under its name; when the new
+    copy did arrive, the leftover is removed, and so are unfinished ``.tmp-*`` folders. Call this
+    only while holding the run's :class:`RunLock`, so that no other writer is half-way through.
+
+    Returns:
+        `list[pathlib.Path]`: the folders put back.
+    """
+    parent = Path(parent)
+    restored: list[Path] = []
+    if not parent.is_dir():
+        return restored
+    for old in sorted(parent.glob(".old-*")):
+        if not old.is_dir():
+            continue
+        final = parent / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the swap finished; only the clean-up was cut short
+        else:
+            os.replace(old, final)
+            restored.append(final)
+            logger.warning("clm-hf: put back %s: a kill interrupted its replacement (%s was left).", final, old.name)
+    for tmp in parent.glob(".tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return restored
+

@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from . import hub, tracking
 from . import state as ckpt
@@ -640,13 +640,25 @@ class ContinualTrainerMixin:
         a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
-        super()._save_checkpoint(model, trial)
-        if self.current_task is None or not self.args.should_save:
+        writes_state = self.current_task is not None and self.args.should_save
+        limit = self.args.save_total_limit
+        if writes_state:
+            # The Trainer deletes older checkpoints at the end of its own save. Here that comes only
+            # once the new one has its continual state: else, with save_total_limit=1, a kill in
+            # between would leave no complete mid-task checkpoint and the task would restart at 0.
+            self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not writes_state:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
         ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
                                        model=None, results=self.results)
+        rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]], *,
                       force: bool = False) -> tuple[int, Path] | None:
@@ -655,7 +667,14 @@ class ContinualTrainerMixin:
         if (run_dir / ckpt.MANIFEST).is_file():
             task_ckpt, run_dir = run_dir, run_dir.parent.parent
         else:
+            with self.args.main_process_first(desc="clm-hf: repairing interrupted checkpoint swaps"):
+                if self.args.should_save:  # one writer; the other ranks read the repaired folder after it
+                    ckpt.recover_interrupted_swaps(run_dir / CONTINUAL_DIR)
             task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
+        with self.args.main_process_first(desc="clm-hf: repairing interrupted checkpoint swaps"):
+            if self.args.should_save:
+                for inner_checkpoint in run_dir.glob("task-*/checkpoint-*"):
+                    ckpt.recover_interrupted_swaps(inner_checkpoint)
         if task_ckpt is None:
             if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
                 raise FileNotFoundError(

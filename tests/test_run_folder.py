@@ -1,0 +1,161 @@
+"""One run per output folder, and one complete checkpoint at every instant.
+
+* Kills at each window of a checkpoint write (simulated by raising from the function that runs
+  next) leave a complete, loadable checkpoint, and the resumed run ends where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import clm_hf.trainer as trainer_module
+from clm_hf import ContinualCausalLMTrainer, Replay
+from clm_hf import state as ckpt
+from clm_hf.hub import save_continual_pretrained
+from tests.conftest import small_args
+
+def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
+    return ContinualCausalLMTrainer(model=model, args=small_args(tmp_path, **overrides), processing_class=tokenizer,
+                                    strategies=list(strategies))
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def _two_tasks(tiny_stream):
+    return {k: tiny_stream[k] for k in ("copy", "reverse")}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- 3.3 rotation and kill windows -----------------------------------------------------------------
+MID_TASK = dict(save_strategy="steps", save_steps=1, save_total_limit=1)
+
+
+def _full_run(tmp_path, make_model, tokenizer, stream, **settings):
+    full = _trainer(tmp_path / "full", make_model("gpt2"), tokenizer, [Replay(buffer_size=8)], **settings)
+    full.fit(stream)
+    return full
+
+
+@pytest.mark.parametrize("window", ["before_continual_state", "before_rotation"])
+def test_save_total_limit_1_keeps_a_complete_mid_task_checkpoint_through_a_kill(
+        tmp_path, make_model, tokenizer, tiny_stream, monkeypatch, caplog, window):
+    """Kill task 1's save of checkpoint 3 after the Trainer's files, before the continual state
+    (or before the rotation): checkpoint 2 must still be complete, and the resume must use it."""
+    stream = _two_tasks(tiny_stream)
+    full = _full_run(tmp_path, make_model, tokenizer, stream, **MID_TASK)
+    task_dir = tmp_path / "cut" / "run" / "task-001"
+    original_save, original_rotate = ckpt.save_continual_checkpoint, trainer_module.rotate_checkpoints
+
+    def killed_save(final_dir, **kwargs):
+        if window == "before_continual_state" and Path(final_dir) == task_dir / "checkpoint-3" / "continual_state":
+            raise KeyboardInterrupt("killed before the continual state")
+        return original_save(final_dir, **kwargs)
+
+    def killed_rotate(output_dir, **kwargs):
+        if window == "before_rotation" and Path(output_dir) == task_dir and (task_dir / "checkpoint-3").exists():
+            raise KeyboardInterrupt("killed before the rotation")
+        return original_rotate(output_dir, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_continual_checkpoint", killed_save)
+    monkeypatch.setattr(trainer_module, "rotate_checkpoints", killed_rotate)
+    crashing = _trainer(tmp_path / "cut", make_model("gpt2"), tokenizer, [Replay(buffer_size=8)], **MID_TASK)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(stream)
+    ckpt.verify_files(task_dir / "checkpoint-2", ckpt.read_continual_state(
+        task_dir / "checkpoint-2" / "continual_state")["trainer_files"])  # complete and loadable
+    expected = "checkpoint-2" if window == "before_continual_state" else "checkpoint-3"
+    monkeypatch.undo()
+    resumed = _trainer(tmp_path / "cut", make_model("gpt2", seed=5), tokenizer, [Replay(buffer_size=8)], **MID_TASK)
+    with caplog.at_level("INFO"):
+        results = resumed.fit(stream, resume_from_checkpoint=True)
+    assert f"resumed from {task_dir / expected / 'continual_state'}" in caplog.text
+    _assert_same(_params(resumed), _params(full))
+    assert results.matrix("loss") == full.results.matrix("loss")
+    assert len(list(task_dir.glob("checkpoint-*"))) == 1  # save_total_limit=1 still applies
+
+
+def _kill_the_second_rename(monkeypatch, target: Path):
+    """Make write_atomically die between moving ``target`` aside and renaming the new copy in."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == target and Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+
+
+def test_a_kill_between_the_renames_of_a_checkpoint_swap_is_repaired_at_resume(
+        tmp_path, make_model, tokenizer, tiny_stream, monkeypatch, caplog):
+    stream = _two_tasks(tiny_stream)
+    full = _full_run(tmp_path, make_model, tokenizer, stream)
+    trainer = _trainer(tmp_path / "cut", make_model("gpt2"), tokenizer, [Replay(buffer_size=8)])
+    trainer.fit(stream)
+    continual = tmp_path / "cut" / "run" / "continual"
+    _kill_the_second_rename(monkeypatch, continual / "task-001")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_continual_checkpoint()  # rewrites continual/task-001
+    monkeypatch.undo()
+    assert not (continual / "task-001").exists()
+    (old,) = continual.glob(".old-task-001-*")
+    ckpt.verify_manifest(old)  # the complete copy is there, under another name
+    resumed = _trainer(tmp_path / "cut", make_model("gpt2", seed=5), tokenizer, [Replay(buffer_size=8)])
+    with caplog.at_level("INFO"):
+        results = resumed.fit(stream, resume_from_checkpoint=True)
+    assert f"put back {continual / 'task-001'}" in caplog.text
+    assert f"resumed from {continual / 'task-001'} after 2 task(s)" in caplog.text  # nothing retrained
+    assert sorted(p.name for p in continual.iterdir()) == ["task-000", "task-001"]
+    _assert_same(_params(resumed), _params(full))
+    assert results.matrix("loss") == full.results.matrix("loss")
+
+
+def test_an_export_keeps_its_previous_continual_state_until_the_new_one_is_complete(
+        tmp_path, make_model, tokenizer, tiny_stream, monkeypatch):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [Replay(buffer_size=8)])
+    trainer.fit({"copy": tiny_stream["copy"]})
+    export = save_continual_pretrained(trainer, tmp_path / "export")
+    state = export / "continual_state"
+    before = _tree(state)
+    # Killed while the new state is written: the old one is untouched.
+    original = Replay.save_state
+    monkeypatch.setattr(Replay, "save_state", lambda self, d: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        save_continual_pretrained(trainer, export)
+    assert _tree(state) == before
+    # Killed between the two renames: the old one is put back by the next export (or a resume).
+    monkeypatch.setattr(Replay, "save_state", original)
+    _kill_the_second_rename(monkeypatch, state)
+    with pytest.raises(KeyboardInterrupt):
+        save_continual_pretrained(trainer, export)
+    monkeypatch.undo()
+    (old,) = export.glob(".old-continual_state-*")
+    ckpt.verify_manifest(old)
+    save_continual_pretrained(trainer, export)
+    ckpt.verify_manifest(state)
+    assert not list(export.glob(".old-*")) and not list(export.glob(".tmp-*"))
+    rebuilt = ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "again"))
+    _assert_same(_params(rebuilt), _params(trainer))
+
+
+def test_checkpoints_sort_by_number_so_task_1000_follows_task_999(tmp_path):
+    continual = tmp_path / "continual"
+    for name in ("task-999", "task-1000", "task-010"):
+        ckpt.write_atomically(continual / name, lambda tmp: (tmp / "x.json").write_text("{}"))
+    assert [p.name for p in ckpt.list_checkpoints(continual)] == ["task-010", "task-999", "task-1000"]
+    assert ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(continual)).name == "task-1000"
