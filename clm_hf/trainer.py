@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 CONTINUAL_DIR = "continual"
 IN_TASK_STATE_DIR = "continual_state"
+RESULTS_NAME = "results.json"
+_TASK_DIR = re.compile(r"task-\d+(-[\w.-]+)?")  # task-003, task-003-retrain: a task's Trainer checkpoints
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 class _StrategyStepHooks(TrainerCallback):
@@ -663,18 +667,14 @@ class ContinualTrainerMixin:
     def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]], *,
                       force: bool = False) -> tuple[int, Path] | None:
         """Restore the stream from a run folder or checkpoint; return a mid-task checkpoint if any."""
-        run_dir = Path(self._base_output_dir if checkpoint is True else checkpoint)
-        if (run_dir / ckpt.MANIFEST).is_file():
-            task_ckpt, run_dir = run_dir, run_dir.parent.parent
-        else:
-            with self.args.main_process_first(desc="clm-hf: repairing interrupted checkpoint swaps"):
-                if self.args.should_save:  # one writer; the other ranks read the repaired folder after it
-                    ckpt.recover_interrupted_swaps(run_dir / CONTINUAL_DIR)
-            task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
+        run_dir, task_ckpt = resolve_run_dir(self._base_output_dir if checkpoint is True else checkpoint)
         with self.args.main_process_first(desc="clm-hf: repairing interrupted checkpoint swaps"):
-            if self.args.should_save:
+            if self.args.should_save:  # one writer; the other ranks read the repaired folder after it
+                ckpt.recover_interrupted_swaps(run_dir / CONTINUAL_DIR)
                 for inner_checkpoint in run_dir.glob("task-*/checkpoint-*"):
                     ckpt.recover_interrupted_swaps(inner_checkpoint)
+        if task_ckpt is None:
+            task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR))
         if task_ckpt is None:
             if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
                 raise FileNotFoundError(
@@ -820,6 +820,46 @@ class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def resolve_run_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """The run folder a resume path belongs to, and the end-of-task checkpoint it names, if any.
+
+    ``<run>`` gives ``(<run>, None)`` (its newest valid checkpoint is used), ``<run>/continual``
+    the same, and ``<run>/continual/task-XXX`` gives ``(<run>, that checkpoint)``. A Trainer
+    checkpoint inside a task (``<run>/task-XXX/checkpoint-N``, its ``continual_state`` or the
+    ``task-XXX`` folder) and a continual checkpoint outside a run (an export's
+    ``continual_state``) raise ``ValueError``: resuming there would nest a new run inside them.
+
+    >>> resolve_run_dir("runs/ewc/continual/task-002")  # doctest: +SKIP
+    (PosixPath('runs/ewc'), PosixPath('runs/ewc/continual/task-002'))
+    """
+    path = Path(path)
+    if path.name == CONTINUAL_DIR and path.is_dir() and not (path / ckpt.MANIFEST).is_file():
+        return path.parent, None
+    if path.parent.name == CONTINUAL_DIR and ((path / ckpt.MANIFEST).is_file() or re.fullmatch(r"task-\d+", path.name)):
+        return path.parent.parent, path
+    inner = None
+    if path.name == IN_TASK_STATE_DIR and _TRAINER_CHECKPOINT.fullmatch(path.parent.name):
+        inner = path.parent.parent
+    elif _TRAINER_CHECKPOINT.fullmatch(path.name) and _TASK_DIR.fullmatch(path.parent.name):
+        inner = path.parent
+    elif (_TASK_DIR.fullmatch(path.name) and any(path.glob("checkpoint-*")) and not (path / CONTINUAL_DIR).exists()
+          and not (path / RESULTS_NAME).exists()):
+        inner = path
+    if inner is not None:
+        raise ValueError(
+            f"{path} is inside the task folder {inner} of the run {inner.parent}, not a run folder: resuming into it "
+            f"would nest a new run inside that checkpoint. Resume the run folder instead (clm-hf train --resume "
+            f"{inner.parent}, or resume_from_checkpoint='{inner.parent}'): clm-hf picks its newest complete "
+            "checkpoint, mid-task ones included."
+        )
+    if (path / ckpt.MANIFEST).is_file():
+        raise ValueError(
+            f"{path} is a continual checkpoint outside a run's {CONTINUAL_DIR}/ folder (an export?). Rebuild a trainer "
+            f"from it with ContinualCausalLMTrainer.from_pretrained('{path.parent}') and resume that, or pass the run folder."
+        )
+    return path, None
+
+
 @contextlib.contextmanager
 def _tokens_hidden(args: Any) -> Iterator[None]:
     """Set every ``*_token`` string field of ``args`` to None for the duration of a save."""

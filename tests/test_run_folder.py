@@ -1,5 +1,6 @@
 """One run per output folder, and one complete checkpoint at every instant.
 
+* ``--resume`` given a checkpoint path resumes its run in the run folder, never inside the checkpoint.
 * Kills at each window of a checkpoint write (simulated by raising from the function that runs
   next) leave a complete, loadable checkpoint, and the resumed run ends where an uninterrupted one ends.
 """
@@ -11,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import clm_hf.trainer as trainer_module
 from clm_hf import ContinualCausalLMTrainer, Replay
 from clm_hf import state as ckpt
+from clm_hf.cli import main
 from clm_hf.hub import save_continual_pretrained
+from clm_hf.results import ContinualResults
+from clm_hf.trainer import resolve_run_dir
 from tests.conftest import small_args
 
 def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
@@ -39,6 +44,66 @@ def _two_tasks(tiny_stream):
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- 3.2 --resume with a checkpoint path -------------------------------------------------------------
+def _recipe(path: Path, output_dir: Path) -> Path:
+    recipe = {
+        "model": {"arch": "gpt2", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        "tasks": {"suite": "synthetic", "names": ["copy", "reverse"], "num_train": 16, "num_eval": 8,
+                  "min_len": 2, "max_len": 4},
+        "strategies": [{"name": "replay", "buffer_size": 8}],
+        "training": {"output_dir": str(output_dir), "num_train_epochs": 1, "per_device_train_batch_size": 8,
+                     "learning_rate": 3e-3, "lr_scheduler_type": "constant", "save_strategy": "no",
+                     "report_to": "none", "seed": 0, "disable_tqdm": True, "dataloader_pin_memory": False},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_resume_from_a_checkpoint_path_continues_in_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = _recipe(tmp_path / "r.yaml", run)
+    assert main(["train", str(recipe)]) == 0
+    first = _tree(run / "continual" / "task-001")
+    results = ContinualResults.load(run / "results.json")
+    assert main(["train", str(recipe), "--resume", str(run / "continual" / "task-000")]) == 0
+    # Nothing nested in the checkpoint; task 1 retrained from task 0's state into the run folder, identically.
+    assert sorted(p.name for p in (run / "continual" / "task-000").iterdir()) == sorted(
+        ["manifest.json", "model.safetensors", "rng.safetensors", "continual_state.json", "results.json", "strategies"])
+    again = _tree(run / "continual" / "task-001")
+    for name in ("model.safetensors", "rng.safetensors", "continual_state.json", "results.json"):
+        assert again[name] == first[name], name  # (the buffer's datasets state.json holds a fresh fingerprint)
+    assert ContinualResults.load(run / "results.json").matrix("loss") == results.matrix("loss")
+
+    inner = run / "task-000" / "checkpoint-2" / "continual_state"  # as a run with save_strategy="steps" has
+    inner.mkdir(parents=True)
+    for path in (inner, inner.parent, inner.parent.parent):
+        with pytest.raises(SystemExit):
+            main(["train", str(recipe), "--resume", str(path)])
+        assert f"is inside the task folder {run / 'task-000'} of the run {run}" in capsys.readouterr().err
+    assert list(inner.iterdir()) == []
+
+
+def test_resolve_run_dir_maps_checkpoints_to_their_run_and_refuses_what_is_inside_a_task(tmp_path):
+    run = tmp_path / "run"
+    task = run / "continual" / "task-002"
+    task.mkdir(parents=True)
+    (task / ckpt.MANIFEST).write_text("{}")
+    inner = run / "task-003" / "checkpoint-8" / "continual_state"
+    inner.mkdir(parents=True)
+    assert resolve_run_dir(run) == (run, None)
+    assert resolve_run_dir(run / "continual") == (run, None)
+    assert resolve_run_dir(task) == (run, task)
+    for path in (inner, inner.parent, inner.parent.parent):
+        with pytest.raises(ValueError, match=rf"inside the task folder {run / 'task-003'} of the run {run}.*"
+                                             rf"--resume {run}\b"):
+            resolve_run_dir(path)
+    export = tmp_path / "export" / "continual_state"
+    export.mkdir(parents=True)
+    (export / ckpt.MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match="outside a run's continual/ folder.*from_pretrained"):
+        resolve_run_dir(export)
 
 
 # --- 3.3 rotation and kill windows -----------------------------------------------------------------
