@@ -16,6 +16,7 @@ checks the manifest first and names the file that is missing, truncated or corru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -303,3 +306,114 @@ def recover_interrupted_swaps(parent: str | os.PathLike) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
     return restored
 
+
+# --- one writer per run folder ---------------------------------------------------------------------
+LOCK_FILE = ".clm_hf.lock"
+
+
+class RunLockError(RuntimeError):
+    """Another live process holds the lock of a run folder."""
+
+
+class RunLock:
+    """An advisory lock on a run folder: ``<output_dir>/.clm_hf.lock`` holding the owner's pid and host.
+
+    The file is created atomically with its content (a hard link of a finished temporary file), so
+    a reader never sees an empty lock. A lock whose process is dead (same host, pid gone) is taken
+    over; a lock of a live process, or of another host (whose pid cannot be checked), raises
+    :class:`RunLockError` naming the holder. Taking a lock this process already holds succeeds.
+
+    Example:
+
+    >>> lock = RunLock("runs/x").acquire()  # doctest: +SKIP
+    >>> lock.release()  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    @staticmethod
+    def _me() -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def holder(self) -> dict[str, Any] | None:
+        """The content of the lock file, or ``None`` when there is none (or it is unreadable)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @classmethod
+    def _alive(cls, holder: dict[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's pid cannot be checked: assume it runs
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OverflowError, ValueError):
+            return True  # a process of another user (or a pid we cannot test): leave it alone
+        return True
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, taking over a stale one; raise :class:`RunLockError` if a live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {**self._me(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        for _ in range(5):
+            fd, tmp = tempfile.mkstemp(prefix=".clm_hf.lock-", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(me, handle)
+                try:
+                    os.link(tmp, self.path)  # fails when the lock exists: creation and content in one step
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links: exclusive create, then write
+                    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as handle:
+                        json.dump(me, handle)
+                self.held = True
+                return self
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            holder = self.holder()
+            if holder is not None and {k: holder.get(k) for k in ("pid", "host")} == self._me():
+                self.held = True  # this process took it already (an earlier trainer on this folder)
+                return self
+            if holder is not None and self._alive(holder):
+                raise RunLockError(
+                    f"{self.path.parent} is in use by another clm-hf run: process {holder.get('pid')} on host "
+                    f"{holder.get('host')!r} (since {holder.get('started', '?')}) holds {self.path}. Two processes "
+                    "writing one output_dir would mix their checkpoints. Wait for it to finish or use another "
+                    f"output_dir; if that process is gone (for instance it ran on another machine), delete {self.path}."
+                )
+            self._break_stale(holder)
+        raise RunLockError(f"Could not take the lock {self.path}: other processes keep taking it. Use another output_dir.")
+
+    def _break_stale(self, stale: dict[str, Any] | None) -> None:
+        """Move a dead process's lock aside; put it back if another process replaced it meanwhile."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it first; try again
+        try:
+            taken = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            taken = None
+        if stale is not None and taken != stale:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)  # a live lock moved by mistake: restore it unless replaced
+        else:
+            logger.warning("clm-hf: took over the stale lock %s of process %s, which is no longer running.",
+                           self.path, (stale or {}).get("pid"))
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        if self.held and {k: (self.holder() or {}).get(k) for k in ("pid", "host")} == self._me():
+            self.path.unlink(missing_ok=True)
+        self.held = False

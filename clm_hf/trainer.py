@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -109,6 +110,9 @@ class ContinualTrainerMixin:
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
         _check_vocabulary(self.model, self.processing_class)
         self._check_backend_support()
+        self._check_single_writer()
+        self._run_lock: ckpt.RunLock | None = None  # held while this trainer writes output_dir
+        self._owns_output_dir = False  # True once output_dir was checked free of other runs' state
         self.add_callback(_StrategyStepHooks(self))
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
         for strategy in self.strategies:
@@ -159,6 +163,24 @@ class ContinualTrainerMixin:
                 "which is not supported on DeepSpeed ZeRO-3: it partitions every parameter across the ranks, so the "
                 "strategy would see empty placeholders. Use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; "
                 "replay works on ZeRO-3.",
+            )
+
+    def _check_single_writer(self) -> None:
+        """Refuse a ``torchrun`` launch in which every rank believes it is the only process.
+
+        On a machine without a GPU, ``torchrun`` without ``use_cpu=True`` leaves each rank's
+        ``TrainingArguments`` non-distributed: every rank trains alone, reports ``should_save``
+        and writes the same files of ``output_dir``.
+        """
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and self.args.world_size == 1:
+            raise RuntimeError(
+                f"This process was started as one of {launched} (WORLD_SIZE={launched}, e.g. by torchrun), but the "
+                "Trainer runs it as a single process (parallel mode "
+                f"{getattr(self.args.parallel_mode, 'name', self.args.parallel_mode)}), so every rank would train "
+                f"alone and write the same output_dir ({self.args.output_dir}). On a machine without GPUs pass "
+                "use_cpu=True (clm-hf train: --training.use_cpu true) to train the ranks together with DDP on CPU, "
+                "or start a single process."
             )
 
     def _refuse(self, unsupported: Callable[[type[Strategy]], bool], reason: str) -> None:
@@ -354,6 +376,10 @@ class ContinualTrainerMixin:
         eval_dataset = eval_dataset if eval_dataset is not None else val_loader
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
+        # A trainer that already holds tasks (restored by from_pretrained or an earlier fit) continues
+        # its own run; a fresh one must not start inside another run's checkpoints. The lock stays
+        # held between train_task calls and is released when the trainer is garbage-collected.
+        self._claim_output_dir(Path(self._base_output_dir) if self.tasks else None)
         task = self._register_task(task_id, task_name)
         task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         if eval_dataset is not None:
@@ -544,21 +570,28 @@ class ContinualTrainerMixin:
         >>> results.summary()["bwt"]  # doctest: +SKIP
         """
         specs = self._plan_stream(tasks)
-        mid_task_checkpoint = None
+        resume_run = None
         if resume_from_checkpoint:
-            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume)
-        elif self._setting("eval_before_training"):
-            self._evaluate_stream(row=False)
-        for index, spec in enumerate(specs):
-            if index < len(self.tasks):
-                continue
-            task = self._register_task(spec["task_id"], spec["name"])
-            task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
-            resume = None
-            if mid_task_checkpoint is not None and index == mid_task_checkpoint[0]:
-                resume = str(mid_task_checkpoint[1])
-                task.resumed = True
-            self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
+            resume_run = resolve_run_dir(self._base_output_dir if resume_from_checkpoint is True else resume_from_checkpoint)[0]
+        self._claim_output_dir(resume_run)
+        try:
+            mid_task_checkpoint = None
+            if resume_from_checkpoint:
+                mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume)
+            elif self._setting("eval_before_training"):
+                self._evaluate_stream(row=False)
+            for index, spec in enumerate(specs):
+                if index < len(self.tasks):
+                    continue
+                task = self._register_task(spec["task_id"], spec["name"])
+                task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
+                resume = None
+                if mid_task_checkpoint is not None and index == mid_task_checkpoint[0]:
+                    resume = str(mid_task_checkpoint[1])
+                    task.resumed = True
+                self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
+        finally:
+            self._release_output_dir()
         return self.results
 
     def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
@@ -585,24 +618,28 @@ class ContinualTrainerMixin:
         from datasets import concatenate_datasets
 
         specs = self._plan_stream(tasks)
-        if self._setting("eval_before_training"):
-            self._evaluate_stream(row=False)
-        rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
-        task = self._register_task("joint", "joint")
-        task.train_dataset = concatenate_datasets(rows)
-        saved = self._setting("save_continual_state")
-        self.args.save_continual_state = False
+        self._claim_output_dir()
         try:
-            self._run_task(task, num_epochs=num_epochs)
+            if self._setting("eval_before_training"):
+                self._evaluate_stream(row=False)
+            rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
+            task = self._register_task("joint", "joint")
+            task.train_dataset = concatenate_datasets(rows)
+            saved = self._setting("save_continual_state")
+            self.args.save_continual_state = False
+            try:
+                self._run_task(task, num_epochs=num_epochs)
+            finally:
+                self.args.save_continual_state = saved
+            final = {m: rows[-1] for m, rows in self.results.scores.items()}
+            while self.results.num_trained < len(self.results.task_names):
+                self.results.add_row(final)
+            self.results.metadata["joint"] = True
+            self._save_results()
+            tracking.task_finished(self)
+            hub.task_finished(self)
         finally:
-            self.args.save_continual_state = saved
-        final = {m: rows[-1] for m, rows in self.results.scores.items()}
-        while self.results.num_trained < len(self.results.task_names):
-            self.results.add_row(final)
-        self.results.metadata["joint"] = True
-        self._save_results()
-        tracking.task_finished(self)
-        hub.task_finished(self)
+            self._release_output_dir()
         return self.results
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -612,6 +649,47 @@ class ContinualTrainerMixin:
             "current_task": self.current_task.to_json() if self.current_task else None,
             "strategies": [{"name": s.name, "config": s.config.to_dict()} for s in self.strategies],
         }
+
+    def _claim_output_dir(self, resume_run: Path | None = None) -> None:
+        """Become the one writer of ``output_dir`` before anything is written there.
+
+        Takes the run lock (:class:`~clm_hf.state.RunLock`), then, unless the run resumes from this
+        folder (``resume_run``) or this trainer already owns it, refuses a folder that holds another
+        run's continual checkpoints: a later resume would continue that run's state under this
+        run's name. ``overwrite_output_dir=True`` deletes them instead.
+        """
+        if not self.args.should_save:  # the other ranks write nothing
+            return
+        run_dir = Path(self._base_output_dir)
+        if self._run_lock is None or not self._run_lock.held:
+            self._run_lock = ckpt.RunLock(run_dir).acquire()
+            weakref.finalize(self, self._run_lock.release)
+        resuming_here = resume_run is not None and resume_run.resolve() == run_dir.resolve()
+        if self._owns_output_dir or resuming_here:
+            self._owns_output_dir = True
+            return
+        found = run_state_paths(run_dir)
+        if found and self._setting("overwrite_output_dir"):
+            logger.warning("clm-hf: overwrite_output_dir=True: deleting the earlier run's %s in %s",
+                           sorted(p.name for p in found), run_dir)
+            for path in found:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif found:
+            self._release_output_dir()
+            names = ", ".join(str(p.relative_to(run_dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise FileExistsError(
+                f"output_dir {run_dir} already holds another run's continual checkpoints ({names}). A new run there "
+                "would mix with it: a later resume would continue the old run's state. Resume it instead "
+                f"(fit(..., resume_from_checkpoint=True), clm-hf train --resume {run_dir}), pass "
+                "overwrite_output_dir=True (--training.overwrite_output_dir true) to delete that state first, or "
+                "choose another output_dir."
+            )
+        self._owns_output_dir = True
+
+    def _release_output_dir(self) -> None:
+        """Release the run lock (the folder stays this trainer's: a later call takes the lock again)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def save_continual_checkpoint(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Write the whole continual state (model, strategies, buffer, results, RNG) atomically.
@@ -820,6 +898,20 @@ class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def run_state_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's own entries of its folder (``continual/``, ``task-*/``, ``results.json``) when it holds
+    a complete checkpoint that a resume would read (one with a ``manifest.json``); else ``[]``."""
+    run_dir = Path(run_dir)
+    continual = run_dir / CONTINUAL_DIR
+    task_dirs = sorted((p for p in run_dir.glob("task-*") if p.is_dir() and _TASK_DIR.fullmatch(p.name)),
+                       key=ckpt.checkpoint_sort_key)
+    complete = any(continual.glob(f"*/{ckpt.MANIFEST}")) or any(
+        any(d.glob(f"checkpoint-*/{IN_TASK_STATE_DIR}/{ckpt.MANIFEST}")) for d in task_dirs)
+    if not complete:
+        return []
+    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME) if p.exists()]
+
+
 def resolve_run_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """The run folder a resume path belongs to, and the end-of-task checkpoint it names, if any.
 

@@ -1,5 +1,8 @@
 """One run per output folder, and one complete checkpoint at every instant.
 
+* A new run refuses a folder that holds another run's continual checkpoints (unless it resumes
+  from it or ``overwrite_output_dir=True``); a lock file keeps a second process out; a ``torchrun``
+  launch whose ranks all think they are alone is refused.
 * ``--resume`` given a checkpoint path resumes its run in the run folder, never inside the checkpoint.
 * Kills at each window of a checkpoint write (simulated by raising from the function that runs
   next) leave a complete, loadable checkpoint, and the resumed run ends where an uninterrupted one ends.
@@ -7,7 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +30,9 @@ from clm_hf.hub import save_continual_pretrained
 from clm_hf.results import ContinualResults
 from clm_hf.trainer import resolve_run_dir
 from tests.conftest import small_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
     return ContinualCausalLMTrainer(model=model, args=small_args(tmp_path, **overrides), processing_class=tokenizer,
@@ -44,6 +55,121 @@ def _two_tasks(tiny_stream):
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- 3.1 one run per folder ------------------------------------------------------------------------
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, make_model, tokenizer, tiny_stream):
+    stream = _two_tasks(tiny_stream)
+    first = _trainer(tmp_path, make_model("gpt2"), tokenizer, [Replay(buffer_size=8)])
+    first.fit(stream)
+    run = tmp_path / "run"
+    before = _tree(run)
+    other = _trainer(tmp_path, make_model("gpt2", seed=7), tokenizer, [Replay(buffer_size=8)], learning_rate=1e-3)
+    with pytest.raises(FileExistsError, match=r"already holds another run's continual checkpoints \(continual.*"
+                                              r"overwrite_output_dir=True"):
+        other.fit(stream)
+    assert _tree(run) == before  # nothing written, nothing deleted, and the lock was released
+    assert not (run / ckpt.LOCK_FILE).exists()
+
+    # overwrite_output_dir=True deletes the old run's state; the folder then holds only the new run.
+    fresh = _trainer(tmp_path / "alone", make_model("gpt2", seed=7), tokenizer, [Replay(buffer_size=8)],
+                     learning_rate=1e-3)
+    expected = fresh.fit(stream)
+    over = _trainer(tmp_path, make_model("gpt2", seed=7), tokenizer, [Replay(buffer_size=8)], learning_rate=1e-3,
+                    overwrite_output_dir=True)
+    got = over.fit(stream)
+    assert got.matrix("loss") == expected.matrix("loss")
+    resumed = _trainer(tmp_path, make_model("gpt2", seed=3), tokenizer, [Replay(buffer_size=8)], learning_rate=1e-3)
+    assert resumed.fit(stream, resume_from_checkpoint=True).matrix("loss") == expected.matrix("loss")
+    _assert_same(_params(resumed), _params(fresh))
+
+
+def test_train_task_on_a_fresh_trainer_also_refuses_another_runs_folder(tmp_path, make_model, tokenizer, tiny_stream):
+    _trainer(tmp_path, make_model("gpt2"), tokenizer).fit({"copy": tiny_stream["copy"]})
+    other = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    with pytest.raises(FileExistsError, match="already holds another run"):
+        other.train_task(tiny_stream["reverse"]["train"], tiny_stream["reverse"]["eval"], task_id="reverse")
+    # The same trainer keeps writing its own folder: a second train_task is no "other run".
+    own = _trainer(tmp_path / "own", make_model("gpt2"), tokenizer)
+    own.train_task(tiny_stream["copy"]["train"], tiny_stream["copy"]["eval"], task_id="copy")
+    own.train_task(tiny_stream["reverse"]["train"], tiny_stream["reverse"]["eval"], task_id="reverse")
+    assert sorted(p.name for p in (tmp_path / "own" / "run" / "continual").iterdir()) == ["task-000", "task-001"]
+
+
+def _hold_lock_in_another_process(run_dir: Path) -> subprocess.Popen:
+    code = ("import sys, time; from clm_hf.state import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
+        tmp_path, make_model, tokenizer, tiny_stream, caplog):
+    run = tmp_path / "run"
+    holder = _hold_lock_in_another_process(run)
+    try:
+        trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+        with pytest.raises(ckpt.RunLockError, match=rf"in use by another clm-hf run: process {holder.pid} on host "
+                                                    rf"'{socket.gethostname()}'.*delete .*\.clm_hf\.lock"):
+            trainer.fit({"copy": tiny_stream["copy"]})
+        assert not (run / "continual").exists() and not (run / "results.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding the lock: a stale lock file stays
+        holder.wait()
+    assert json.loads((run / ckpt.LOCK_FILE).read_text())["pid"] == holder.pid
+    with caplog.at_level("WARNING"):
+        trainer.fit({"copy": tiny_stream["copy"]})
+    assert f"took over the stale lock {run / ckpt.LOCK_FILE} of process {holder.pid}" in caplog.text
+    assert (run / "continual" / "task-000" / ckpt.MANIFEST).is_file()
+    assert not (run / ckpt.LOCK_FILE).exists()  # released when fit() returns
+
+
+def test_the_lock_is_released_when_fit_fails(tmp_path, make_model, tokenizer, tiny_stream, monkeypatch):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)
+    monkeypatch.setattr(trainer, "_run_task", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit({"copy": tiny_stream["copy"]})
+    assert not (tmp_path / "run" / ckpt.LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "some-other-node", "started": "x"}))
+    with pytest.raises(ckpt.RunLockError, match="process 1 on host 'some-other-node'"):
+        ckpt.RunLock(run).acquire()
+
+
+def test_torchrun_ranks_that_each_think_they_are_alone_are_refused(tmp_path, make_model, tokenizer, monkeypatch):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer)  # single process: accepted
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets, while the arguments stay single-process (no use_cpu)
+    with pytest.raises(RuntimeError, match=r"one of 2 \(WORLD_SIZE=2.*every rank would train alone.*use_cpu=True"):
+        trainer._check_single_writer()  # what __init__ runs (the slow test below launches torchrun for real)
+
+
+@pytest.mark.slow
+def test_torchrun_on_cpu_without_use_cpu_is_refused_on_every_rank(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import sys\n"
+        "from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments\n"
+        "from clm_hf.tasks import build_tiny_model, build_tokenizer\n"
+        "tok = build_tokenizer()\n"
+        "args = ContinualTrainingArguments(output_dir=sys.argv[1], report_to='none')\n"
+        "ContinualCausalLMTrainer(model=build_tiny_model('gpt2', tok), args=args, processing_class=tok)\n"
+        "print('NOT REFUSED', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", "29533", str(script), str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "NOT REFUSED" not in out
+    assert "WORLD_SIZE=2" in out and "use_cpu=True" in out
+    assert not (tmp_path / "run" / "continual").exists()
 
 
 # --- 3.2 --resume with a checkpoint path -------------------------------------------------------------
