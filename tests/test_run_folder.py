@@ -350,3 +350,15 @@ def test_checkpoints_sort_by_number_so_task_1000_follows_task_999(tmp_path):
         ckpt.write_atomically(continual / name, lambda tmp: (tmp / "x.json").write_text("{}"))
     assert [p.name for p in ckpt.list_checkpoints(continual)] == ["task-010", "task-999", "task-1000"]
     assert ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(continual)).name == "task-1000"
+
+
+def test_a_kill_after_the_swap_only_leaves_leftovers_that_are_removed(tmp_path):
+    """Killed after the new copy was renamed in but before the old one was deleted (or mid-build):
+    the new copy stays, the ``.old-*`` and ``.tmp-*`` leftovers go."""
+    continual = tmp_path / "continual"
+    ckpt.write_atomically(continual / "task-001", lambda tmp: (tmp / "x.json").write_text('{"new": 1}'))
+    ckpt.write_atomically(continual / ".old-task-001-4242", lambda tmp: (tmp / "x.json").write_text('{"old": 1}'))
+    (continual / ".tmp-task-002-abc").mkdir()
+    assert ckpt.recover_interrupted_swaps(continual) == []
+    assert sorted(p.name for p in continual.iterdir()) == ["task-001"]
+    assert json.loads((continual / "task-001" / "x.json").read_text()) == {"new": 1}
