@@ -47,6 +47,12 @@ class ContinualTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Keep at most this many end-of-task continual checkpoints (oldest deleted first)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds another run's continual checkpoints by deleting "
+                          "them first (continual/, task-*/, results.json). Without it such a folder is refused unless "
+                          "the run resumes from it."},
+    )
     answer_only_loss: bool = field(
         default=True,
         metadata={"help": "When the trainer tokenizes prompt/answer rows itself, put the loss on answer tokens only."},

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train a task stream from a YAML recipe.")
     train.add_argument("recipe", help="Path to the YAML recipe.")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="Continue an interrupted run from its folder (its newest valid checkpoint).")
+                       help="Continue an interrupted run from its folder (its newest valid checkpoint), or from "
+                            "one end-of-task checkpoint RUN_DIR/continual/task-XXX.")
     train.add_argument("--force-resume", action="store_true",
                        help="With --resume: go on even though strategy settings changed since the checkpoint.")
     train.add_argument("--restart-on-damage", action="store_true",
@@ -86,8 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--force-resume needs --resume RUN_DIR")
         if args.restart_on_damage and not args.resume:
             parser.error("--restart-on-damage needs --resume RUN_DIR")
-        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=args.resume,
-                                      force_resume=args.force_resume, restart_on_damage=args.restart_on_damage)
+        output_dir = None
+        if args.resume:
+            from .trainer import resolve_run_dir
+
+            try:  # a checkpoint path resumes its run: new checkpoints go to the run folder, not inside it
+                output_dir = str(resolve_run_dir(args.resume)[0])
+            except ValueError as err:
+                parser.error(str(err))
+        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=output_dir,
+                                      force_resume=args.force_resume,
+                                      restart_on_damage=args.restart_on_damage)
         print(results.format_table())
         print({k: (round(v, 4) if v is not None else None) for k, v in results.summary().items()})
         print(f"Results in {trainer.args.output_dir}/results.json")

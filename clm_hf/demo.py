@@ -213,6 +213,7 @@ def demo_recipe(strategy: str, output_dir: str | Path, *, quick: bool = False,
     else:
         recipe["strategies"] = [{"name": strategy}]
     recipe["training"]["output_dir"] = str(Path(output_dir) / strategy)
+    recipe["training"]["overwrite_output_dir"] = True  # the demo's own folder: a second demo replaces the first
     recipe["training"]["run_name"] = strategy
     recipe["training"]["report_to"] = list(report_to) or "none"
     if quick:  # a smoke-sized run for tests

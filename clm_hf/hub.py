@@ -198,9 +198,14 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
         )
     from .tracking import write_result_files
 
+    # The old continual_state/ stays until the new one is complete: write_atomically swaps it in
+    # (a kill mid-swap leaves the old one as .old-continual_state-*, put back first here).
+    ckpt.recover_interrupted_swaps(directory)
     if clean and directory.exists():
-        shutil.rmtree(directory)
-    for entry in (STATE_DIR, BASE_CONFIG_DIR, PLOTS_DIR):
+        for entry in directory.iterdir():
+            if entry.name != STATE_DIR:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for entry in (BASE_CONFIG_DIR, PLOTS_DIR):
         if (directory / entry).is_dir():
             shutil.rmtree(directory / entry)
     directory.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,18 @@ checks the manifest first and names the file that is missing, truncated or corru
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
@@ -398,11 +402,17 @@ def load_rng(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
 
 
 def list_checkpoints(run_dir: str | os.PathLike, pattern: str = "task-*") -> list[Path]:
-    """Checkpoint folders under ``run_dir`` (not temporaries), oldest first by name."""
+    """Checkpoint folders under ``run_dir`` (not temporaries), oldest first by their number."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in run_dir.glob(pattern) if p.is_dir() and not p.name.startswith(".")), key=checkpoint_sort_key)
+
+
+def checkpoint_sort_key(path: Path) -> tuple[int, str]:
+    """Sort key of ``task-7`` / ``checkpoint-120`` folders: by the number, so ``task-1000`` follows ``task-999``."""
+    match = re.search(r"-(\d+)$", path.name)
+    return (int(match.group(1)) if match else -1, path.name)
 
 
 def latest_valid_checkpoint(candidates: list[Path], damaged: list[tuple[Path, CheckpointError]] | None = None
@@ -424,3 +434,148 @@ def latest_valid_checkpoint(candidates: list[Path], damaged: list[tuple[Path, Ch
             if damaged is not None:
                 damaged.append((path, err))
     return None
+
+
+# --- interrupted swaps ---------------------------------------------------------------------------
+def recover_interrupted_swaps(parent: str | os.PathLike) -> list[Path]:
+    """Finish what :func:`write_atomically` left when a kill stopped it, for the folders in ``parent``.
+
+    Replacing an existing checkpoint moves it to ``.old-<name>-<pid>`` before the new copy is
+    renamed in; a kill between the two renames leaves only the ``.old-*`` folder, which is complete
+    (its manifest was verified when it was written). It is put back under its name; when the new
+    copy did arrive, the leftover is removed, and so are unfinished ``.tmp-*`` folders. Call this
+    only while holding the run's :class:`RunLock`, so that no other writer is half-way through.
+
+    Returns:
+        `list[pathlib.Path]`: the folders put back.
+    """
+    parent = Path(parent)
+    restored: list[Path] = []
+    if not parent.is_dir():
+        return restored
+    for old in sorted(parent.glob(".old-*")):
+        if not old.is_dir():
+            continue
+        final = parent / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the swap finished; only the clean-up was cut short
+        else:
+            os.replace(old, final)
+            restored.append(final)
+            logger.warning("clm-hf: put back %s: a kill interrupted its replacement (%s was left).", final, old.name)
+    for tmp in parent.glob(".tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return restored
+
+
+# --- one writer per run folder ---------------------------------------------------------------------
+LOCK_FILE = ".clm_hf.lock"
+
+
+class RunLockError(RuntimeError):
+    """Another live process holds the lock of a run folder."""
+
+
+class RunLock:
+    """An advisory lock on a run folder: ``<output_dir>/.clm_hf.lock`` holding the owner's pid and host.
+
+    The file is created atomically with its content (a hard link of a finished temporary file), so
+    a reader never sees an empty lock. A lock whose process is dead (same host, pid gone) is taken
+    over; a lock of a live process, or of another host (whose pid cannot be checked), raises
+    :class:`RunLockError` naming the holder. Taking a lock this process already holds succeeds.
+
+    Example:
+
+    >>> lock = RunLock("runs/x").acquire()  # doctest: +SKIP
+    >>> lock.release()  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    @staticmethod
+    def _me() -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def holder(self) -> dict[str, Any] | None:
+        """The content of the lock file, or ``None`` when there is none (or it is unreadable)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @classmethod
+    def _alive(cls, holder: dict[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's pid cannot be checked: assume it runs
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OverflowError, ValueError):
+            return True  # a process of another user (or a pid we cannot test): leave it alone
+        return True
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, taking over a stale one; raise :class:`RunLockError` if a live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {**self._me(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        for _ in range(5):
+            fd, tmp = tempfile.mkstemp(prefix=".clm_hf.lock-", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(me, handle)
+                try:
+                    os.link(tmp, self.path)  # fails when the lock exists: creation and content in one step
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links: exclusive create, then write
+                    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as handle:
+                        json.dump(me, handle)
+                self.held = True
+                return self
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            holder = self.holder()
+            if holder is not None and {k: holder.get(k) for k in ("pid", "host")} == self._me():
+                self.held = True  # this process took it already (an earlier trainer on this folder)
+                return self
+            if holder is not None and self._alive(holder):
+                raise RunLockError(
+                    f"{self.path.parent} is in use by another clm-hf run: process {holder.get('pid')} on host "
+                    f"{holder.get('host')!r} (since {holder.get('started', '?')}) holds {self.path}. Two processes "
+                    "writing one output_dir would mix their checkpoints. Wait for it to finish or use another "
+                    f"output_dir; if that process is gone (for instance it ran on another machine), delete {self.path}."
+                )
+            self._break_stale(holder)
+        raise RunLockError(f"Could not take the lock {self.path}: other processes keep taking it. Use another output_dir.")
+
+    def _break_stale(self, stale: dict[str, Any] | None) -> None:
+        """Move a dead process's lock aside; put it back if another process replaced it meanwhile."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it first; try again
+        try:
+            taken = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            taken = None
+        if stale is not None and taken != stale:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)  # a live lock moved by mistake: restore it unless replaced
+        else:
+            logger.warning("clm-hf: took over the stale lock %s of process %s, which is no longer running.",
+                           self.path, (stale or {}).get("pid"))
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        if self.held and {k: (self.holder() or {}).get(k) for k in ("pid", "host")} == self._me():
+            self.path.unlink(missing_ok=True)
+        self.held = False

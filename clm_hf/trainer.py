@@ -12,7 +12,9 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,7 +24,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from . import hub, tracking
 from . import state as ckpt
@@ -44,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 CONTINUAL_DIR = "continual"
 IN_TASK_STATE_DIR = "continual_state"
+RESULTS_NAME = "results.json"
+_TASK_DIR = re.compile(r"task-\d+(-[\w.-]+)?")  # task-003, task-003-retrain: a task's Trainer checkpoints
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 class _StrategyStepHooks(TrainerCallback):
@@ -121,6 +126,9 @@ class ContinualTrainerMixin:
         check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
+        self._check_single_writer()
+        self._run_lock: ckpt.RunLock | None = None  # held while this trainer writes output_dir
+        self._owns_output_dir = False  # True once output_dir was checked free of other runs' state
         self.add_callback(_StrategyStepHooks(self))
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
         for strategy in self.strategies:
@@ -171,6 +179,24 @@ class ContinualTrainerMixin:
                 "which is not supported on DeepSpeed ZeRO-3: it partitions every parameter across the ranks, so the "
                 "strategy would see empty placeholders. Use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; "
                 "replay works on ZeRO-3.",
+            )
+
+    def _check_single_writer(self) -> None:
+        """Refuse a ``torchrun`` launch in which every rank believes it is the only process.
+
+        On a machine without a GPU, ``torchrun`` without ``use_cpu=True`` leaves each rank's
+        ``TrainingArguments`` non-distributed: every rank trains alone, reports ``should_save``
+        and writes the same files of ``output_dir``.
+        """
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and self.args.world_size == 1:
+            raise RuntimeError(
+                f"This process was started as one of {launched} (WORLD_SIZE={launched}, e.g. by torchrun), but the "
+                "Trainer runs it as a single process (parallel mode "
+                f"{getattr(self.args.parallel_mode, 'name', self.args.parallel_mode)}), so every rank would train "
+                f"alone and write the same output_dir ({self.args.output_dir}). On a machine without GPUs pass "
+                "use_cpu=True (clm-hf train: --training.use_cpu true) to train the ranks together with DDP on CPU, "
+                "or start a single process."
             )
 
     def _refuse(self, unsupported: Callable[[type[Strategy]], bool], reason: str) -> None:
@@ -471,6 +497,10 @@ class ContinualTrainerMixin:
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
         check_training_length(num_epochs, self.args.max_steps, "train_task: ", "num_epochs")
+        # A trainer that already holds tasks (restored by from_pretrained or an earlier fit) continues
+        # its own run; a fresh one must not start inside another run's checkpoints. The lock stays
+        # held between train_task calls and is released when the trainer is garbage-collected.
+        self._claim_output_dir(Path(self._base_output_dir) if self.tasks else None)
         task = self._register_task(task_id, task_name)
         task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         if eval_dataset is not None:
@@ -676,22 +706,29 @@ class ContinualTrainerMixin:
         """
         check_training_length(num_epochs, self.args.max_steps, "fit: ", "num_epochs")
         specs = self._plan_stream(tasks)
-        mid_task_checkpoint = None
+        resume_run = None
         if resume_from_checkpoint:
-            mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume,
-                                                     restart_on_damage=restart_on_damage)
-        elif self._setting("eval_before_training"):
-            self._evaluate_stream(row=False)
-        for index, spec in enumerate(specs):
-            if index < len(self.tasks):
-                continue
-            task = self._register_task(spec["task_id"], spec["name"])
-            task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
-            resume = None
-            if mid_task_checkpoint is not None and index == mid_task_checkpoint[0]:
-                resume = str(mid_task_checkpoint[1])
-                task.resumed = True
-            self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
+            resume_run = resolve_run_dir(self._base_output_dir if resume_from_checkpoint is True else resume_from_checkpoint)[0]
+        self._claim_output_dir(resume_run)
+        try:
+            mid_task_checkpoint = None
+            if resume_from_checkpoint:
+                mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume,
+                                                         restart_on_damage=restart_on_damage)
+            elif self._setting("eval_before_training"):
+                self._evaluate_stream(row=False)
+            for index, spec in enumerate(specs):
+                if index < len(self.tasks):
+                    continue
+                task = self._register_task(spec["task_id"], spec["name"])
+                task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
+                resume = None
+                if mid_task_checkpoint is not None and index == mid_task_checkpoint[0]:
+                    resume = str(mid_task_checkpoint[1])
+                    task.resumed = True
+                self._run_task(task, num_epochs=num_epochs, resume_from_checkpoint=resume)
+        finally:
+            self._release_output_dir()
         return self.results
 
     def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
@@ -723,24 +760,28 @@ class ContinualTrainerMixin:
         from datasets import concatenate_datasets
 
         specs = self._plan_stream(tasks)
-        if self._setting("eval_before_training"):
-            self._evaluate_stream(row=False)
-        rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
-        task = self._register_task("joint", "joint")
-        task.train_dataset = concatenate_datasets(rows)
-        saved = self._setting("save_continual_state")
-        self.args.save_continual_state = False
+        self._claim_output_dir()
         try:
-            self._run_task(task, num_epochs=num_epochs)
+            if self._setting("eval_before_training"):
+                self._evaluate_stream(row=False)
+            rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
+            task = self._register_task("joint", "joint")
+            task.train_dataset = concatenate_datasets(rows)
+            saved = self._setting("save_continual_state")
+            self.args.save_continual_state = False
+            try:
+                self._run_task(task, num_epochs=num_epochs)
+            finally:
+                self.args.save_continual_state = saved
+            final = {m: rows[-1] for m, rows in self.results.scores.items()}
+            while self.results.num_trained < len(self.results.task_names):
+                self.results.add_row(final)
+            self.results.metadata["joint"] = True
+            self._save_results()
+            tracking.task_finished(self)
+            hub.task_finished(self)
         finally:
-            self.args.save_continual_state = saved
-        final = {m: rows[-1] for m, rows in self.results.scores.items()}
-        while self.results.num_trained < len(self.results.task_names):
-            self.results.add_row(final)
-        self.results.metadata["joint"] = True
-        self._save_results()
-        tracking.task_finished(self)
-        hub.task_finished(self)
+            self._release_output_dir()
         return self.results
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -750,6 +791,47 @@ class ContinualTrainerMixin:
             "current_task": self.current_task.to_json() if self.current_task else None,
             "strategies": [{"name": s.name, "config": s.config.to_dict()} for s in self.strategies],
         }
+
+    def _claim_output_dir(self, resume_run: Path | None = None) -> None:
+        """Become the one writer of ``output_dir`` before anything is written there.
+
+        Takes the run lock (:class:`~clm_hf.state.RunLock`), then, unless the run resumes from this
+        folder (``resume_run``) or this trainer already owns it, refuses a folder that holds another
+        run's continual checkpoints: a later resume would continue that run's state under this
+        run's name. ``overwrite_output_dir=True`` deletes them instead.
+        """
+        if not self.args.should_save:  # the other ranks write nothing
+            return
+        run_dir = Path(self._base_output_dir)
+        if self._run_lock is None or not self._run_lock.held:
+            self._run_lock = ckpt.RunLock(run_dir).acquire()
+            weakref.finalize(self, self._run_lock.release)
+        resuming_here = resume_run is not None and resume_run.resolve() == run_dir.resolve()
+        if self._owns_output_dir or resuming_here:
+            self._owns_output_dir = True
+            return
+        found = run_state_paths(run_dir)
+        if found and self._setting("overwrite_output_dir"):
+            logger.warning("clm-hf: overwrite_output_dir=True: deleting the earlier run's %s in %s",
+                           sorted(p.name for p in found), run_dir)
+            for path in found:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif found:
+            self._release_output_dir()
+            names = ", ".join(str(p.relative_to(run_dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise FileExistsError(
+                f"output_dir {run_dir} already holds another run's continual checkpoints ({names}). A new run there "
+                "would mix with it: a later resume would continue the old run's state. Resume it instead "
+                f"(fit(..., resume_from_checkpoint=True), clm-hf train --resume {run_dir}), pass "
+                "overwrite_output_dir=True (--training.overwrite_output_dir true) to delete that state first, or "
+                "choose another output_dir."
+            )
+        self._owns_output_dir = True
+
+    def _release_output_dir(self) -> None:
+        """Release the run lock (the folder stays this trainer's: a later call takes the lock again)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def save_continual_checkpoint(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Write the whole continual state (model, strategies, buffer, results, RNG) atomically.
@@ -789,18 +871,30 @@ class ContinualTrainerMixin:
         a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
-        super()._save_checkpoint(model, trial)
+        writes_state = self.current_task is not None and self.args.should_save
+        limit = self.args.save_total_limit
+        if writes_state:
+            # The Trainer deletes older checkpoints at the end of its own save. Here that comes only
+            # once the new one has its continual state: else, with save_total_limit=1, a kill in
+            # between would leave no complete mid-task checkpoint and the task would restart at 0.
+            self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.current_task is None:
             return
         # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
         # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
         self.accelerator.wait_for_everyone()
-        if not self.args.should_save:
+        if not writes_state:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
         ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
                                        model=None, results=self.results)
+        rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def resume_stream(self, checkpoint: str | bool, specs: list[dict[str, Any]], *,
                       force: bool = False, restart_on_damage: bool = False) -> tuple[int, Path] | None:
@@ -810,11 +904,14 @@ class ContinualTrainerMixin:
         one is damaged, a :class:`~clm_hf.state.CheckpointError` names the damage, unless
         ``restart_on_damage`` lets the stream start again from its first task.
         """
-        run_dir = Path(self._base_output_dir if checkpoint is True else checkpoint)
+        run_dir, task_ckpt = resolve_run_dir(self._base_output_dir if checkpoint is True else checkpoint)
+        with self.args.main_process_first(desc="clm-hf: repairing interrupted checkpoint swaps"):
+            if self.args.should_save:  # one writer; the other ranks read the repaired folder after it
+                ckpt.recover_interrupted_swaps(run_dir / CONTINUAL_DIR)
+                for inner_checkpoint in run_dir.glob("task-*/checkpoint-*"):
+                    ckpt.recover_interrupted_swaps(inner_checkpoint)
         damaged: list[tuple[Path, ckpt.CheckpointError]] = []
-        if (run_dir / ckpt.MANIFEST).is_file():
-            task_ckpt, run_dir = run_dir, run_dir.parent.parent
-        else:
+        if task_ckpt is None:
             task_ckpt = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(run_dir / CONTINUAL_DIR), damaged)
         if task_ckpt is None:
             if not (run_dir / CONTINUAL_DIR).exists() and not list(run_dir.glob("task-*/checkpoint-*")):
@@ -1022,6 +1119,60 @@ class _EpochRowsSampler(torch.utils.data.Sampler[int]):
         if self.shuffle:
             rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))]
         return iter(rows.tolist())
+
+
+def run_state_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's own entries of its folder (``continual/``, ``task-*/``, ``results.json``) when it holds
+    a complete checkpoint that a resume would read (one with a ``manifest.json``); else ``[]``."""
+    run_dir = Path(run_dir)
+    continual = run_dir / CONTINUAL_DIR
+    task_dirs = sorted((p for p in run_dir.glob("task-*") if p.is_dir() and _TASK_DIR.fullmatch(p.name)),
+                       key=ckpt.checkpoint_sort_key)
+    complete = any(continual.glob(f"*/{ckpt.MANIFEST}")) or any(
+        any(d.glob(f"checkpoint-*/{IN_TASK_STATE_DIR}/{ckpt.MANIFEST}")) for d in task_dirs)
+    if not complete:
+        return []
+    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME) if p.exists()]
+
+
+def resolve_run_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """The run folder a resume path belongs to, and the end-of-task checkpoint it names, if any.
+
+    ``<run>`` gives ``(<run>, None)`` (its newest valid checkpoint is used), ``<run>/continual``
+    the same, and ``<run>/continual/task-XXX`` gives ``(<run>, that checkpoint)``. A Trainer
+    checkpoint inside a task (``<run>/task-XXX/checkpoint-N``, its ``continual_state`` or the
+    ``task-XXX`` folder) and a continual checkpoint outside a run (an export's
+    ``continual_state``) raise ``ValueError``: resuming there would nest a new run inside them.
+
+    >>> resolve_run_dir("runs/ewc/continual/task-002")  # doctest: +SKIP
+    (PosixPath('runs/ewc'), PosixPath('runs/ewc/continual/task-002'))
+    """
+    path = Path(path)
+    if path.name == CONTINUAL_DIR and path.is_dir() and not (path / ckpt.MANIFEST).is_file():
+        return path.parent, None
+    if path.parent.name == CONTINUAL_DIR and ((path / ckpt.MANIFEST).is_file() or re.fullmatch(r"task-\d+", path.name)):
+        return path.parent.parent, path
+    inner = None
+    if path.name == IN_TASK_STATE_DIR and _TRAINER_CHECKPOINT.fullmatch(path.parent.name):
+        inner = path.parent.parent
+    elif _TRAINER_CHECKPOINT.fullmatch(path.name) and _TASK_DIR.fullmatch(path.parent.name):
+        inner = path.parent
+    elif (_TASK_DIR.fullmatch(path.name) and any(path.glob("checkpoint-*")) and not (path / CONTINUAL_DIR).exists()
+          and not (path / RESULTS_NAME).exists()):
+        inner = path
+    if inner is not None:
+        raise ValueError(
+            f"{path} is inside the task folder {inner} of the run {inner.parent}, not a run folder: resuming into it "
+            f"would nest a new run inside that checkpoint. Resume the run folder instead (clm-hf train --resume "
+            f"{inner.parent}, or resume_from_checkpoint='{inner.parent}'): clm-hf picks its newest complete "
+            "checkpoint, mid-task ones included."
+        )
+    if (path / ckpt.MANIFEST).is_file():
+        raise ValueError(
+            f"{path} is a continual checkpoint outside a run's {CONTINUAL_DIR}/ folder (an export?). Rebuild a trainer "
+            f"from it with ContinualCausalLMTrainer.from_pretrained('{path.parent}') and resume that, or pass the run folder."
+        )
+    return path, None
 
 
 @contextlib.contextmanager
