@@ -48,7 +48,7 @@ def test_train_command_runs_a_recipe_with_overrides(tmp_path, capsys):
                  "--strategies.0.ewc_lambda", "7", "--training.output_dir", str(out)])
     assert code == 0
     results = ContinualResults.load(out / "results.json")
-    assert results.task_names == ["copy", "reverse", "sort"] and results.num_trained == 3
+    assert results.task_names == ["copy", "shift", "rotate"] and results.num_trained == 3
     assert results.metadata["strategies"][0]["ewc_lambda"] == 7
     assert "exact_match" in capsys.readouterr().out
     # resuming a finished run trains nothing more and keeps the results
@@ -116,7 +116,7 @@ def test_results_json_is_plain_json_and_report_to_none_logs_nothing(tmp_path, ca
     out = tmp_path / "demo"
     main(["demo", "--strategies", "plain", "--output-dir", str(out), "--quick", "--report-to", "none"])
     data = json.loads((out / "plain" / "results.json").read_text())
-    assert data["task_names"] == ["copy", "reverse", "sort"]
+    assert data["task_names"] == ["copy", "shift", "rotate"]
     assert not (out / "mlruns").exists() and not (out / "tensorboard").exists()
     assert not list(out.rglob("events.out.tfevents.*")) and not (out / "plain" / "runs").exists()
     assert "MLflow" not in capsys.readouterr().out
