@@ -2,7 +2,7 @@
 with the online variant of Schwarz et al. 2018 (https://arxiv.org/abs/1805.06370).
 
 After each task, EWC estimates the diagonal of the Fisher information F from per-sample
-gradients of the task's loss, and keeps the weights θ* it ended with. While later tasks train,
+gradients of each row's answer log-likelihood ``log p(answer | prompt)``, and keeps the weights θ* it ended with. While later tasks train,
 it adds λ/2 · Σ F · (θ − θ*)² over the trainable parameters, so weights that mattered for old
 tasks move less.
 
@@ -292,8 +292,10 @@ def estimate_fisher(
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: the mean over rows of the squared per-row loss gradient.
 
-    Each row's loss is the mean NLL over its own supervised tokens (``labels != -100``). Squares
-    are taken per row, never of a batch-averaged gradient (which would underestimate F by up to
+    Each row's loss is the NLL of its answer, ``−log p(answer | prompt)``, summed over its own
+    supervised tokens (``labels != -100``): the Fisher of one sample as the EWC paper defines it,
+    whatever the answer's length (a per-token mean would divide it by T² for T answer tokens).
+    Squares are taken per row, never of a batch-averaged gradient (which would underestimate F by up to
     the batch size). One forward per row gives both the logits and, for the true Fisher, the
     tokens sampled from them (see :func:`_row_loss`).
 
@@ -392,7 +394,12 @@ def _draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def _row_loss(logits: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor | None, seq2seq: bool) -> torch.Tensor:
-    """Mean NLL over the answer positions (``labels != -100``), as HF's own loss computes it.
+    """The NLL of the row's answer, ``−log p(answer | prompt)``: the *sum* over the answer positions
+    (``labels != -100``).
+
+    The sum, not HF's per-token mean: the gradient of a mean over T tokens is 1/T of the
+    sample's log-likelihood gradient, so its square would shrink the Fisher by 1/T² and make
+    λ mean something different for every answer length.
 
     With ``uniforms``, the answer tokens are first replaced by tokens drawn from the detached
     ``logits`` themselves (:func:`_draw_tokens`): the true Fisher from the same forward pass.
@@ -403,7 +410,9 @@ def _row_loss(logits: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor
     logits = logits.float()
     if uniforms is not None:
         labels = torch.where(labels != -100, _draw_tokens(logits.detach(), uniforms), labels)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def _vmapped_row_grads(forward: FunctionalModel, seq2seq: bool):
