@@ -7,8 +7,9 @@ it adds λ/2 · Σ F · (θ − θ*)² over the trainable parameters, so weights
 tasks move less.
 
 - ``mode="separate"`` keeps one (F, θ*) pair per task: memory grows with the number of tasks.
-- ``mode="online"`` keeps one running F ← γ·F + F_task and the latest θ*: 8 bytes per
-  parameter (two fp32 tensors) whatever the number of tasks.
+- ``mode="online"`` keeps one running F* ← γ·F* + F_task and the latest θ*: 8 bytes per
+  parameter (two fp32 tensors) whatever the number of tasks. As in Schwarz et al. (eq. 4), the
+  next task is penalised with γ·F*, so the newest task's Fisher is decayed once as well.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class EWCConfig(StrategyConfig):
             language model is small per weight, so useful values are large.
         mode (`str`): ``"online"`` (one running Fisher, constant memory) or ``"separate"``
             (one Fisher and anchor per task).
-        gamma (`float`): Decay of the old Fisher in online mode, in [0, 1].
+        gamma (`float`): Decay of the old Fisher in online mode, in [0, 1]: the running Fisher is
+            F* ← γ·F* + F_task and the penalty uses γ·F* (Schwarz et al. 2018, eq. 4), so
+            ``gamma=0`` turns the online penalty off. Ignored by ``mode="separate"``.
         fisher_samples (`int`): At most this many rows of the task estimate the Fisher.
         fisher_batch_size (`int`): Rows per vectorised per-sample-gradient pass (bounds memory).
         fisher_type (`str`): ``"true"`` (default): gradients of the log-likelihood of answers
@@ -149,16 +152,20 @@ class EWC(Strategy):
             self._offset = offset
 
     def penalty(self) -> torch.Tensor:
-        """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends).
+        """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends);
+        in online mode F is γ·F*, the decayed running Fisher.
 
         Computed by :class:`_QuadraticPenalty`: a handful of fused ``torch._foreach_*`` calls over
         all parameters at once, whose backward writes ``λ F (θ − θ*)`` directly.
         """
         if not self._params:
             return torch.zeros(())
-        total = _QuadraticPenalty.apply(0.5 * self.config.ewc_lambda, self._fishers, self._anchors, *self._params)
+        strength = self.config.ewc_lambda
+        if self.config.mode == "online":  # Schwarz et al. penalise with γ·F*, not F* itself
+            strength = strength * self.config.gamma
+        total = _QuadraticPenalty.apply(0.5 * strength, self._fishers, self._anchors, *self._params)
         if isinstance(self._offset, torch.Tensor):
-            total = total + 0.5 * self.config.ewc_lambda * self._offset
+            total = total + 0.5 * strength * self._offset
         return total
 
     def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
