@@ -293,7 +293,9 @@ class ContinualTrainerMixin:
 
         The HF loss is already normalised over the whole accumulated batch when the model takes
         ``num_items_in_batch``, so a per-micro-batch penalty is divided by the number of
-        accumulation steps; otherwise ``training_step`` divides the summed loss itself.
+        accumulation steps, and a per-token term (named in the strategy's ``per_token_terms``) is
+        weighted by the micro-batch's share of the batch's tokens, as the model's loss is;
+        otherwise ``training_step`` divides the summed loss itself.
         """
         hidden = self._side_columns()
         model_inputs = {k: v for k, v in inputs.items() if k not in hidden}
@@ -301,15 +303,45 @@ class ContinualTrainerMixin:
         if model.training:
             self._watch_finite("model loss", loss)
         if model.training and self.strategies:
-            scale = 1.0
+            scale, token_share = 1.0, None
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 scale = 1.0 / self.current_gradient_accumulation_steps
+                if num_items_in_batch is not None and any(s.per_token_terms for s in self.strategies):
+                    token_share = self._token_share(model, inputs, num_items_in_batch)
             for strategy in self.strategies:
+                per_token = set(strategy.per_token_terms)
                 for name, term in strategy.loss(model, inputs, outputs).items():
                     self._loss_terms[name].append(term.detach())
                     self._watch_finite(name, term)
-                    loss = loss + term * scale
+                    loss = loss + term * (token_share if name in per_token and token_share is not None else scale)
         return (loss, outputs) if return_outputs else loss
+
+    def _token_share(self, model, inputs: Mapping[str, Any], num_items_in_batch) -> torch.Tensor | float | None:
+        """The factor that turns a mean over this micro-batch's supervised tokens into its part of
+        the mean over the accumulated batch's: ``tokens here / num_items_in_batch``, times the
+        factor HF's ``compute_loss`` multiplies its loss by when tokens are averaged across
+        processes (DDP then averages the gradients). ``None`` without labels.
+
+        The tokens are counted as HF counts ``num_items_in_batch`` (``shift_labels`` if given,
+        else the labels shifted by one for a causal LM), as a tensor: no host sync.
+        """
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if labels is None:
+                return None
+            shifts = getattr(self, "_loss_shifts_labels", None)
+            if shifts is None:  # older Trainers: causal LMs shift, seq2seq decoders do not
+                shifts = not is_seq2seq(model)
+            if shifts:
+                labels = labels[..., 1:]
+        tokens = labels.ne(-100).sum()
+        total = num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+        share = tokens / total
+        if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            # Mirrors Trainer.compute_loss: the global token count, then DDP's mean over ranks.
+            share = share * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return share
 
     def _watch_finite(self, name: str, value: torch.Tensor) -> None:
         """Remember a loss term to check for NaN/inf later, in one batch, without a per-step sync.

@@ -60,8 +60,8 @@ def _rows_for(arch, tokenizer, n=6, seed=3):
 
 
 def _reference_fisher(model, rows, *, sampled, seed, batch_size):
-    """Mean over rows of the squared gradient of the row's own HF loss (``model(...).loss``),
-    one backward per row; for the true Fisher, against answers drawn as ``estimate_fisher``
+    """Mean over rows of the squared gradient of the row's answer NLL (HF's per-token mean loss
+    ``model(...).loss`` times the row's answer tokens), one backward per row; for the true Fisher, against answers drawn as ``estimate_fisher``
     documents it: one ``torch.rand(labels.shape)`` per length group's batch from the seeded
     generator, then :func:`_draw_tokens` on that row's teacher-forced logits."""
     from clm_hf.evaluation import is_seq2seq
@@ -89,7 +89,8 @@ def _reference_fisher(model, rows, *, sampled, seed, batch_size):
                     draws = _draw_tokens(logits[:, :-1], uniforms[i : i + 1, 1:])
                     target[:, 1:] = torch.where(target[:, 1:] != -100, draws, target[:, 1:])
             model.zero_grad()
-            model(**row, labels=target).loss.backward()
+            answer_tokens = int((target if seq2seq else target[:, 1:]).ne(-100).sum())
+            (model(**row, labels=target).loss * answer_tokens).backward()
             for n, p in params.items():
                 reference[n] += p.grad**2
     model.zero_grad()
@@ -105,12 +106,36 @@ def test_fisher_vmap_equals_loop_and_is_per_sample(arch, sampled, make_model, to
     looped = estimate_fisher(model, rows, method="loop", batch_size=4, sampled=sampled, seed=7)
     for name in looped:
         torch.testing.assert_close(vmapped[name], looped[name], rtol=1e-4, atol=1e-9)
-    # Reference: mean over rows of the squared gradient of that row's own loss (HF's), with the
+    # Reference: mean over rows of the squared gradient of that row's answer NLL, with the
     # same draws for the true Fisher: only answer positions sampled, and averaged over.
     reference = _reference_fisher(model, rows, sampled=sampled, seed=7, batch_size=4)
     for name in looped:
         torch.testing.assert_close(looped[name], reference[name], rtol=1e-4, atol=1e-9)
     assert sum(float(r.sum()) for r in reference.values()) > 0
+
+
+def test_fisher_is_of_the_answer_log_likelihood_whatever_its_length(make_model, tokenizer):
+    """Rows whose answers have 3 and 7 tokens: each row's Fisher is the square of the gradient of
+    its own ``log p(answer | prompt)`` (computed here from log-softmax, one row at a time), not
+    of a per-token mean (which would be 1/9 and 1/49 of it)."""
+    model = make_model("gpt2")
+    rows = tokenize_for_causal_lm(make_task("copy", 8, seed=0, min_len=2, max_len=6), tokenizer)
+    lengths = [sum(label != -100 for label in row[1:]) for row in rows["labels"]]
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    assert lengths[long] >= lengths[short] + 3, lengths
+    params = trainable_parameters(model)
+    for index in (short, long):
+        row = rows.select([index])
+        fisher = estimate_fisher(model, row, method="loop")
+        vmapped = estimate_fisher(model, row, method="vmap")
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        answer = (labels[0, 1:] != -100).nonzero().flatten()
+        log_likelihood = logp[answer, labels[0, 1:][answer]].sum()
+        grads = torch.autograd.grad(log_likelihood, list(params.values()))
+        for (name, _), grad in zip(params.items(), grads):
+            torch.testing.assert_close(fisher[name], grad.square(), rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(vmapped[name], grad.square(), rtol=1e-4, atol=1e-9)
 
 
 def test_true_fisher_is_seeded_and_differs_from_empirical(make_model, tokenizer):
@@ -137,15 +162,15 @@ def test_row_loss_samples_and_counts_only_answer_positions():
     # Causal: position t scores labels[t + 1]; answers at label positions 2, 3, 5.
     draws = _draw_tokens(logits[:, :-1], uniforms[:, 1:])
     logp = torch.log_softmax(logits[0, :-1], -1)
-    expected = -torch.stack([logp[t - 1, draws[0, t - 1]] for t in (2, 3, 5)]).mean()
+    expected = -torch.stack([logp[t - 1, draws[0, t - 1]] for t in (2, 3, 5)]).sum()
     torch.testing.assert_close(loss, expected)
     # The draws at unscored positions do not matter; the dataset's answers are not used.
     moved = uniforms.clone()
     moved[:, [0, 1, 4]] = torch.rand(1, 3, generator=gen)
     other_labels = torch.where(labels != -100, (labels + 1) % 11, labels)
     torch.testing.assert_close(_row_loss(logits, other_labels, moved, seq2seq=False), loss)
-    # Without uniforms: the empirical loss, HF's mean NLL of the dataset's answers.
-    expected = -torch.stack([logp[t - 1, labels[0, t]] for t in (2, 3, 5)]).mean()
+    # Without uniforms: the empirical loss, the NLL of the dataset's answer (a sum, not a mean).
+    expected = -torch.stack([logp[t - 1, labels[0, t]] for t in (2, 3, 5)]).sum()
     torch.testing.assert_close(_row_loss(logits, labels, None, seq2seq=False), expected)
 
 
@@ -259,3 +284,38 @@ def test_fused_and_per_tensor_penalty_sums_agree():
     exact = sum(float((d.double() * q.double()).sum()) for d, q in zip(diffs, pulls))
     for fused in (True, False):
         assert float(_weighted_square_sum(diffs, pulls, fused=fused)) == pytest.approx(exact, rel=1e-6)
+
+
+def test_online_penalty_uses_gamma_times_running_fisher(make_model, tokenizer):
+    """Schwarz et al. 2018, eq. 4: F*_i = γ F*_{i-1} + F_i, and task i+1 is penalised with
+    λ/2 · γ F*_i (θ − θ*_i)². At γ = 0.5, checked by hand after one and after two tasks."""
+    model = make_model("gpt2")
+    rows_a = tokenize_for_causal_lm(make_task("copy", 4, seed=0), tokenizer)
+    rows_b = tokenize_for_causal_lm(make_task("sort", 4, seed=1), tokenizer)
+    ewc, trainer = EWC(mode="online", gamma=0.5, ewc_lambda=7.0), _FakeTrainer(model)
+    params = trainable_parameters(model)
+
+    def moved_penalty(fisher, anchor):
+        with torch.no_grad():  # move away from the anchor, then compare with the hand-computed value
+            for p in params.values():
+                p.add_(0.01)
+        expected = sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in params.items())
+        return ewc.penalty().detach(), 0.5 * 7.0 * 0.5 * expected
+
+    fisher_a = estimate_fisher(model, rows_a.shuffle(seed=0), sampled=True, seed=0)  # as after_task draws it
+    ewc.after_task(trainer, _task(0, rows_a))
+    anchor_a = {n: p.detach().clone() for n, p in params.items()}
+    value, expected = moved_penalty(fisher_a, anchor_a)
+    torch.testing.assert_close(value, expected)
+    fisher_b = estimate_fisher(model, rows_b.shuffle(seed=1), sampled=True, seed=1)
+    ewc.after_task(trainer, _task(1, rows_b))
+    anchor_b = {n: p.detach().clone() for n, p in params.items()}
+    running = {n: 0.5 * fisher_a[n] + fisher_b[n] for n in fisher_a}
+    value, expected = moved_penalty(running, anchor_b)
+    torch.testing.assert_close(value, expected)
+    # separate mode ignores γ: each task's own Fisher, undecayed.
+    separate = EWC(mode="separate", gamma=0.5, ewc_lambda=7.0)
+    separate.terms = [(fisher_b, anchor_b)]
+    separate._bind(model)
+    expected = sum((fisher_b[n] * (p.detach() - anchor_b[n]) ** 2).sum() for n, p in params.items())
+    torch.testing.assert_close(separate.penalty().detach(), 0.5 * 7.0 * expected)

@@ -352,3 +352,46 @@ def test_batch_without_supervised_tokens_gives_zero_with_a_gradient_path(tmp_pat
     batch["labels"] = torch.full_like(batch["labels"], -100)
     term = lwf.loss(model, batch, model(**_model_inputs(batch)))["lwf_distillation"]
     assert float(term) == 0.0 and term.requires_grad
+
+
+def _one_step_gradient(tmp_path, make_model, tokenizer, rows, *, batch, accumulation, with_lwf):
+    """The accumulated gradient of one optimizer step over ``rows`` (8 rows, one step)."""
+    model = make_model("gpt2")
+    grads = {}
+
+    class PerturbedTeacher(LwF):  # a teacher that differs from the student from the first step
+        def before_task(self, trainer, task):
+            gen = torch.Generator().manual_seed(4)
+            self.teacher = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen)
+                            for n, p in trainable_parameters(trainer.model).items()}
+            self.teacher_task = task.index
+
+    class Capture(Strategy):
+        name = "capture"
+
+        def edit_gradients(self, model):
+            grads.update({n: p.grad.detach().clone() for n, p in trainable_parameters(model).items()})
+
+    strategies = [PerturbedTeacher(alpha=1.0, temperature=2.0)] if with_lwf else []
+    trainer = _trainer(tmp_path / f"b{batch}-{with_lwf}", model, tokenizer, [*strategies, Capture()],
+                       per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
+                       optim="sgd", max_grad_norm=0.0, save_continual_state=False)
+    trainer.train_task(rows, task_id="t")
+    return grads
+
+
+def test_distillation_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, make_model, tokenizer):
+    """LwF's term is a mean over supervised tokens; over an accumulated batch it is normalised by the
+    batch's tokens, as the model's loss (``num_items_in_batch``), not per micro-batch: the LwF
+    gradient is the same for 8 rows x 1 step, 4 x 2 and 2 x 4 (rows of 3 to 6 answer tokens)."""
+    rows = _rows(tokenizer, n=8, seed=5)
+    lengths = {sum(label != -100 for label in row[1:]) for row in rows["labels"]}
+    assert len(lengths) > 1, lengths  # unequal micro-batches, else every split agrees anyway
+    lwf_grads = {}
+    for batch, accumulation in ((8, 1), (4, 2), (2, 4)):
+        plain = _one_step_gradient(tmp_path, make_model, tokenizer, rows, batch=batch, accumulation=accumulation, with_lwf=False)
+        with_lwf = _one_step_gradient(tmp_path, make_model, tokenizer, rows, batch=batch, accumulation=accumulation, with_lwf=True)
+        lwf_grads[batch] = torch.cat([(with_lwf[n] - plain[n]).flatten() for n in plain])
+    assert float(lwf_grads[8].norm()) > 1e-3 * float(torch.cat([p.flatten() for p in plain.values()]).norm())
+    for batch in (4, 2):
+        torch.testing.assert_close(lwf_grads[batch], lwf_grads[8], rtol=1e-5, atol=1e-5 * float(lwf_grads[8].abs().max()))

@@ -141,6 +141,13 @@ class Strategy:
     supports_partitioned_parameters: ClassVar[bool] = False
     # True when the strategy reads the whole gradient on every rank (FSDP and DeepSpeed shard it).
     needs_whole_gradients: ClassVar[bool] = False
+    # Names of loss terms that are means over the micro-batch's supervised tokens (``labels !=
+    # -100``, shifted for a causal LM as its loss shifts them). When the model's loss is normalised
+    # over the whole accumulated batch (``num_items_in_batch``), the trainer weights these terms by
+    # the micro-batch's share of its tokens, as the model's loss, so that their gradient does not
+    # depend on how a batch is split into micro-batches. Other terms (a penalty on the weights) are
+    # divided by the number of accumulation steps.
+    per_token_terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -233,7 +233,8 @@ class LwF(Strategy):
     """Learning without Forgetting: distil the model as it was at task start into the model being trained.
 
     The distillation term is ``alpha · T² · KL(teacher || student)`` over the vocabulary, averaged
-    over the supervised positions of each batch and logged as ``lwf_distillation``. It is absent
+    over the supervised positions of each micro-batch (the trainer re-weights it over an accumulated
+    batch's tokens, see ``per_token_terms``) and logged as ``lwf_distillation``. It is absent
     on the first task (there is no teacher yet).
 
     Memory and time:
@@ -270,6 +271,9 @@ class LwF(Strategy):
     name = "lwf"
     config_class = LwFConfig
     side_columns = (IDS_COLUMN, LOGPROBS_COLUMN)
+    # A mean over the micro-batch's supervised tokens: the trainer normalises it over the
+    # accumulated batch, as the model's loss (the same gradient for 8 x 1 and 4 x 2).
+    per_token_terms = ("lwf_distillation",)
 
     def __init__(self, config: LwFConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
