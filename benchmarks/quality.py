@@ -1,6 +1,6 @@
 """Quality table on the synthetic suite: every strategy, plain fine-tuning and joint training.
 
-Runs the demo recipe (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> reverse -> sort) once per
+Runs the demo recipe (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> shift -> rotate) once per
 strategy and seed, and prints a Markdown table of ACC, BWT, FWT and forgetting (exact match) as the
 mean over the seeds with the spread (min..max) next to it, and each strategy's BWT gain over plain
 fine-tuning of the same seed. A seed changes the model's initialisation, the task rows and the

@@ -1,6 +1,6 @@
 """Quality for the cost: ACC/BWT of every strategy next to its step-time ratio, in one table and one plot.
 
-Quality comes from ``benchmarks/quality.py`` (the demo recipe: tiny GPT-2, copy -> reverse -> sort,
+Quality comes from ``benchmarks/quality.py`` (the demo recipe: tiny GPT-2, copy -> shift -> rotate,
 with plain fine-tuning and joint training in the same invocation); cost from
 ``benchmarks/step_overhead.py`` (time per optimizer step as a ratio to plain fine-tuning, measured
 alternately in one process; the ``tiny`` model is the demo's size). The whole-run wall time ratio
@@ -73,7 +73,7 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str) -> Path:
         ax.set_xlabel(f"time per optimizer step / plain fine-tuning ({model} GPT-2)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle("Quality for the cost (demo recipe: copy -> reverse -> sort)")
+    fig.suptitle("Quality for the cost (demo recipe: copy -> shift -> rotate)")
     return C.save_figure(fig, path)
 
 

@@ -45,7 +45,7 @@ DEMO_RECIPE: dict[str, Any] = {
 DEMO_STRATEGIES: dict[str, list[dict[str, Any]]] = {
     "plain": [],
     "replay": [{"name": "replay", "buffer_size": 256, "replay_ratio": 1.0}],
-    "ewc": [{"name": "ewc", "ewc_lambda": 10000.0}],
+    "ewc": [{"name": "ewc"}],  # the library default, lambda 1000 (docs/strategies.md has the sweep)
 }
 
 

@@ -55,6 +55,24 @@ def small_args(tmp_path, **overrides):
     return cls(**settings)
 
 
+def make_trainer(tmp_path, model, tokenizer, strategies, **overrides):
+    """A ContinualCausalLMTrainer with :func:`small_args`."""
+    from clm_hf import ContinualCausalLMTrainer
+
+    return ContinualCausalLMTrainer(model=model, args=small_args(tmp_path, **overrides), processing_class=tokenizer,
+                                    strategies=list(strategies))
+
+
+def param_snapshot(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol)
+
+
 @pytest.fixture(scope="session")
 def tiny_stream():
     """Three short tasks of 32 rows (train) and 16 (eval), as {name: DatasetDict}."""

@@ -27,10 +27,10 @@ import torch
 import yaml
 
 import clm_hf.strategies as strategies_package
-from clm_hf import ContinualCausalLMTrainer, Replay, Strategy
+from clm_hf import Replay, Strategy
 from clm_hf import state as ckpt
 from clm_hf.strategies.base import STRATEGY_REGISTRY
-from tests.conftest import AtTaskStep, small_args
+from tests.conftest import AtTaskStep, assert_same_params, make_trainer, param_snapshot, small_args
 from tests.crash_driver import differences, final_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,19 +266,11 @@ def test_soak_ten_random_kills_per_run_still_finish_identical(tmp_path):
 
 
 # --- in-process checks of the same machinery -------------------------------------------------------
-def _trainer(tmp_path, model, tokenizer, strategies, **overrides):
-    return ContinualCausalLMTrainer(model=model, args=small_args(tmp_path, **overrides), processing_class=tokenizer,
-                                    strategies=list(strategies))
+def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
+    return make_trainer(tmp_path, model, tokenizer, strategies, **overrides)
 
 
-def _params(trainer):
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+_params, _assert_same = param_snapshot, assert_same_params
 
 
 class _DrawsRandomNumbers(Strategy):

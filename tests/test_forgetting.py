@@ -1,6 +1,6 @@
 """Each strategy forgets measurably less than plain fine-tuning on the synthetic suite.
 
-The runs are the demo's (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> reverse -> sort, 256
+The runs are the demo's (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> shift -> rotate, 256
 held-out rows per task) on seeds 0, 1 and 2 (a seed sets the initial weights, the rows and the data
 order), so the figures are those of `benchmarks/quality.py` and `docs/strategies.md`. Training a
 tiny model is not bit-reproducible across CPU kernels and thread counts, so every assertion is on

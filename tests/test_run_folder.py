@@ -29,24 +29,16 @@ from clm_hf.cli import main
 from clm_hf.hub import save_continual_pretrained
 from clm_hf.results import ContinualResults
 from clm_hf.trainer import resolve_run_dir
-from tests.conftest import small_args
+from tests.conftest import assert_same_params, make_trainer, param_snapshot, small_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _trainer(tmp_path, model, tokenizer, strategies=(), **overrides):
-    return ContinualCausalLMTrainer(model=model, args=small_args(tmp_path, **overrides), processing_class=tokenizer,
-                                    strategies=list(strategies))
+    return make_trainer(tmp_path, model, tokenizer, strategies, **overrides)
 
 
-def _params(trainer):
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+_params, _assert_same = param_snapshot, assert_same_params
 
 
 def _two_tasks(tiny_stream):
