@@ -46,6 +46,8 @@ DEMO_STRATEGIES: dict[str, list[dict[str, Any]]] = {
     "plain": [],
     "replay": [{"name": "replay", "buffer_size": 256, "replay_ratio": 1.0}],
     "ewc": [{"name": "ewc"}],  # the library default, lambda 1000 (docs/strategies.md has the sweep)
+    # A-GEM's variant that also pushes along the memory's gradient (docs/strategies.md, GEM and A-GEM)
+    "agem_margin": [{"name": "agem", "margin": 0.5}],
 }
 
 

@@ -529,12 +529,13 @@ class ContinualTrainerMixin:
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
         check_training_length(num_epochs, self.args.max_steps, "train_task: ", "num_epochs")
+        task = self._register_task(task_id, task_name)
+        task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
+        # Rows are checked first, so refused input leaves nothing in output_dir, not even the lock.
         # A trainer that already holds tasks (restored by from_pretrained or an earlier fit) continues
         # its own run; a fresh one must not start inside another run's checkpoints. The lock stays
         # held between train_task calls and is released when the trainer is garbage-collected.
         self._claim_output_dir(Path(self._base_output_dir) if self.tasks else None)
-        task = self._register_task(task_id, task_name)
-        task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         if eval_dataset is not None:
             self.add_eval_task(task.task_id, eval_dataset, task.name)
         elif self.results is None or task.name not in self.results.task_names:

@@ -15,6 +15,15 @@ torch.set_num_threads(int(os.environ.get("CLM_HF_TEST_THREADS", "1")))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _logging_enabled_again():
+    """Benchmarks run in-process call ``logging.disable``; later tests read logs through caplog."""
+    yield
+    import logging
+
+    logging.disable(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from clm_hf.tasks import build_tokenizer

@@ -113,7 +113,10 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(launches, ru
         moved = 0.0
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                torch.testing.assert_close(two[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
+                # EWC's Fisher squares per-row gradients summed over the answer tokens (values up to ~50
+                # here), so the other reduction order of 2 ranks shows at a relative 1e-5.
+                rtol = 1e-4 if "/fisher/" in key else 1e-5
+                torch.testing.assert_close(two[key], value, atol=ATOL, rtol=rtol, msg=lambda m, k=key: f"{run} {k}: {m}")
                 if key.startswith("model/"):
                     start = _load(launches / "one", run, 0, 0, "before")[key] if task == 0 else None
                     if start is not None and start.shape == value.shape:

@@ -9,7 +9,7 @@ the mean over the seeds, with a margin set well inside the spread measured under
 `CLM_HF_TEST_THREADS=2` runs this file with 2 threads per run; `CLM_HF_QUALITY_JSON=path` keeps
 the runs and the table of `benchmarks/quality.py`).
 
-The runs go to two worker processes (the CI machine has 2 cores).
+The runs go to two worker processes of one thread each (the CI machine has 2 cores).
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ SEEDS = (0, 1, 2)
 
 # Minimum mean BWT gain (exact match, absolute) over plain fine-tuning of the same seeds. Measured
 # means and per-seed ranges are in docs/strategies.md; each margin sits well below the lowest mean
-# measured under any kernel / thread setting.
+# measured under any kernel / thread setting (given after each entry).
 MIN_BWT_GAIN = {
-    "replay": 0.25,
-    "ewc": 0.1,
-    "lwf": 0.25,
-    "gem": 0.2,
-    "agem": 0.1,
-    "packnet": 0.5,
-    "pnn": 0.5,
+    "replay": 0.5,  # lowest 0.82
+    "ewc": 0.1,  # lowest 0.24: it blocks the new task on 2 seeds of 3 and does nothing on the third
+    "lwf": 0.25,  # lowest 0.42, mostly by not learning `shift` (docs/strategies.md)
+    "gem": 0.3,  # lowest 0.59
+    "agem_margin": 0.2,  # AGEM(margin=0.5): lowest 0.46
+    "packnet": 0.5,  # BWT 0 exactly
+    "pnn": 0.5,  # BWT 0 exactly
 }
+# A-GEM at the paper's rule (margin 0, the default) barely acts on these fully conflicting tasks: mean
+# BWT gain 0.018-0.092 per setting measured (0.000-0.240 per seed). The test checks what it
+# reaches, that it never forgets more than plain fine-tuning, with room for the spread.
+NOT_WORSE_THAN_PLAIN = {"agem": -0.03}
 # PackNet and PNN isolate each task's parameters: old tasks' scores cannot move at all.
 EXACT_ISOLATION = ("packnet", "pnn")
 
@@ -62,8 +66,11 @@ def runs(tmp_path_factory):
     threads = int(os.environ.get("CLM_HF_TEST_THREADS", "1"))
     out = tmp_path_factory.mktemp("forgetting")
     # The slowest runs first, so the two workers finish together.
-    names = ["gem", "agem", "packnet", "pnn", "replay", "lwf", "ewc", "plain"]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    names = ["gem", "agem", "agem_margin", "packnet", "pnn", "replay", "lwf", "ewc", "plain"]
+    # Two workers of one thread fill the 2 cores; with 2 threads a run, one worker (more would
+    # oversubscribe the cores, and OpenMP's spin-waiting makes that several times slower).
+    workers = max(1, 2 // threads)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {(n, s): pool.submit(quality.run_one, n, out / n, s, threads=threads) for n in names for s in SEEDS}
         results = {key: future.result() for key, future in futures.items()}
     if os.environ.get("CLM_HF_QUALITY_JSON"):  # keep the figures of this kernel / thread setting
@@ -90,10 +97,21 @@ def test_plain_fine_tuning_learns_every_task_then_forgets_it(runs):
     assert _mean(runs, "plain", "bwt") < -0.6, [runs[("plain", s)]["bwt"] for s in SEEDS]
 
 
+def _bwt_gain(runs, name):
+    """Mean BWT gain over plain fine-tuning, and (strategy, plain) BWT per seed for the message."""
+    per_seed = [(round(runs[(name, s)]["bwt"], 3), round(runs[("plain", s)]["bwt"], 3)) for s in SEEDS]
+    return _mean(runs, name, "bwt") - _mean(runs, "plain", "bwt"), per_seed
+
+
+@pytest.mark.parametrize("name", list(NOT_WORSE_THAN_PLAIN))
+def test_strategy_forgets_no_more_than_plain_fine_tuning(name, runs):
+    gain, per_seed = _bwt_gain(runs, name)
+    assert gain >= NOT_WORSE_THAN_PLAIN[name], f"{name}: mean BWT gain {gain:.3f}; (strategy, plain) per seed {per_seed}"
+
+
 @pytest.mark.parametrize("name", list(MIN_BWT_GAIN))
 def test_strategy_forgets_less_than_plain_fine_tuning(name, runs):
-    per_seed = [(round(runs[(name, s)]["bwt"], 3), round(runs[("plain", s)]["bwt"], 3)) for s in SEEDS]
-    gain = _mean(runs, name, "bwt") - _mean(runs, "plain", "bwt")
+    gain, per_seed = _bwt_gain(runs, name)
     assert gain >= MIN_BWT_GAIN[name], f"{name}: mean BWT gain {gain:.3f}; (strategy, plain) per seed {per_seed}"
     assert _mean(runs, name, "forgetting") < _mean(runs, "plain", "forgetting")
     if name in EXACT_ISOLATION:
