@@ -64,11 +64,12 @@ def test_script_writes_every_run_and_prints_the_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ewc_at_its_default_reduces_forgetting_on_natural_language():
-    """docs/strategies.md's sweep (seeds 0-2): plain BWT about -0.6, EWC() about -0.1; asserted
-    with a margin well inside that, on one seed."""
+    """docs/strategies.md's sweep (seeds 0-2): plain BWT about -0.66, EWC() about -0.21. On seed 0
+    the gain was 0.33 (ATEN_CPU_CAPABILITY=default), 0.50 (avx2), 0.50 (avx512, 2 threads): the
+    margin, 0.15, sits well below the lowest."""
     nl = _load()
     stream, tokenizer = nl.make_stream(), nl.build_tokenizer()
     plain = nl.run("plain", 0, stream=stream, tokenizer=tokenizer)
     ewc = nl.run("ewc", 0, stream=stream, tokenizer=tokenizer)
     assert plain["learned"] > 0.9 and plain["bwt"] < -0.3, plain
-    assert ewc["bwt"] > plain["bwt"] + 0.25, (ewc, plain)
+    assert ewc["bwt"] > plain["bwt"] + 0.15, (ewc, plain)
