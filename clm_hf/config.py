@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from .strategies.base import Strategy, _unknown_message, build_strategy
-from .validation import as_bool, as_number, validate_training_section
+from .validation import as_bool, as_number, did_you_mean, validate_training_section
 
 TOP_LEVEL_KEYS = ("optimizer", "continual_strategy", "training", "output_dir", "num_epochs", "batch_size", "seed")
 OPTIMIZER_KEYS = ("type", "lr", "weight_decay", "betas", "eps", "momentum")
@@ -57,9 +56,7 @@ def parse_config_dict(config: dict[str, Any], args_class: type | None = None) ->
     if "type" in optimizer:
         kind = str(optimizer["type"]).lower()
         if kind not in OPTIMIZERS:
-            close = difflib.get_close_matches(kind, list(OPTIMIZERS), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"Unknown optimizer type '{kind}'.{hint} Valid: {', '.join(OPTIMIZERS)}.")
+            raise ValueError(f"Unknown optimizer type '{kind}'.{did_you_mean(kind, OPTIMIZERS)} Valid: {', '.join(OPTIMIZERS)}.")
         kwargs["optim"] = OPTIMIZERS[kind]
         if kind == "adam":
             kwargs.setdefault("weight_decay", 0.0)

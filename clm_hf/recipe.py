@@ -25,7 +25,6 @@ Command-line overrides use dotted keys, TRL style: ``--training.learning_rate 1e
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import re
 from pathlib import Path
@@ -36,6 +35,7 @@ import yaml
 from .validation import (
     RecipeError,
     as_bool,
+    did_you_mean,
     validate_model_section,
     validate_strategies_section,
     validate_training_section,
@@ -92,9 +92,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
 def validate_recipe(recipe: dict[str, Any]) -> None:
     for key in recipe:
         if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"Unknown recipe section '{key}'.{hint} Valid sections: {', '.join(SECTIONS)}.")
+            raise ValueError(f"Unknown recipe section '{key}'.{did_you_mean(key, SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
     if "model" not in recipe:
         raise ValueError("A recipe needs a 'model' section (arch: gpt2, or name_or_path: ...).")
     if "tasks" not in recipe:

@@ -205,6 +205,11 @@ class ContinualTrainerMixin:
         if names:
             raise NotImplementedError(f"Strategy {', '.join(repr(n) for n in names)} {reason}")
 
+    def _strategies_overriding(self, hook: str) -> list[Strategy]:
+        """The strategies whose class implements ``hook`` (the base class's version does nothing)."""
+        default = getattr(Strategy, hook)
+        return [s for s in self.strategies if getattr(type(s), hook) is not default]
+
     # --- gradients: every strategy edit runs before clipping ----------------------------------
     def _edit_gradients(self, model: nn.Module) -> None:
         """Run every strategy's ``edit_gradients`` once per optimizer step, before clipping.
@@ -217,7 +222,7 @@ class ContinualTrainerMixin:
         if self._gradients_edited:
             return
         self._gradients_edited = True
-        editors = [s for s in self.strategies if type(s).edit_gradients is not Strategy.edit_gradients]
+        editors = self._strategies_overriding("edit_gradients")
         if not editors:
             return
         with self._unscaled_once():
@@ -266,7 +271,7 @@ class ContinualTrainerMixin:
     def _get_train_sampler(self, train_dataset: Dataset | None = None):
         """The Trainer's sampler, or, when a strategy picks each epoch's rows, one that asks it every epoch."""
         sampler = super()._get_train_sampler(train_dataset)
-        selectors = [s for s in self.strategies if type(s).select_train_rows is not Strategy.select_train_rows]
+        selectors = self._strategies_overriding("select_train_rows")
         if not selectors or not self._selecting_rows or self.current_task is None or sampler is None:
             return sampler
         if len(selectors) > 1:
@@ -421,8 +426,8 @@ class ContinualTrainerMixin:
 
     def _check_display_name(self, task_id: str, name: str) -> None:
         """One display name per task: results, logs and plots are keyed by it."""
-        taken = [k for k, n in self._task_names.items() if n == name and k != task_id]
-        taken += [t.task_id for t in self.tasks if t.name == name and t.task_id != task_id and t.task_id not in taken]
+        taken = [k for k, n in self._task_names.items() if n == name]
+        taken = [k for k in dict.fromkeys([*taken, *(t.task_id for t in self.tasks if t.name == name)]) if k != task_id]
         if taken:
             raise ValueError(
                 f"Task '{task_id}' has display name '{name}', which task '{taken[0]}' already uses. Results and plots are "
@@ -961,7 +966,7 @@ class ContinualTrainerMixin:
             return None
         # A Trainer checkpoint inside the next task, with its continual state, resumes mid-task.
         task_dir = run_dir / f"task-{done:03d}"
-        inner = sorted(task_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        inner = sorted(task_dir.glob("checkpoint-*"), key=ckpt.checkpoint_sort_key)
         for candidate in reversed(inner):
             try:
                 meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR, with_model=False)

@@ -35,6 +35,7 @@ __all__ = [
     "check_row_lengths",
     "check_tensor_columns",
     "check_training_length",
+    "did_you_mean",
     "validate_model_section",
     "validate_strategies_section",
     "validate_training_section",
@@ -99,6 +100,16 @@ def _parse_int(text: str) -> int:
     return int(number)
 
 
+def did_you_mean(word: Any, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """A `` Did you mean 'x'?`` hint naming the closest of ``choices``, or ``""``.
+
+    >>> did_you_mean("num_epochs", ["num_train_epochs", "seed"])
+    " Did you mean 'num_train_epochs'?"
+    """
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=cutoff)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def check_keys(section: Any, valid: Iterable[str], where: str, listing: str | None = None) -> None:
     """Refuse a non-mapping ``section`` or a key not in ``valid``, suggesting the closest valid key.
 
@@ -109,8 +120,7 @@ def check_keys(section: Any, valid: Iterable[str], where: str, listing: str | No
         raise RecipeError(f"{where} must be a mapping of keys to values, got {_shown(section)}.")
     for key in section:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, valid)
             shown = ", ".join(sorted(valid)) if len(valid) <= 20 or listing is None else listing
             raise RecipeError(f"Unknown key '{key}' in {where}.{hint} Valid keys: {shown}.")
 
@@ -166,8 +176,7 @@ def check_primary_metric(primary_metric: Any, computed: Iterable[str], where: st
     """The primary metric must be one the run computes, else the summary fails after the first task."""
     computed = list(computed)
     if primary_metric not in computed:
-        close = difflib.get_close_matches(str(primary_metric), computed, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(primary_metric, computed)
         raise RecipeError(
             f"{where}.primary_metric is {primary_metric!r}, which this run does not compute.{hint} It computes "
             f"{computed} (eval_metrics plus the trainer's task_metrics)."
