@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .evaluation import BUILTIN_METRICS
+from .text_metrics import TEXT_METRICS
 
 
 @dataclass
@@ -53,6 +54,23 @@ class ContinualTrainingArguments(TrainingArguments):
                           "them first (continual/, task-*/, results.json). Without it such a folder is refused unless "
                           "the run resumes from it."},
     )
+    generation_metrics: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Text metrics of generated answers computed after every task, next to eval_metrics: "
+                          "exact_match, rouge_l, bleu; recorded as gen_<metric>. Empty (the default): no generation."},
+    )
+    generation_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Longest generated answer; defaults to the longest reference answer of each eval set."},
+    )
+    generation_num_beams: int | None = field(
+        default=None,
+        metadata={"help": "Beam width of the generated answers; defaults to the model's generation_config (greedy)."},
+    )
+    reference_metric: str = field(
+        default="perplexity",
+        metadata={"help": "The score of the reference (never trained) eval sets shown in summaries and plots."},
+    )
     answer_only_loss: bool = field(
         default=True,
         metadata={"help": "When the trainer tokenizes prompt/answer rows itself, put the loss on answer tokens only."},
@@ -65,6 +83,13 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
         if not self.eval_metrics:
             raise ValueError("eval_metrics must name at least one metric.")
+        unknown = [m for m in self.generation_metrics if m not in TEXT_METRICS]
+        if unknown:
+            raise ValueError(f"generation_metrics has unknown metric(s) {unknown}; choose from {list(TEXT_METRICS)}.")
+        for name in ("generation_max_new_tokens", "generation_num_beams"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}.")
         if self.continual_eval_batch_size < 1:
             raise ValueError(f"continual_eval_batch_size must be >= 1, got {self.continual_eval_batch_size}.")
         if self.continual_save_total_limit is not None and self.continual_save_total_limit < 1:

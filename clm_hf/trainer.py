@@ -32,6 +32,7 @@ from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
 from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
+from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .results import ContinualResults
 from .strategies.base import Strategy, TaskInfo, unwrap_model
 from .validation import (
@@ -89,6 +90,7 @@ class ContinualTrainerMixin:
         strategies: Sequence[Strategy] | None = None,
         config: dict[str, Any] | None = None,
         task_metrics: dict[str, TokenMetric] | None = None,
+        generation_scorer: Callable[[list[str], list[str]], dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         strategies = list(strategies or [])
@@ -108,6 +110,7 @@ class ContinualTrainerMixin:
         super().__init__(model=model, args=args, **kwargs)
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
+        self.generation_scorer = generation_scorer
         self.tasks: list[TaskInfo] = []  # tasks trained (or in training), in order
         self.current_task: TaskInfo | None = None
         self.results: ContinualResults | None = None
@@ -123,7 +126,11 @@ class ContinualTrainerMixin:
         self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
         _check_vocabulary(self.model, self.processing_class)
         # Settings that would only fail (or silently do nothing) after the first task, checked now.
-        check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
+        computed = [*self._setting("eval_metrics"), *self.task_metrics, *generation_metric_names(self._setting("generation_metrics"))]
+        if not (generation_scorer is not None and str(self._setting("primary_metric")).startswith(GENERATION_PREFIX)):
+            check_primary_metric(self._setting("primary_metric"), computed)  # a scorer's gen_* keys are known only later
+        if self._generates() and self.processing_class is None:
+            raise ValueError("generation_metrics / generation_scorer need processing_class=tokenizer to decode the answers.")
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
         self._check_single_writer()
@@ -654,9 +661,15 @@ class ContinualTrainerMixin:
             self.model_wrapped = model
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate_task(self, dataset: Dataset, *, description: str | None = None) -> dict[str, float]:
-        """Score the model as it is now on tokenized rows (see :func:`~clm_hf.evaluation.evaluate_lm`)."""
-        return evaluate_lm(
+    def _generates(self) -> bool:
+        """Whether every evaluation also scores generated answers (``args.generation_metrics`` or a scorer)."""
+        return bool(self._setting("generation_metrics")) or self.generation_scorer is not None
+
+    def evaluate_task(self, dataset: Dataset, *, description: str | None = None, generate: bool = True) -> dict[str, float]:
+        """Score the model as it is now on tokenized rows (see :func:`~clm_hf.evaluation.evaluate_lm`), plus
+        the ``gen_*`` scores of generated answers (:func:`~clm_hf.generation_eval.evaluate_generation`) when
+        ``args.generation_metrics`` or ``generation_scorer`` ask for them and ``generate`` is true."""
+        scores = evaluate_lm(
             self.model,
             dataset,
             self.data_collator,
@@ -667,6 +680,14 @@ class ContinualTrainerMixin:
             description=description,
             disable_progress=self.args.disable_tqdm,
         )
+        if generate and self._generates():
+            scores.update(evaluate_generation(
+                self.model, dataset, self.processing_class, metrics=self._setting("generation_metrics"),
+                scorer=self.generation_scorer, max_new_tokens=self._setting("generation_max_new_tokens"),
+                num_beams=self._setting("generation_num_beams"), batch_size=self._setting("continual_eval_batch_size"),
+                device=self.args.device, what=description or "eval dataset", disable_progress=self.args.disable_tqdm,
+            ))
+        return scores
 
     def evaluate_tasks(self) -> dict[str, dict[str, float]]:
         """Score every registered task: trained ones under ``use_task``, unseen ones as the model is."""
@@ -683,8 +704,8 @@ class ContinualTrainerMixin:
         if not self._eval_sets or self.results is None:
             return
         scores = self.evaluate_tasks()
-        metrics = list(self._setting("eval_metrics")) + list(self.task_metrics)
-        table = {m: [scores[n][m] if n in scores else None for n in self.results.task_names] for m in metrics}
+        metrics = list(dict.fromkeys(m for s in scores.values() for m in s))  # built-in, task_metrics, gen_*
+        table = {m: [scores[n].get(m) if n in scores else None for n in self.results.task_names] for m in metrics}
         for name in self.task_metrics:
             self.results.higher_is_better.setdefault(name, True)
         if row:
@@ -1086,6 +1107,9 @@ class ContinualTrainer(ContinualTrainerMixin, Trainer):
         config (`dict`, *optional*): The original config-dict form (optimizer + continual_strategy).
         task_metrics (`dict[str, callable]`, *optional*): Extra per-task scores,
             ``fn(predictions, references) -> float`` over answer token ids.
+        generation_scorer (`callable`, *optional*): ``fn(predictions, references) -> dict[str, float]``
+            over generated and reference texts; each key is recorded as ``gen_<key>`` after every task
+            (with ``args.generation_metrics``, see :mod:`clm_hf.generation_eval`).
         **kwargs: Any other ``Trainer`` argument.
 
     Example:
