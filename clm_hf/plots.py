@@ -27,6 +27,7 @@ __all__ = [
     "plot_task_curves",
     "plot_comparison",
     "plot_parameter_usage",
+    "plot_reference",
     "write_report",
 ]
 
@@ -211,6 +212,60 @@ def plot_task_curves(
     return _save(fig, path)
 
 
+def plot_reference(
+    results: ContinualResults, path: str | os.PathLike | None = None, metric: str | None = None
+) -> Figure:
+    """Plots the reference sets (scored, never trained) across training stages: general-ability retention.
+
+    One panel per reference set, each with its reference metric (``results.reference_metric`` unless
+    ``metric`` is given); the x axis is the training stage (``baseline``, then ``after <task>``).
+    A dashed line marks the baseline, so the gap to it is the general ability lost or gained.
+
+    Args:
+        results (`ContinualResults`): the run to draw.
+        path (`str` or `os.PathLike`, *optional*): where to save the PNG.
+        metric (`str`, *optional*): metric to draw for every set.
+
+    Returns:
+        `matplotlib.figure.Figure`: the figure.
+
+    Example:
+
+    ```python
+    >>> from clm_hf.results import ContinualResults
+    >>> res = ContinualResults(task_names=["a"], scores={"exact_match": [[0.9]]},
+    ...                        reference={"general": {"perplexity": [14.0]}},
+    ...                        reference_baseline={"general": {"perplexity": 11.0}})
+    >>> [ax.get_title() for ax in plot_reference(res).axes]
+    ['reference set general']
+
+    ```
+    """
+    names = results.reference_names
+    fig = _new_figure(max(5.0, 4.0 * max(len(names), 1)), 4.0)
+    if not names:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no reference set recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, path)
+    labels = ["baseline", *(f"after {t}" for t in results.task_names[: results.num_trained])]
+    for k, set_name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), k + 1)
+        shown = results.resolve_reference_metric(set_name, metric)
+        ys = _to_array([results.reference_curve(set_name, shown)], len(labels))[0]
+        xs = np.arange(len(labels))
+        ax.plot(xs, ys, marker="o", markersize=4, color="tab:purple", label=set_name)
+        if not np.isnan(ys[0]):
+            ax.axhline(ys[0], color="grey", linestyle="--", linewidth=0.8, label="before training")
+        _set_xticks(ax, xs, labels)
+        direction = "higher is better" if _higher_is_better(results, shown) else "lower is better"
+        ax.set_ylabel(f"{shown} ({direction})")
+        ax.set_title(f"reference set {set_name}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_comparison(
     results_by_name: Mapping[str, ContinualResults],
     path: str | os.PathLike | None = None,
@@ -374,6 +429,7 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
 
     Looks for ``results.json`` in ``run_dir`` and in its direct subfolders (one per strategy,
     say). Next to each file it writes ``heatmap.png`` and ``task_curves.png``; if the results'
+    results have reference sets it also writes ``reference.png`` (see `plot_reference`); if the
     metadata has ``"parameter_usage"`` (see `plot_parameter_usage`) it also writes
     ``packnet_parameter_usage.png`` and ``packnet_task_accuracies.png``. With more than one
     results file it also writes ``comparison.png`` and ``comparison.md`` in ``run_dir``; runs are
@@ -422,6 +478,9 @@ def write_report(run_dir: str | os.PathLike) -> list[Path]:
         for filename, plot in (("heatmap.png", plot_heatmap), ("task_curves.png", plot_task_curves)):
             plot(results, folder / filename)
             written.append(folder / filename)
+        if results.reference_names:
+            plot_reference(results, folder / "reference.png")
+            written.append(folder / "reference.png")
         usage = results.metadata.get("parameter_usage")
         if usage:
             plot_parameter_usage(usage, results.task_names, folder / "packnet_parameter_usage.png")

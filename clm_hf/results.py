@@ -149,6 +149,15 @@ class ContinualResults:
             it, the first recorded metric is used instead.
         metadata (`dict[str, Any]`, *optional*):
             JSON-able extras (strategy, config, timings, ``"parameter_usage"`` for PackNet, ...).
+        reference (`dict[str, dict[str, list[float | None]]]`, *optional*):
+            Scores of the reference sets: eval sets that are scored but never trained on (general
+            ability). Set name -> metric -> one score per trained task (same rows as ``scores``).
+            They are kept apart from the task columns, so ACC/BWT/FWT/forgetting never include them.
+        reference_baseline (`dict[str, dict[str, float | None]]`, *optional*):
+            Set name -> metric -> score before any training.
+        reference_metric (`str`, *optional*, defaults to `"perplexity"`):
+            The reference score shown in tables, summaries and plots (the first recorded metric
+            when the sets do not have it).
 
     Example:
 
@@ -169,6 +178,9 @@ class ContinualResults:
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     primary_metric: str = "exact_match"
     metadata: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    reference_baseline: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    reference_metric: str = "perplexity"
 
     def __post_init__(self) -> None:
         # Validate and normalise here so that objects built directly, via from_dict or via
@@ -212,6 +224,39 @@ class ContinualResults:
         for metric in [*self.scores, *self.baseline]:
             self._register_metric(metric)
         self.metadata = dict(self.metadata)
+        self._check_reference(max(row_counts.values(), default=0) if scores else None)
+
+    def _check_reference(self, task_rows: int | None) -> None:
+        """Validate the reference-set fields: one score per trained task, as many rows as ``scores``."""
+        if not isinstance(self.reference_metric, str):
+            raise ValueError(f"reference_metric must be a string, got {type(self.reference_metric).__name__}")
+        for name, value in (("reference", self.reference), ("reference_baseline", self.reference_baseline)):
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise ValueError(f"{name} must be a dict set name -> {{metric: scores}}, got {value!r}")
+        reference: dict[str, dict[str, list[float | None]]] = {}
+        for set_name, metrics in self.reference.items():
+            reference[str(set_name)] = {}
+            for metric, values in metrics.items():
+                where = f"reference[{set_name!r}][{metric!r}]"
+                if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+                    raise ValueError(f"{where} must be a list with one score per trained task, got {type(values).__name__}")
+                reference[str(set_name)][str(metric)] = [_clean_score(v, f"{where}[{i}]") for i, v in enumerate(values)]
+        counts = {f"reference[{n!r}][{m!r}]": len(v) for n, ms in reference.items() for m, v in ms.items()}
+        if task_rows is not None:
+            counts["scores"] = task_rows
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"the reference sets must have one score per trained task, like scores; got row counts {counts}")
+        if max(counts.values(), default=0) > len(self.task_names):
+            raise ValueError(f"the reference sets have {max(counts.values())} rows but the stream has only "
+                             f"{len(self.task_names)} tasks")
+        self.reference = reference
+        self.reference_baseline = {
+            str(n): {str(m): _clean_score(v, f"reference_baseline[{n!r}][{m!r}]") for m, v in ms.items()}
+            for n, ms in self.reference_baseline.items()
+        }
+        for metrics in [*self.reference.values(), *self.reference_baseline.values()]:
+            for metric in metrics:
+                self._register_metric(metric)
 
     # ------------------------------------------------------------------ recording
 
@@ -220,13 +265,16 @@ class ContinualResults:
         # HIGHER_IS_BETTER changes in a later version.
         self.higher_is_better.setdefault(metric, HIGHER_IS_BETTER.get(metric, True))
 
-    def set_baseline(self, scores: dict[str, list[float | None]]) -> None:
+    def set_baseline(self, scores: dict[str, list[float | None]],
+                     reference: Mapping[str, Mapping[str, float | None]] | None = None) -> None:
         """Records the scores of the model before any training (the ``b`` vector of FWT).
 
         Args:
             scores (`dict[str, list[float | None]]`):
                 Metric name -> one score per stream task (``None`` where not evaluated).
                 Replaces the baseline of those metrics; other metrics are kept.
+            reference (`dict[str, dict[str, float]]`, *optional*):
+                Reference set name -> metric -> score before training.
 
         Raises:
             ValueError: if a vector does not have one entry per task or holds a non-number.
@@ -245,9 +293,21 @@ class ContinualResults:
             raise ValueError(f"set_baseline expects a dict metric -> scores, got {type(scores).__name__}")
         # Validate everything before mutating, so a bad call leaves the object unchanged.
         cleaned = {str(m): _clean_vector(v, len(self.task_names), f"baseline[{m!r}]") for m, v in scores.items()}
+        ref = self._clean_reference(reference, "reference_baseline")
         self.baseline.update(cleaned)
-        for metric in cleaned:
+        for set_name, metrics in ref.items():
+            self.reference_baseline.setdefault(set_name, {}).update(metrics)
+        for metric in [*cleaned, *(m for ms in ref.values() for m in ms)]:
             self._register_metric(metric)
+
+    @staticmethod
+    def _clean_reference(reference: Mapping[str, Mapping[str, Any]] | None, where: str) -> dict[str, dict[str, float | None]]:
+        if reference is None:
+            return {}
+        if not isinstance(reference, Mapping) or not all(isinstance(v, Mapping) for v in reference.values()):
+            raise ValueError(f"{where} expects a dict set name -> {{metric: score}}, got {reference!r}")
+        return {str(n): {str(m): _clean_score(v, f"{where}[{n!r}][{m!r}]") for m, v in ms.items()}
+                for n, ms in reference.items()}
 
     def add_task(self, name: str) -> None:
         """Appends a task to the stream (a new column, ``None`` in every earlier row).
@@ -316,7 +376,8 @@ class ContinualResults:
         for metric, vector in self.baseline.items():
             self.baseline[metric] = moved(vector)
 
-    def add_row(self, scores: dict[str, list[float | None]]) -> None:
+    def add_row(self, scores: dict[str, list[float | None]],
+                reference: Mapping[str, Mapping[str, float | None]] | None = None) -> None:
         """Appends the scores measured after training the next task of the stream.
 
         Metrics recorded before but absent from ``scores`` get a row of ``None``; a metric seen
@@ -326,9 +387,12 @@ class ContinualResults:
         Args:
             scores (`dict[str, list[float | None]]`):
                 Metric name -> one score per stream task (``None`` where not evaluated).
+            reference (`dict[str, dict[str, float]]`, *optional*):
+                Reference set name -> metric -> score after this task. Sets and metrics recorded
+                before but missing here get ``None``. ``scores`` may be empty when this is given.
 
         Raises:
-            ValueError: if ``scores`` is empty, a vector has the wrong length or holds a
+            ValueError: if ``scores`` and ``reference`` are both empty, a vector has the wrong length or holds a
                 non-number, or every task of the stream already has a row.
 
         Example:
@@ -341,26 +405,36 @@ class ContinualResults:
 
         ```
         """
-        if not isinstance(scores, Mapping) or not scores:
+        if not isinstance(scores, Mapping) or not (scores or reference):
             raise ValueError("add_row expects a non-empty dict metric -> scores")
         num_tasks = len(self.task_names)
         row_index = self.num_trained
         if row_index >= num_tasks:
             raise ValueError(f"all {num_tasks} tasks of the stream already have a row; cannot add another")
         cleaned = {str(m): _clean_vector(v, num_tasks, f"scores[{m!r}][{row_index}]") for m, v in scores.items()}
+        ref = self._clean_reference(reference, f"reference row {row_index}")
         for metric in cleaned:
             if metric not in self.scores:
                 self.scores[metric] = [[None] * num_tasks for _ in range(row_index)]
                 self._register_metric(metric)
         for metric, rows in self.scores.items():
             rows.append(cleaned.get(metric, [None] * num_tasks))
+        for set_name, metrics in ref.items():
+            for metric in metrics:
+                if metric not in self.reference.setdefault(set_name, {}):
+                    self.reference[set_name][metric] = [None] * row_index
+                    self._register_metric(metric)
+        for set_name, metrics in self.reference.items():
+            for metric, values in metrics.items():
+                values.append(ref.get(set_name, {}).get(metric))
 
     # ------------------------------------------------------------------ access
 
     @property
     def num_trained(self) -> int:
         """`int`: number of tasks trained so far (rows of every score matrix)."""
-        return max((len(rows) for rows in self.scores.values()), default=0)
+        reference_rows = (len(v) for ms in self.reference.values() for v in ms.values())
+        return max((*(len(rows) for rows in self.scores.values()), *reference_rows), default=0)
 
     @property
     def metrics(self) -> list[str]:
@@ -471,6 +545,98 @@ class ContinualResults:
         """
         return {metric: self.summary(metric) for metric in self.scores}
 
+    # ------------------------------------------------------------------ reference sets
+
+    @property
+    def reference_names(self) -> list[str]:
+        """`list[str]`: names of the reference sets (scored, never trained), in the order recorded."""
+        return list(dict.fromkeys([*self.reference_baseline, *self.reference]))
+
+    def _reference_metrics(self, set_name: str) -> list[str]:
+        return list(dict.fromkeys([*self.reference_baseline.get(set_name, {}), *self.reference.get(set_name, {})]))
+
+    def resolve_reference_metric(self, set_name: str, metric: str | None = None) -> str:
+        """The metric shown for a reference set: ``metric``, else `reference_metric`, else the first recorded.
+
+        Raises:
+            KeyError: if the set or an explicit ``metric`` was not recorded.
+
+        Example:
+
+        ```python
+        >>> res = ContinualResults(task_names=["a"], reference_baseline={"general": {"loss": 3.0}})
+        >>> res.resolve_reference_metric("general")
+        'loss'
+
+        ```
+        """
+        if set_name not in self.reference_names:
+            raise KeyError(f"reference set {set_name!r} was not recorded; reference sets: {self.reference_names}")
+        recorded = self._reference_metrics(set_name)
+        if metric is None:
+            return self.reference_metric if self.reference_metric in recorded or not recorded else recorded[0]
+        if metric not in recorded:
+            raise KeyError(f"metric {metric!r} was not recorded for reference set {set_name!r}; available: {recorded}")
+        return metric
+
+    def reference_curve(self, set_name: str, metric: str | None = None) -> list[float | None]:
+        """Scores of a reference set before training, then after each trained task.
+
+        Args:
+            set_name (`str`): the reference set.
+            metric (`str`, *optional*): defaults to `reference_metric`.
+
+        Returns:
+            `list[float | None]`: ``num_trained + 1`` values, the first one the baseline (``None`` if
+            it was not measured).
+
+        Example:
+
+        ```python
+        >>> res = ContinualResults(task_names=["a", "b"], scores={"exact_match": [[1.0, 0.0]]},
+        ...                        reference={"general": {"perplexity": [12.0]}},
+        ...                        reference_baseline={"general": {"perplexity": 10.0}})
+        >>> res.reference_curve("general")
+        [10.0, 12.0]
+
+        ```
+        """
+        name = self.resolve_reference_metric(set_name, metric)
+        rows = self.reference.get(set_name, {}).get(name, [None] * self.num_trained)
+        return [self.reference_baseline.get(set_name, {}).get(name), *rows]
+
+    def reference_summary(self, metric: str | None = None) -> dict[str, dict[str, Any]]:
+        """General-ability retention: each reference set's score before training, at the end, and the change.
+
+        Args:
+            metric (`str`, *optional*): defaults to `reference_metric` (per set, see
+                `resolve_reference_metric`).
+
+        Returns:
+            `dict[str, dict]`: set name -> ``{"metric", "before", "final", "change"}`` where
+            ``change = final - before`` (``None`` where either is missing). For a lower-is-better
+            metric such as perplexity a positive change is a loss of general ability.
+
+        Example:
+
+        ```python
+        >>> res = ContinualResults(task_names=["a"], scores={"exact_match": [[1.0]]},
+        ...                        reference={"general": {"perplexity": [12.5]}},
+        ...                        reference_baseline={"general": {"perplexity": 10.0}})
+        >>> res.reference_summary()
+        {'general': {'metric': 'perplexity', 'before': 10.0, 'final': 12.5, 'change': 2.5}}
+
+        ```
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for set_name in self.reference_names:
+            name = self.resolve_reference_metric(set_name, metric)
+            curve = self.reference_curve(set_name, name)
+            before, final = curve[0], (curve[-1] if len(curve) > 1 else None)
+            change = final - before if before is not None and final is not None else None
+            out[set_name] = {"metric": name, "before": before, "final": final, "change": change}
+        return out
+
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:
@@ -506,6 +672,13 @@ class ContinualResults:
                 m: _clean_vector(vec, len(self.task_names), f"baseline[{m!r}]") for m, vec in self.baseline.items()
             },
             "metadata": _jsonable(self.metadata, "metadata"),
+            # Written only when there are reference sets, so other runs' files stay as before.
+            **({"reference": {n: {m: [_clean_score(v, f"reference[{n!r}][{m!r}]") for v in vs] for m, vs in ms.items()}
+                              for n, ms in self.reference.items()},
+                "reference_baseline": {n: {m: _clean_score(v, f"reference_baseline[{n!r}][{m!r}]") for m, v in ms.items()}
+                                       for n, ms in self.reference_baseline.items()},
+                "reference_metric": self.reference_metric}
+               if self.reference or self.reference_baseline else {}),
         }
 
     @classmethod
@@ -541,7 +714,8 @@ class ContinualResults:
                 f"unsupported results format_version {version!r}; this clm-hf reads version {FORMAT_VERSION}"
             )
         known = {
-            "format_version", "task_names", "scores", "baseline", "higher_is_better", "primary_metric", "metadata"
+            "format_version", "task_names", "scores", "baseline", "higher_is_better", "primary_metric", "metadata",
+            "reference", "reference_baseline", "reference_metric",
         }
         unknown = sorted(set(d) - known)
         if unknown:
@@ -550,7 +724,8 @@ class ContinualResults:
             raise ValueError(f"results have unknown keys {unknown}; expected a subset of {sorted(known)}")
         if "task_names" not in d:
             raise ValueError("results have no 'task_names' key")
-        kwargs = {k: d[k] for k in ("scores", "baseline", "higher_is_better", "primary_metric", "metadata") if k in d}
+        kwargs = {k: d[k] for k in ("scores", "baseline", "higher_is_better", "primary_metric", "metadata",
+                                    "reference", "reference_baseline", "reference_metric") if k in d}
         return cls(task_names=d["task_names"], **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -663,11 +838,19 @@ class ContinualResults:
     def _table_rows(self, metric: str | None, digits: int) -> tuple[list[str], list[list[str]]]:
         name = self.resolve_metric(metric)
         header = [name, *self.task_names]
+        # Reference sets (never trained) get their own columns, after the tasks': the table's metric
+        # when the set has it, else its reference metric, named in the header.
+        curves = []
+        for set_name in self.reference_names:
+            shown = name if name in self._reference_metrics(set_name) else self.resolve_reference_metric(set_name)
+            header.append(f"ref {set_name}" + ("" if shown == name else f" ({shown})"))
+            curves.append(self.reference_curve(set_name, shown))
         rows = []
-        if name in self.baseline:
-            rows.append(["baseline", *(_fmt(v, digits) for v in self.baseline[name])])
-        for task, row in zip(self.task_names, self.matrix(name)):
-            rows.append([f"after {task}", *(_fmt(v, digits) for v in row)])
+        if name in self.baseline or any(c[0] is not None for c in curves):
+            baseline = self.baseline.get(name, [None] * len(self.task_names))
+            rows.append(["baseline", *(_fmt(v, digits) for v in baseline), *(_fmt(c[0], digits) for c in curves)])
+        for i, (task, row) in enumerate(zip(self.task_names, self.matrix(name))):
+            rows.append([f"after {task}", *(_fmt(v, digits) for v in row), *(_fmt(c[i + 1], digits) for c in curves)])
         return header, rows
 
     def to_markdown(self, metric: str | None = None, digits: int = 3) -> str:
@@ -756,9 +939,18 @@ def comparison_table(
     """
     names = {run: res.resolve_metric(metric) for run, res in results.items()}
     show_metric = len(set(names.values())) > 1
-    header = ["run", *(["metric"] if show_metric else []), *_SUMMARY_HEADERS]
+    # General-ability retention: one column per reference set, "before -> final" of its reference metric.
+    reference_sets = list(dict.fromkeys(n for res in results.values() for n in res.reference_names))
+    reference_metrics = {n: list(dict.fromkeys(res.resolve_reference_metric(n) for res in results.values()
+                                                if n in res.reference_names)) for n in reference_sets}
+    header = ["run", *(["metric"] if show_metric else []), *_SUMMARY_HEADERS,
+              *(f"ref {n} ({'/'.join(reference_metrics[n])})" for n in reference_sets)]
     rows = []
     for run, res in results.items():
         summary = res.summary(names[run])
-        rows.append([str(run), *([names[run]] if show_metric else []), *(_fmt(summary[k]) for k in _SUMMARY_KEYS)])
+        retention = res.reference_summary()
+        cells = [f"{_fmt(retention[n]['before'])} -> {_fmt(retention[n]['final'])}" if n in retention else _MISSING
+                 for n in reference_sets]
+        rows.append([str(run), *([names[run]] if show_metric else []), *(_fmt(summary[k]) for k in _SUMMARY_KEYS),
+                     *cells])
     return _markdown_table(header, rows) if markdown else _text_table(header, rows)

@@ -115,6 +115,7 @@ class ContinualTrainerMixin:
         self.current_task: TaskInfo | None = None
         self.results: ContinualResults | None = None
         self._eval_sets: dict[str, Dataset] = {}  # task_id -> tokenized eval rows
+        self._reference_sets: dict[str, Dataset] = {}  # name -> tokenized rows scored after every task, never trained
         self._task_names: dict[str, str] = {}
         self._base_output_dir = self.args.output_dir
         self._loss_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -499,6 +500,48 @@ class ContinualTrainerMixin:
         if name not in self.results.task_names:
             self.results.add_task(name)
 
+    def add_reference_set(self, name: str, dataset: Any) -> None:
+        """Register a reference eval set: scored before the first task and after every task, never trained on.
+
+        It measures general ability (e.g. perplexity on general text) next to the tasks' scores; its
+        scores are kept in their own columns of the results (``results.reference``), tables and plots,
+        and never enter ACC/BWT/FWT/forgetting.
+
+        Args:
+            name (`str`): The set's name in results, logs and plots.
+            dataset (`datasets.Dataset`): ``text`` rows (scored on the whole text: loss, perplexity,
+                token accuracy), raw ``prompt``/``answer`` rows, or tokenized ``input_ids``/``labels``
+                rows (prompt/answer rows also get exact match and the ``gen_*`` scores).
+
+        Example:
+
+        >>> from datasets import Dataset
+        >>> trainer.add_reference_set("general", Dataset.from_dict({"text": ["a b c d", "h g f e"]}))  # doctest: +SKIP
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"A reference set's name must be a non-empty str, got {name!r}.")
+        what = f"reference set '{name}'"
+        if isinstance(dataset, DataLoader):
+            dataset = dataset_from_loader(dataset)
+        if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and "text" in dataset.column_names:
+            dataset = _tokenize_full_text(dataset, self.processing_class, is_seq2seq(self.model), what)
+        self._reference_sets[name] = self._prepare_rows(dataset, what, scoring=True)
+
+    def evaluate_reference_sets(self) -> dict[str, dict[str, float]]:
+        """Score every reference set with the model as it is now (outside any task's ``use_task``).
+
+        Rows without a prompt (whole-text rows) get the loss-based scores only: exact match and the
+        generated-text scores need an answer to compare with.
+        """
+        scores: dict[str, dict[str, float]] = {}
+        for name, rows in self._reference_sets.items():
+            has_prompt = is_seq2seq(self.model) or all(labels[0] == -100 for labels in rows["labels"])
+            values = self.evaluate_task(rows, description=f"reference {name}", generate=has_prompt)
+            if not has_prompt:
+                values.pop("exact_match", None)
+            scores[name] = values
+        return scores
+
     def train_task(
         self,
         train_dataset: Dataset | DataLoader | None = None,
@@ -701,20 +744,24 @@ class ContinualTrainerMixin:
         return scores
 
     def _evaluate_stream(self, *, row: bool) -> None:
-        if not self._eval_sets or self.results is None:
+        if not (self._eval_sets or self._reference_sets) or self.results is None:
             return
         scores = self.evaluate_tasks()
+        reference = self.evaluate_reference_sets()
         metrics = list(dict.fromkeys(m for s in scores.values() for m in s))  # built-in, task_metrics, gen_*
         table = {m: [scores[n].get(m) if n in scores else None for n in self.results.task_names] for m in metrics}
         for name in self.task_metrics:
             self.results.higher_is_better.setdefault(name, True)
+        if reference:
+            self.results.reference_metric = self._setting("reference_metric")
         if row:
-            self.results.add_row(table)
+            self.results.add_row(table, reference=reference or None)
             stage = f"after_{self.tasks[-1].name}"
         else:
-            self.results.set_baseline(table)
+            self.results.set_baseline(table, reference=reference or None)
             stage = "baseline"
         logs = {f"cl/{stage}/{n}/{m}": v for n, s in scores.items() for m, v in s.items()}
+        logs.update({f"cl/{stage}/reference/{n}/{m}": v for n, s in reference.items() for m, v in s.items()})
         if row:
             logs.update({f"cl/{k}": v for k, v in self.results.summary().items() if v is not None})
         self.log(logs)
@@ -737,6 +784,7 @@ class ContinualTrainerMixin:
         num_epochs: float | None = None,
         force_resume: bool = False,
         restart_on_damage: bool = False,
+        reference_sets: Mapping[str, Any] | None = None,
     ) -> ContinualResults:
         """Train a whole stream of tasks, evaluating every task after each one.
 
@@ -752,6 +800,9 @@ class ContinualTrainerMixin:
             restart_on_damage (`bool`, *optional*): When resuming finds checkpoints but every one is
                 damaged, train the stream again from its first task instead of raising
                 :class:`~clm_hf.state.CheckpointError`.
+            reference_sets (`dict[str, Dataset]`, *optional*): Name -> eval set scored before the first
+                task and after every task but never trained on (general ability), see
+                :meth:`add_reference_set`. Pass them again when resuming.
 
         Returns:
             [`ContinualResults`]: the score matrices and summary metrics, also written to
@@ -764,7 +815,11 @@ class ContinualTrainerMixin:
         >>> results.summary()["bwt"]  # doctest: +SKIP
         """
         check_training_length(num_epochs, self.args.max_steps, "fit: ", "num_epochs")
+        if reference_sets is not None and not isinstance(reference_sets, Mapping):
+            raise TypeError(f"reference_sets must be a dict name -> dataset, got {type(reference_sets).__name__}.")
         specs = self._plan_stream(tasks)
+        for name, dataset in (reference_sets or {}).items():
+            self.add_reference_set(name, dataset)
         resume_run = None
         if resume_from_checkpoint:
             resume_run = resolve_run_dir(self._base_output_dir if resume_from_checkpoint is True else resume_from_checkpoint)[0]
@@ -833,8 +888,9 @@ class ContinualTrainerMixin:
             finally:
                 self.args.save_continual_state = saved
             final = {m: rows[-1] for m, rows in self.results.scores.items()}
+            final_reference = {n: {m: v[-1] for m, v in ms.items()} for n, ms in self.results.reference.items()}
             while self.results.num_trained < len(self.results.task_names):
-                self.results.add_row(final)
+                self.results.add_row(final, reference=final_reference or None)
             self.results.metadata["joint"] = True
             self._save_results()
             tracking.task_finished(self)
@@ -1248,6 +1304,27 @@ def _tokens_hidden(args: Any) -> Iterator[None]:
     finally:
         for name, value in hidden.items():
             setattr(args, name, value)
+
+
+def _tokenize_full_text(dataset: Dataset, tokenizer: Any, seq2seq: bool, what: str) -> Dataset:
+    """``text`` rows -> ``input_ids`` + eos, every token supervised: the loss and perplexity of the whole text."""
+    if seq2seq:
+        raise ValueError(f"The {what} has 'text' rows, which an encoder-decoder cannot score as a whole text; "
+                         "give it 'prompt'/'answer' rows (or input_ids/labels).")
+    if tokenizer is None:
+        raise ValueError(f"The {what} has raw 'text' rows; pass processing_class=tokenizer to tokenize them.")
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        for text, index in zip(batch["text"], indices):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"Row {index} of the {what} has no text in column 'text' (got {text!r}).")
+        ids = [row + ([eos] if eos is not None else []) for row in
+               tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]
+        return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": [list(r) for r in ids]}
+
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       desc=f"Tokenizing {what}")
 
 
 def _check_vocabulary(model: nn.Module | None, tokenizer: Any) -> None:
