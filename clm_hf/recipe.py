@@ -17,6 +17,9 @@ A recipe is a dict with four sections::
     training:                    # any ContinualTrainingArguments field
       output_dir: runs/ewc
       num_train_epochs: 4
+    reference:                   # optional: eval sets scored after every task, never trained
+      general: {path: json, data_files: data/general.jsonl}   # load_dataset() arguments ...
+      held_out: {synthetic: rotate, num_rows: 64}             # ... or a synthetic task
 
 Command-line overrides use dotted keys, TRL style: ``--training.learning_rate 1e-3``,
 ``--strategies.1.ewc_lambda 50``. Values are parsed as YAML scalars.
@@ -43,7 +46,7 @@ from .validation import (
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("model", "tasks", "strategies", "training")
+SECTIONS = ("model", "tasks", "strategies", "training", "reference")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -202,6 +205,45 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
     return stream
 
 
+def build_reference_sets(section: Any) -> dict[str, Any]:
+    """The reference sets of a recipe (scored, never trained), as ``{name: Dataset}``.
+
+    Each entry is either ``load_dataset()`` arguments (``split`` defaults to "train", the only split
+    of a local file) with ``text``, ``prompt``/``answer`` or ``input_ids``/``labels`` rows, or
+    ``{synthetic: <task>, num_rows: N, seed: S}`` for a task of the built-in suite.
+
+    >>> sets = build_reference_sets({"held_out": {"synthetic": "rotate", "num_rows": 4}})
+    >>> sets["held_out"].column_names
+    ['prompt', 'answer']
+    """
+    if section is None:
+        return {}
+    if not isinstance(section, dict) or not section:
+        raise RecipeError("'reference' must be a mapping name -> {load_dataset arguments} or {synthetic: <task>}.")
+    sets: dict[str, Any] = {}
+    for name, entry in section.items():
+        if not isinstance(entry, dict):
+            raise RecipeError(f"reference.{name} must be a mapping (load_dataset arguments or {{synthetic: <task>}}), "
+                              f"got {type(entry).__name__}.")
+        entry = dict(entry)
+        if "synthetic" in entry:
+            from .tasks import make_task
+
+            unknown = sorted(set(entry) - {"synthetic", "num_rows", "seed", "min_len", "max_len"})
+            if unknown:
+                raise RecipeError(f"Unknown key(s) {unknown} in reference.{name}; a synthetic reference set takes "
+                                  "synthetic, num_rows, seed, min_len, max_len.")
+            sets[str(name)] = make_task(entry.pop("synthetic"), entry.pop("num_rows", 64), **entry)
+            continue
+        if "path" not in entry:
+            raise RecipeError(f"reference.{name} needs 'path' (load_dataset arguments) or 'synthetic' (a built-in task).")
+        from datasets import load_dataset
+
+        entry.setdefault("split", "train")
+        sets[str(name)] = load_dataset(**entry)
+    return sets
+
+
 def _check_eval_split(entry: dict[str, Any], index: int) -> None:
     """Refuse an eval entry that would silently score the training rows; log the split otherwise.
 
@@ -247,6 +289,7 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
         recipe.get("training"), ContinualSeq2SeqTrainingArguments if seq2seq_arch else ContinualTrainingArguments)
     strategies = strategies_from_specs(validate_strategies_section(recipe.get("strategies")))
     stream = build_task_stream(recipe["tasks"])  # before the model: it checks the eval splits
+    reference_sets = build_reference_sets(recipe.get("reference"))
     model, tokenizer = build_model_and_tokenizer(model_section)
     if output_dir is not None:
         training["output_dir"] = output_dir
@@ -257,7 +300,9 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     args = args_class(**training)
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
     if joint:
+        for name, dataset in reference_sets.items():
+            trainer.add_reference_set(name, dataset)
         return trainer.fit_joint(stream), trainer
     results = trainer.fit(stream, resume_from_checkpoint=resume, force_resume=force_resume,
-                          restart_on_damage=restart_on_damage)
+                          restart_on_damage=restart_on_damage, reference_sets=reference_sets)
     return results, trainer

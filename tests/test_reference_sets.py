@@ -105,3 +105,24 @@ def test_results_reference_fields_are_validated():
     res.add_row({"exact_match": [0.5, 1.0]})  # a stage without the set: None, rows stay aligned
     assert res.reference["general"]["perplexity"] == [3.0, None]
     assert res.summary() == ContinualResults(task_names=["a", "b"], scores=res.scores).summary()
+
+
+def test_recipe_reference_section(tmp_path):
+    from clm_hf.recipe import run_recipe
+    from clm_hf.validation import RecipeError
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("\n".join(json.dumps({"text": t}) for t in _general_text()["text"]) + "\n")
+    recipe = {
+        "model": {"arch": "gpt2"},
+        "tasks": {"suite": "synthetic", "names": ["copy"], "num_train": 16, "num_eval": 8},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "report_to": "none",
+                     "save_strategy": "no", "disable_tqdm": True, "use_cpu": True},
+        "reference": {"general": {"path": "json", "data_files": str(general)},
+                      "held_out": {"synthetic": "rotate", "num_rows": 8}},
+    }
+    results, _ = run_recipe(recipe)
+    assert results.reference_names == ["general", "held_out"]
+    assert len(results.reference_curve("general")) == 2 and None not in results.reference_curve("general")
+    with pytest.raises(RecipeError, match="reference.general needs 'path'"):
+        run_recipe({**recipe, "reference": {"general": {"data_files": str(general)}}})
