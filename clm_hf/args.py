@@ -83,6 +83,8 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
         if not self.eval_metrics:
             raise ValueError("eval_metrics must name at least one metric.")
+        if isinstance(self.generation_metrics, str):  # "bleu" or "exact_match,bleu" from a recipe or the CLI
+            self.generation_metrics = [m.strip() for m in self.generation_metrics.split(",") if m.strip()]
         unknown = [m for m in self.generation_metrics if m not in TEXT_METRICS]
         if unknown:
             raise ValueError(f"generation_metrics has unknown metric(s) {unknown}; choose from {list(TEXT_METRICS)}.")

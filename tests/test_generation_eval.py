@@ -83,6 +83,7 @@ def test_split_rows_and_errors(tokenizer, make_model):
 def test_generation_option_is_checked_up_front(tmp_path, make_model, tokenizer):
     with pytest.raises(ValueError, match="unknown metric.*'rouge'"):
         small_args(tmp_path, generation_metrics=["rouge"])
+    assert small_args(tmp_path, generation_metrics="exact_match, bleu").generation_metrics == ["exact_match", "bleu"]
     with pytest.raises(ValueError, match="generation_num_beams must be an int >= 1"):
         small_args(tmp_path, generation_num_beams=0)
     with pytest.raises(ValueError, match="need processing_class"):
