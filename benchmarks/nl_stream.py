@@ -76,7 +76,7 @@ HELD_OUT_PAIRS = 2  # of the ten clue pairs of each label, never trained on
 MODEL = {"hidden_size": 64, "num_layers": 4, "num_heads": 4}
 RECIPE = {"num_train_epochs": 10, "learning_rate": 1e-3, "batch_size": 16}
 DEFAULT_RUNS = ("plain;ewc:ewc_lambda=100;ewc:ewc_lambda=1000;ewc:ewc_lambda=3000;ewc:ewc_lambda=10000;"
-                "lwf;lwf:alpha=3;lwf:alpha=10;lwf:alpha=10,temperature=1")
+                "lwf:alpha=0.7;lwf:alpha=3;lwf;lwf:alpha=10;lwf:alpha=10,temperature=1")
 
 
 def make_stream(data_seed: int = 0) -> dict[str, dict[str, list[dict[str, str]]]]:
@@ -153,6 +153,9 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
     parsed: dict[str, Any] = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
+        if value.strip().lower() in ("true", "false"):
+            parsed[key.strip()] = value.strip().lower() == "true"
+            continue
         for cast in (int, float, str):
             try:
                 parsed[key.strip()] = cast(value)

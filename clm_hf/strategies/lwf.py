@@ -73,7 +73,7 @@ class LwFConfig(StrategyConfig):
 
     aliases = {"lambda_o": "alpha", "lwf_alpha": "alpha", "T": "temperature", "top_k": "cache_top_k"}
 
-    alpha: float = field(default=0.7, metadata={"help": "Weight of the distillation term (multiplies T² · KL)."})
+    alpha: float = field(default=5.0, metadata={"help": "Weight of the distillation term (multiplies T² · KL)."})
     temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T (> 0)."})
     cache_teacher: bool = field(default=False, metadata={"help": "Precompute the teacher's top-k log-probs per task."})
     cache_top_k: int = field(default=8, metadata={"help": "Tokens per position kept by the cache."})
