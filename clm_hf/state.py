@@ -47,6 +47,7 @@ MODEL_FILE = "model.safetensors"
 RNG_FILE = "rng.safetensors"
 RESULTS_FILE = "results.json"
 STRATEGIES_DIR = "strategies"
+CONTINUAL_DIR = "continual"  # a run folder's end-of-task checkpoints: <output_dir>/continual/task-XXX
 
 
 class CheckpointError(ValueError):
