@@ -377,7 +377,7 @@ def test_cli_missing_recipe_is_one_line_and_exit_code_2(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("clm-hf train: error: Recipe file") and "does not exist" in err and "\n" not in err
+    assert err.startswith("clm-hf: error: Recipe file") and "does not exist" in err and "\n" not in err
 
 
 # --- trainer arguments and rows: refused before any training --------------------------------------------
