@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> from clm_hf.cli import main
     >>> main(["train", "no/such/recipe.yaml"])
     2
+
     ```
     """
     parser = _parser()
