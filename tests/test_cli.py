@@ -97,7 +97,11 @@ def test_recipe_task_errors():
 def test_demo_and_report_commands(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--strategies", "plain,replay", "--output-dir", str(out), "--quick", "--report-to", "none"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # A newcomer sees the Trainer's progress bars, not those of datasets' internal steps.
+    for bar in ("Flattening the indices", "Saving the dataset", "Casting the dataset", "Map", "Tokenizing", "Filter"):
+        assert bar not in captured.err, bar
     assert "comparison" in printed and "plain" in printed and "replay" in printed
     for name in ("plain", "replay"):
         assert (out / name / "results.json").is_file()
