@@ -14,15 +14,14 @@ import copy
 import json
 import numbers
 import os
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, Features, Value, concatenate_datasets, load_from_disk
+
+from ._io import atomic_write_dir
 
 __all__ = ["ReservoirBuffer"]
 
@@ -503,25 +502,13 @@ class ReservoirBuffer:
                     f"Refusing to overwrite {path}: it is a non-empty directory without {STATE_FILE_NAME}, "
                     "so it does not look like a saved ReservoirBuffer"
                 )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A sibling (same file system) so the final step is a rename, not a copy. Hidden name so half-written
-        # leftovers of a crash do not look like buffers.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            from .state import process_umask
-
-            os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700 whatever the umask
+        def fill(tmp: Path) -> None:
             if self._data is not None:
                 self._data.save_to_disk(str(tmp))
             # Written last: a directory with this file is complete.
-            with open(tmp / STATE_FILE_NAME, "w", encoding="utf-8") as f:
-                json.dump(self.state_dict(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            self._swap_into_place(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / STATE_FILE_NAME).write_text(json.dumps(self.state_dict(), indent=2), encoding="utf-8")
+
+        atomic_write_dir(path, fill)
         # If the rows were memory-mapped from the directory we just replaced, their files are now deleted: the maps
         # stay valid in this process, but datasets re-opens files by name (e.g. when pickled to DataLoader workers),
         # so point the buffer at the freshly written copy.
@@ -530,23 +517,6 @@ class ReservoirBuffer:
             for cache in self._data.cache_files
         ):
             self._data = load_from_disk(str(path))
-
-    @staticmethod
-    def _swap_into_place(tmp: Path, path: Path) -> None:
-        # A directory cannot be atomically replaced by another non-empty one on POSIX, so move the old buffer aside,
-        # rename the new one in, then delete the old one. A crash between the renames leaves both complete copies
-        # (hidden siblings), never a partial buffer at `path`.
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-        os.replace(path, trash)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(trash, path)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
 
     @classmethod
     def load_from_disk(cls, path: str | os.PathLike) -> "ReservoirBuffer":

@@ -21,17 +21,11 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .strategies.base import eval_mode, unwrap_model
+from .modeling import decoder_inputs as _decoder_inputs  # noqa: F401  (the old private name)
+from .modeling import eval_mode, is_seq2seq, unwrap_model  # noqa: F401  (is_seq2seq re-exported)
 
 BUILTIN_METRICS = ("exact_match", "token_accuracy", "loss", "perplexity")
 TokenMetric = Callable[[list[list[int]], list[list[int]]], float]
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    """True for encoder-decoder models, looking through DDP and PEFT wrappers."""
-    model = unwrap_model(model)
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def supervised_predictions(logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -> tuple[torch.Tensor, ...]:
@@ -132,14 +126,3 @@ def evaluate_lm(
     for name, fn in (extra_metrics or {}).items():
         scores[name] = float(fn(predictions, references))
     return scores
-
-
-def _decoder_inputs(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool) -> dict[str, torch.Tensor]:
-    # Seq2seq models build decoder inputs from labels; passing labels would also compute a loss
-    # we do not use, so build the shifted decoder inputs explicitly instead.
-    if not seq2seq or "decoder_input_ids" in batch:
-        return {}
-    base = unwrap_model(model)
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    return {"decoder_input_ids": base.prepare_decoder_input_ids_from_labels(labels=batch["labels"])}

@@ -47,6 +47,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import __version__
 from . import state as ckpt
+from .modeling import unwrap_model
+from .state import CONTINUAL_DIR
+from .strategies.base import STRATEGY_REGISTRY, Strategy, get_strategy_class, strategies_from_specs
+from .tracking import _strategies_markdown, results_markdown, write_result_files
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,6 @@ def _base_pretrained(model: Any) -> Any:
     """The pretrained model under PEFT / strategy wrappers (whose config rebuilds the model)."""
     from transformers import PreTrainedModel
 
-    from .strategies.base import unwrap_model
-
     model = unwrap_model(model)
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
@@ -97,8 +99,6 @@ def _base_pretrained(model: Any) -> Any:
 
 
 def _is_peft(model: Any) -> bool:
-    from .strategies.base import unwrap_model
-
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -108,8 +108,6 @@ def _is_peft(model: Any) -> bool:
 
 def _user_peft(trainer: Any) -> bool:
     """Whether the PEFT wrapping is the user's (to rebuild) rather than a strategy's (restore_model rebuilds it)."""
-    from .strategies.base import Strategy
-
     if not _is_peft(trainer.model):
         return False
     return not any(type(s).restore_model is not Strategy.restore_model for s in trainer.strategies)
@@ -196,8 +194,6 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
             f"push_to_hub / save_continual_pretrained is called while task '{trainer.current_task.name}' is training; "
             "call it between tasks (the trainer pushes after every task when args.push_to_hub=True)."
         )
-    from .tracking import write_result_files
-
     # The old continual_state/ stays until the new one is complete: write_atomically swaps it in
     # (a kill mid-swap leaves the old one as .old-continual_state-*, put back first here).
     ckpt.recover_interrupted_swaps(directory)
@@ -227,7 +223,7 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
     # applies; the copy at the root is for people and tools that look there, and must be identical.
     ckpt.save_continual_checkpoint(
         directory / STATE_DIR, state=trainer._continual_state(), strategies=trainer.strategies,
-        model=_unwrapped(trainer.model), results=trainer.results, extra_files={META_FILE: meta_text},
+        model=unwrap_model(trainer.model), results=trainer.results, extra_files={META_FILE: meta_text},
     )
     base.config.save_pretrained(directory / BASE_CONFIG_DIR)
     generation = getattr(base, "generation_config", None)
@@ -239,12 +235,6 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
             if path.suffix != ".png":
                 path.unlink()  # results.json lives in continual_state/, the tables in README.md
     return directory
-
-
-def _unwrapped(model: Any) -> Any:
-    from .strategies.base import unwrap_model
-
-    return unwrap_model(model)
 
 
 
@@ -377,8 +367,6 @@ def model_card(
     """
     from huggingface_hub import ModelCardData
 
-    from .tracking import _strategies_markdown, results_markdown
-
     model_name = model_name or _model_name(trainer)
     strategies = [s.name for s in trainer.strategies] or ["sequential-fine-tuning"]
     all_tags = ["continual-learning", "clm-hf", *strategies]
@@ -506,8 +494,6 @@ def _find_state(root: Path) -> tuple[Path, Path | None]:
     if (root / ckpt.MANIFEST).is_file():  # a checkpoint folder: <run>/continual/task-XXX
         run = root.parent.parent
         return root, run if (run / "config.json").is_file() else None
-    from .trainer import CONTINUAL_DIR
-
     latest = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(root / CONTINUAL_DIR))
     if latest is None:
         raise FileNotFoundError(
@@ -544,8 +530,6 @@ def _read_meta(root: Path, state_dir: Path) -> dict[str, Any]:
 
 
 def _strategy_specs(saved: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    from .strategies.base import STRATEGY_REGISTRY, get_strategy_class
-
     specs = []
     for entry in saved:
         if entry["name"] not in STRATEGY_REGISTRY and importlib.util.find_spec(f"clm_hf.strategies.{entry['name']}"):
@@ -630,9 +614,6 @@ def from_pretrained(
     Returns:
         The trainer, ready to continue the stream.
     """
-    from .strategies.base import strategies_from_specs
-    from .trainer import CONTINUAL_DIR
-
     root = _resolve(path_or_repo, token=token, revision=revision, cache_dir=cache_dir)
     state_dir, config_dir = _find_state(root)
     state = ckpt.read_continual_state(state_dir)  # verifies every file against the manifest
@@ -649,8 +630,6 @@ def from_pretrained(
 
         processing_class = AutoTokenizer.from_pretrained(root)
     if strategies is None:
-        import clm_hf.strategies  # noqa: F401  (registers the built-in strategies)
-
         strategies = strategies_from_specs(_strategy_specs(state["strategies"]))
     if args is None:
         is_run_folder = state_dir.parent.name == CONTINUAL_DIR and state_dir.parent.parent == root

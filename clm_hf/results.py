@@ -13,12 +13,12 @@ import enum
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write_text
 from .metrics import summarize
 
 __all__ = ["FORMAT_VERSION", "HIGHER_IS_BETTER", "ContinualResults", "comparison_table"]
@@ -757,40 +757,7 @@ class ContinualResults:
         # Serialise first: an error here must not leave a temp file (or a half file) behind.
         # allow_nan=False is a guard: _jsonable already mapped non-finite floats to None.
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp creates the file 0600; keep the mode of the file we replace, else the mode
-            # a plain open() gives under the umask, like any other file the user writes.
-            try:
-                mode = path.stat().st_mode & 0o777
-            except FileNotFoundError:
-                from .state import process_umask
-
-                mode = 0o666 & ~process_umask()
-            os.chmod(tmp_name, mode)
-            os.replace(tmp_name, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
-        # Persist the rename itself; not every platform can open a directory, hence best effort.
-        try:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ContinualResults:

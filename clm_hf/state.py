@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from ._io import atomic_write_dir, process_umask, respect_umask  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ MODEL_FILE = "model.safetensors"
 RNG_FILE = "rng.safetensors"
 RESULTS_FILE = "results.json"
 STRATEGIES_DIR = "strategies"
+CONTINUAL_DIR = "continual"  # a run folder's end-of-task checkpoints: <output_dir>/continual/task-XXX
 
 
 class CheckpointError(ValueError):
@@ -88,19 +90,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_manifest(root: Path) -> None:
@@ -231,62 +220,18 @@ def verify_files(root: str | os.PathLike, files: Any, *, required: tuple[str, ..
             raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
 
 
-def process_umask() -> int:
-    """The process umask, read without changing it where the platform allows (Linux ``/proc``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore at once
-    os.umask(mask)
-    return mask
-
-
-def respect_umask(root: str | os.PathLike) -> None:
-    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would under the umask.
-
-    ``tempfile.mkdtemp`` creates 0700 folders and safetensors writes 0600 files whatever the umask;
-    a checkpoint should be as readable as any other file the user writes (a shared group
-    folder, an umask of 022), and no more readable than the umask allows.
-    """
-    mask = process_umask()
-    root = Path(root)
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
-            continue
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def write_atomically(final_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with ``fill(tmp)`` in a temporary sibling, add a manifest, fsync, rename it in."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-    try:
+    """Build a folder with ``fill(tmp)`` in a temporary sibling, add a manifest, fsync, rename it in.
+
+    See :func:`clm_hf._io.atomic_write_dir` for the guarantees; the manifest lets a later load
+    refuse a folder damaged since.
+    """
+
+    def fill_and_list(tmp: Path) -> None:
         fill(tmp)
-        respect_umask(tmp)
         write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final_dir.exists():
-            # Move the old copy aside first so that at every instant one complete copy exists.
-            stale = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
-            os.replace(final_dir, stale)
-            os.replace(tmp, final_dir)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final_dir)
-        fd = os.open(final_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final_dir
+
+    return atomic_write_dir(final_dir, fill_and_list)
 
 
 # --- continual checkpoint ------------------------------------------------------------------

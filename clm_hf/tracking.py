@@ -245,7 +245,8 @@ class ContinualTracking(TrainerCallback):
         self._last_train_steps = 0
         self._in_train = False
         self._started = False
-        self._mlflow_runs: dict[int, str] = {}  # id(callback) -> the run it opened
+        self._mlflow_runs: dict[int, str] = {}  # id(callback) -> the run it logs to
+        self._own_mlflow_runs: dict[int, bool] = {}  # id(callback) -> whether it opened that run itself
         self._params_logged: set[str] = set()
         for callback in self.trackers:
             self._adopt(callback)
@@ -321,15 +322,17 @@ class ContinualTracking(TrainerCallback):
             def on_log(args, state, control, logs=None, **kwargs):
                 logs = dict(logs or {})
                 logs.update(self._task_series(logs))
+                before = _active_mlflow_run_id()
                 result = original(args, self._shifted(state), control, logs=logs, **kwargs)
-                self._remember_mlflow_run(callback)
+                self._remember_mlflow_run(callback, before)
                 return result
 
             original_begin = callback.on_train_begin
 
             def on_train_begin(args, state, control, **kwargs):
+                before = _active_mlflow_run_id()
                 result = original_begin(args, state, control, **kwargs)
-                self._remember_mlflow_run(callback)
+                self._remember_mlflow_run(callback, before)
                 return result
 
             original_end = callback.on_train_end
@@ -357,20 +360,28 @@ class ContinualTracking(TrainerCallback):
         return series
 
     # MLflow run lifecycle ------------------------------------------------------------------------
-    def _remember_mlflow_run(self, callback: TrainerCallback) -> None:
-        if id(callback) in self._mlflow_runs or not getattr(callback, "_initialized", False):
+    def _remember_mlflow_run(self, callback: TrainerCallback, before: str | None) -> None:
+        """Note the run the callback logs to, and whether it opened it, from MLflow's public state.
+
+        The callback logs to the active run; it starts one (and ends it after each ``train()``)
+        unless the user had one open, whose lifetime stays the user's. So the run is the callback's
+        own when the active run changed across its first call (``before`` is the id then).
+        """
+        if id(callback) in self._mlflow_runs:
             return
-        run = callback._ml_flow.active_run()
-        if run is not None:
-            self._mlflow_runs[id(callback)] = run.info.run_id
+        run_id = _active_mlflow_run_id()
+        if run_id is not None:
+            self._mlflow_runs[id(callback)] = run_id
+            self._own_mlflow_runs[id(callback)] = run_id != before
 
     def _resume_mlflow_runs(self) -> None:
         # MLflowCallback ends its run after every train(); the stream goes on in the same run.
         for callback in self.trackers:
             run_id = self._mlflow_runs.get(id(callback))
-            if run_id is None or not getattr(callback, "_auto_end_run", False):
+            if run_id is None or not self._own_mlflow_runs.get(id(callback)):
                 continue
-            mlflow = callback._ml_flow
+            import mlflow
+
             if mlflow.active_run() is None:
                 mlflow.start_run(run_id=run_id)
 
@@ -398,7 +409,8 @@ class ContinualTracking(TrainerCallback):
         run_id = self._mlflow_runs.get(id(callback))
         if run_id is None:
             return  # the callback never opened a run (nothing was logged)
-        mlflow = callback._ml_flow
+        import mlflow
+
         self._resume_mlflow_runs()
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:
@@ -411,7 +423,7 @@ class ContinualTracking(TrainerCallback):
         mlflow.set_tag("clm_hf.tasks", ",".join(t.name for t in self.trainer.tasks))
         mlflow.set_tag("clm_hf.strategies", ",".join(s.name for s in self.trainer.strategies) or "none")
         mlflow.log_artifacts(folder, artifact_path=ARTIFACT_DIR)
-        if callback._auto_end_run:
+        if self._own_mlflow_runs.get(id(callback)):
             mlflow.end_run()  # waits for the queued metrics; the next task re-opens the run
         elif hasattr(mlflow, "flush_async_logging"):
             mlflow.flush_async_logging()  # the user's own run stays open
@@ -447,9 +459,21 @@ def _is_mlflow(callback: Any) -> bool:
     return isinstance(callback, MLflowCallback)
 
 
+def _active_mlflow_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return None if run is None else run.info.run_id
+
+
 def _tensorboard_writer(callback: Any, args: Any) -> Any:
+    """The callback's writer (its public ``tb_writer``), opened on its ``logging_dir`` when it has none."""
     if callback.tb_writer is None:
-        callback._init_summary_writer(args)
+        try:  # the same writer classes TensorBoardCallback uses
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # pragma: no cover - tensorboardX instead of torch's
+            from tensorboardX import SummaryWriter
+        callback.tb_writer = SummaryWriter(log_dir=callback.logging_dir)
     return callback.tb_writer
 
 

@@ -28,6 +28,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from . import hub, tracking
 from . import state as ckpt
+from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
@@ -45,7 +46,7 @@ from .validation import (
 
 logger = logging.getLogger(__name__)
 
-CONTINUAL_DIR = "continual"
+CONTINUAL_DIR = ckpt.CONTINUAL_DIR
 IN_TASK_STATE_DIR = "continual_state"
 RESULTS_NAME = "results.json"
 _TASK_DIR = re.compile(r"task-\d+(-[\w.-]+)?")  # task-003, task-003-retrain: a task's Trainer checkpoints
@@ -108,6 +109,7 @@ class ContinualTrainerMixin:
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, **kwargs)
+        follow_training_args(self.args)  # args.log_level sets clm-hf's level too, as it does transformers'
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
         self.generation_scorer = generation_scorer

@@ -233,11 +233,13 @@ def test_cli_force_resume(tmp_path, capsys):
             "--training.disable_tqdm", "true"]
     out = tmp_path / "ewc"
     assert main(["train", recipe, *fast, "--tasks.names", "[copy]", "--training.output_dir", str(out)]) == 0
-    with pytest.raises(SystemExit):
-        main(["train", recipe, *fast, "--force-resume"])  # --force-resume needs --resume
+    capsys.readouterr()
+    assert main(["train", recipe, *fast, "--force-resume"]) == 2  # --force-resume needs --resume
+    assert capsys.readouterr().err == "clm-hf: error: --force-resume needs --resume RUN_DIR\n"
     changed = [*fast, "--tasks.names", "[copy, reverse]", "--strategies.0.ewc_lambda", "5"]
-    with pytest.raises(ValueError, match="--force-resume"):
-        main(["train", recipe, *changed, "--resume", str(out)])
+    assert main(["train", recipe, *changed, "--resume", str(out)]) == 2  # settings changed: refused, one line
+    error = capsys.readouterr().err.splitlines()[-1]  # after the tokenization progress bars
+    assert error.startswith("clm-hf: error: ") and "--force-resume" in error
     assert main(["train", recipe, *changed, "--resume", str(out), "--force-resume"]) == 0
     assert json.loads((out / "results.json").read_text())["task_names"] == ["copy", "reverse"]
 
@@ -377,7 +379,7 @@ def test_cli_missing_recipe_is_one_line_and_exit_code_2(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("clm-hf train: error: Recipe file") and "does not exist" in err and "\n" not in err
+    assert err.startswith("clm-hf: error: Recipe file") and "does not exist" in err and "\n" not in err
 
 
 # --- trainer arguments and rows: refused before any training --------------------------------------------

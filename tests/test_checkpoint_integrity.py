@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def test_checkpoints_are_written_with_the_process_umask(tmp_path, make_model, to
     assert wrong == {}
 
 
-def test_cli_restart_on_damage(tmp_path):
+def test_cli_restart_on_damage(tmp_path, capsys):
     from clm_hf.cli import main
 
     recipe = str(Path(__file__).parent.parent / "recipes" / "ewc" / "tiny_gpt2.yaml")
@@ -223,10 +224,14 @@ def test_cli_restart_on_damage(tmp_path):
             "--training.disable_tqdm", "true", "--tasks.names", "[copy]"]
     out = tmp_path / "ewc"
     assert main(["train", recipe, *fast, "--training.output_dir", str(out)]) == 0
-    with pytest.raises(SystemExit):
-        main(["train", recipe, *fast, "--restart-on-damage"])  # --restart-on-damage needs --resume
+    capsys.readouterr()
+    assert main(["train", recipe, *fast, "--restart-on-damage"]) == 2  # --restart-on-damage needs --resume
+    assert capsys.readouterr().err == "clm-hf: error: --restart-on-damage needs --resume RUN_DIR\n"
     _edit_manifest(out / "continual" / "task-000", lambda m: m.update(files=[]))
-    with pytest.raises(CheckpointError, match="every checkpoint there is damaged.*--restart-on-damage"):
-        main(["train", recipe, *fast, "--resume", str(out)])
+    assert main(["train", recipe, *fast, "--resume", str(out)]) == 2  # a user's problem: one line, no traceback
+    assert re.search("^clm-hf: error: .*every checkpoint there is damaged.*--restart-on-damage",
+                     capsys.readouterr().err.splitlines()[-1])
+    with pytest.raises(CheckpointError, match="every checkpoint there is damaged"):  # --traceback: the exception
+        main(["--traceback", "train", recipe, *fast, "--resume", str(out)])
     assert main(["train", recipe, *fast, "--resume", str(out), "--restart-on-damage"]) == 0
     ckpt.read_continual_state(out / "continual" / "task-000")  # trained again and saved anew

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from clm_hf.recipe import apply_overrides, build_task_stream, load_recipe, valid
 from clm_hf.results import ContinualResults
 from clm_hf.strategies.base import strategies_from_specs
 
+ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").rglob("*.yaml") if "accelerate" not in p.parent.name)
 FAST = ["--tasks.num_train", "16", "--tasks.num_eval", "8", "--training.num_train_epochs", "1",
         "--training.disable_tqdm", "true"]
@@ -94,7 +97,11 @@ def test_recipe_task_errors():
 def test_demo_and_report_commands(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--strategies", "plain,replay", "--output-dir", str(out), "--quick", "--report-to", "none"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # A newcomer sees the Trainer's progress bars, not those of datasets' internal steps.
+    for bar in ("Flattening the indices", "Saving the dataset", "Casting the dataset", "Map", "Tokenizing", "Filter"):
+        assert bar not in captured.err, bar
     assert "comparison" in printed and "plain" in printed and "replay" in printed
     for name in ("plain", "replay"):
         assert (out / name / "results.json").is_file()
@@ -107,9 +114,12 @@ def test_demo_and_report_commands(tmp_path, capsys):
     assert "BWT" in comparison and "replay" in comparison
 
 
-def test_demo_rejects_an_unknown_strategy_with_a_suggestion():
-    with pytest.raises(ValueError, match="Did you mean 'replay'"):
-        main(["demo", "--strategy", "replai", "--quick"])
+def test_demo_rejects_an_unknown_strategy_with_a_suggestion(capsys):
+    assert main(["demo", "--strategy", "replai", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clm-hf: error: ") and "Did you mean 'replay'" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="Did you mean 'replay'"):  # --traceback: the exception itself
+        main(["--traceback", "demo", "--strategy", "replai", "--quick"])
 
 
 def test_results_json_is_plain_json_and_report_to_none_logs_nothing(tmp_path, capsys):
@@ -185,6 +195,59 @@ def test_demo_auto_skips_a_tracker_that_is_missing_or_broken(tmp_path, monkeypat
     assert "No tracker installed" in capsys.readouterr().out
 
 
-def test_demo_rejects_an_unknown_tracker():
-    with pytest.raises(SystemExit):
-        main(["demo", "--quick", "--report-to", "wandb"])
+def test_demo_rejects_an_unknown_tracker(capsys):
+    assert main(["demo", "--quick", "--report-to", "wandb"]) == 2
+    assert capsys.readouterr().err.startswith("clm-hf: error: ")
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``clm-hf`` in a fresh interpreter, on this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "clm_hf.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("problem", ["missing_file", "bad_yaml", "bad_value", "bad_override", "unknown_section"])
+def test_user_errors_are_one_line_and_exit_code_2(tmp_path, problem):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {arch: gpt2}\ntasks: {suite: synthetic}\ntraining: {learning_rate: fast}\n")
+    args = {
+        "missing_file": [str(tmp_path / "nope.yaml")],
+        "bad_yaml": [str(tmp_path / "broken.yaml")],
+        "bad_value": [str(recipe)],
+        "bad_override": [str(recipe), "--trainig.learning_rate", "1e-3"],
+        "unknown_section": [str(recipe), "--training.learning_rate", "1e-3", "--modle.arch", "gpt2"],
+    }[problem]
+    (tmp_path / "broken.yaml").write_text("model: {arch: [gpt2\n")
+    done = _cli("train", *args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clm-hf: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    expected = {"missing_file": "does not exist", "bad_yaml": "while parsing", "bad_value": "training.learning_rate",
+                "bad_override": "trainig", "unknown_section": "modle"}[problem]
+    assert expected in lines[0]
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import clm_hf.recipe
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(clm_hf.recipe, "load_recipe", broken)
+    with pytest.raises(KeyError):
+        main(["train", str(tmp_path / "r.yaml")])
+
+
+def test_help_shows_the_override_syntax_without_importing_torch():
+    for args in (["--help"], ["train", "--help"]):
+        done = _cli(*args)
+        assert done.returncode == 0 and "--section.key value" in done.stdout
+        assert "--training.learning_rate 1e-3" in done.stdout
+    code = ("import sys\nfrom clm_hf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr

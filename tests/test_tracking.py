@@ -15,6 +15,31 @@ from tests.conftest import small_args
 STEPS_PER_TASK = 4  # 32 rows, batch 8, 1 epoch
 
 
+@pytest.fixture(autouse=True)
+def _transformers_privates_are_off_limits(monkeypatch):
+    """clm_hf.tracking may use the trackers' public API only (private names change between releases).
+
+    Every test here fails if clm_hf/tracking.py reads a private attribute (``_ml_flow``,
+    ``_auto_end_run``, ``_initialized``, ``_init_summary_writer``, ...) of transformers' callbacks.
+    """
+    import sys
+
+    from transformers.integrations import MLflowCallback, TensorBoardCallback
+
+    reads = []  # recorded, not only raised: clm_hf catches a tracker's failure to keep the run going
+    for cls in (MLflowCallback, TensorBoardCallback):
+        def guarded(self, name, _get=cls.__getattribute__):
+            if name.startswith("_") and not name.startswith("__"):
+                if sys._getframe(1).f_globals.get("__name__") == "clm_hf.tracking":
+                    reads.append(f"{type(self).__name__}.{name}")
+                    raise AttributeError(f"clm_hf.tracking reads the private {type(self).__name__}.{name}")
+            return _get(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", guarded)
+    yield
+    assert not reads, f"clm_hf.tracking read private attributes of transformers' callbacks: {sorted(set(reads))}"
+
+
 def _fit(tmp_path, make_model, tokenizer, stream, report_to):
     trainer = ContinualCausalLMTrainer(
         model=make_model("gpt2"), args=small_args(tmp_path, report_to=report_to, run_name="stream"),
@@ -150,3 +175,25 @@ def test_demo_prints_the_tracking_uri_without_its_credentials(tmp_path, monkeypa
     assert "s3cr3t-pw" not in info["where"] + info["view"] and "alice" not in info["where"] + info["view"]
     assert "https://***@mlflow.example.com/" in info["where"]
     assert os.environ["MLFLOW_TRACKING_URI"] == uri  # MLflow itself still gets the real URI
+
+
+def test_the_users_own_mlflow_run_gets_the_stream_and_stays_open(tmp_path, monkeypatch, make_model, tokenizer,
+                                                                 tiny_stream):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):  # set by earlier runs
+        monkeypatch.delenv(key, raising=False)
+    stream = {k: tiny_stream[k] for k in ("copy", "reverse")}
+    with mlflow.start_run(run_name="mine") as mine:
+        _fit(tmp_path, make_model, tokenizer, stream, ["mlflow"])
+        assert mlflow.active_run().info.run_id == mine.info.run_id  # not ended by the stream: it is the user's
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([mine.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [mine.info.run_id]  # no second run
+    steps = [m.step for m in client.get_metric_history(mine.info.run_id, "cl/task/copy/exact_match")]
+    assert steps == [0, STEPS_PER_TASK, 2 * STEPS_PER_TASK]
+    assert {f.path for f in client.list_artifacts(mine.info.run_id, "continual")} >= {"continual/results.json"}

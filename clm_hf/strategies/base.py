@@ -31,10 +31,13 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+# Model helpers live in the low clm_hf.modeling module; re-exported for the strategies and old imports.
+from ..modeling import eval_mode, trainable_parameters, unwrap_model  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -343,32 +346,3 @@ def load_tensor_json_state(directory: str | os.PathLike) -> dict[str, Any]:
     tensor_path = os.path.join(directory, _TENSORS_FILE)
     tensors = load_file(tensor_path) if os.path.exists(tensor_path) else {}
     return _merge(skeleton, tensors)
-
-
-# --- helpers strategies share ------------------------------------------------------------------
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP/``torch.compile`` wrappers so state is keyed on the bare model's names."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Named parameters that receive gradients (adapter weights only, for a PEFT model)."""
-    return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with dropout off, restoring the previous train/eval flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
@@ -333,8 +334,6 @@ def estimate_fisher(
     >>> all(f.min() >= 0 for f in fisher.values())
     True
     """
-    from ..evaluation import _decoder_inputs, is_seq2seq
-
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     params = trainable_parameters(model)
@@ -354,7 +353,7 @@ def estimate_fisher(
             labels = batch.pop("labels")
             # No labels: the model computes logits only. A seq2seq decoder is teacher-forced on the
             # dataset's answer, as in training; only the scored tokens are sampled.
-            inputs = {**batch, **_decoder_inputs(forward.model, {**batch, "labels": labels}, seq2seq)}
+            inputs = {**batch, **decoder_inputs(forward.model, {**batch, "labels": labels}, seq2seq)}
             # The sampler's randomness: one uniform per label position, drawn here from the seeded
             # generator (on the CPU, so a seed gives the same draws on any device) and shared by
             # the vmap and loop paths.

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 from torch import nn
 
+from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import (
     Strategy,
@@ -221,12 +222,10 @@ def memory_losses(
             puts all rows in one group.
         num_groups (`int`): Number of groups ``K``.
     """
-    from ..evaluation import _decoder_inputs, is_seq2seq
-
     seq2seq = is_seq2seq(model)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inputs.update(_decoder_inputs(model, batch, seq2seq))
+    inputs.update(decoder_inputs(model, batch, seq2seq))
     logits = model(**inputs, **_no_cache(model)).logits
     if not seq2seq:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -362,8 +361,6 @@ def _all_right_padded(batches: list[dict[str, torch.Tensor]]) -> bool:
 
 
 def _check_vmappable(model: nn.Module, right_padded: bool) -> None:
-    from ..evaluation import is_seq2seq
-
     if is_seq2seq(model):
         raise ValueError("The 'vmap' reference gradients need a decoder-only (causal) LM; use 'per_task'.")
     if not right_padded:
@@ -568,8 +565,6 @@ class EpisodicGradientStrategy(Strategy):
 
     def _reference_method(self, model: nn.Module, bank: _MemoryBank | None, num_groups: int = 2) -> str:
         """The method the configured ``reference_method`` resolves to for this model and memory."""
-        from ..evaluation import is_seq2seq
-
         method = getattr(self.config, "reference_method", "per_task")
         if method == "auto":
             # One group is one plain pass either way, without vmap's dispatch overhead.
