@@ -1,7 +1,8 @@
 """Each strategy forgets measurably less than plain fine-tuning on the synthetic suite.
 
 The runs are the demo's (`clm_hf.demo.DEMO_RECIPE`: tiny GPT-2, copy -> shift -> rotate, 256
-held-out rows per task) on seeds 0, 1 and 2 (a seed sets the initial weights, the rows and the data
+held-out rows per task) on seeds 0, 1 and 2 (seed 0 only where the bound holds on every seed by
+far, see ``ONE_SEED``; a seed sets the initial weights, the rows and the data
 order), so the figures are those of `benchmarks/quality.py` and `docs/strategies.md`. Training a
 tiny model is not bit-reproducible across CPU kernels and thread counts, so every assertion is on
 the mean over the seeds, with a margin set well inside the spread measured under
@@ -28,6 +29,14 @@ pytestmark = pytest.mark.slow
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SEEDS = (0, 1, 2)
+# One seed where the assertion holds on every seed by a wide margin, to keep the suite's time: PackNet
+# and PNN isolate old tasks exactly (BWT 0.000 on all 9 runs measured), and A-GEM's per-seed gain was
+# 0.000 or more on all 9 against a bound of -0.03.
+ONE_SEED = ("agem", "packnet", "pnn")
+
+
+def seeds_of(name: str) -> tuple[int, ...]:
+    return SEEDS[:1] if name in ONE_SEED else SEEDS
 
 # Minimum mean BWT gain (exact match, absolute) over plain fine-tuning of the same seeds. Measured
 # means and per-seed ranges are in docs/strategies.md; each margin sits well below the lowest mean
@@ -35,7 +44,7 @@ SEEDS = (0, 1, 2)
 MIN_BWT_GAIN = {
     "replay": 0.5,  # lowest 0.82
     "ewc": 0.1,  # lowest 0.24: it blocks the new task on 2 seeds of 3 and does nothing on the third
-    "lwf": 0.25,  # lowest 0.42, mostly by not learning `shift` (docs/strategies.md)
+    "lwf": 0.5,  # lowest 0.85 at its default alpha 5, by learning almost nothing after the first task (docs/strategies.md)
     "gem": 0.3,  # lowest 0.59
     "agem_margin": 0.2,  # AGEM(margin=0.5): lowest 0.46
     "packnet": 0.5,  # BWT 0 exactly
@@ -71,7 +80,7 @@ def runs(tmp_path_factory):
     # oversubscribe the cores, and OpenMP's spin-waiting makes that several times slower).
     workers = max(1, 2 // threads)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {(n, s): pool.submit(quality.run_one, n, out / n, s, threads=threads) for n in names for s in SEEDS}
+        futures = {(n, s): pool.submit(quality.run_one, n, out / n, s, threads=threads) for n in names for s in seeds_of(n)}
         results = {key: future.result() for key, future in futures.items()}
     if os.environ.get("CLM_HF_QUALITY_JSON"):  # keep the figures of this kernel / thread setting
         import json
@@ -86,8 +95,8 @@ def runs(tmp_path_factory):
     return results
 
 
-def _mean(runs, name, key):
-    return statistics.mean(runs[(name, s)][key] for s in SEEDS)
+def _mean(runs, name, key, seeds=SEEDS):
+    return statistics.mean(runs[(name, s)][key] for s in seeds)
 
 
 def test_plain_fine_tuning_learns_every_task_then_forgets_it(runs):
@@ -99,8 +108,9 @@ def test_plain_fine_tuning_learns_every_task_then_forgets_it(runs):
 
 def _bwt_gain(runs, name):
     """Mean BWT gain over plain fine-tuning, and (strategy, plain) BWT per seed for the message."""
-    per_seed = [(round(runs[(name, s)]["bwt"], 3), round(runs[("plain", s)]["bwt"], 3)) for s in SEEDS]
-    return _mean(runs, name, "bwt") - _mean(runs, "plain", "bwt"), per_seed
+    seeds = seeds_of(name)
+    per_seed = [(round(runs[(name, s)]["bwt"], 3), round(runs[("plain", s)]["bwt"], 3)) for s in seeds]
+    return _mean(runs, name, "bwt", seeds) - _mean(runs, "plain", "bwt", seeds), per_seed
 
 
 @pytest.mark.parametrize("name", list(NOT_WORSE_THAN_PLAIN))
@@ -113,6 +123,7 @@ def test_strategy_forgets_no_more_than_plain_fine_tuning(name, runs):
 def test_strategy_forgets_less_than_plain_fine_tuning(name, runs):
     gain, per_seed = _bwt_gain(runs, name)
     assert gain >= MIN_BWT_GAIN[name], f"{name}: mean BWT gain {gain:.3f}; (strategy, plain) per seed {per_seed}"
-    assert _mean(runs, name, "forgetting") < _mean(runs, "plain", "forgetting")
+    seeds = seeds_of(name)
+    assert _mean(runs, name, "forgetting", seeds) < _mean(runs, "plain", "forgetting", seeds)
     if name in EXACT_ISOLATION:
-        assert all(runs[(name, s)]["bwt"] == 0.0 for s in SEEDS), per_seed
+        assert all(runs[(name, s)]["bwt"] == 0.0 for s in seeds), per_seed
