@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
