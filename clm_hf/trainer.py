@@ -846,6 +846,10 @@ class ContinualTrainerMixin:
         try:
             if self._setting("eval_before_training"):
                 self._evaluate_stream(row=False)
+            streamed = [s["name"] for s in specs if isinstance(s["train"], IterableDataset)]
+            if streamed:  # the joint run shuffles all rows together, which needs them all at hand
+                raise ValueError(f"fit_joint needs every task's train split as a datasets.Dataset; task(s) {streamed} "
+                                 "are streams (IterableDataset). Load them without streaming.")
             rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
             task = self._register_task("joint", "joint")
             task.train_dataset = concatenate_datasets(rows)

@@ -303,3 +303,10 @@ def test_recipe_streaming_task(tmp_path):
     rows = stream["copy"]["train"]
     assert isinstance(rows, datasets.IterableDataset)
     assert detect_layout(rows) == "prompt_completion" and next(iter(rows))["prompt"].startswith("copy :")
+
+
+def test_fit_joint_refuses_streams(tmp_path, chat_tok):
+    trainer = ContinualCausalLMTrainer(model=build_tiny_model("gpt2", chat_tok), args=small_args(tmp_path, max_steps=2),
+                                       processing_class=chat_tok)
+    with pytest.raises(ValueError, match=r"fit_joint needs .* task\(s\) \['copy', 'reverse'\] are streams"):
+        trainer.fit_joint(_iterable(_stream("text", chat_tok)))
