@@ -280,6 +280,18 @@ def _supervised_spans(tokenizer: Any, prompt: list[dict[str, Any]], answer: list
     return full, spans
 
 
+def _first_visible(text: str, start: int, end: int) -> int:
+    """Where a token's first non-space character is, or -1 for an empty (special) token.
+
+    A token is supervised when that character lies in a span: byte-level BPE tokens carry the space before
+    a word ("Ġb"), and that space belongs to the text before the span.
+    """
+    if end <= start:
+        return -1
+    piece = text[start:end]
+    return start + (len(piece) - len(piece.lstrip()) if piece.strip() else 0)
+
+
 def tokenize_messages(
     dataset: Any,
     tokenizer: transformers.PreTrainedTokenizerBase,
@@ -349,8 +361,8 @@ def tokenize_messages(
             text, spans = _supervised_spans(tokenizer, prompt, answer, idx)
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
-            # A token is supervised when it starts inside a span; a token straddling the boundary starts before it.
-            mask = [int(any(lo <= start < hi for lo, hi in spans) and end > start) for start, end in enc["offset_mapping"]]
+            mask = [int(any(lo <= _first_visible(text, start, end) < hi for lo, hi in spans))
+                    for start, end in enc["offset_mapping"]]
         if not any(mask):
             raise ValueError(f"Row {idx}: the conversation has no assistant tokens to learn from.")
         _check_length(len(ids), limit, idx, "the conversation")

@@ -310,3 +310,24 @@ def test_fit_joint_refuses_streams(tmp_path, chat_tok):
                                        processing_class=chat_tok)
     with pytest.raises(ValueError, match=r"fit_joint needs .* task\(s\) \['copy', 'reverse'\] are streams"):
         trainer.fit_joint(_iterable(_stream("text", chat_tok)))
+
+
+def test_messages_with_a_byte_level_bpe_tokenizer():
+    """Byte-level BPE tokens carry the space before a word ("Ġb"); that space is outside the assistant span,
+    yet the token is the answer's and must be supervised."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["user : a b c = assistant : c b a = "] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = TEMPLATE
+    ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "a b c"},
+                                                   {"role": "assistant", "content": "c b a"}]]})
+    row = tokenize_rows(ds, tok, seq2seq=False)[0]
+    supervised = [t for t in row["labels"] if t != -100]
+    assert tok.decode(supervised).strip() == "c b a ="
+    assert tok.decode(row["input_ids"][: len(row["input_ids"]) - len(supervised)]).rstrip() == "user : a b c = assistant :"
