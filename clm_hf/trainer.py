@@ -549,8 +549,9 @@ class ContinualTrainerMixin:
         Each call starts a fresh optimizer and learning-rate schedule.
 
         Args:
-            train_dataset (`Dataset` or `DataLoader`): The task's rows: tokenized (``input_ids``,
-                ``labels``) or raw ``prompt``/``answer`` text (needs ``processing_class``).
+            train_dataset (`Dataset`, `IterableDataset` or `DataLoader`): The task's rows in any layout of
+                :mod:`clm_hf.layouts` (``text``, ``prompt``/``completion``, ``messages``, ``input_ids``); text
+                needs ``processing_class``, a stream needs ``max_steps``.
             eval_dataset (`Dataset` or `DataLoader`, *optional*): Rows to score this task on.
             task_id (`str` or `int`, *optional*): Unique id; defaults to the task's position.
             task_name (`str`, *optional*): Display name; defaults to the id.
