@@ -30,7 +30,7 @@ from . import hub, tracking
 from . import state as ckpt
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
-from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
+from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
 from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
 from .results import ContinualResults
 from .strategies.base import Strategy, TaskInfo, unwrap_model
@@ -107,6 +107,8 @@ class ContinualTrainerMixin:
         # A user's collator is honoured for training; scoring always pads with clm-hf's own (labels kept).
         self._user_collator = kwargs.get("data_collator") is not None
         self._scoring_collator = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
+        if self._user_collator and not isinstance(kwargs["data_collator"], (ContinualDataCollator, UserCollator)):
+            kwargs["data_collator"] = UserCollator(kwargs["data_collator"])
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, **kwargs)
@@ -478,7 +480,7 @@ class ContinualTrainerMixin:
         if isinstance(dataset, (Dataset, IterableDataset)):
             dataset = tokenize_rows(dataset, self.processing_class, seq2seq=seq2seq,
                                     answer_only_loss=scoring or self._setting("answer_only_loss"),
-                                    labels_from_collator=self._user_collator and not scoring, what=what)
+                                    what=what)
         checked = dataset
         if isinstance(dataset, IterableDataset):
             self._check_streaming(what)
@@ -486,10 +488,9 @@ class ContinualTrainerMixin:
             what = f"{what} (its first {len(checked)} rows)"
         config = getattr(unwrap_model(self.model), "config", None)
         vocab = getattr(config, "vocab_size", None)
-        if self._user_collator and not scoring and isinstance(checked, Dataset) and "labels" not in checked.column_names:
+        validate_lm_dataset(checked, what=what, vocab_size=vocab, causal=not seq2seq)
+        if isinstance(self.data_collator, UserCollator) and not scoring:
             self._check_collator_labels(checked, what)
-        else:
-            validate_lm_dataset(checked, what=what, vocab_size=vocab, causal=not seq2seq)
         if not seq2seq:
             check_row_lengths(checked, getattr(config, "max_position_embeddings", None), what)
         if scoring or not self.args.remove_unused_columns:  # eval rows always reach the collator whole
@@ -510,14 +511,31 @@ class ContinualTrainerMixin:
                 "(live teacher), PNN or O-LoRA.")
 
     def _check_collator_labels(self, rows: Dataset, what: str) -> None:
-        """Rows without labels train only if the user's data collator builds them (e.g. DataCollatorForLanguageModeling)."""
-        sample = [rows[i] for i in range(min(2, len(rows)))]
-        batch = self.data_collator(sample)
-        if "labels" not in batch:
+        """The user's data collator must turn two of the rows into a batch with labels, before any training."""
+        collator = self.data_collator
+        sample = [{k: v for k, v in rows[i].items() if k not in self._side_columns()} for i in range(min(2, len(rows)))]
+        name = type(collator.collator).__name__
+        try:
+            collator.probe(sample)
+            batch = collator(sample)
+        except Exception as err:  # the collator's own error says little about which rows it choked on
             raise ValueError(
-                f"The {what} has no 'labels' column and the data_collator ({type(self.data_collator).__name__}) adds "
-                "none, so there is nothing to learn. Use a collator that builds labels (DataCollatorForLanguageModeling"
-                "(tokenizer, mlm=False)) or give rows with labels."
+                f"The data_collator ({name}) fails on two rows of the {what}: {type(err).__name__}: {err}. Rows with "
+                "a prompt/completion or chat loss mask keep their 'labels' (-100 outside the answer): use a collator "
+                "that pads labels (DataCollatorForSeq2Seq), or leave data_collator unset."
+            ) from err
+        if collator.builds_labels and not all(_full_sequence(r) for r in sample):
+            # Rows of a prompt/completion or chat layout: the collator would replace their mask by a full-sequence loss.
+            raise ValueError(
+                f"The data_collator ({name}) builds its own labels (a loss on every token), but the {what} has a loss "
+                "mask (-100 outside the completion or the assistant turns) that it would silently replace. Use a "
+                "collator that keeps labels (DataCollatorForSeq2Seq), or leave data_collator unset."
+            )
+        if batch.get("labels") is None:
+            raise ValueError(
+                f"The data_collator ({name}) returns no 'labels' for the {what}, so there is nothing to learn. Use a "
+                "collator that builds labels (DataCollatorForLanguageModeling(tokenizer, mlm=False)) or keeps them "
+                "(DataCollatorForSeq2Seq), or leave data_collator unset."
             )
 
     def add_eval_task(self, task_id: Any, eval_dataset: Any, task_name: str | None = None) -> None:

@@ -208,9 +208,17 @@ def test_user_data_collator_builds_labels_and_is_used(tmp_path, chat_tok):
     for layout in ("text", "tokenized"):
         seen.clear()
         trainer, results = _fit(tmp_path / layout, chat_tok, [], _stream(layout, chat_tok), collator=collator)
-        assert trainer.data_collator is collator and results.num_trained == 2
+        assert trainer.data_collator.collator is collator and results.num_trained == 2
         assert seen and all("labels" not in keys for keys in seen)  # the rows reach it without labels; it builds them
-    with pytest.raises(ValueError, match="adds none"):
+    from transformers import DataCollatorForSeq2Seq
+
+    keeps = DataCollatorForSeq2Seq(chat_tok)  # pads the rows' masked labels with -100: completion-only loss kept
+    trainer, results = _fit(tmp_path / "seq2seq-collator", chat_tok, [], _stream("prompt_completion", chat_tok),
+                            collator=keeps)
+    assert results.num_trained == 2 and trainer.data_collator.builds_labels is False
+    with pytest.raises(ValueError, match="builds its own labels .* train dataset of task 'copy' has a loss mask"):
+        _fit(tmp_path / "masked", chat_tok, [], _stream("prompt_completion", chat_tok), collator=collator)
+    with pytest.raises(ValueError, match="returns no 'labels'"):
         _fit(tmp_path / "none", chat_tok, [], _stream("text", chat_tok),
              collator=lambda rows: {"input_ids": torch.tensor([r["input_ids"][:1] for r in rows])})
 
@@ -331,3 +339,13 @@ def test_messages_with_a_byte_level_bpe_tokenizer():
     supervised = [t for t in row["labels"] if t != -100]
     assert tok.decode(supervised).strip() == "c b a ="
     assert tok.decode(row["input_ids"][: len(row["input_ids"]) - len(supervised)]).rstrip() == "user : a b c = assistant :"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_trains_with_a_user_collator(name, tmp_path, chat_tok):
+    """`text` rows without labels, DataCollatorForLanguageModeling builds them: every strategy trains and scores."""
+    collator = DataCollatorForLanguageModeling(chat_tok, mlm=False)
+    trainer, results = _fit(tmp_path, chat_tok, [_fast(name)], _stream("text", chat_tok), collator=collator)
+    assert trainer.data_collator.collator is collator and results.num_trained == 2
+    assert all(v is not None for v in results.scores["loss"][-1])
