@@ -92,6 +92,57 @@ class ContinualDataCollator:
         return out
 
 
+class UserCollator:
+    """A user's ``data_collator``, given the rows the way it expects them.
+
+    Rows whose loss covers every token (``text`` rows, ``input_ids`` without labels: ``labels`` equal to
+    ``input_ids``) reach a collator that builds labels itself, such as
+    ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``, without ``labels``, as in ``run_clm``;
+    rows with a loss mask (prompt/completion, chat) keep theirs. The rows themselves keep their labels,
+    so strategies that read them (EWC's Fisher, GEM's memory) see the loss the task trains.
+
+    Args:
+        collator (`Callable`): The user's collator.
+
+    Example:
+
+    >>> from transformers import DataCollatorForLanguageModeling
+    >>> from clm_hf.tasks import build_tokenizer
+    >>> collator = UserCollator(DataCollatorForLanguageModeling(build_tokenizer(), mlm=False))
+    >>> rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [5], "labels": [5]}]
+    >>> collator.probe(rows)
+    >>> collator(rows)["labels"].tolist()
+    [[5, 6, 7], [5, -100, -100]]
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.builds_labels: bool | None = None  # found out by probe() on the first rows
+
+    def probe(self, features: Sequence[dict[str, Any]]) -> None:
+        """Find out, once, whether the collator makes labels from rows that have none."""
+        if self.builds_labels is None:
+            try:
+                # DataCollatorForSeq2Seq answers {"labels": None} for rows without labels.
+                self.builds_labels = self.collator([_without_labels(f) for f in features]).get("labels") is not None
+            except Exception:  # it needs labels given (e.g. DataCollatorForSeq2Seq on some models)
+                self.builds_labels = False
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> Any:
+        if self.builds_labels and all(_full_sequence(f) for f in features):
+            features = [_without_labels(f) for f in features]
+        return self.collator(list(features))
+
+
+def _without_labels(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "labels"}
+
+
+def _full_sequence(row: dict[str, Any]) -> bool:
+    labels = row.get("labels")
+    return labels is not None and _as_list(labels) == _as_list(row["input_ids"])
+
+
 def _pad_any(rows: list[list[Any]]) -> torch.Tensor:
     length = max(len(r) for r in rows)
     floating = any(isinstance(x, float) for r in rows for x in r[:1])

@@ -10,7 +10,9 @@ A recipe is a dict with four sections::
       names: [copy, shift, rotate]
       num_train: 512
     # ... or a list of {name, train, eval} where train/eval are load_dataset() arguments,
-    # e.g. {path: json, data_files: data/reverse.jsonl} with prompt/answer or input_ids/labels.
+    # e.g. {path: json, data_files: data/reverse.jsonl} with text, prompt/completion, messages or
+    # input_ids columns; text_column, prompt_column, completion_column, messages_column (in the task or
+    # in a split) rename the user's columns, e.g. prompt_column: question.
     strategies:
       - {name: replay, buffer_size: 200}
       - {name: ewc, ewc_lambda: 1000}
@@ -193,14 +195,22 @@ def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
         if name in names:
             raise ValueError(f"Task name '{name}' appears twice in the recipe; names must be unique.")
         names.append(name)
+    from .layouts import COLUMN_OPTIONS, rename_columns
+
     stream: dict[str, dict[str, Any]] = {}
     for name, entry in zip(names, section):
         splits = {}
+        # Column names map for the whole task, or per split; they are never load_dataset() arguments.
+        task_columns = {k: entry[k] for k in COLUMN_OPTIONS if k in entry}
         for split in ("train", "eval"):
             if entry.get(split) is not None:
+                if not isinstance(entry[split], dict):
+                    raise RecipeError(f"tasks '{name}'.{split} must be a mapping of load_dataset() arguments, "
+                                      f"got {type(entry[split]).__name__} {entry[split]!r}.")
                 kwargs = dict(entry[split])
+                columns = {**task_columns, **{k: kwargs.pop(k) for k in COLUMN_OPTIONS if k in kwargs}}
                 kwargs.setdefault("split", "train")
-                splits[split] = load_dataset(**kwargs)
+                splits[split] = rename_columns(load_dataset(**kwargs), columns, what=f"{split} dataset of task '{name}'")
         stream[name] = {"train": splits["train"], "eval": splits.get("eval")}
     return stream
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
@@ -31,7 +31,7 @@ from . import state as ckpt
 from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
-from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
+from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
 from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .results import ContinualResults
@@ -51,6 +51,7 @@ IN_TASK_STATE_DIR = "continual_state"
 RESULTS_NAME = "results.json"
 _TASK_DIR = re.compile(r"task-\d+(-[\w.-]+)?")  # task-003, task-003-retrain: a task's Trainer checkpoints
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
+_STREAM_CHECK_ROWS = 64  # rows of a streamed task read ahead to check it
 
 
 class _StrategyStepHooks(TrainerCallback):
@@ -106,6 +107,11 @@ class ContinualTrainerMixin:
         if args is None:
             args = self.args_class(output_dir="clm_hf_output")
         _check_strategies(strategies)
+        # A user's collator is honoured for training; scoring always pads with clm-hf's own (labels kept).
+        self._user_collator = kwargs.get("data_collator") is not None
+        self._scoring_collator = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
+        if self._user_collator and not isinstance(kwargs["data_collator"], (ContinualDataCollator, UserCollator)):
+            kwargs["data_collator"] = UserCollator(kwargs["data_collator"])
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, **kwargs)
@@ -465,30 +471,82 @@ class ContinualTrainerMixin:
                 stack.enter_context(strategy.use_task(self.model, task))
             yield self.model
 
-    def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset:
-        """Tokenize raw prompt/answer rows if needed, then validate them.
+    def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset | IterableDataset:
+        """Tokenize the rows whatever their layout (:mod:`clm_hf.layouts`), then validate them.
 
         ``scoring`` rows are eval rows: their labels always cover the answer only, whatever
-        ``answer_only_loss`` says for training, so the scores never include the prompt.
+        ``answer_only_loss`` says for training, so the scores never include the prompt; they are
+        collated by clm-hf's own collator, so they always carry their labels. A streamed
+        (``IterableDataset``) eval split is read once into memory; a streamed train split stays a
+        stream, tokenized as it is read, and its first rows are checked.
         """
+        from .layouts import tokenize_rows
+
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
-        if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and {"prompt", "answer"} <= set(dataset.column_names):
-            if self.processing_class is None:
-                raise ValueError(f"The {what} has raw 'prompt'/'answer' text; pass processing_class=tokenizer to tokenize it.")
-            from .tasks import tokenize_task
-
-            dataset = tokenize_task(dataset, self.processing_class, is_seq2seq(self.model),
-                                    **({} if is_seq2seq(self.model) else
-                                       {"answer_only_loss": scoring or self._setting("answer_only_loss")}))
+        if isinstance(dataset, IterableDataset) and scoring:
+            dataset = Dataset.from_list(list(dataset))
+        seq2seq = is_seq2seq(self.model)
+        if isinstance(dataset, (Dataset, IterableDataset)):
+            dataset = tokenize_rows(dataset, self.processing_class, seq2seq=seq2seq,
+                                    answer_only_loss=scoring or self._setting("answer_only_loss"),
+                                    what=what)
+        checked = dataset
+        if isinstance(dataset, IterableDataset):
+            self._check_streaming(what)
+            checked = Dataset.from_list(list(dataset.take(_STREAM_CHECK_ROWS)))  # the first rows stand for the stream
+            what = f"{what} (its first {len(checked)} rows)"
         config = getattr(unwrap_model(self.model), "config", None)
         vocab = getattr(config, "vocab_size", None)
-        validate_lm_dataset(dataset, what=what, vocab_size=vocab, causal=not is_seq2seq(self.model))
-        if not is_seq2seq(self.model):
-            check_row_lengths(dataset, getattr(config, "max_position_embeddings", None), what)
+        validate_lm_dataset(checked, what=what, vocab_size=vocab, causal=not seq2seq)
+        if isinstance(self.data_collator, UserCollator) and not scoring:
+            self._check_collator_labels(checked, what)
+        if not seq2seq:
+            check_row_lengths(checked, getattr(config, "max_position_embeddings", None), what)
         if scoring or not self.args.remove_unused_columns:  # eval rows always reach the collator whole
-            check_tensor_columns(dataset, what, keep=self._side_columns())
+            check_tensor_columns(checked, what, keep=self._side_columns())
         return dataset
+
+    def _check_streaming(self, what: str) -> None:
+        """A stream has no length: it trains ``max_steps`` steps, with strategies that read its rows once."""
+        if self.args.max_steps is None or self.args.max_steps <= 0:
+            raise ValueError(f"The {what} is a streaming IterableDataset, which has no length, so epochs cannot be "
+                             "counted: set max_steps > 0 (steps per task).")
+        names = [s.name for s in self.strategies if not s.supports_streaming]
+        if names:
+            raise NotImplementedError(
+                f"Strategy {', '.join(repr(n) for n in names)} cannot train the streamed {what} (IterableDataset): it "
+                "reads the task's rows again after training (a Fisher estimate, a memory, a retraining pass or a "
+                "teacher cache), and a stream is read once. Load the task as a datasets.Dataset, or use replay, LwF "
+                "(live teacher), PNN or O-LoRA.")
+
+    def _check_collator_labels(self, rows: Dataset, what: str) -> None:
+        """The user's data collator must turn two of the rows into a batch with labels, before any training."""
+        collator = self.data_collator
+        sample = [{k: v for k, v in rows[i].items() if k not in self._side_columns()} for i in range(min(2, len(rows)))]
+        name = type(collator.collator).__name__
+        try:
+            collator.probe(sample)
+            batch = collator(sample)
+        except Exception as err:  # the collator's own error says little about which rows it choked on
+            raise ValueError(
+                f"The data_collator ({name}) fails on two rows of the {what}: {type(err).__name__}: {err}. Rows with "
+                "a prompt/completion or chat loss mask keep their 'labels' (-100 outside the answer): use a collator "
+                "that pads labels (DataCollatorForSeq2Seq), or leave data_collator unset."
+            ) from err
+        if collator.builds_labels and not all(_full_sequence(r) for r in sample):
+            # Rows of a prompt/completion or chat layout: the collator would replace their mask by a full-sequence loss.
+            raise ValueError(
+                f"The data_collator ({name}) builds its own labels (a loss on every token), but the {what} has a loss "
+                "mask (-100 outside the completion or the assistant turns) that it would silently replace. Use a "
+                "collator that keeps labels (DataCollatorForSeq2Seq), or leave data_collator unset."
+            )
+        if batch.get("labels") is None:
+            raise ValueError(
+                f"The data_collator ({name}) returns no 'labels' for the {what}, so there is nothing to learn. Use a "
+                "collator that builds labels (DataCollatorForLanguageModeling(tokenizer, mlm=False)) or keeps them "
+                "(DataCollatorForSeq2Seq), or leave data_collator unset."
+            )
 
     def add_eval_task(self, task_id: Any, eval_dataset: Any, task_name: str | None = None) -> None:
         """Register a task's evaluation rows, so it is scored after every task (also before it is trained)."""
@@ -561,8 +619,9 @@ class ContinualTrainerMixin:
         Each call starts a fresh optimizer and learning-rate schedule.
 
         Args:
-            train_dataset (`Dataset` or `DataLoader`): The task's rows: tokenized (``input_ids``,
-                ``labels``) or raw ``prompt``/``answer`` text (needs ``processing_class``).
+            train_dataset (`Dataset`, `IterableDataset` or `DataLoader`): The task's rows in any layout of
+                :mod:`clm_hf.layouts` (``text``, ``prompt``/``completion``, ``messages``, ``input_ids``); text
+                needs ``processing_class``, a stream needs ``max_steps``.
             eval_dataset (`Dataset` or `DataLoader`, *optional*): Rows to score this task on.
             task_id (`str` or `int`, *optional*): Unique id; defaults to the task's position.
             task_name (`str`, *optional*): Display name; defaults to the id.
@@ -611,7 +670,8 @@ class ContinualTrainerMixin:
             # The metrics read column j as the j-th trained task: an eval set registered before
             # others (add_eval_task) takes its training position now.
             self.results.move_task(task.name, task.index)
-        logger.info("clm-hf: training task %d '%s' (%d rows)", task.index, task.name, len(task.train_dataset))
+        logger.info("clm-hf: training task %d '%s' (%s rows)", task.index, task.name,
+                    len(task.train_dataset) if isinstance(task.train_dataset, Dataset) else "streamed")
         if task.index == 0:
             logger.info("clm-hf: device %s, mixed precision %s, %d process(es)%s", self.args.device,
                         self.args.mixed_precision, self.args.world_size,
@@ -717,7 +777,7 @@ class ContinualTrainerMixin:
         scores = evaluate_lm(
             self.model,
             dataset,
-            self.data_collator,
+            self.data_collator if not self._user_collator else self._scoring_collator,
             batch_size=self._setting("continual_eval_batch_size"),
             metrics=self._setting("eval_metrics"),
             extra_metrics=self.task_metrics,
@@ -855,6 +915,9 @@ class ContinualTrainerMixin:
         if duplicates:
             raise ValueError(f"Display name(s) {duplicates} are used by more than one task of the stream; results and "
                              "plots are keyed by display name, so give every task its own name.")
+        for spec in specs:
+            if isinstance(spec["train"], IterableDataset):  # refused before any task trains
+                self._check_streaming(f"train dataset of task '{spec['name']}'")
         self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
         for spec in specs:
             self._task_names[spec["task_id"]] = spec["name"]
@@ -880,6 +943,10 @@ class ContinualTrainerMixin:
         try:
             if self._setting("eval_before_training"):
                 self._evaluate_stream(row=False)
+            streamed = [s["name"] for s in specs if isinstance(s["train"], IterableDataset)]
+            if streamed:  # the joint run shuffles all rows together, which needs them all at hand
+                raise ValueError(f"fit_joint needs every task's train split as a datasets.Dataset; task(s) {streamed} "
+                                 "are streams (IterableDataset). Load them without streaming.")
             rows = [self._prepare_rows(s["train"], f"train dataset of task '{s['name']}'") for s in specs]
             task = self._register_task("joint", "joint")
             task.train_dataset = concatenate_datasets(rows)

@@ -201,7 +201,8 @@ def test_task_id_used_twice_is_an_error(tmp_path, make_model, tokenizer):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        (Dataset.from_dict({"input_ids": [[5, 6]]}), r"missing column\(s\) \['labels'\]"),
+        # input_ids without labels now train (labels = input_ids); unknown columns name the accepted layouts.
+        (Dataset.from_dict({"ids": [[5, 6]]}), r"columns \['ids'\], which fit no accepted layout"),
         (Dataset.from_dict({"input_ids": [], "labels": []}), "is empty"),
         (Dataset.from_dict({"input_ids": [[5, 6]], "labels": [[-100, -100]]}), "Every label"),
         (Dataset.from_dict({"input_ids": [[5, 999]], "labels": [[5, 999]]}), "outside the model's vocabulary"),

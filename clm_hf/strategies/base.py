@@ -151,6 +151,9 @@ class Strategy:
     # depend on how a batch is split into micro-batches. Other terms (a penalty on the weights) are
     # divided by the number of accumulation steps.
     per_token_terms: ClassVar[tuple[str, ...]] = ()
+    # True when a task given as a stream (IterableDataset, read once while it trains) is enough:
+    # the strategy never reads the task's rows again after training (see docs/data.md).
+    supports_streaming: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -275,6 +275,11 @@ class LwF(Strategy):
     # accumulated batch, as the model's loss (the same gradient for 8 x 1 and 4 x 2).
     per_token_terms = ("lwf_distillation",)
 
+    @property
+    def supports_streaming(self) -> bool:  # type: ignore[override]
+        # A live teacher only needs the task-start weights; a cached teacher scores the rows before training.
+        return not self.config.cache_teacher
+
     def __init__(self, config: LwFConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
         # Live mode: the trainable parameters at task start (detached copies), and whose task it is.

@@ -113,6 +113,7 @@ class OLoRA(Strategy):
     """
 
     name = "olora"
+    supports_streaming = True  # acts on the model only, never re-reads the task's rows
     config_class = OLoRAConfig
 
     def __init__(self, config: OLoRAConfig | None = None, **options: Any) -> None:

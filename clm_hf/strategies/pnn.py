@@ -116,6 +116,7 @@ class PNN(Strategy):
     """
 
     name = "pnn"
+    supports_streaming = True  # acts on the model only, never re-reads the task's rows
     config_class = PNNConfig
 
     def __init__(self, config: PNNConfig | None = None, **options: Any) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, concatenate_datasets
+import torch
+from datasets import Dataset, IterableDataset, concatenate_datasets
 
 from ..buffer import ReservoirBuffer
 from .base import (Strategy, StrategyConfig, TaskInfo, check_range, load_tensor_json_state, register_strategy,
@@ -74,12 +75,17 @@ class Replay(Strategy):
     config_class = ReplayConfig
     # A data source only: it never reads a parameter, so DeepSpeed ZeRO-3's partitioning is fine.
     supports_partitioned_parameters = True
+    # A streamed task fills the reservoir as its rows are read, in one pass (Algorithm R needs no second one).
+    supports_streaming = True
 
     def __init__(self, config: ReplayConfig | None = None, buffer: ReservoirBuffer | None = None, **options: Any) -> None:
         super().__init__(config, **options)
         self.buffer = buffer if buffer is not None else ReservoirBuffer(self.config.buffer_size, seed=self.config.seed)
         # (task index, task rows, buffer rows, replayed rows per epoch) of the dataset last prepared.
         self._layout: tuple[int, int, int, int] | None = None
+        # The stream of the task in training when it is streamed, and its rows not yet offered to the reservoir.
+        self._stream: _ReplayStream | None = None
+        self._pending: list[dict[str, Any]] = []
 
     def replay_rows(self, dataset: Dataset, task: TaskInfo) -> Dataset | None:
         """Every buffer row, cast to ``task``'s features: the pool each epoch's replayed rows come from."""
@@ -96,7 +102,9 @@ class Replay(Strategy):
         return rows.select_columns(dataset.column_names).cast(dataset.features)
 
     def prepare_train_dataset(self, dataset: Dataset, task: TaskInfo) -> Dataset:
-        self._layout = None
+        self._layout, self._stream, self._pending = None, None, []
+        if isinstance(dataset, IterableDataset):
+            return self._prepare_stream(dataset, task)
         pool = self.replay_rows(dataset, task)
         if pool is None:
             return dataset
@@ -155,8 +163,49 @@ class Replay(Strategy):
             orders.append(order)
         return orders
 
+    def _prepare_stream(self, dataset: IterableDataset, task: TaskInfo) -> _ReplayStream:
+        """The task's stream with buffer rows mixed in, offering each task row to the reservoir as it is read."""
+        workers = int(getattr(getattr(self.trainer, "args", None), "dataloader_num_workers", 0) or 0)
+        if workers:
+            raise ValueError(
+                f"Replay fills its reservoir from the streamed task '{task.name}' as the rows are read, in the "
+                f"training process; dataloader_num_workers={workers} would read them in worker processes and the "
+                "reservoir would never see them. Set dataloader_num_workers=0 for a streamed task."
+            )
+        # A snapshot of the past tasks' rows: rows of this task offered during training never replay in it.
+        pool = self.buffer.as_dataset() if len(self.buffer) else None
+        trainer_seed = int(getattr(getattr(self.trainer, "args", None), "seed", 0))
+        self._stream = _ReplayStream(dataset, pool, self.config.replay_ratio, [self.config.seed, trainer_seed, task.index],
+                                     offer=self._offer, task_name=task.name)
+        self._stream_task = task.task_id
+        return self._stream
+
+    def _offer(self, row: dict[str, Any]) -> None:
+        self._pending.append(row)
+        # Offered in chunks of at most the reservoir's size: Algorithm R gives the same buffer however the
+        # stream is split into add() calls, and memory stays O(buffer_size).
+        if len(self._pending) >= min(self.buffer.capacity, 1024):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        features = self.buffer.features
+        if features is not None and set(features) != set(rows[0]):
+            features = None  # the buffer's add() names the mismatch
+        self.buffer.add(Dataset.from_list(rows, features=features), self._stream_task)
+
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
-        self.buffer.add(task.train_dataset, task.task_id)
+        if self._stream is not None:
+            self._flush()  # the streamed rows were offered while they were read
+            self._stream = None
+            return
+        rows = task.train_dataset
+        features = self.buffer.features
+        if features is not None and set(features) == set(rows.column_names) and rows.features != features:
+            rows = rows.cast(features)  # e.g. int64 ids of a streamed task, int32 of a tokenized one
+        self.buffer.add(rows, task.task_id)
 
     # The buffer persists as its own Arrow folder (memory-mapped on load), not as tensors; state.json
     # records how many rows it holds, so that a buffer lost from a checkpoint is an error on load
@@ -182,3 +231,48 @@ class Replay(Strategy):
                                       f"checkpoint recorded {rows}.")
         else:  # nothing was stored yet when the checkpoint was written
             self.buffer = ReservoirBuffer(self.config.buffer_size, seed=self.config.seed)
+
+
+class _ReplayStream(torch.utils.data.IterableDataset):
+    """A streamed task's rows with ``replay_ratio`` buffer rows after every task row, read once into the reservoir.
+
+    Every task row of the first pass goes to ``offer`` as it is read (later passes, when ``max_steps`` outlasts
+    the stream, offer nothing again). Replayed rows are drawn uniformly from ``pool`` (the buffer as it was when the
+    task started), seeded by ``seed`` and the epoch.
+    """
+
+    def __init__(self, source: IterableDataset, pool: Dataset | None, ratio: float, seed: list[int], *,
+                 offer: Any, task_name: str) -> None:
+        super().__init__()
+        self.source, self.pool, self.ratio, self.seed = source, pool, ratio, seed
+        self.offer, self.task_name = offer, task_name
+        self.epoch, self.offered_pass = 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __iter__(self):
+        rng = np.random.default_rng([*self.seed, self.epoch])
+        offering, credit, keys = not self.offered_pass, 0.0, None
+        for row in self.source:
+            if keys is None:
+                keys = list(row)
+                missing = [k for k in keys if self.pool is not None and k not in self.pool.column_names]
+                if missing:
+                    raise ValueError(
+                        f"Task '{self.task_name}' has column(s) {missing} that the replay buffer's rows lack (buffer "
+                        f"columns: {self.pool.column_names}). Tokenize every task the same way."
+                    )
+            if offering:
+                self.offer(dict(row))
+            yield row
+            credit += self.ratio
+            while self.pool is not None and credit >= 1.0:
+                credit -= 1.0
+                old = self.pool[int(rng.integers(len(self.pool)))]
+                yield {k: old[k] for k in keys}
+        if offering:
+            self.offered_pass = True
+
