@@ -46,6 +46,7 @@ memory gradients whenever a constraint is violated) is what keeps the effect und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -58,7 +59,8 @@ import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 from torch import nn
 
-from ._functional import FunctionalModel, batchable_attention, no_padding_warning
+from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
+from .lwf import has_active_dropout
 from .base import (
     Strategy,
     StrategyConfig,
@@ -292,7 +294,8 @@ def reference_gradients_(
                 view[k].zero_() if grad is None else view[k].copy_(grad)
 
 
-def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torch.Tensor], out: list[torch.Tensor]) -> None:
+def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torch.Tensor], out: list[torch.Tensor], *,
+                                switch_to_eval: bool = True) -> None:
     """The ``K`` group gradients of a causal LM in one vmapped forward and one backward, into ``out``.
 
     ``stacked`` holds ``[K, g, L]`` right-padded tensors; an ``attention_mask`` in it is ignored
@@ -327,7 +330,7 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
     for copy, view, d in zip(copies, out, direct):
         if d:
             copy.grad = view
-    with eval_mode(forward.model), no_padding_warning(forward.model), batchable_attention(), torch.enable_grad(), \
+    with _maybe_eval(forward.model, switch_to_eval), no_padding_warning(forward.model), batchable_attention(), torch.enable_grad(), \
             warnings.catch_warnings():
         # Known and harmless here: a gradient's strides cannot match those of a stride-0 copy.
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
@@ -336,6 +339,13 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
     for copy, view in zip(copies, out):
         if copy.grad is not view:  # not accumulated in place
             view.zero_() if copy.grad is None else view.copy_(copy.grad)
+
+
+def _maybe_eval(model: nn.Module, switch: bool):
+    """``eval_mode(model)``, or nothing when ``switch`` is False: for a model without active dropout
+    (:func:`~clm_hf.strategies.lwf.has_active_dropout`) the two modes compute the same thing, and
+    the switch walks every module twice (half a millisecond per step on the tiny GPT-2)."""
+    return eval_mode(model) if switch else contextlib.nullcontext()
 
 
 def _no_cache(model: nn.Module) -> dict[str, bool]:
@@ -497,7 +507,12 @@ class EpisodicGradientStrategy(Strategy):
         self._ref_views: list[torch.Tensor] = []
         self._batched = True
         self._vmap = True  # False once a vmapped pass failed ("auto" then uses "per_task")
-        self._forward: FunctionalModel | None = None  # the model as a function, for "vmap"
+        self._forward: FunctionalModel | None = None  # the model as a function, for "vmap" and "per_task"
+        # Detached aliases of the trainable parameters (leaves sharing their storage) whose ``.grad``
+        # are the reference buffers' views: a backward through them writes the reference gradients
+        # in place (no gradient tensors allocated, none copied).
+        self._aliases: list[torch.Tensor] = []
+        self._dropout = True  # whether the bound model has active dropout (else no train/eval switch)
 
     @property
     def projected_steps(self) -> int:
@@ -543,6 +558,8 @@ class EpisodicGradientStrategy(Strategy):
             offset += n
         self._binding = (model, params, num_refs)
         self._forward = None
+        self._aliases = [p.detach().requires_grad_() for p in params]
+        self._dropout = has_active_dropout(model)
         return params
 
     def edit_gradients(self, model: nn.Module) -> None:
@@ -603,6 +620,8 @@ class EpisodicGradientStrategy(Strategy):
                 method = "per_task"
         if batches is None:
             batches = [bank.batch(rows) for rows in selections]
+        if method == "per_task" and self._aliases:
+            return self._direct_references(model, params, batches)
         if method == "batched":
             try:
                 return reference_gradients_(model, params, batches, self._ref_views, method="batched")
@@ -611,10 +630,41 @@ class EpisodicGradientStrategy(Strategy):
                 self._batched = False
         reference_gradients_(model, params, batches, self._ref_views, method="per_task")
 
-    def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
+    def _functional(self, model: nn.Module, params: list[nn.Parameter]) -> FunctionalModel:
         if self._forward is None or self._forward.model is not model:
             self._forward = FunctionalModel(model, _named(model, params))
-        _vmap_reference_gradients_(self._forward, stacked, self._ref_views)
+        return self._forward
+
+    def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
+        _vmap_reference_gradients_(self._functional(model, params), stacked, self._ref_views, switch_to_eval=self._dropout)
+
+    def _direct_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]]) -> None:
+        """``"per_task"``: one forward/backward per batch, each writing its gradient straight into
+        its row of the ``K x P`` buffer.
+
+        The model runs with the aliases of :meth:`_bind` in its parameter slots, so ``p.grad``
+        (the training gradient) is left alone and the backward accumulates into the aliases'
+        ``.grad``, the zeroed reference views, instead of returning new tensors to copy
+        (``torch.autograd.grad``). The numbers are those of :func:`reference_gradients_`.
+        """
+        forward = self._functional(model, params)
+        if forward._generic:  # noqa: SLF001 - parametrized modules: the generic path
+            return reference_gradients_(model, params, batches, self._ref_views, method="per_task")
+        names = list(forward.params)
+        weights = dict(zip(names, self._aliases))
+        with _maybe_eval(model, self._dropout), torch.enable_grad(), swapped(forward._slots, weights):  # noqa: SLF001
+            for k, batch in enumerate(batches):
+                views = [view[k] for view in self._ref_views]
+                torch._foreach_zero_(views)
+                direct = [a.dtype == v.dtype for a, v in zip(self._aliases, views)]
+                for alias, view, d in zip(self._aliases, views, direct):
+                    alias.grad = view if d else None
+                torch.autograd.backward(memory_losses(model, batch)[0], inputs=self._aliases)
+                for alias, view, d in zip(self._aliases, views, direct):
+                    if not d and alias.grad is not None:  # bf16 weights: their gradient is copied
+                        view.copy_(alias.grad)
+                    alias.grad = None
+
 
     def _draw_seed(self) -> int:
         step = getattr(getattr(self.trainer, "state", None), "global_step", self.steps)
