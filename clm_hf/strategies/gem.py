@@ -468,6 +468,38 @@ class _MemoryBank:
 
 
 # --- the shared strategy ---------------------------------------------------------------------------
+AUTO = "auto"
+
+
+def _check_rows(name: str, value: int | str | None, *, allow_none: bool) -> None:
+    """``value`` must be ``"auto"``, a positive int, or (where allowed) None; else a ValueError naming it."""
+    if value == AUTO or (allow_none and value is None):
+        return
+    if isinstance(value, str) or value is None:
+        allowed = "'auto', None or a positive int" if allow_none else "'auto' or a positive int"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}.")
+    check_range(name, value, low=1)
+
+
+def auto_reference_rows(trainer: Any) -> int | None:
+    """The memory rows per optimizer step that ``"auto"`` uses: half a training micro-batch.
+
+    A reference pass over ``r`` rows costs about ``r / b`` of a training step on a micro-batch of
+    ``b`` rows (forward and backward; less with gradient accumulation, which runs several
+    micro-batches per step), and needs the activation memory of ``r`` rows: half a micro-batch
+    keeps the step overhead near 1.5x and never needs more memory than training does.
+    ``None`` outside a trainer (no batch size to follow).
+
+    Example:
+
+    >>> from types import SimpleNamespace
+    >>> auto_reference_rows(SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=16)))
+    8
+    """
+    batch = getattr(getattr(trainer, "args", None), "per_device_train_batch_size", None)
+    return max(1, int(batch) // 2) if batch else None
+
+
 @dataclass
 class EpisodicMemoryConfig(StrategyConfig):
     """Settings shared by :class:`GEM` and :class:`AGEM`.
@@ -726,8 +758,14 @@ class GEMConfig(EpisodicMemoryConfig):
         margin (`float`): ``γ >= 0``, the lower bound of the dual variables (0.5 in the paper's
             code): when a constraint is violated, at least ``γ`` times every past task's gradient is
             added, which biases the step towards lowering the memory losses, not just keeping them.
-        memory_batch_size (`int`, *optional*): Rows of each task's memory per reference gradient,
-            drawn afresh every step; ``None`` uses the whole memory (as in the paper).
+        memory_batch_size (`int`, `"auto"` or `None`): Rows of each task's memory per reference
+            gradient, drawn afresh every step. ``"auto"`` (default): a budget of half a training
+            micro-batch (``per_device_train_batch_size // 2`` rows, :func:`auto_reference_rows`)
+            split over the ``K`` past tasks, ``max(1, budget // K)`` rows each, so that the step
+            costs about the same whatever ``K`` (1.5-2x plain fine-tuning; whole memory outside a
+            trainer). ``None`` uses the whole memory at every step (as in the paper: with 64 rows
+            per task and ``K`` past tasks, ``64 K`` rows of forward/backward per step, several
+            times a training step). An int: that many rows of each task.
         reference_method (`str`): How the ``K`` reference gradients are computed (see
             :func:`reference_gradients_`):
 
@@ -748,7 +786,9 @@ class GEMConfig(EpisodicMemoryConfig):
     aliases = {"gamma": "margin", "memory_strength": "margin", "n_memories": "memory_per_task"}
 
     margin: float = field(default=0.5, metadata={"help": "Margin γ: lower bound of the dual variables."})
-    memory_batch_size: int | None = field(default=None, metadata={"help": "Memory rows per task per step (None: all)."})
+    memory_batch_size: int | str | None = field(
+        default=AUTO, metadata={"help": "Memory rows per task per step ('auto': half a micro-batch split over the tasks; None: all)."}
+    )
     reference_method: str = field(
         default="auto", metadata={"help": "'auto' (vmap where it applies, else per_task), 'vmap', 'per_task' or 'batched'."}
     )
@@ -756,8 +796,7 @@ class GEMConfig(EpisodicMemoryConfig):
     def validate(self) -> None:
         super().validate()
         check_range("margin", self.margin, low=0.0)
-        if self.memory_batch_size is not None:
-            check_range("memory_batch_size", self.memory_batch_size, low=1)
+        _check_rows("memory_batch_size", self.memory_batch_size, allow_none=True)
         if self.reference_method not in REFERENCE_METHODS:
             raise ValueError(f"reference_method must be one of {', '.join(REFERENCE_METHODS)}; got {self.reference_method!r}.")
 
@@ -778,7 +817,7 @@ class GEM(EpisodicGradientStrategy):
     >>> from clm_hf.strategies.gem import GEM
     >>> gem = GEM(memory_per_task=32, margin=0.5)
     >>> gem.name, gem.config.memory_batch_size
-    ('gem', None)
+    ('gem', 'auto')
     """
 
     name = "gem"
@@ -787,8 +826,16 @@ class GEM(EpisodicGradientStrategy):
     def num_references(self) -> int:
         return len(self.memories)
 
-    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+    def rows_per_task(self) -> int | None:
+        """Memory rows of each past task per step (``None``: all of them), ``"auto"`` resolved."""
         size = self.config.memory_batch_size
+        if size == AUTO:
+            budget = auto_reference_rows(self.trainer)
+            return None if budget is None else max(1, budget // max(1, len(self.memories)))
+        return size
+
+    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+        size = self.rows_per_task()
         generator = torch.Generator().manual_seed(seed)
         selections = []
         for k in range(len(self.memories)):
@@ -809,8 +856,11 @@ class AGEMConfig(EpisodicMemoryConfig):
 
     Args:
         memory_per_task (`int`): Training rows of each task kept in the episodic memory.
-        sample_size (`int`): Rows drawn each step from the whole memory (all past tasks pooled) for
-            the reference gradient.
+        sample_size (`int` or `"auto"`): Rows drawn each step from the whole memory (all past
+            tasks pooled) for the reference gradient. ``"auto"`` (default): half a training
+            micro-batch, ``per_device_train_batch_size // 2`` (:func:`auto_reference_rows`; the
+            whole memory outside a trainer), which keeps the step near 1.5x plain fine-tuning; the
+            reference pass costs about ``sample_size / per_device_train_batch_size`` of a step.
         margin (`float`): ``γ >= 0``. ``0`` (default) is the A-GEM paper's exact rule: only the
             conflicting component of ``g`` is removed. ``γ > 0`` is a variant that borrows GEM's
             margin for the single pooled constraint: a violating step gets at least ``γ · g_ref``
@@ -822,12 +872,12 @@ class AGEMConfig(EpisodicMemoryConfig):
 
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
 
-    sample_size: int = field(default=128, metadata={"help": "Pooled memory rows per reference gradient."})
+    sample_size: int | str = field(default=AUTO, metadata={"help": "Pooled memory rows per reference gradient ('auto': half a micro-batch)."})
     margin: float = field(default=0.0, metadata={"help": "0: the paper's rule; γ > 0: GEM's margin for the one constraint."})
 
     def validate(self) -> None:
         super().validate()
-        check_range("sample_size", self.sample_size, low=1)
+        _check_rows("sample_size", self.sample_size, allow_none=False)
         check_range("margin", self.margin, low=0.0)
 
 
@@ -858,10 +908,13 @@ class AGEM(EpisodicGradientStrategy):
 
     def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
         # All past tasks pooled into the one reference loss.
-        if self.config.sample_size >= bank.num_rows:
+        size = self.config.sample_size
+        if size == AUTO:
+            size = auto_reference_rows(self.trainer) or bank.num_rows
+        if size >= bank.num_rows:
             return [slice(0, bank.num_rows)]
         generator = torch.Generator().manual_seed(seed)
-        return [torch.randperm(bank.num_rows, generator=generator)[: self.config.sample_size]]
+        return [torch.randperm(bank.num_rows, generator=generator)[:size]]
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         return project_agem_(g, refs[0], self.config.margin)
