@@ -456,6 +456,30 @@ def test_strategy_per_task_references_are_written_in_place_and_equal_autograd_on
         assert torch.equal(strategy._flat, g) or strategy.projected_steps > 0
 
 
+@pytest.mark.parametrize("method", ["per_task", "vmap"])
+def test_reference_pass_switches_to_eval_only_when_something_drops_out(method, conflicted, tokenizer):
+    # Without dropout the two modes compute the same thing: the module walk of model.eval() is skipped.
+    # With dropout (or activation checkpointing) the pass must run in eval mode: deterministic references.
+    from clm_hf.tasks import build_tiny_model
+
+    model, memories, current = conflicted
+    dropping = build_tiny_model("gpt2", tokenizer, resid_pdrop=0.3, embd_pdrop=0.0, attn_pdrop=0.0)
+    dropping.load_state_dict(model.state_dict())
+    seen = {}
+    for name, m in (("plain", model), ("dropping", dropping)):
+        m.train()
+        modes = []
+        gem = _armed(GEM(reference_method=method), memories)
+        _set_grad(m, current)
+        handle = m.transformer.h[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        gem.edit_gradients(m)
+        handle.remove()
+        assert m.training  # left as it was
+        seen[name] = (set(modes), gem._refs.clone())
+    assert seen["plain"][0] == {True} and seen["dropping"][0] == {False}
+    torch.testing.assert_close(seen["plain"][1], seen["dropping"][1], rtol=1e-5, atol=1e-6)  # same weights, no dropout
+
+
 def _sizes(selections):
     return [len(range(s.start, s.stop)) if isinstance(s, slice) else len(s) for s in selections]
 

@@ -591,7 +591,10 @@ class EpisodicGradientStrategy(Strategy):
         self._binding = (model, params, num_refs)
         self._forward = None
         self._aliases = [p.detach().requires_grad_() for p in params]
-        self._dropout = has_active_dropout(model)
+        # A model that checkpoints activations in training mode keeps the switch too: eval mode
+        # turns checkpointing off, which torch.func's vmap needs.
+        self._dropout = has_active_dropout(model) or any(getattr(m, "gradient_checkpointing", False) is True
+                                                         for m in model.modules())
         return params
 
     def edit_gradients(self, model: nn.Module) -> None:
