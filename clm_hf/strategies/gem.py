@@ -488,7 +488,9 @@ def auto_reference_rows(trainer: Any) -> int | None:
     ``b`` rows (forward and backward; less with gradient accumulation, which runs several
     micro-batches per step), and needs the activation memory of ``r`` rows: half a micro-batch
     keeps the step overhead near 1.5x and never needs more memory than training does.
-    ``None`` outside a trainer (no batch size to follow).
+    ``None`` outside a trainer (no batch size to follow). Under DDP it follows the per-device
+    batch (every rank computes the same references on its own), so a run on ``n`` processes with
+    batch ``b`` draws the rows a single process with batch ``b`` would, not one with batch ``n b``.
 
     Example:
 
