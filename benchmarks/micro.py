@@ -11,7 +11,11 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   without a new allocation.
 - ``gem-breakdown``: where GEM's ``edit_gradients`` spends its time (reference gradients, Gram
   product, flattening), K separate passes against one pass over the same rows and ``vmap`` over groups.
-- ``lwf-teacher``: a training step, the live teacher call and a bare no-grad forward.
+- ``lwf-teacher``: a training step, the live teacher call (through ``functional_call`` and through
+  the precomputed parameter slots of ``FunctionalModel``) and a bare no-grad forward.
+- ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
+  (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
+  one autograd backward), each as a multiple of one training pass over the same rows.
 
     OMP_NUM_THREADS=1 python benchmarks/micro.py                  # every case, medium model
     OMP_NUM_THREADS=1 python benchmarks/micro.py --cases gem-breakdown --model tiny
@@ -223,13 +227,58 @@ def lwf_teacher(model_size: str, repeats: int) -> dict[str, Any]:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
+    from clm_hf.strategies._functional import FunctionalModel
+
+    slots = FunctionalModel(model, {n: p for n, p in model.named_parameters() if p.requires_grad})
     return {"ms": alternated({"train_step": step, "train_step_with_lwf": step_with_lwf,
-                              "teacher_call": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False),
+                              "teacher_call_functional_call": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False),
+                              "teacher_call_slots": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False, forward=slots),
                               "bare_no_grad_forward": bare_forward}, repeats)}
 
 
+def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str, Any]:
+    import clm_hf.strategies.ewc as ewc
+    from clm_hf.strategies._functional import batchable_attention
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from between_tasks import training_pass
+
+    def former(forward, seq2seq):  # the per-row gradients before issue 13: a grad transform under vmap
+        from torch.func import grad, vmap
+
+        def loss(weights, inputs, labels, uniforms):
+            logits = forward(weights, **{k: t.unsqueeze(0) for k, t in inputs.items()}).logits
+            return ewc._row_loss(logits, labels.unsqueeze(0), None if uniforms is None else uniforms.unsqueeze(0), seq2seq)
+
+        row_grad = grad(loss)
+
+        def per_row(weights, inputs, labels, uniforms):
+            with batchable_attention():
+                return vmap(row_grad, in_dims=(None, 0, 0, None if uniforms is None else 0))(weights, inputs, labels, uniforms)
+
+        return per_row
+
+    current = ewc._vmapped_row_grads
+    model = C.build_model(model_size)
+    data = C.task_rows(1, rows, 8)[0][1]
+
+    def fisher_with(impl):
+        def run():
+            ewc._vmapped_row_grads = impl
+            try:
+                return ewc.estimate_fisher(model, data, batch_size=16, sampled=True)
+            finally:
+                ewc._vmapped_row_grads = current
+        return run
+
+    ms = alternated({"fisher_former": fisher_with(former), "fisher_current": fisher_with(current),
+                     "training_pass": training_pass(model, data, 16)}, repeats)
+    return {"rows": rows, "ms": ms, "ratio_to_training_pass": {k: round(ms[k] / ms["training_pass"], 3)
+                                                               for k in ("fisher_former", "fisher_current")}}
+
+
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
-         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher}
+         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -432,6 +432,75 @@ def test_edit_gradients_reuses_its_buffers_and_leaves_no_memory_alone(conflicted
     assert len(pointers) == 1 and gem.steps == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [GEM, AGEM])
+def test_strategy_per_task_references_are_written_in_place_and_equal_autograd_ones(cls, dtype, conflicted):
+    # The strategy's "per_task" path runs the model on aliases of the weights whose .grad are the
+    # reference buffer's rows; the module-level function returns torch.autograd.grad's tensors.
+    model, memories, current = conflicted
+    model = model.to(dtype)
+    options = {"reference_method": "per_task"} if cls is GEM else {}
+    strategy = _armed(cls(**options), memories)
+    for _ in range(2):  # the second step reuses the buffers the first one filled
+        training_grad = _set_grad(model, current)
+        strategy.edit_gradients(model)
+    bank = strategy._bank
+    batches = ([bank.batch(bank.task_rows(k)) for k in range(len(memories))] if cls is GEM
+               else [bank.batch(slice(0, bank.num_rows))])
+    expected = _references(model, batches, "per_task")
+    for view, want in zip(strategy._ref_views, expected):
+        torch.testing.assert_close(view, want.float(), rtol=1e-5, atol=1e-6)
+    assert all(a.grad is None for a in strategy._aliases)  # nothing kept alive between steps
+    if dtype == torch.float32:  # the training gradient was left to the projection alone
+        g = torch.cat([training_grad[n].flatten() for n in trainable_parameters(model)])
+        assert torch.equal(strategy._flat, g) or strategy.projected_steps > 0
+
+
+@pytest.mark.parametrize("method", ["per_task", "vmap"])
+def test_reference_pass_switches_to_eval_only_when_something_drops_out(method, conflicted, tokenizer):
+    # Without dropout the two modes compute the same thing: the module walk of model.eval() is skipped.
+    # With dropout (or activation checkpointing) the pass must run in eval mode: deterministic references.
+    from clm_hf.tasks import build_tiny_model
+
+    model, memories, current = conflicted
+    dropping = build_tiny_model("gpt2", tokenizer, resid_pdrop=0.3, embd_pdrop=0.0, attn_pdrop=0.0)
+    dropping.load_state_dict(model.state_dict())
+    seen = {}
+    for name, m in (("plain", model), ("dropping", dropping)):
+        m.train()
+        modes = []
+        gem = _armed(GEM(reference_method=method), memories)
+        _set_grad(m, current)
+        handle = m.transformer.h[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        gem.edit_gradients(m)
+        handle.remove()
+        assert m.training  # left as it was
+        seen[name] = (set(modes), gem._refs.clone())
+    assert seen["plain"][0] == {True} and seen["dropping"][0] == {False}
+    torch.testing.assert_close(seen["plain"][1], seen["dropping"][1], rtol=1e-5, atol=1e-6)  # same weights, no dropout
+
+
+def _sizes(selections):
+    return [len(range(s.start, s.stop)) if isinstance(s, slice) else len(s) for s in selections]
+
+
+def test_auto_reference_rows_follow_the_training_batch(conflicted):
+    from types import SimpleNamespace
+
+    model, memories, current = conflicted
+    trainer = SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=12))
+    gem, agem = _armed(GEM(memory_batch_size="auto"), memories), _armed(AGEM(sample_size="auto"), memories)
+    assert GEM().config.memory_batch_size is None and AGEM().config.sample_size == 128  # the papers' defaults
+    bank = gem.memory_bank(torch.device("cpu"))  # 2 past tasks of 16 rows each
+    assert _sizes(gem.draw(bank, 0)) == [16, 16] and _sizes(agem.draw(bank, 0)) == [32]  # no trainer: all
+    gem.trainer = agem.trainer = trainer  # a budget of 12 // 2 = 6 rows per step
+    assert gem.rows_per_task() == 3 and _sizes(gem.draw(bank, 0)) == [3, 3]
+    assert _sizes(agem.draw(bank, 0)) == [6]
+    gem.memories = {str(k): memories[k % 2] for k in range(8)}  # more past tasks than rows: one row each
+    assert gem.rows_per_task() == 1
+    assert GEM().rows_per_task() is None  # the paper's whole memory, the default
+
+
 # --- through the trainer ---------------------------------------------------------------------------
 class _CheckConstraints(Strategy):
     """Listed after GEM/A-GEM: checks the gradient the optimizer gets against that step's references."""
@@ -527,7 +596,9 @@ def test_memory_is_a_seeded_sample_of_the_task(tokenizer):
         (GEM, {"margin": -0.1}, "margin"),
         (GEM, {"memory_batch_size": 0}, "memory_batch_size"),
         (GEM, {"reference_method": "vmapped"}, "reference_method"),
+        (GEM, {"memory_batch_size": "all"}, "memory_batch_size"),
         (AGEM, {"sample_size": 0}, "sample_size"),
+        (AGEM, {"sample_size": None}, "sample_size"),
         (AGEM, {"margn": 0.5}, "Did you mean 'margin'"),
     ],
 )

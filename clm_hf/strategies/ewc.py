@@ -424,18 +424,37 @@ def _row_loss(logits: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor
 
 
 def _vmapped_row_grads(forward: FunctionalModel, seq2seq: bool):
-    """``f(weights, inputs, labels, uniforms)`` → per-row gradients ``{name: [rows, *shape]}``."""
-    from torch.func import grad, vmap
+    """``f(weights, inputs, labels, uniforms)`` → per-row gradients ``{name: [rows, *shape]}``.
+
+    Every row (vmap lane) gets its own copy of the weights: a stride-0 ``expand`` to
+    ``[rows, ...]`` (no memory copied), with ``requires_grad``. Row ``b``'s loss depends only on
+    copy ``b``, so ONE ordinary backward of the summed row losses leaves every row's own gradient
+    in the copies' ``.grad``: the numbers of ``vmap(grad(row_loss))``, but the backward runs
+    through autograd on the batched kernels instead of being re-dispatched through torch.func's
+    transforms (the trick of GEM's reference gradients; on CPU the true Fisher went from 1.73x to
+    1.46x (tiny GPT-2) and 1.60x to 1.44x (medium) a training pass over the same rows, docs/benchmarks.md
+    section 6). The numbers are identical.
+    """
+    import warnings
+
+    from torch.func import vmap
 
     def loss(weights, inputs, labels, uniforms):
         logits = forward(weights, **{k: t.unsqueeze(0) for k, t in inputs.items()}).logits
         return _row_loss(logits, labels.unsqueeze(0), None if uniforms is None else uniforms.unsqueeze(0), seq2seq)
 
-    row_grad = grad(loss)
-
     def per_row(weights, inputs, labels, uniforms):
-        with batchable_attention():  # fused attention kernels would loop over the rows under vmap
-            return vmap(row_grad, in_dims=(None, 0, 0, None if uniforms is None else 0))(weights, inputs, labels, uniforms)
+        rows = labels.shape[0]
+        copies = {n: w.expand(rows, *w.shape).requires_grad_() for n, w in weights.items()}
+        with batchable_attention(), torch.enable_grad(), warnings.catch_warnings():
+            # fused attention kernels would loop over the rows under vmap (batchable_attention), and a
+            # gradient's strides cannot match those of a stride-0 copy (harmless here).
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            losses = vmap(loss, in_dims=(0, 0, 0, None if uniforms is None else 0))(copies, inputs, labels, uniforms)
+            torch.autograd.backward(losses.sum(), inputs=list(copies.values()))
+        return {n: c.grad if c.grad is not None else torch.zeros(rows, *weights[n].shape, dtype=weights[n].dtype,
+                                                                  device=weights[n].device)
+                for n, c in copies.items()}
 
     return per_row
 

@@ -46,6 +46,7 @@ memory gradients whenever a constraint is violated) is what keeps the effect und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -59,7 +60,8 @@ from datasets import Dataset, load_from_disk
 from torch import nn
 
 from ..modeling import decoder_inputs, is_seq2seq
-from ._functional import FunctionalModel, batchable_attention, no_padding_warning
+from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
+from .lwf import has_active_dropout
 from .base import (
     Strategy,
     StrategyConfig,
@@ -291,7 +293,8 @@ def reference_gradients_(
                 view[k].zero_() if grad is None else view[k].copy_(grad)
 
 
-def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torch.Tensor], out: list[torch.Tensor]) -> None:
+def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torch.Tensor], out: list[torch.Tensor], *,
+                                switch_to_eval: bool = True) -> None:
     """The ``K`` group gradients of a causal LM in one vmapped forward and one backward, into ``out``.
 
     ``stacked`` holds ``[K, g, L]`` right-padded tensors; an ``attention_mask`` in it is ignored
@@ -326,7 +329,7 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
     for copy, view, d in zip(copies, out, direct):
         if d:
             copy.grad = view
-    with eval_mode(forward.model), no_padding_warning(forward.model), batchable_attention(), torch.enable_grad(), \
+    with _maybe_eval(forward.model, switch_to_eval), no_padding_warning(forward.model), batchable_attention(), torch.enable_grad(), \
             warnings.catch_warnings():
         # Known and harmless here: a gradient's strides cannot match those of a stride-0 copy.
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
@@ -335,6 +338,13 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
     for copy, view in zip(copies, out):
         if copy.grad is not view:  # not accumulated in place
             view.zero_() if copy.grad is None else view.copy_(copy.grad)
+
+
+def _maybe_eval(model: nn.Module, switch: bool):
+    """``eval_mode(model)``, or nothing when ``switch`` is False: for a model without active dropout
+    (:func:`~clm_hf.strategies.lwf.has_active_dropout`) the two modes compute the same thing, and
+    the switch walks every module twice (half a millisecond per step on the tiny GPT-2)."""
+    return eval_mode(model) if switch else contextlib.nullcontext()
 
 
 def _no_cache(model: nn.Module) -> dict[str, bool]:
@@ -455,6 +465,40 @@ class _MemoryBank:
 
 
 # --- the shared strategy ---------------------------------------------------------------------------
+AUTO = "auto"
+
+
+def _check_rows(name: str, value: int | str | None, *, allow_none: bool) -> None:
+    """``value`` must be ``"auto"``, a positive int, or (where allowed) None; else a ValueError naming it."""
+    if value == AUTO or (allow_none and value is None):
+        return
+    if isinstance(value, str) or value is None:
+        allowed = "'auto', None or a positive int" if allow_none else "'auto' or a positive int"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}.")
+    check_range(name, value, low=1)
+
+
+def auto_reference_rows(trainer: Any) -> int | None:
+    """The memory rows per optimizer step that ``"auto"`` uses: half a training micro-batch.
+
+    A reference pass over ``r`` rows costs about ``r / b`` of a training step on a micro-batch of
+    ``b`` rows (forward and backward; less with gradient accumulation, which runs several
+    micro-batches per step), and needs the activation memory of ``r`` rows: half a micro-batch
+    keeps the step overhead near 1.5x and never needs more memory than training does.
+    ``None`` outside a trainer (no batch size to follow). Under DDP it follows the per-device
+    batch (every rank computes the same references on its own), so a run on ``n`` processes with
+    batch ``b`` draws the rows a single process with batch ``b`` would, not one with batch ``n b``.
+
+    Example:
+
+    >>> from types import SimpleNamespace
+    >>> auto_reference_rows(SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=16)))
+    8
+    """
+    batch = getattr(getattr(trainer, "args", None), "per_device_train_batch_size", None)
+    return max(1, int(batch) // 2) if batch else None
+
+
 @dataclass
 class EpisodicMemoryConfig(StrategyConfig):
     """Settings shared by :class:`GEM` and :class:`AGEM`.
@@ -494,7 +538,12 @@ class EpisodicGradientStrategy(Strategy):
         self._ref_views: list[torch.Tensor] = []
         self._batched = True
         self._vmap = True  # False once a vmapped pass failed ("auto" then uses "per_task")
-        self._forward: FunctionalModel | None = None  # the model as a function, for "vmap"
+        self._forward: FunctionalModel | None = None  # the model as a function, for "vmap" and "per_task"
+        # Detached aliases of the trainable parameters (leaves sharing their storage) whose ``.grad``
+        # are the reference buffers' views: a backward through them writes the reference gradients
+        # in place (no gradient tensors allocated, none copied).
+        self._aliases: list[torch.Tensor] = []
+        self._dropout = True  # whether the bound model has active dropout (else no train/eval switch)
 
     @property
     def projected_steps(self) -> int:
@@ -540,6 +589,11 @@ class EpisodicGradientStrategy(Strategy):
             offset += n
         self._binding = (model, params, num_refs)
         self._forward = None
+        self._aliases = [p.detach().requires_grad_() for p in params]
+        # A model that checkpoints activations in training mode keeps the switch too: eval mode
+        # turns checkpointing off, which torch.func's vmap needs.
+        self._dropout = has_active_dropout(model) or any(getattr(m, "gradient_checkpointing", False) is True
+                                                         for m in model.modules())
         return params
 
     def edit_gradients(self, model: nn.Module) -> None:
@@ -598,6 +652,8 @@ class EpisodicGradientStrategy(Strategy):
                 method = "per_task"
         if batches is None:
             batches = [bank.batch(rows) for rows in selections]
+        if method == "per_task" and self._aliases:
+            return self._direct_references(model, params, batches)
         if method == "batched":
             try:
                 return reference_gradients_(model, params, batches, self._ref_views, method="batched")
@@ -606,10 +662,41 @@ class EpisodicGradientStrategy(Strategy):
                 self._batched = False
         reference_gradients_(model, params, batches, self._ref_views, method="per_task")
 
-    def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
+    def _functional(self, model: nn.Module, params: list[nn.Parameter]) -> FunctionalModel:
         if self._forward is None or self._forward.model is not model:
             self._forward = FunctionalModel(model, _named(model, params))
-        _vmap_reference_gradients_(self._forward, stacked, self._ref_views)
+        return self._forward
+
+    def _vmap_references(self, model: nn.Module, params: list[nn.Parameter], stacked: dict[str, torch.Tensor]) -> None:
+        _vmap_reference_gradients_(self._functional(model, params), stacked, self._ref_views, switch_to_eval=self._dropout)
+
+    def _direct_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]]) -> None:
+        """``"per_task"``: one forward/backward per batch, each writing its gradient straight into
+        its row of the ``K x P`` buffer.
+
+        The model runs with the aliases of :meth:`_bind` in its parameter slots, so ``p.grad``
+        (the training gradient) is left alone and the backward accumulates into the aliases'
+        ``.grad``, the zeroed reference views, instead of returning new tensors to copy
+        (``torch.autograd.grad``). The numbers are those of :func:`reference_gradients_`.
+        """
+        forward = self._functional(model, params)
+        if forward._generic:  # noqa: SLF001 - parametrized modules: the generic path
+            return reference_gradients_(model, params, batches, self._ref_views, method="per_task")
+        names = list(forward.params)
+        weights = dict(zip(names, self._aliases))
+        with _maybe_eval(model, self._dropout), torch.enable_grad(), swapped(forward._slots, weights):  # noqa: SLF001
+            for k, batch in enumerate(batches):
+                views = [view[k] for view in self._ref_views]
+                torch._foreach_zero_(views)
+                direct = [a.dtype == v.dtype for a, v in zip(self._aliases, views)]
+                for alias, view, d in zip(self._aliases, views, direct):
+                    alias.grad = view if d else None
+                torch.autograd.backward(memory_losses(model, batch)[0], inputs=self._aliases)
+                for alias, view, d in zip(self._aliases, views, direct):
+                    if not d and alias.grad is not None:  # bf16 weights: their gradient is copied
+                        view.copy_(alias.grad)
+                    alias.grad = None
+
 
     def _draw_seed(self) -> int:
         step = getattr(getattr(self.trainer, "state", None), "global_step", self.steps)
@@ -671,8 +758,15 @@ class GEMConfig(EpisodicMemoryConfig):
         margin (`float`): ``γ >= 0``, the lower bound of the dual variables (0.5 in the paper's
             code): when a constraint is violated, at least ``γ`` times every past task's gradient is
             added, which biases the step towards lowering the memory losses, not just keeping them.
-        memory_batch_size (`int`, *optional*): Rows of each task's memory per reference gradient,
-            drawn afresh every step; ``None`` uses the whole memory (as in the paper).
+        memory_batch_size (`int`, `"auto"` or `None`): Rows of each task's memory per reference
+            gradient, drawn afresh every step. ``"auto"``: a budget of half a training
+            micro-batch (``per_device_train_batch_size // 2`` rows, :func:`auto_reference_rows`)
+            split over the ``K`` past tasks, ``max(1, budget // K)`` rows each, so that the rows per
+            step do not grow with ``K`` (1.8-2.1x plain fine-tuning at ``K = 5`` on CPU,
+            docs/benchmarks.md; whole memory outside a trainer; its quality is not yet measured, so
+            it is not the default). ``None`` (default) uses the whole memory at every step (as in the paper: with 64 rows
+            per task and ``K`` past tasks, ``64 K`` rows of forward/backward per step, several
+            times a training step). An int: that many rows of each task.
         reference_method (`str`): How the ``K`` reference gradients are computed (see
             :func:`reference_gradients_`):
 
@@ -693,7 +787,9 @@ class GEMConfig(EpisodicMemoryConfig):
     aliases = {"gamma": "margin", "memory_strength": "margin", "n_memories": "memory_per_task"}
 
     margin: float = field(default=0.5, metadata={"help": "Margin γ: lower bound of the dual variables."})
-    memory_batch_size: int | None = field(default=None, metadata={"help": "Memory rows per task per step (None: all)."})
+    memory_batch_size: int | str | None = field(
+        default=None, metadata={"help": "Memory rows per task per step (None: all; 'auto': half a micro-batch split over the tasks)."}
+    )
     reference_method: str = field(
         default="auto", metadata={"help": "'auto' (vmap where it applies, else per_task), 'vmap', 'per_task' or 'batched'."}
     )
@@ -701,8 +797,7 @@ class GEMConfig(EpisodicMemoryConfig):
     def validate(self) -> None:
         super().validate()
         check_range("margin", self.margin, low=0.0)
-        if self.memory_batch_size is not None:
-            check_range("memory_batch_size", self.memory_batch_size, low=1)
+        _check_rows("memory_batch_size", self.memory_batch_size, allow_none=True)
         if self.reference_method not in REFERENCE_METHODS:
             raise ValueError(f"reference_method must be one of {', '.join(REFERENCE_METHODS)}; got {self.reference_method!r}.")
 
@@ -732,8 +827,16 @@ class GEM(EpisodicGradientStrategy):
     def num_references(self) -> int:
         return len(self.memories)
 
-    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+    def rows_per_task(self) -> int | None:
+        """Memory rows of each past task per step (``None``: all of them), ``"auto"`` resolved."""
         size = self.config.memory_batch_size
+        if size == AUTO:
+            budget = auto_reference_rows(self.trainer)
+            return None if budget is None else max(1, budget // max(1, len(self.memories)))
+        return size
+
+    def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
+        size = self.rows_per_task()
         generator = torch.Generator().manual_seed(seed)
         selections = []
         for k in range(len(self.memories)):
@@ -754,8 +857,12 @@ class AGEMConfig(EpisodicMemoryConfig):
 
     Args:
         memory_per_task (`int`): Training rows of each task kept in the episodic memory.
-        sample_size (`int`): Rows drawn each step from the whole memory (all past tasks pooled) for
-            the reference gradient.
+        sample_size (`int` or `"auto"`): Rows drawn each step from the whole memory (all past
+            tasks pooled) for the reference gradient, 128 by default. ``"auto"``: half a training
+            micro-batch, ``per_device_train_batch_size // 2`` (:func:`auto_reference_rows`; the
+            whole memory outside a trainer), which keeps the step near 1.5x plain fine-tuning; the
+            reference pass costs about ``sample_size / per_device_train_batch_size`` of a step (its
+            quality is not yet measured, so it is not the default).
         margin (`float`): ``γ >= 0``. ``0`` (default) is the A-GEM paper's exact rule: only the
             conflicting component of ``g`` is removed. ``γ > 0`` is a variant that borrows GEM's
             margin for the single pooled constraint: a violating step gets at least ``γ · g_ref``
@@ -767,12 +874,12 @@ class AGEMConfig(EpisodicMemoryConfig):
 
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
 
-    sample_size: int = field(default=128, metadata={"help": "Pooled memory rows per reference gradient."})
+    sample_size: int | str = field(default=128, metadata={"help": "Pooled memory rows per reference gradient ('auto': half a micro-batch)."})
     margin: float = field(default=0.0, metadata={"help": "0: the paper's rule; γ > 0: GEM's margin for the one constraint."})
 
     def validate(self) -> None:
         super().validate()
-        check_range("sample_size", self.sample_size, low=1)
+        _check_rows("sample_size", self.sample_size, allow_none=False)
         check_range("margin", self.margin, low=0.0)
 
 
@@ -803,10 +910,13 @@ class AGEM(EpisodicGradientStrategy):
 
     def draw(self, bank: _MemoryBank, seed: int) -> list[slice | torch.Tensor]:
         # All past tasks pooled into the one reference loss.
-        if self.config.sample_size >= bank.num_rows:
+        size = self.config.sample_size
+        if size == AUTO:
+            size = auto_reference_rows(self.trainer) or bank.num_rows
+        if size >= bank.num_rows:
             return [slice(0, bank.num_rows)]
         generator = torch.Generator().manual_seed(seed)
-        return [torch.randperm(bank.num_rows, generator=generator)[: self.config.sample_size]]
+        return [torch.randperm(bank.num_rows, generator=generator)[:size]]
 
     def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         return project_agem_(g, refs[0], self.config.margin)

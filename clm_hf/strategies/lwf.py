@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
+from ._functional import FunctionalModel
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,13 +152,15 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 
 def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
-                    seq2seq: bool, *, switch_to_eval: bool = True) -> torch.Tensor:
+                    seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None) -> torch.Tensor:
     """Logits of ``model`` with ``params`` swapped in (the live weights when None), no grad, dropout off.
 
     ``functional_call`` swaps the tensors for the duration of the call without touching the live
     parameters in place, so the student's autograd graph stays valid. ``switch_to_eval=False``
     skips the train/eval switch (a walk over every module, twice), for a model without active
-    dropout, where the two modes compute the same thing.
+    dropout, where the two modes compute the same thing. ``forward``: a :class:`FunctionalModel` of
+    ``model`` built once, which swaps ``params`` in without ``functional_call``'s per-call walk
+    over every module (the live teacher calls this at every step).
     """
     bare = unwrap_model(model)
     inputs = dict(inputs)
@@ -168,6 +171,8 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
     with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
         if params is None:
             return bare(**inputs).logits
+        if forward is not None:
+            return forward(params, **inputs).logits
         from torch.func import functional_call
 
         return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
@@ -290,6 +295,7 @@ class LwF(Strategy):
         self._cache_task: int | None = None
         self._restored_cache: dict[str, Any] | None = None
         self._dropout: tuple[nn.Module, bool] | None = None  # (model, whether it has active dropout)
+        self._teacher_call: tuple[nn.Module, FunctionalModel] | None = None  # (model, the teacher as a call)
 
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
@@ -311,6 +317,7 @@ class LwF(Strategy):
         return {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
 
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        self._teacher_call = None  # the trainable parameters may differ from the last task's
         if task.index == 0:
             self.teacher, self.teacher_task = None, None
             return
@@ -385,12 +392,23 @@ class LwF(Strategy):
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
             if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
                 self._dropout = (model, has_active_dropout(model))
-            logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1])
+            logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
+                                     forward=self._teacher_forward(model))
             teacher, _ = supervised_mask(logits, labels, seq2seq)
             kl = distillation_kl(student[mask], teacher[mask], temperature)
         # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
         # asking the device whether it has any (a host sync every step).
         return {"lwf_distillation": self.config.alpha * temperature**2 * kl.sum() / mask.sum().clamp_min(1)}
+
+    def _teacher_forward(self, model: nn.Module) -> FunctionalModel | None:
+        """The model as a call on the teacher's weights, built once per task and model, or None
+        when the teacher does not name exactly the model's trainable parameters."""
+        bare = unwrap_model(model)
+        if self._teacher_call is None or self._teacher_call[0] is not bare:
+            params = trainable_parameters(bare)
+            usable = self.teacher is not None and set(params) == set(self.teacher)
+            self._teacher_call = (bare, FunctionalModel(bare, params) if usable else None)
+        return self._teacher_call[1]
 
     def _gather_cache(self, inputs: dict[str, Any], mask: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached (ids, log-probs) of the batch as (n_supervised, k), in the order of ``mask``.
