@@ -106,7 +106,7 @@ class ContinualTrainerMixin:
             args = self.args_class(output_dir="clm_hf_output")
         _check_strategies(strategies)
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
+            kwargs["data_collator"] = self._default_data_collator(model, kwargs.get("processing_class"))
         super().__init__(model=model, args=args, **kwargs)
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
@@ -141,6 +141,10 @@ class ContinualTrainerMixin:
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
         for strategy in self.strategies:
             strategy.setup(self)
+
+    def _default_data_collator(self, model: nn.Module | None, processing_class: Any) -> Any:
+        """The collator used when none is passed (``None`` lets the parent Trainer build its own)."""
+        return ContinualDataCollator(pad_token_id=_pad_token_id(model, processing_class))
 
     # --- the continual settings, also when plain TrainingArguments are passed -----------------
     def _setting(self, name: str) -> Any:
