@@ -176,3 +176,12 @@ def test_import_clm_hf_never_imports_trl_and_missing_trl_names_the_extra():
             "try:\n    import clm_hf.sft\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'clm-hf[trl]'" in out
+
+
+def test_lazy_top_level_names():
+    import clm_hf
+    from clm_hf import sft
+
+    assert clm_hf.ContinualSFTTrainer is sft.ContinualSFTTrainer and clm_hf.ContinualSFTConfig is sft.ContinualSFTConfig
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        clm_hf.Nope  # noqa: B018
