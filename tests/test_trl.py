@@ -185,3 +185,32 @@ def test_lazy_top_level_names():
     assert clm_hf.ContinualSFTTrainer is sft.ContinualSFTTrainer and clm_hf.ContinualSFTConfig is sft.ContinualSFTConfig
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         clm_hf.Nope  # noqa: B018
+
+
+def test_assistant_only_loss_trains_on_assistant_turns(tmp_path):
+    from clm_hf.tasks import build_tokenizer
+
+    tok = build_tokenizer(extra_tokens=["user", "assistant"])
+    tok.chat_template = (  # {% generation %} marks the assistant tokens for TRL's assistant mask
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}assistant : {% generation %}{{ m['content'] }} <eos> "
+        "{% endgeneration %}{% else %}{{ m['role'] }} : {{ m['content'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}")
+    trainer = sft_trainer(tmp_path, tok, [build_strategy("replay")], assistant_only_loss=True)
+    data = rows("messages", "copy", n=2)
+    prepared = trainer._prepare_rows(data, "train rows")
+    for raw, ids, labels in zip(data, prepared["input_ids"], prepared["labels"]):
+        assert tok.decode([i for i, l in zip(ids, labels) if l != -100]).split() == raw["messages"][1]["content"].split() + ["<eos>"]
+    assert trainer.fit(stream("messages")).num_trained == 2
+
+
+def test_checkpoints_and_resume(tmp_path, chat_tokenizer):
+    """Mid-task Trainer checkpoints (SFTTrainer writes a model card there) and the continual state resume."""
+    trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("ewc")], save_strategy="steps", save_steps=1,
+                          save_continual_state=True)
+    trainer.fit(stream("prompt_completion"))
+    run = tmp_path / "run"
+    assert (run / "continual").is_dir() and list((run / "task-001").glob("checkpoint-*/continual_state"))
+    again = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("ewc")], save_continual_state=True)
+    results = again.fit(stream("prompt_completion"), resume_from_checkpoint=True)
+    assert [t.task_id for t in again.tasks] == list(TASKS) and results.num_trained == 2
+    assert len(again.strategies[0].terms) > 0  # the Fisher came back from the checkpoint
