@@ -74,9 +74,9 @@ class _SFTLoss(SFTTrainer):
             return loss, None  # strategies without uses_output_logits ignore the outputs
         if self.args.loss_type != "nll" and model.training:
             raise ValueError(
-                f"loss_type={self.args.loss_type!r} needs TRL's fused LM head, which strategy(ies) "
-                f"{[s.name for s in self.strategies if s.uses_output_logits] or 'preparing the model'} bypass "
-                "(they need the model's logits or replace the model). Use loss_type='nll'."
+                f"loss_type={self.args.loss_type!r} needs TRL's fused LM head, but this step runs the model's own "
+                f"forward and loss (a strategy reads the logits, or replaced the model: "
+                f"{[s.name for s in self.strategies]}). Use loss_type='nll'."
             )
         inputs = {**inputs, "use_cache": False}
         return Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -144,6 +144,10 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
             train_dataset = _placeholder_rows(args)
         self._user_collator = kwargs.get("data_collator") is not None
         super().__init__(model=model, args=args, strategies=strategies, train_dataset=train_dataset, **kwargs)
+        if self.args.loss_type != "nll":
+            self._refuse(lambda s: s.uses_output_logits,
+                         f"reads the model's logits, which TRL's fused loss (loss_type={self.args.loss_type!r}) never "
+                         "builds: each step then runs the model's own cross-entropy. Use loss_type='nll'.")
         if self.padding_free:
             self._refuse(
                 lambda s: not s.supports_packed_rows or bool(s.side_columns),

@@ -113,6 +113,11 @@ def test_strategy_by_layout(tmp_path, chat_tokenizer, name, layout):
         assert max(len(r) for r in trainer.tasks[-1].train_dataset["seq_lengths"]) > 1
 
 
+def test_logit_strategies_refuse_a_loss_without_logits(tmp_path, chat_tokenizer):
+    with pytest.raises(NotImplementedError, match=r"Strategy 'lwf' reads the model's logits.*loss_type='dft'"):
+        sft_trainer(tmp_path, chat_tokenizer, [build_strategy("lwf")], loss_type="dft")
+
+
 def test_lwf_with_wrapped_packing(tmp_path, chat_tokenizer):
     """Wrapped packing keeps padded rows, so a per-row strategy works; TRL's seq_lengths never reaches the model."""
     trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("lwf")], packing=True, packing_strategy="wrapped")
