@@ -123,6 +123,9 @@ def test_lwf_with_wrapped_packing(tmp_path, chat_tokenizer):
     trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("lwf")], packing=True, packing_strategy="wrapped")
     trainer.fit(stream("text"))
     assert any(v > 0 for v in logged(trainer, "lwf_distillation"))
+    # Pre-packed rows may carry TRL's seq_lengths: only the padding-free collator reads it, forward() would reject it.
+    batch = trainer.data_collator([{"input_ids": [4, 5], "labels": [4, 5], "seq_lengths": [1, 1]}])
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
 
 
 def test_completion_only_loss_masks_the_prompt(tmp_path, chat_tokenizer):
