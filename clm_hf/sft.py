@@ -51,7 +51,8 @@ class ContinualSFTConfig(SFTConfig, ContinualTrainingArguments):
     Example:
 
     >>> from clm_hf.sft import ContinualSFTConfig
-    >>> args = ContinualSFTConfig(output_dir="runs/sft", packing=True, max_length=64, primary_metric="loss")
+    >>> args = ContinualSFTConfig(output_dir="runs/sft", packing=True, max_length=64, primary_metric="loss",
+    ...                           use_cpu=True)  # TRL defaults to bf16, which needs a GPU
     >>> args.packing, args.primary_metric
     (True, 'loss')
     """
@@ -123,7 +124,7 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
     >>> tok = build_tokenizer(); model = build_tiny_model("gpt2", tok)
     >>> rows = Dataset.from_dict({"prompt": ["a b ="] * 8, "completion": [" b a"] * 8})
     >>> trainer = ContinualSFTTrainer(model=model, args=ContinualSFTConfig(output_dir="runs/sft", max_steps=2,
-    ...                               report_to=[]), processing_class=tok, strategies=[Replay()])
+    ...                               report_to=[], use_cpu=True), processing_class=tok, strategies=[Replay()])
     >>> results = trainer.fit({"swap": {"train": rows, "eval": rows}})  # doctest: +SKIP
     """
 
