@@ -107,3 +107,12 @@ __all__ = [
     "register_strategy",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # TRL is an optional extra: clm_hf.ContinualSFTTrainer imports clm_hf.sft (and trl) on first use only.
+    if name in ("ContinualSFTConfig", "ContinualSFTTrainer"):
+        from . import sft
+
+        return getattr(sft, name)
+    raise AttributeError(f"module 'clm_hf' has no attribute {name!r}")

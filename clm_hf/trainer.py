@@ -113,7 +113,7 @@ class ContinualTrainerMixin:
         if self._user_collator and not isinstance(kwargs["data_collator"], (ContinualDataCollator, UserCollator)):
             kwargs["data_collator"] = UserCollator(kwargs["data_collator"])
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
+            kwargs["data_collator"] = self._default_data_collator(model, kwargs.get("processing_class"))
         super().__init__(model=model, args=args, **kwargs)
         follow_training_args(self.args)  # args.log_level sets clm-hf's level too, as it does transformers'
         self.strategies: list[Strategy] = strategies
@@ -149,6 +149,10 @@ class ContinualTrainerMixin:
         tracking.attach(self)  # MLflow / TensorBoard from report_to follow the whole stream
         for strategy in self.strategies:
             strategy.setup(self)
+
+    def _default_data_collator(self, model: nn.Module | None, processing_class: Any) -> Any:
+        """The collator used when none is passed (``None`` lets the parent Trainer build its own)."""
+        return ContinualDataCollator(pad_token_id=_pad_token_id(model, processing_class))
 
     # --- the continual settings, also when plain TrainingArguments are passed -----------------
     def _setting(self, name: str) -> Any:

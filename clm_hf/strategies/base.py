@@ -154,6 +154,12 @@ class Strategy:
     # True when a task given as a stream (IterableDataset, read once while it trains) is enough:
     # the strategy never reads the task's rows again after training (see docs/data.md).
     supports_streaming: ClassVar[bool] = False
+    # True when ``loss`` reads ``outputs.logits`` (with gradient). Trainers whose model loss does not
+    # build the logits (TRL's fused LM head) then run the model's ordinary forward instead.
+    uses_output_logits: ClassVar[bool] = False
+    # False when the strategy needs one row per example in its batches (per-row side columns,
+    # per-row memories): TRL's padding-free packing flattens a batch into one sequence.
+    supports_packed_rows: ClassVar[bool] = True
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -524,6 +524,7 @@ class EpisodicGradientStrategy(Strategy):
 
     config_class = EpisodicMemoryConfig
     needs_whole_gradients = True  # the trainer refuses FSDP (and DeepSpeed, which runs the step in backward)
+    supports_packed_rows = False  # the memory batches are padded rows, not one flattened sequence
 
     def __init__(self, config: EpisodicMemoryConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)

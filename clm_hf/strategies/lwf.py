@@ -276,6 +276,8 @@ class LwF(Strategy):
     name = "lwf"
     config_class = LwFConfig
     side_columns = (IDS_COLUMN, LOGPROBS_COLUMN)
+    uses_output_logits = True  # the student's logits, with gradient
+    supports_packed_rows = False  # the teacher cache is per row
     # A mean over the micro-batch's supervised tokens: the trainer normalises it over the
     # accumulated batch, as the model's loss (the same gradient for 8 x 1 and 4 x 2).
     per_token_terms = ("lwf_distillation",)

@@ -1,0 +1,224 @@
+"""ContinualSFTTrainer: the continual mixin over trl.SFTTrainer (optional extra clm-hf[trl])."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+
+from clm_hf.strategies import STRATEGY_REGISTRY, build_strategy  # noqa: E402
+from clm_hf.strategies.base import unwrap_model  # noqa: E402
+
+# A chat template whose words are all in the test tokenizer's vocabulary (it splits on whitespace).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% if m['role'] == 'assistant' %}<eos> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
+TASKS = ("copy", "rev")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from clm_hf.tasks import build_tokenizer
+
+    tok = build_tokenizer(extra_tokens=["user", "assistant"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def rows(layout: str, task: str, n: int = 8) -> Dataset:
+    rng = random.Random(task)
+    prompts = [" ".join(rng.choice("abcd") for _ in range(3)) for _ in range(n)]
+    answers = [p[::-1] if task == "rev" else p for p in prompts]
+    if layout == "prompt_completion":
+        return Dataset.from_dict({"prompt": [p + " =" for p in prompts], "completion": [" " + a for a in answers]})
+    if layout == "messages":
+        return Dataset.from_dict({"messages": [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+                                               for p, a in zip(prompts, answers)]})
+    return Dataset.from_dict({"text": [f"{p} = {a}" for p, a in zip(prompts, answers)]})
+
+
+def sft_args(tmp_path, **overrides):
+    from clm_hf.sft import ContinualSFTConfig
+
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                    report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True, max_length=32,
+                    dataloader_pin_memory=False, use_cpu=True, seed=0,
+                    # Keeps each stream to seconds: checkpoints and the baseline are tested elsewhere.
+                    save_continual_state=False, eval_before_training=False)
+    settings.update(overrides)
+    return ContinualSFTConfig(**settings)
+
+
+def sft_trainer(tmp_path, tokenizer, strategies=(), arch="gpt2", **overrides):
+    from clm_hf.sft import ContinualSFTTrainer
+    from clm_hf.tasks import build_tiny_model
+
+    peft_config = overrides.pop("peft_config", None)
+    return ContinualSFTTrainer(model=build_tiny_model(arch, tokenizer), args=sft_args(tmp_path, **overrides),
+                               processing_class=tokenizer, strategies=list(strategies), peft_config=peft_config)
+
+
+def stream(layout: str) -> dict:
+    # Text rows have no prompt: their tasks are scored on prompt/completion rows of the same task.
+    eval_layout = "prompt_completion" if layout == "text" else layout
+    return {t: {"train": rows(layout, t), "eval": rows(eval_layout, t, n=4)} for t in TASKS}
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+# What each strategy leaves behind once two tasks are trained: the proof it acted.
+ACTED = {
+    "replay": lambda s, tr: len(s.buffer) > 0,
+    "ewc": lambda s, tr: len(s.terms) > 0 and any(v > 0 for v in logged(tr, "ewc_penalty")),
+    "gem": lambda s, tr: list(s.memories) == list(TASKS) and s.steps > 0,
+    "agem": lambda s, tr: list(s.memories) == list(TASKS) and s.steps > 0,
+    "lwf": lambda s, tr: any(v > 0 for v in logged(tr, "lwf_distillation")),
+    "olora": lambda s, tr: len(logged(tr, "olora_orthogonality")) > 0,
+    "packnet": lambda s, tr: len(s.packed) == 2,
+    "pnn": lambda s, tr: s.task_ids == list(TASKS) and unwrap_model(tr.model).num_columns == 2,
+}
+PACKING_REFUSED = {name for name, cls in STRATEGY_REGISTRY.items() if not cls.supports_packed_rows or cls.side_columns}
+
+
+def test_every_registered_strategy_has_a_check():
+    assert set(ACTED) == set(STRATEGY_REGISTRY)
+    assert PACKING_REFUSED == {"lwf", "gem", "agem"}
+
+
+@pytest.mark.parametrize("layout", ["prompt_completion", "messages", "text_packed"])
+@pytest.mark.parametrize("name", sorted(STRATEGY_REGISTRY))
+def test_strategy_by_layout(tmp_path, chat_tokenizer, name, layout):
+    packing = layout == "text_packed"
+    build = lambda: sft_trainer(tmp_path, chat_tokenizer, [build_strategy(name)], packing=packing)  # noqa: E731
+    if packing and name in PACKING_REFUSED:
+        with pytest.raises(NotImplementedError, match=rf"Strategy '{name}' needs one row per example.*padding-free"):
+            build()
+        return
+    trainer = build()
+    results = trainer.fit(stream("text" if packing else layout))
+    assert results.num_trained == 2
+    assert all(v is not None for v in results.scores["loss"][-1])
+    assert ACTED[name](trainer.strategies[0], trainer), f"{name} left no trace on {layout}"
+    if packing:  # TRL packed the rows (several documents per row)
+        assert "seq_lengths" in trainer.tasks[-1].train_dataset.column_names
+        assert max(len(r) for r in trainer.tasks[-1].train_dataset["seq_lengths"]) > 1
+
+
+def test_logit_strategies_refuse_a_loss_without_logits(tmp_path, chat_tokenizer):
+    with pytest.raises(NotImplementedError, match=r"Strategy 'lwf' reads the model's logits.*loss_type='dft'"):
+        sft_trainer(tmp_path, chat_tokenizer, [build_strategy("lwf")], loss_type="dft")
+
+
+def test_lwf_with_wrapped_packing(tmp_path, chat_tokenizer):
+    """Wrapped packing keeps padded rows, so a per-row strategy works; TRL's seq_lengths never reaches the model."""
+    trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("lwf")], packing=True, packing_strategy="wrapped")
+    trainer.fit(stream("text"))
+    assert any(v > 0 for v in logged(trainer, "lwf_distillation"))
+    # Pre-packed rows may carry TRL's seq_lengths: only the padding-free collator reads it, forward() would reject it.
+    batch = trainer.data_collator([{"input_ids": [4, 5], "labels": [4, 5], "seq_lengths": [1, 1]}])
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+
+
+def test_completion_only_loss_masks_the_prompt(tmp_path, chat_tokenizer):
+    trainer = sft_trainer(tmp_path, chat_tokenizer)
+    data = rows("prompt_completion", "copy", n=3)
+    prepared = trainer._prepare_rows(data, "train rows")
+    for raw, ids, labels in zip(data, prepared["input_ids"], prepared["labels"]):
+        prompt_len = len(chat_tokenizer(raw["prompt"])["input_ids"])
+        assert labels[:prompt_len] == [-100] * prompt_len
+        assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == chat_tokenizer.eos_token_id
+    # Full-sequence loss when asked, but scoring rows stay answer-only.
+    full = sft_trainer(tmp_path, chat_tokenizer, completion_only_loss=False)
+    assert full._prepare_rows(data, "train rows")["labels"] == prepared["input_ids"]
+    assert full._prepare_rows(data, "eval rows", scoring=True)["labels"] == prepared["labels"]
+
+
+def test_messages_scored_on_the_last_assistant_turn(tmp_path, chat_tokenizer):
+    trainer = sft_trainer(tmp_path, chat_tokenizer)
+    data = rows("messages", "rev", n=2)
+    scored = trainer._prepare_rows(data, "eval rows", scoring=True)
+    for raw, ids, labels in zip(data, scored["input_ids"], scored["labels"]):
+        answer = chat_tokenizer.decode([i for i, l in zip(ids, labels) if l != -100])
+        assert answer.split() == raw["messages"][-1]["content"].split() + ["<eos>"]
+    bad = Dataset.from_dict({"messages": [[{"role": "user", "content": "a b"}]]})
+    with pytest.raises(ValueError, match=r"Row 0 of the eval rows must end with an 'assistant' message"):
+        trainer._prepare_rows(bad, "eval rows", scoring=True)
+
+
+@pytest.mark.parametrize("name", ["replay", "ewc"])
+def test_peft_config_lora(tmp_path, chat_tokenizer, name):
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy(name)], peft_config=config)
+    assert isinstance(trainer.model, PeftModel)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.fit(stream("prompt_completion"))
+    assert ACTED[name](trainer.strategies[0], trainer)
+    after = dict(trainer.model.named_parameters())
+    assert all((after[n] == v).all() for n, v in frozen.items())  # only the adapters trained
+
+
+def test_config_carries_the_continual_fields(tmp_path):
+    from clm_hf import ContinualTrainingArguments
+    from clm_hf.sft import ContinualSFTConfig
+
+    shared = set(ContinualTrainingArguments.__dataclass_fields__) - set(ContinualTrainingArguments.__mro__[1].__dataclass_fields__)
+    assert shared <= set(ContinualSFTConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match="eval_metrics has unknown metric"):
+        ContinualSFTConfig(output_dir=str(tmp_path), use_cpu=True, eval_metrics=["bogus"])
+
+
+def test_import_clm_hf_never_imports_trl_and_missing_trl_names_the_extra():
+    code = ("import sys, clm_hf; assert 'trl' not in sys.modules\n"
+            "sys.modules['trl'] = None\n"
+            "try:\n    import clm_hf.sft\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'clm-hf[trl]'" in out
+
+
+def test_lazy_top_level_names():
+    import clm_hf
+    from clm_hf import sft
+
+    assert clm_hf.ContinualSFTTrainer is sft.ContinualSFTTrainer and clm_hf.ContinualSFTConfig is sft.ContinualSFTConfig
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        clm_hf.Nope  # noqa: B018
+
+
+def test_assistant_only_loss_trains_on_assistant_turns(tmp_path):
+    from clm_hf.tasks import build_tokenizer
+
+    tok = build_tokenizer(extra_tokens=["user", "assistant"])
+    tok.chat_template = (  # {% generation %} marks the assistant tokens for TRL's assistant mask
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}assistant : {% generation %}{{ m['content'] }} <eos> "
+        "{% endgeneration %}{% else %}{{ m['role'] }} : {{ m['content'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}")
+    trainer = sft_trainer(tmp_path, tok, [build_strategy("replay")], assistant_only_loss=True)
+    data = rows("messages", "copy", n=2)
+    prepared = trainer._prepare_rows(data, "train rows")
+    for raw, ids, labels in zip(data, prepared["input_ids"], prepared["labels"]):
+        assert tok.decode([i for i, l in zip(ids, labels) if l != -100]).split() == raw["messages"][1]["content"].split() + ["<eos>"]
+    assert trainer.fit(stream("messages")).num_trained == 2
+
+
+def test_checkpoints_and_resume(tmp_path, chat_tokenizer):
+    """Mid-task Trainer checkpoints (SFTTrainer writes a model card there) and the continual state resume."""
+    trainer = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("ewc")], save_strategy="steps", save_steps=1,
+                          save_continual_state=True)
+    trainer.fit(stream("prompt_completion"))
+    run = tmp_path / "run"
+    assert (run / "continual").is_dir() and list((run / "task-001").glob("checkpoint-*/continual_state"))
+    again = sft_trainer(tmp_path, chat_tokenizer, [build_strategy("ewc")], save_continual_state=True)
+    results = again.fit(stream("prompt_completion"), resume_from_checkpoint=True)
+    assert [t.task_id for t in again.tasks] == list(TASKS) and results.num_trained == 2
+    assert len(again.strategies[0].terms) > 0  # the Fisher came back from the checkpoint
