@@ -21,6 +21,9 @@ _LAZY = {
     "ContinualCausalLMTrainer": "trainer",
     "ContinualSeq2SeqTrainer": "trainer",
     "ContinualTrainer": "trainer",
+    # TRL is an optional extra: these import clm_hf.sft (and trl) on first use only.
+    "ContinualSFTConfig": "sft",
+    "ContinualSFTTrainer": "sft",
     **{name: "strategies" for name in (
         "AGEM", "AGEMConfig", "EWC", "EWCConfig", "GEM", "GEMConfig", "LwF", "LwFConfig", "OLoRA", "OLoRAConfig",
         "PackNet", "PackNetConfig", "PNN", "PNNConfig", "Replay", "ReplayConfig", "STRATEGY_REGISTRY", "Strategy",
@@ -108,11 +111,3 @@ __all__ = [
     "__version__",
 ]
 
-
-def __getattr__(name: str):
-    # TRL is an optional extra: clm_hf.ContinualSFTTrainer imports clm_hf.sft (and trl) on first use only.
-    if name in ("ContinualSFTConfig", "ContinualSFTTrainer"):
-        from . import sft
-
-        return getattr(sft, name)
-    raise AttributeError(f"module 'clm_hf' has no attribute {name!r}")
