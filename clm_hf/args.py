@@ -36,8 +36,10 @@ class ContinualTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Score every task before any training: the baseline b that forward transfer needs."},
     )
-    continual_eval_batch_size: int = field(
-        default=64, metadata={"help": "Batch size of the between-task evaluation passes."}
+    continual_eval_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per process in each forward pass of the per-task scoring; None (default): "
+                          "per_device_eval_batch_size, as Trainer.evaluate."},
     )
     save_continual_state: bool = field(
         default=True,
@@ -65,7 +67,7 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
         if not self.eval_metrics:
             raise ValueError("eval_metrics must name at least one metric.")
-        if self.continual_eval_batch_size < 1:
+        if self.continual_eval_batch_size is not None and self.continual_eval_batch_size < 1:
             raise ValueError(f"continual_eval_batch_size must be >= 1, got {self.continual_eval_batch_size}.")
         if self.continual_save_total_limit is not None and self.continual_save_total_limit < 1:
             raise ValueError(f"continual_save_total_limit must be >= 1 or None, got {self.continual_save_total_limit}.")

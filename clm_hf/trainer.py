@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
@@ -31,9 +32,9 @@ from . import state as ckpt
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, dataset_from_loader, validate_lm_dataset
-from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
+from .evaluation import TaskScorer, TokenMetric, forward_logits, is_seq2seq
 from .results import ContinualResults
-from .strategies.base import Strategy, TaskInfo, unwrap_model
+from .strategies.base import Strategy, TaskInfo, eval_mode, unwrap_model
 from .validation import (
     check_checkpoint_matches_model,
     check_primary_metric,
@@ -105,7 +106,19 @@ class ContinualTrainerMixin:
         _check_strategies(strategies)
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ContinualDataCollator(pad_token_id=_pad_token_id(model, kwargs.get("processing_class")))
-        super().__init__(model=model, args=args, **kwargs)
+        # eval_strategy steps/epoch without a Trainer eval_dataset is fine here: inside a task,
+        # evaluate() scores that task's eval set(s) given to fit()/train_task (see evaluate()).
+        from transformers.trainer_utils import IntervalStrategy
+
+        eval_strategy = getattr(args, "eval_strategy", None)
+        if kwargs.get("eval_dataset") is not None or eval_strategy in (None, "no", IntervalStrategy.NO):
+            super().__init__(model=model, args=args, **kwargs)
+        else:
+            args.eval_strategy = IntervalStrategy.NO  # the Trainer refuses it without an eval_dataset
+            try:
+                super().__init__(model=model, args=args, **kwargs)
+            finally:
+                args.eval_strategy = eval_strategy
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
         self.tasks: list[TaskInfo] = []  # tasks trained (or in training), in order
@@ -121,9 +134,13 @@ class ContinualTrainerMixin:
         self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
         self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
         self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
+        self._in_task_train = False  # True while train_task/fit/run_training_phase run the Trainer's own train()
+        self._direct_train_logged = False
+        self._direct_sources: dict[str, Any] = {}  # the user's train/eval datasets of the last direct train()
         _check_vocabulary(self.model, self.processing_class)
         # Settings that would only fail (or silently do nothing) after the first task, checked now.
-        check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
+        if self.compute_metrics is None:  # else its keys are known only once it has run
+            check_primary_metric(self._setting("primary_metric"), [*self._setting("eval_metrics"), *self.task_metrics])
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
         self._check_single_writer()
@@ -585,7 +602,7 @@ class ContinualTrainerMixin:
                 check_checkpoint_matches_model(unwrap_model(self.model), resume_from_checkpoint)
             self._selecting_rows = True
             try:
-                output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+                output = self._task_train(resume_from_checkpoint=resume_from_checkpoint)
             finally:
                 self._selecting_rows = False
         self._check_finite()
@@ -600,6 +617,85 @@ class ContinualTrainerMixin:
         hub.task_finished(self)  # push after the task when args.push_to_hub
         return output
 
+    def _task_train(self, **kwargs: Any) -> TrainOutput:
+        """The Trainer's own ``train()``, for the task (or phase) in progress."""
+        previous, self._in_task_train = self._in_task_train, True
+        try:
+            return self.train(**kwargs)
+        finally:
+            self._in_task_train = previous
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train``, continual: a direct call trains ``self.train_dataset`` as the next task.
+
+        A script written for ``Trainer`` that sets ``trainer.train_dataset = task_k`` (and
+        optionally ``trainer.eval_dataset = eval_k``) and calls ``trainer.train()`` once per task
+        gets a continual run: each call is :meth:`train_task` on those rows with the id
+        ``task-<k>`` (k = tasks trained so far), so every strategy's hooks run, every registered
+        eval set is scored after the call and ``results.json`` and the continual checkpoint are
+        written. ``self.eval_dataset`` becomes the new task's eval set unless it is the object
+        a previous call already registered (a fixed eval set is then only scored by
+        ``eval_strategy``, as the Trainer does). ``resume_from_checkpoint`` resumes inside that
+        task from its Trainer checkpoint (``True``: the newest in ``<output_dir>/task-<k>``).
+
+        Args:
+            resume_from_checkpoint (`str` or `bool`, *optional*): As in ``Trainer.train``, for this task.
+            trial: Not supported (hyperparameter search would treat each trial as a new task).
+            ignore_keys_for_eval (`list[str]`, *optional*): Not supported on a direct call (use
+                ``Trainer.train`` semantics through :meth:`train_task` instead).
+
+        Returns:
+            `TrainOutput` of the task.
+
+        Example:
+
+        >>> for rows in (copy_rows, reverse_rows):  # doctest: +SKIP
+        ...     trainer.train_dataset = rows
+        ...     trainer.train()  # task-0, task-1: strategies active, results recorded
+        >>> trainer.results.task_names  # doctest: +SKIP
+        ['task-0', 'task-1']
+        """
+        if self._in_task_train:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        if trial is not None or ignore_keys_for_eval is not None or kwargs:
+            given = [n for n, v in (("trial", trial), ("ignore_keys_for_eval", ignore_keys_for_eval)) if v is not None]
+            raise TypeError(f"trainer.train() trains the next task of the stream and does not take "
+                            f"{given + sorted(kwargs)}; call train_task() or fit() for the continual options.")
+        if self.train_dataset is None:
+            raise ValueError("trainer.train() trains trainer.train_dataset as the next task of the stream, but it is "
+                             "None: set trainer.train_dataset = rows (or call train_task(rows) / fit(stream)).")
+        if resume_from_checkpoint and not self.tasks and run_state_paths(self._base_output_dir):
+            raise ValueError(
+                f"trainer.train(resume_from_checkpoint=...) on a fresh trainer: {self._base_output_dir} holds a "
+                "continual run whose earlier tasks this trainer does not have. Rebuild the trainer with its state "
+                f"(ContinualCausalLMTrainer.from_pretrained('{self._base_output_dir}', ...)) and call train() for "
+                "the next task, or resume the whole stream with fit(stream, resume_from_checkpoint=True)."
+            )
+        task_id = f"task-{len(self.tasks)}"
+        source = self.train_dataset
+        if source is self._direct_sources.get("train"):
+            logger.warning("clm-hf: trainer.train() got the same train_dataset as the previous call; training it "
+                           "again as the new task '%s'.", task_id)
+        eval_source = self.eval_dataset if isinstance(self.eval_dataset, Dataset) else None
+        if eval_source is not None and eval_source is self._direct_sources.get("eval"):
+            eval_source = None  # the same object again: a fixed eval set, not this task's own
+        if not self._direct_train_logged:
+            self._direct_train_logged = True
+            logger.warning(
+                "clm-hf: trainer.train() trains trainer.train_dataset as the next task of the continual stream "
+                "('%s', strategies %s); each later call is the task after it. Results go to %s. Use fit() or "
+                "train_task() to name the tasks.", task_id, [s.name for s in self.strategies] or "none",
+                os.path.join(self._base_output_dir, RESULTS_NAME))
+        self._direct_sources = {"train": source, "eval": self.eval_dataset}
+        try:
+            return self.train_task(source, eval_source, task_id=task_id, resume_from_checkpoint=resume_from_checkpoint)
+        finally:
+            # The task leaves the strategy-prepared rows (e.g. mixed with replay) in train_dataset;
+            # give the user's own rows back, as a plain Trainer leaves them.
+            self.train_dataset = source
+
     def run_training_phase(self, dataset: Dataset, *, num_epochs: float, phase: str) -> TrainOutput:
         """Run an extra short ``train()`` inside the current task (e.g. PackNet's retraining).
 
@@ -613,7 +709,7 @@ class ContinualTrainerMixin:
         try:
             with self._task_scope(task, num_epochs, suffix=f"-{phase}"):
                 self._drop_stale_ddp_wrapper()
-                output = self.train()
+                output = self._task_train()
             self._check_finite()
             return output
         finally:
@@ -655,18 +751,39 @@ class ContinualTrainerMixin:
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate_task(self, dataset: Dataset, *, description: str | None = None) -> dict[str, float]:
-        """Score the model as it is now on tokenized rows (see :func:`~clm_hf.evaluation.evaluate_lm`)."""
-        return evaluate_lm(
-            self.model,
-            dataset,
-            self.data_collator,
-            batch_size=self._setting("continual_eval_batch_size"),
-            metrics=self._setting("eval_metrics"),
-            extra_metrics=self.task_metrics,
-            device=self.args.device,
-            description=description,
-            disable_progress=self.args.disable_tqdm,
-        )
+        """Score the model as it is now on tokenized rows, with the Trainer's evaluation settings.
+
+        The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
+        or ``continual_eval_batch_size`` when set; the collator; split across processes), each
+        forward pass runs under the Trainer's autocast, and the per-row counts of every process
+        are gathered, so all ranks return the scores of all rows. ``compute_metrics`` (and
+        ``preprocess_logits_for_metrics``) given to the trainer add their keys to the scores.
+        The answer-token log-likelihood is computed in chunks (:func:`~clm_hf.evaluation.answer_nll`):
+        no full-vocabulary float32 log-softmax of the batch is ever held.
+        """
+        accelerator = self.accelerator
+        batch_size = self._setting("continual_eval_batch_size") or self.args.eval_batch_size
+        loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
+                                      sampler_fn=self._get_eval_sampler)
+
+        def gather(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if accelerator.num_processes > 1:  # rows of different lengths on each rank: pad before gathering
+                tensors = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.dim() > 1 else v
+                           for k, v in tensors.items()}
+            return accelerator.gather_for_metrics(tensors)
+
+        scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=self.compute_metrics,
+                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
+        model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
+        with eval_mode(model), torch.inference_mode():
+            for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm, leave=False):
+                batch = self._prepare_inputs(batch)
+                # The same autocast as Trainer.evaluate: its own context plus Accelerate's mixed precision.
+                with self.autocast_smart_context_manager(), accelerator.autocast():
+                    logits = forward_logits(model, batch, seq2seq, hidden)
+                scorer.add(logits, batch["labels"], seq2seq)
+                del logits
+        return scorer.result()
 
     def evaluate_tasks(self) -> dict[str, dict[str, float]]:
         """Score every registered task: trained ones under ``use_task``, unseen ones as the model is."""
@@ -679,12 +796,56 @@ class ContinualTrainerMixin:
                 scores[name] = self.evaluate_task(rows, description=f"eval {name}")
         return scores
 
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, falling back on the stream's eval sets when no eval set is given.
+
+        With ``eval_dataset`` (here or to the trainer) it is exactly ``Trainer.evaluate``. Without:
+
+        - inside a task (``eval_strategy="steps"``/``"epoch"``), the task's own eval set, given to
+          ``fit()``/``train_task``, with the usual ``eval_<metric>`` keys (``metric_for_best_model``
+          works as with a plain Trainer);
+        - outside a task (e.g. after ``fit()``), every registered task's eval set, trained tasks
+          under :meth:`use_task`, with ``eval_<task name>_<metric>`` keys as for a dict of eval sets.
+
+        Example:
+
+        >>> trainer.fit(stream)  # doctest: +SKIP
+        >>> trainer.evaluate()["eval_copy_loss"]  # doctest: +SKIP
+        """
+        if eval_dataset is not None or self.eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
+        task = self.current_task
+        if task is not None:
+            rows = self._eval_sets.get(task.task_id)
+            if rows is None:
+                raise ValueError(
+                    f"evaluate() ran inside task '{task.name}' (eval_strategy={getattr(self.args.eval_strategy, 'value', self.args.eval_strategy)!r}), but that task "
+                    "has no eval set and the trainer has no eval_dataset. Give the task one (fit: {'train': ..., "
+                    "'eval': ...}; train_task(rows, eval_rows)), pass eval_dataset= to the trainer, or set "
+                    "eval_strategy='no'."
+                )
+            return super().evaluate(rows, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
+        if not self._eval_sets:
+            raise ValueError("evaluate() needs an eval set: pass eval_dataset=, give the trainer one, or give the "
+                             "stream's tasks eval sets (fit with 'eval' splits, add_eval_task).")
+        trained = {t.task_id for t in self.tasks}
+        metrics: dict[str, float] = {}
+        for task_id, rows in self._eval_sets.items():
+            name = self._task_names[task_id]
+            with self.use_task(task_id) if task_id in trained else contextlib.nullcontext():
+                metrics.update(super().evaluate(rows, ignore_keys=ignore_keys,
+                                                metric_key_prefix=f"{metric_key_prefix}_{name}", **kwargs))
+        return metrics
+
     def _evaluate_stream(self, *, row: bool) -> None:
         if not self._eval_sets or self.results is None:
             return
         scores = self.evaluate_tasks()
         metrics = list(self._setting("eval_metrics")) + list(self.task_metrics)
-        table = {m: [scores[n][m] if n in scores else None for n in self.results.task_names] for m in metrics}
+        metrics += [m for s in scores.values() for m in s if m not in metrics]  # compute_metrics' keys
+        metrics = list(dict.fromkeys(metrics))
+        table = {m: [scores[n].get(m) if n in scores else None for n in self.results.task_names] for m in metrics}
         for name in self.task_metrics:
             self.results.higher_is_better.setdefault(name, True)
         if row:
