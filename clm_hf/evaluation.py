@@ -40,7 +40,7 @@ LOGSUMEXP_CHUNK = 2**24
 
 
 def answer_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-               chunk_elements: int = LOGSUMEXP_CHUNK) -> torch.Tensor:
+               chunk_elements: int | None = None) -> torch.Tensor:
     """Negative log-likelihood of ``targets`` at the ``mask`` positions, 0 elsewhere (float32).
 
     ``-log_softmax(x)[t] = logsumexp(x) - x[t]``, computed over a few supervised positions at a
@@ -52,7 +52,7 @@ def answer_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
         logits (`torch.Tensor`): ``[batch, length, vocab]``, any float dtype (upcast per chunk).
         targets (`torch.Tensor`): ``[batch, length]`` token ids (any value where ``mask`` is False).
         mask (`torch.Tensor`): ``[batch, length]`` bool, the positions to score.
-        chunk_elements (`int`): Logit values upcast at once.
+        chunk_elements (`int`, *optional*): Logit values upcast at once; defaults to ``LOGSUMEXP_CHUNK``.
 
     Returns:
         `torch.Tensor`: ``[batch, length]`` float32.
@@ -67,7 +67,7 @@ def answer_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     nll = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     positions = mask.nonzero(as_tuple=True)
     count = positions[0].numel()
-    step = max(1, chunk_elements // max(1, logits.shape[-1]))
+    step = max(1, (chunk_elements or LOGSUMEXP_CHUNK) // max(1, logits.shape[-1]))
     for start in range(0, count, step):
         where = tuple(p[start : start + step] for p in positions)
         rows = logits[where].float()  # [chunk, vocab]: only supervised positions are ever upcast
