@@ -814,7 +814,13 @@ class ContinualTrainerMixin:
         >>> trainer.evaluate()["eval_copy_loss"]  # doctest: +SKIP
         """
         if eval_dataset is not None or self.eval_dataset is not None:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
+            given = eval_dataset if eval_dataset is not None else self.eval_dataset
+            # Raw prompt/answer rows (as fit() takes them) are tokenized as the per-task scoring does.
+            if isinstance(given, dict):
+                given = {k: self._rows_for_evaluate(v, k) for k, v in given.items()}
+            else:
+                given = self._rows_for_evaluate(given, "eval_dataset")
+            return super().evaluate(given, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
         task = self.current_task
         if task is not None:
             rows = self._eval_sets.get(task.task_id)
@@ -837,6 +843,11 @@ class ContinualTrainerMixin:
                 metrics.update(super().evaluate(rows, ignore_keys=ignore_keys,
                                                 metric_key_prefix=f"{metric_key_prefix}_{name}", **kwargs))
         return metrics
+
+    def _rows_for_evaluate(self, dataset: Any, what: str) -> Any:
+        if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names:
+            return self._prepare_rows(dataset, what, scoring=True)
+        return dataset
 
     def _evaluate_stream(self, *, row: bool) -> None:
         if not self._eval_sets or self.results is None:
