@@ -249,3 +249,17 @@ def test_scoring_splits_rows_across_two_processes_and_gathers_them(tmp_path, mak
         assert rank["compute_metrics_rows"] == 7
         for name, value in one["scores"].items():
             assert rank["scores"][name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_eval_memory_benchmark_runs_both_methods_on_the_same_rows():
+    """Smoke run of benchmarks/eval_memory.py's two methods (in-process, tiny vocabulary): same loss."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_eval_memory", ROOT / "benchmarks" / "eval_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    options = argparse.Namespace(vocab=512, hidden=16, rows=4, seq_len=12, answer_len=4, batch=2)
+    reference, scoring = module.run_one("trainer_evaluate", options), module.run_one("scoring", options)
+    assert scoring["loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    assert scoring["peak_rss_mib"] > 0 and reference["peak_rss_mib"] > 0
