@@ -9,6 +9,7 @@ act only through the hooks of :class:`~clm_hf.strategies.base.Strategy`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -763,8 +764,12 @@ class ContinualTrainerMixin:
         """
         accelerator = self.accelerator
         batch_size = self._setting("continual_eval_batch_size") or self.args.eval_batch_size
-        loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
-                                      sampler_fn=self._get_eval_sampler)
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # score every row
+        try:
+            loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
+                                          sampler_fn=self._get_eval_sampler)
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
         def gather(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if accelerator.num_processes > 1:  # rows of different lengths on each rank: pad before gathering
@@ -772,7 +777,10 @@ class ContinualTrainerMixin:
                            for k, v in tensors.items()}
             return accelerator.gather_for_metrics(tensors)
 
-        scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=self.compute_metrics,
+        compute_metrics = self.compute_metrics
+        if compute_metrics is not None and self.args.batch_eval_metrics:  # one call with every row: the last one
+            compute_metrics = functools.partial(compute_metrics, compute_result=True)
+        scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
                             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
         with eval_mode(model), torch.inference_mode():

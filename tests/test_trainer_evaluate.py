@@ -263,3 +263,12 @@ def test_eval_memory_benchmark_runs_both_methods_on_the_same_rows():
     reference, scoring = module.run_one("trainer_evaluate", options), module.run_one("scoring", options)
     assert scoring["loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
     assert scoring["peak_rss_mib"] > 0 and reference["peak_rss_mib"] > 0
+
+
+def test_scoring_keeps_every_row_with_dataloader_drop_last(tmp_path, make_model, tokenizer):
+    model = make_model("gpt2")
+    trainer = make_trainer(tmp_path, model, tokenizer, [], per_device_eval_batch_size=3, dataloader_drop_last=True)
+    rows = _rows(tokenizer, "copy", 8)
+    expected = _reference_scores(model, rows, trainer.data_collator)
+    assert trainer.evaluate_task(rows)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert trainer.args.dataloader_drop_last is True
