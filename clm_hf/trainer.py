@@ -783,7 +783,9 @@ class ContinualTrainerMixin:
         scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
                             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
-        with eval_mode(model), torch.inference_mode():
+        # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are
+        # scored between tasks never changes the training randomness of the next task (or a resume).
+        with torch.random.fork_rng(devices=[]), eval_mode(model), torch.inference_mode():
             for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm, leave=False):
                 batch = self._prepare_inputs(batch)
                 # The same autocast as Trainer.evaluate: its own context plus Accelerate's mixed precision.

@@ -272,3 +272,13 @@ def test_scoring_keeps_every_row_with_dataloader_drop_last(tmp_path, make_model,
     expected = _reference_scores(model, rows, trainer.data_collator)
     assert trainer.evaluate_task(rows)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert trainer.args.dataloader_drop_last is True
+
+
+def test_scoring_leaves_the_global_rng_as_it_was(tmp_path, make_model, tokenizer):
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [])
+    rows = _rows(tokenizer, "copy", 4)
+    torch.manual_seed(7)
+    trainer.evaluate_task(rows)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)
