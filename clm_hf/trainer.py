@@ -671,7 +671,7 @@ class ContinualTrainerMixin:
             raise ValueError(
                 f"trainer.train(resume_from_checkpoint=...) on a fresh trainer: {self._base_output_dir} holds a "
                 "continual run whose earlier tasks this trainer does not have. Rebuild the trainer with its state "
-                f"(ContinualCausalLMTrainer.from_pretrained('{self._base_output_dir}', ...)) and call train() for "
+                f"({type(self).__name__}.from_pretrained('{self._base_output_dir}', ...)) and call train() for "
                 "the next task, or resume the whole stream with fit(stream, resume_from_checkpoint=True)."
             )
         task_id = f"task-{len(self.tasks)}"

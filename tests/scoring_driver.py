@@ -46,6 +46,9 @@ def main(out: str) -> None:
     record = {"world_size": trainer.args.world_size, "rows_forwarded": sum(forwarded),
               "compute_metrics_rows": seen[0], "scores": {k: v for k, v in scores.items() if k != "rows_seen"}}
     (Path(out) / f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():  # a clean exit: gloo threads alive at exit abort the process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
