@@ -8,7 +8,11 @@ log-likelihood of the right one. From that:
   would produce exactly this answer, since each step is conditioned on the right prefix);
 - ``token_accuracy``: share of answer tokens predicted right;
 - ``loss``: mean negative log-likelihood per answer token; ``perplexity`` = exp(loss);
-- any user callable ``fn(predictions, references) -> float`` over the answer token ids.
+- any user callable ``fn(predictions, references) -> float`` over the answer token ids, and a
+  ``Trainer``-style ``compute_metrics`` (:class:`TaskScorer`).
+
+Memory stays bounded by one batch's logits: the log-likelihood is ``logsumexp - gather`` over a few
+supervised positions at a time (:func:`answer_nll`), never a float32 log-softmax of the batch.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from tests.conftest import make_trainer, small_args
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rows(tokenizer, name: str, n: int, seed: int = 0, *, scoring: bool = False):
+def _rows(tokenizer, name: str, n: int, seed: int = 0):
     return tokenize_task(make_task(name, n, seed=seed), tokenizer, False, answer_only_loss=True)
 
 
