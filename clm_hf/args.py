@@ -37,8 +37,10 @@ class ContinualTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Score every task before any training: the baseline b that forward transfer needs."},
     )
-    continual_eval_batch_size: int = field(
-        default=64, metadata={"help": "Batch size of the between-task evaluation passes."}
+    continual_eval_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per process in each forward pass of the per-task scoring; None (default): "
+                          "per_device_eval_batch_size, as Trainer.evaluate."},
     )
     save_continual_state: bool = field(
         default=True,
@@ -92,7 +94,7 @@ class ContinualTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}.")
-        if self.continual_eval_batch_size < 1:
+        if self.continual_eval_batch_size is not None and self.continual_eval_batch_size < 1:
             raise ValueError(f"continual_eval_batch_size must be >= 1, got {self.continual_eval_batch_size}.")
         if self.continual_save_total_limit is not None and self.continual_save_total_limit < 1:
             raise ValueError(f"continual_save_total_limit must be >= 1 or None, got {self.continual_save_total_limit}.")

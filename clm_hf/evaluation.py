@@ -8,7 +8,11 @@ log-likelihood of the right one. From that:
   would produce exactly this answer, since each step is conditioned on the right prefix);
 - ``token_accuracy``: share of answer tokens predicted right;
 - ``loss``: mean negative log-likelihood per answer token; ``perplexity`` = exp(loss);
-- any user callable ``fn(predictions, references) -> float`` over the answer token ids.
+- any user callable ``fn(predictions, references) -> float`` over the answer token ids, and a
+  ``Trainer``-style ``compute_metrics`` (:class:`TaskScorer`).
+
+Memory stays bounded by one batch's logits: the log-likelihood is ``logsumexp - gather`` over a few
+supervised positions at a time (:func:`answer_nll`), never a float32 log-softmax of the batch.
 """
 
 from __future__ import annotations
@@ -28,22 +32,176 @@ BUILTIN_METRICS = ("exact_match", "token_accuracy", "loss", "perplexity")
 TokenMetric = Callable[[list[list[int]], list[list[int]]], float]
 
 
+# Logit elements per chunk of the answer-token log-likelihood: 2**24 float32 values are 64 MiB,
+# whatever the vocabulary (about 110 positions of a 152k-token vocabulary at a time).
+LOGSUMEXP_CHUNK = 2**24
+
+
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               chunk_elements: int | None = None) -> torch.Tensor:
+    """Negative log-likelihood of ``targets`` at the ``mask`` positions, 0 elsewhere (float32).
+
+    ``-log_softmax(x)[t] = logsumexp(x) - x[t]``, computed over a few supervised positions at a
+    time: a full float32 ``log_softmax`` would allocate another ``batch x length x vocab`` tensor
+    (about 20 GB for a 152k vocabulary at batch 64 x 512), while this holds at most
+    ``chunk_elements`` float32 logits beside the model's own output.
+
+    Args:
+        logits (`torch.Tensor`): ``[batch, length, vocab]``, any float dtype (upcast per chunk).
+        targets (`torch.Tensor`): ``[batch, length]`` token ids (any value where ``mask`` is False).
+        mask (`torch.Tensor`): ``[batch, length]`` bool, the positions to score.
+        chunk_elements (`int`, *optional*): Logit values upcast at once; defaults to ``LOGSUMEXP_CHUNK``.
+
+    Returns:
+        `torch.Tensor`: ``[batch, length]`` float32.
+
+    Example:
+
+    >>> logits = torch.randn(2, 3, 5); targets = torch.randint(0, 5, (2, 3)); mask = torch.ones(2, 3, dtype=torch.bool)
+    >>> full = -torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    >>> torch.allclose(answer_nll(logits, targets, mask, chunk_elements=5), full, atol=1e-6)
+    True
+    """
+    nll = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    positions = mask.nonzero(as_tuple=True)
+    count = positions[0].numel()
+    step = max(1, (chunk_elements or LOGSUMEXP_CHUNK) // max(1, logits.shape[-1]))
+    for start in range(0, count, step):
+        where = tuple(p[start : start + step] for p in positions)
+        rows = logits[where].float()  # [chunk, vocab]: only supervised positions are ever upcast
+        target_logit = rows.gather(-1, targets[where].unsqueeze(-1)).squeeze(-1)
+        nll[where] = torch.logsumexp(rows, dim=-1) - target_logit
+    return nll
+
+
 def supervised_predictions(logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -> tuple[torch.Tensor, ...]:
     """Align logits with labels; return (predicted ids, target ids, mask, token NLL).
 
     Causal LMs predict token ``t+1`` at position ``t``, so logits are shifted by one; seq2seq
-    decoders are already aligned with their labels.
+    decoders are already aligned with their labels. The NLL comes from :func:`answer_nll`.
     """
     if not seq2seq:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != -100
     targets = labels.masked_fill(~mask, 0)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    return logits.argmax(-1), targets, mask, nll
+    return logits.argmax(-1), targets, mask, answer_nll(logits, targets, mask)
 
 
-@torch.no_grad()
+class TaskScorer:
+    """Accumulates the scores of one task's rows, batch by batch, possibly across processes.
+
+    Per batch it keeps per-row counts only (and, when ``extra_metrics`` or ``compute_metrics``
+    need them, ``[rows, length]`` token ids), never logits. ``gather`` merges the per-batch
+    tensors of every process (e.g. ``Accelerator.gather_for_metrics`` after padding); without it
+    the rows are this process's only.
+
+    Args:
+        metrics: Built-in metric names to report.
+        extra_metrics: ``name -> fn(predictions, references)`` over answer token ids.
+        compute_metrics: A ``Trainer`` ``compute_metrics`` (called with an ``EvalPrediction`` of
+            ``predictions`` = the argmax token id at every position, or what
+            ``preprocess_logits_for_metrics`` returns, and ``label_ids`` = the labels, both padded
+            with -100); its keys join the scores.
+        preprocess_logits_for_metrics: ``fn(logits, labels) -> tensor``, as in ``Trainer``.
+        gather: ``fn(dict of tensors) -> dict of tensors`` merging the processes' rows.
+
+    Example:
+
+    >>> scorer = TaskScorer(["loss"])
+    >>> logits = torch.zeros(1, 3, 4); labels = torch.tensor([[-100, 1, 2]])
+    >>> scorer.add(logits, labels, seq2seq=False)
+    >>> round(scorer.result()["loss"], 4)  # uniform over 4 tokens: log(4)
+    1.3863
+    """
+
+    def __init__(self, metrics: Sequence[str] = BUILTIN_METRICS, extra_metrics: dict[str, TokenMetric] | None = None,
+                 compute_metrics: Callable[[Any], dict[str, float]] | None = None,
+                 preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+        unknown = [m for m in metrics if m not in BUILTIN_METRICS]
+        if unknown:
+            raise ValueError(f"Unknown metric(s) {unknown}; built-in metrics are {list(BUILTIN_METRICS)}.")
+        self.metrics, self.extra_metrics = list(metrics), dict(extra_metrics or {})
+        self.compute_metrics, self.preprocess = compute_metrics, preprocess_logits_for_metrics
+        self.gather = gather
+        self.rows = self.rows_correct = self.tokens_correct = self.tokens = 0
+        self.nll_sum = 0.0
+        self.predictions: list[list[int]] = []
+        self.references: list[list[int]] = []
+        self._eval_predictions: list[Any] = []
+        self._eval_labels: list[Any] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -> None:
+        """Score one batch's logits against its labels (-100 = not scored)."""
+        predicted, targets, mask, nll = supervised_predictions(logits, labels, seq2seq)
+        correct = (predicted == targets) & mask
+        out = {
+            "row_correct": ((correct | ~mask).all(-1) & mask.any(-1)).long(),
+            "tokens_correct": correct.sum(-1),
+            "tokens": mask.sum(-1),
+            "nll": nll.sum(-1),
+        }
+        if self.extra_metrics:
+            out["predicted"] = predicted.masked_fill(~mask, -100)
+            out["references"] = targets.masked_fill(~mask, -100)
+        if self.compute_metrics is not None:
+            out["eval_predictions"] = self.preprocess(logits, labels) if self.preprocess else logits.argmax(-1)
+            out["eval_labels"] = labels
+        if self.gather is not None:
+            out = self.gather(out)
+        self.rows += int(out["tokens"].numel())
+        self.rows_correct += int(out["row_correct"].sum())
+        self.tokens_correct += int(out["tokens_correct"].sum())
+        self.tokens += int(out["tokens"].sum())
+        self.nll_sum += float(out["nll"].double().sum())
+        if self.extra_metrics:
+            for p_row, r_row in zip(out["predicted"].tolist(), out["references"].tolist()):
+                keep = [i for i, r in enumerate(r_row) if r != -100]
+                self.predictions.append([p_row[i] for i in keep])
+                self.references.append([r_row[i] for i in keep])
+        if self.compute_metrics is not None:
+            self._eval_predictions.append(out["eval_predictions"].detach().cpu())
+            self._eval_labels.append(out["eval_labels"].detach().cpu())
+
+    def result(self) -> dict[str, float]:
+        """The scores of every row added so far."""
+        if self.rows == 0:
+            raise ValueError("Cannot evaluate on an empty dataset.")
+        if self.tokens == 0:
+            raise ValueError("The dataset has no supervised token (every label is -100): nothing to score.")
+        loss = self.nll_sum / self.tokens
+        values = {
+            "exact_match": self.rows_correct / self.rows,
+            "token_accuracy": self.tokens_correct / self.tokens,
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+        }
+        scores = {m: values[m] for m in self.metrics}
+        for name, fn in self.extra_metrics.items():
+            scores[name] = float(fn(self.predictions, self.references))
+        if self.compute_metrics is not None:
+            from transformers import EvalPrediction
+
+            prediction = EvalPrediction(predictions=_concat_padded(self._eval_predictions),
+                                        label_ids=_concat_padded(self._eval_labels))
+            for name, value in self.compute_metrics(prediction).items():
+                if name in scores:
+                    raise ValueError(f"compute_metrics returned '{name}', which is already a per-task score "
+                                     f"({sorted(scores)}); rename it in compute_metrics.")
+                scores[name] = float(value)
+        return scores
+
+
+def _concat_padded(parts: list[torch.Tensor]) -> Any:
+    """Batches of different lengths as one numpy array, padded with -100 like the Trainer's loop."""
+    length = max(p.shape[1] for p in parts) if parts[0].dim() > 1 else None
+    if length is not None:
+        parts = [torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, length - p.shape[1]), value=-100)
+                 for p in parts]
+    return torch.cat(parts).float().numpy() if parts[0].is_floating_point() else torch.cat(parts).numpy()
+
+
+@torch.inference_mode()
 def evaluate_lm(
     model: nn.Module,
     dataset: Dataset,
@@ -56,7 +214,11 @@ def evaluate_lm(
     description: str | None = None,
     disable_progress: bool = True,
 ) -> dict[str, float]:
-    """Score a language model on one task's tokenized rows.
+    """Score a language model on one task's tokenized rows, in one process.
+
+    The trainer's own scoring (:meth:`~clm_hf.ContinualTrainer.evaluate_task`) adds the Trainer's
+    evaluation settings: ``per_device_eval_batch_size``, mixed-precision autocast, rows split
+    across processes, ``compute_metrics``.
 
     Args:
         model (`nn.Module`): A causal or seq2seq HF model (DDP/PEFT wrappers are fine).
@@ -84,45 +246,26 @@ def evaluate_lm(
     >>> sorted(scores)
     ['exact_match', 'loss', 'perplexity', 'token_accuracy']
     """
-    unknown = [m for m in metrics if m not in BUILTIN_METRICS]
-    if unknown:
-        raise ValueError(f"Unknown metric(s) {unknown}; built-in metrics are {list(BUILTIN_METRICS)}.")
+    scorer = TaskScorer(metrics, extra_metrics)
     if len(dataset) == 0:
         raise ValueError("Cannot evaluate on an empty dataset.")
     seq2seq = is_seq2seq(model)
     if device is None:
         device = next(model.parameters()).device
-    rows_correct = tokens_correct = tokens = 0
-    nll_sum = 0.0
-    predictions: list[list[int]] = []
-    references: list[list[int]] = []
     rows_view = dataset.select_columns([c for c in dataset.column_names if c != "task_id"])
     with eval_mode(model):
         for start in tqdm(range(0, len(dataset), batch_size), desc=description, disable=disable_progress, leave=False):
             rows = rows_view[start : start + batch_size]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **_decoder_inputs(model, batch, seq2seq)).logits
-            predicted, targets, mask, nll = supervised_predictions(logits, batch["labels"], seq2seq)
-            correct = (predicted == targets) & mask
-            rows_correct += int(((correct | ~mask).all(-1) & mask.any(-1)).sum())
-            tokens_correct += int(correct.sum())
-            tokens += int(mask.sum())
-            nll_sum += float(nll.sum())
-            if extra_metrics:
-                for p_row, t_row, m_row in zip(predicted, targets, mask):
-                    predictions.append(p_row[m_row].tolist())
-                    references.append(t_row[m_row].tolist())
-    if tokens == 0:
-        raise ValueError("The dataset has no supervised token (every label is -100): nothing to score.")
-    loss = nll_sum / tokens
-    values = {
-        "exact_match": rows_correct / len(dataset),
-        "token_accuracy": tokens_correct / tokens,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-    }
-    scores = {m: values[m] for m in metrics}
-    for name, fn in (extra_metrics or {}).items():
-        scores[name] = float(fn(predictions, references))
-    return scores
+            scorer.add(forward_logits(model, batch, seq2seq), batch["labels"], seq2seq)
+    return scorer.result()
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool,
+                   hidden: Sequence[str] = ()) -> torch.Tensor:
+    """The model's logits for a batch, without labels (no loss is computed: it would need the
+    whole-vocabulary log-softmax this module avoids); ``hidden`` columns are left out."""
+    inputs = {k: v for k, v in batch.items() if k != "labels" and k not in hidden}
+    return model(**inputs, **_decoder_inputs(model, batch, seq2seq)).logits
+

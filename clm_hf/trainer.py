@@ -9,6 +9,7 @@ act only through the hooks of :class:`~clm_hf.strategies.base.Strategy`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
@@ -32,10 +34,10 @@ from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
-from .evaluation import TokenMetric, evaluate_lm, is_seq2seq
+from .evaluation import TaskScorer, TokenMetric, forward_logits, is_seq2seq
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .results import ContinualResults
-from .strategies.base import Strategy, TaskInfo, unwrap_model
+from .strategies.base import Strategy, TaskInfo, eval_mode, unwrap_model
 from .validation import (
     check_checkpoint_matches_model,
     check_primary_metric,
@@ -114,7 +116,19 @@ class ContinualTrainerMixin:
             kwargs["data_collator"] = UserCollator(kwargs["data_collator"])
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = self._default_data_collator(model, kwargs.get("processing_class"))
-        super().__init__(model=model, args=args, **kwargs)
+        # eval_strategy steps/epoch without a Trainer eval_dataset is fine here: inside a task,
+        # evaluate() scores that task's eval set(s) given to fit()/train_task (see evaluate()).
+        from transformers.trainer_utils import IntervalStrategy
+
+        eval_strategy = getattr(args, "eval_strategy", None)
+        if kwargs.get("eval_dataset") is not None or eval_strategy in (None, "no", IntervalStrategy.NO):
+            super().__init__(model=model, args=args, **kwargs)
+        else:
+            args.eval_strategy = IntervalStrategy.NO  # the Trainer refuses it without an eval_dataset
+            try:
+                super().__init__(model=model, args=args, **kwargs)
+            finally:
+                args.eval_strategy = eval_strategy
         follow_training_args(self.args)  # args.log_level sets clm-hf's level too, as it does transformers'
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
@@ -133,11 +147,17 @@ class ContinualTrainerMixin:
         self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
         self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
         self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
+        self._in_task_train = False  # True while train_task/fit/run_training_phase run the Trainer's own train()
+        self._direct_train_logged = False
+        self._direct_sources: dict[str, Any] = {}  # the user's train/eval datasets of the last direct train()
         _check_vocabulary(self.model, self.processing_class)
         # Settings that would only fail (or silently do nothing) after the first task, checked now.
         computed = [*self._setting("eval_metrics"), *self.task_metrics, *generation_metric_names(self._setting("generation_metrics"))]
-        if not (generation_scorer is not None and str(self._setting("primary_metric")).startswith(GENERATION_PREFIX)):
-            check_primary_metric(self._setting("primary_metric"), computed)  # a scorer's gen_* keys are known only later
+        # compute_metrics' keys, and a scorer's gen_* keys, are known only once they have run.
+        if self.compute_metrics is None and not (
+            generation_scorer is not None and str(self._setting("primary_metric")).startswith(GENERATION_PREFIX)
+        ):
+            check_primary_metric(self._setting("primary_metric"), computed)
         if self._generates() and self.processing_class is None:
             raise ValueError("generation_metrics / generation_scorer need processing_class=tokenizer to decode the answers.")
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
@@ -701,7 +721,7 @@ class ContinualTrainerMixin:
                 check_checkpoint_matches_model(unwrap_model(self.model), resume_from_checkpoint)
             self._selecting_rows = True
             try:
-                output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+                output = self._task_train(resume_from_checkpoint=resume_from_checkpoint)
             finally:
                 self._selecting_rows = False
         self._check_finite()
@@ -716,6 +736,85 @@ class ContinualTrainerMixin:
         hub.task_finished(self)  # push after the task when args.push_to_hub
         return output
 
+    def _task_train(self, **kwargs: Any) -> TrainOutput:
+        """The Trainer's own ``train()``, for the task (or phase) in progress."""
+        previous, self._in_task_train = self._in_task_train, True
+        try:
+            return self.train(**kwargs)
+        finally:
+            self._in_task_train = previous
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train``, continual: a direct call trains ``self.train_dataset`` as the next task.
+
+        A script written for ``Trainer`` that sets ``trainer.train_dataset = task_k`` (and
+        optionally ``trainer.eval_dataset = eval_k``) and calls ``trainer.train()`` once per task
+        gets a continual run: each call is :meth:`train_task` on those rows with the id
+        ``task-<k>`` (k = tasks trained so far), so every strategy's hooks run, every registered
+        eval set is scored after the call and ``results.json`` and the continual checkpoint are
+        written. ``self.eval_dataset`` becomes the new task's eval set unless it is the object
+        a previous call already registered (a fixed eval set is then only scored by
+        ``eval_strategy``, as the Trainer does). ``resume_from_checkpoint`` resumes inside that
+        task from its Trainer checkpoint (``True``: the newest in ``<output_dir>/task-<k>``).
+
+        Args:
+            resume_from_checkpoint (`str` or `bool`, *optional*): As in ``Trainer.train``, for this task.
+            trial: Not supported (hyperparameter search would treat each trial as a new task).
+            ignore_keys_for_eval (`list[str]`, *optional*): Not supported on a direct call (use
+                ``Trainer.train`` semantics through :meth:`train_task` instead).
+
+        Returns:
+            `TrainOutput` of the task.
+
+        Example:
+
+        >>> for rows in (copy_rows, reverse_rows):  # doctest: +SKIP
+        ...     trainer.train_dataset = rows
+        ...     trainer.train()  # task-0, task-1: strategies active, results recorded
+        >>> trainer.results.task_names  # doctest: +SKIP
+        ['task-0', 'task-1']
+        """
+        if self._in_task_train:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        if trial is not None or ignore_keys_for_eval is not None or kwargs:
+            given = [n for n, v in (("trial", trial), ("ignore_keys_for_eval", ignore_keys_for_eval)) if v is not None]
+            raise TypeError(f"trainer.train() trains the next task of the stream and does not take "
+                            f"{given + sorted(kwargs)}; call train_task() or fit() for the continual options.")
+        if self.train_dataset is None:
+            raise ValueError("trainer.train() trains trainer.train_dataset as the next task of the stream, but it is "
+                             "None: set trainer.train_dataset = rows (or call train_task(rows) / fit(stream)).")
+        if resume_from_checkpoint and not self.tasks and run_state_paths(self._base_output_dir):
+            raise ValueError(
+                f"trainer.train(resume_from_checkpoint=...) on a fresh trainer: {self._base_output_dir} holds a "
+                "continual run whose earlier tasks this trainer does not have. Rebuild the trainer with its state "
+                f"({type(self).__name__}.from_pretrained('{self._base_output_dir}', ...)) and call train() for "
+                "the next task, or resume the whole stream with fit(stream, resume_from_checkpoint=True)."
+            )
+        task_id = f"task-{len(self.tasks)}"
+        source = self.train_dataset
+        if source is self._direct_sources.get("train"):
+            logger.warning("clm-hf: trainer.train() got the same train_dataset as the previous call; training it "
+                           "again as the new task '%s'.", task_id)
+        eval_source = self.eval_dataset if isinstance(self.eval_dataset, Dataset) else None
+        if eval_source is not None and eval_source is self._direct_sources.get("eval"):
+            eval_source = None  # the same object again: a fixed eval set, not this task's own
+        if not self._direct_train_logged:
+            self._direct_train_logged = True
+            logger.warning(
+                "clm-hf: trainer.train() trains trainer.train_dataset as the next task of the continual stream "
+                "('%s', strategies %s); each later call is the task after it. Results go to %s. Use fit() or "
+                "train_task() to name the tasks.", task_id, [s.name for s in self.strategies] or "none",
+                os.path.join(self._base_output_dir, RESULTS_NAME))
+        self._direct_sources = {"train": source, "eval": self.eval_dataset}
+        try:
+            return self.train_task(source, eval_source, task_id=task_id, resume_from_checkpoint=resume_from_checkpoint)
+        finally:
+            # The task leaves the strategy-prepared rows (e.g. mixed with replay) in train_dataset;
+            # give the user's own rows back, as a plain Trainer leaves them.
+            self.train_dataset = source
+
     def run_training_phase(self, dataset: Dataset, *, num_epochs: float, phase: str) -> TrainOutput:
         """Run an extra short ``train()`` inside the current task (e.g. PackNet's retraining).
 
@@ -729,7 +828,7 @@ class ContinualTrainerMixin:
         try:
             with self._task_scope(task, num_epochs, suffix=f"-{phase}"):
                 self._drop_stale_ddp_wrapper()
-                output = self.train()
+                output = self._task_train()
             self._check_finite()
             return output
         finally:
@@ -775,25 +874,60 @@ class ContinualTrainerMixin:
         return bool(self._setting("generation_metrics")) or self.generation_scorer is not None
 
     def evaluate_task(self, dataset: Dataset, *, description: str | None = None, generate: bool = True) -> dict[str, float]:
-        """Score the model as it is now on tokenized rows (see :func:`~clm_hf.evaluation.evaluate_lm`), plus
-        the ``gen_*`` scores of generated answers (:func:`~clm_hf.generation_eval.evaluate_generation`) when
-        ``args.generation_metrics`` or ``generation_scorer`` ask for them and ``generate`` is true."""
-        scores = evaluate_lm(
-            self.model,
-            dataset,
-            self.data_collator if not self._user_collator else self._scoring_collator,
-            batch_size=self._setting("continual_eval_batch_size"),
-            metrics=self._setting("eval_metrics"),
-            extra_metrics=self.task_metrics,
-            device=self.args.device,
-            description=description,
-            disable_progress=self.args.disable_tqdm,
-        )
+        """Score the model as it is now on tokenized rows, with the Trainer's evaluation settings.
+
+        The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
+        or ``continual_eval_batch_size`` when set; the collator; split across processes), each
+        forward pass runs under the Trainer's autocast, and the per-row counts of every process
+        are gathered, so all ranks return the scores of all rows. ``compute_metrics`` (and
+        ``preprocess_logits_for_metrics``) given to the trainer add their keys to the scores.
+        The answer-token log-likelihood is computed in chunks (:func:`~clm_hf.evaluation.answer_nll`):
+        no full-vocabulary float32 log-softmax of the batch is ever held. When
+        ``args.generation_metrics`` or ``generation_scorer`` ask for them and ``generate`` is true,
+        the ``gen_*`` scores of generated answers are added
+        (:func:`~clm_hf.generation_eval.evaluate_generation`).
+        """
+        accelerator = self.accelerator
+        batch_size = self._setting("continual_eval_batch_size") or self.args.eval_batch_size
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # score every row
+        # A user's training collator may build its own labels: scoring pads with clm-hf's, labels kept.
+        collator = self.data_collator
+        if self._user_collator:
+            self.data_collator = self._scoring_collator
+        try:
+            loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
+                                          sampler_fn=self._get_eval_sampler)
+        finally:
+            self.args.dataloader_drop_last, self.data_collator = drop_last, collator
+
+        def gather(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if accelerator.num_processes > 1:  # rows of different lengths on each rank: pad before gathering
+                tensors = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.dim() > 1 else v
+                           for k, v in tensors.items()}
+            return accelerator.gather_for_metrics(tensors)
+
+        compute_metrics = self.compute_metrics
+        if compute_metrics is not None and self.args.batch_eval_metrics:  # one call with every row: the last one
+            compute_metrics = functools.partial(compute_metrics, compute_result=True)
+        scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
+                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
+        model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
+        # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are
+        # scored between tasks never changes the training randomness of the next task (or a resume).
+        with torch.random.fork_rng(devices=[]), eval_mode(model), torch.inference_mode():
+            for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm, leave=False):
+                batch = self._prepare_inputs(batch)
+                # The same autocast as Trainer.evaluate: its own context plus Accelerate's mixed precision.
+                with self.autocast_smart_context_manager(), accelerator.autocast():
+                    logits = forward_logits(model, batch, seq2seq, hidden)
+                scorer.add(logits, batch["labels"], seq2seq)
+                del logits
+        scores = scorer.result()
         if generate and self._generates():
             scores.update(evaluate_generation(
                 self.model, dataset, self.processing_class, metrics=self._setting("generation_metrics"),
                 scorer=self.generation_scorer, max_new_tokens=self._setting("generation_max_new_tokens"),
-                num_beams=self._setting("generation_num_beams"), batch_size=self._setting("continual_eval_batch_size"),
+                num_beams=self._setting("generation_num_beams"), batch_size=batch_size,
                 device=self.args.device, what=description or "eval dataset", disable_progress=self.args.disable_tqdm,
             ))
         return scores
@@ -809,12 +943,67 @@ class ContinualTrainerMixin:
                 scores[name] = self.evaluate_task(rows, description=f"eval {name}")
         return scores
 
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, falling back on the stream's eval sets when no eval set is given.
+
+        With ``eval_dataset`` (here or to the trainer) it is exactly ``Trainer.evaluate``. Without:
+
+        - inside a task (``eval_strategy="steps"``/``"epoch"``), the task's own eval set, given to
+          ``fit()``/``train_task``, with the usual ``eval_<metric>`` keys (``metric_for_best_model``
+          works as with a plain Trainer);
+        - outside a task (e.g. after ``fit()``), every registered task's eval set, trained tasks
+          under :meth:`use_task`, with ``eval_<task name>_<metric>`` keys as for a dict of eval sets.
+
+        Example:
+
+        >>> trainer.fit(stream)  # doctest: +SKIP
+        >>> trainer.evaluate()["eval_copy_loss"]  # doctest: +SKIP
+        """
+        if eval_dataset is not None or self.eval_dataset is not None:
+            given = eval_dataset if eval_dataset is not None else self.eval_dataset
+            # Raw prompt/answer rows (as fit() takes them) are tokenized as the per-task scoring does.
+            if isinstance(given, dict):
+                given = {k: self._rows_for_evaluate(v, k) for k, v in given.items()}
+            else:
+                given = self._rows_for_evaluate(given, "eval_dataset")
+            return super().evaluate(given, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
+        task = self.current_task
+        if task is not None:
+            rows = self._eval_sets.get(task.task_id)
+            if rows is None:
+                raise ValueError(
+                    f"evaluate() ran inside task '{task.name}' (eval_strategy={getattr(self.args.eval_strategy, 'value', self.args.eval_strategy)!r}), but that task "
+                    "has no eval set and the trainer has no eval_dataset. Give the task one (fit: {'train': ..., "
+                    "'eval': ...}; train_task(rows, eval_rows)), pass eval_dataset= to the trainer, or set "
+                    "eval_strategy='no'."
+                )
+            return super().evaluate(rows, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **kwargs)
+        if not self._eval_sets:
+            raise ValueError("evaluate() needs an eval set: pass eval_dataset=, give the trainer one, or give the "
+                             "stream's tasks eval sets (fit with 'eval' splits, add_eval_task).")
+        trained = {t.task_id for t in self.tasks}
+        metrics: dict[str, float] = {}
+        for task_id, rows in self._eval_sets.items():
+            name = self._task_names[task_id]
+            with self.use_task(task_id) if task_id in trained else contextlib.nullcontext():
+                metrics.update(super().evaluate(rows, ignore_keys=ignore_keys,
+                                                metric_key_prefix=f"{metric_key_prefix}_{name}", **kwargs))
+        return metrics
+
+    def _rows_for_evaluate(self, dataset: Any, what: str) -> Any:
+        if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names:
+            return self._prepare_rows(dataset, what, scoring=True)
+        return dataset
+
     def _evaluate_stream(self, *, row: bool) -> None:
         if not (self._eval_sets or self._reference_sets) or self.results is None:
             return
         scores = self.evaluate_tasks()
         reference = self.evaluate_reference_sets()
-        metrics = list(dict.fromkeys(m for s in scores.values() for m in s))  # built-in, task_metrics, gen_*
+        metrics = list(self._setting("eval_metrics")) + list(self.task_metrics)
+        metrics += [m for s in scores.values() for m in s if m not in metrics]  # compute_metrics' and gen_* keys
+        metrics = list(dict.fromkeys(metrics))
         table = {m: [scores[n].get(m) if n in scores else None for n in self.results.task_names] for m in metrics}
         for name in self.task_metrics:
             self.results.higher_is_better.setdefault(name, True)

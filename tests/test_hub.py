@@ -194,7 +194,8 @@ def test_hub_strategy_end_pushes_only_on_request_to_the_run_folder_name(tmp_path
 
 def test_direct_train_with_every_save_pushes_writes_and_uploads_no_token(tmp_path, fake_hub, make_model, tokenizer,
                                                                         tiny_stream):
-    """A plain ``train()`` (no task): the Trainer's own mid-training push must not carry the token."""
+    """A direct ``train()`` is the stream's next task: the push after it must not carry the token,
+    and the Trainer's mid-task saves push nothing (weights are pushed as whole continual states)."""
     from clm_hf.tasks import tokenize_task
 
     trainer = ContinualCausalLMTrainer(
@@ -204,9 +205,11 @@ def test_direct_train_with_every_save_pushes_writes_and_uploads_no_token(tmp_pat
                         save_strategy="steps", save_steps=2, hub_token=SECRET),
     )
     trainer.train()
-    # Every save pushed, each upload with the token passed explicitly (not the stored login).
-    steps = [u for u in fake_hub.uploads if u["message"].startswith("Training in progress")]
-    assert len(steps) >= 2 and all(u["token"] == SECRET for u in fake_hub.uploads)
+    assert [t.task_id for t in trainer.tasks] == ["task-0"]
+    messages = [u["message"] for u in fake_hub.uploads]
+    assert "clm-hf: after task 0 (task-0)" in messages
+    assert not [m for m in messages if m.startswith("Training in progress")]
+    assert all(u["token"] == SECRET for u in fake_hub.uploads)  # passed explicitly (not the stored login)
     assert trainer.args.hub_token == SECRET
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     uploaded = [p for p in (fake_hub.root / "tester/plain").rglob("*") if p.is_file()]
