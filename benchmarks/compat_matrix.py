@@ -132,6 +132,7 @@ def train_once(arch: str, strategy: str | None, *, lora: bool = False, num_train
                         ContinualTrainingArguments)
     from clm_hf.strategies import build_strategy
     from clm_hf.strategies.base import unwrap_model
+    from transformers.trainer_callback import PrinterCallback
 
     seq2seq = arch == "t5"
     counter = _StepCounter()
@@ -144,21 +145,37 @@ def train_once(arch: str, strategy: str | None, *, lora: bool = False, num_train
                           logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
                           dataloader_pin_memory=False, save_continual_state=False, eval_metrics=["loss"],
                           primary_metric="loss", **flags)
-        strategies = [build_strategy({"name": strategy, **OPTIONS[strategy]})] if strategy else []
+        strategies = [build_strategy(strategy, **OPTIONS[strategy])] if strategy else []
         trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
         trainer = trainer_class(model=model, args=args, processing_class=_tokenizer(), strategies=strategies,
                                 callbacks=[counter.callback])
+        trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict
         results = trainer.fit(_stream(num_train))
     except Exception as err:  # noqa: BLE001 - every failure is a cell's outcome
         line = f"{type(err).__name__}: {err}"
         one_line = "\n" not in str(err).strip()
-        status = "refused" if counter.steps == 0 and one_line else "error"
+        # A refusal is a deliberate start-up check (NotImplementedError/ValueError, one line, before
+        # any step); any other exception, or one raised once training started, is a failure.
+        deliberate = isinstance(err, (NotImplementedError, ValueError))
+        status = "refused" if counter.steps == 0 and one_line and deliberate else "error"
         return {"status": status, "error": line if one_line else line.splitlines()[0] + " [...]"}
     bare = unwrap_model(trainer.model)
     weights = {k: v.detach().float().clone() for k, v in bare.state_dict().items() if v.is_floating_point()}
     base_same = all(torch.equal(p, dict(bare.named_parameters())[n]) for n, p in frozen.items()
                     if n in dict(bare.named_parameters())) if lora else None
-    return {"status": "ok", "weights": weights, "loss": results.matrix("loss"), "base": base_same}
+    probe: dict[str, Any] = {
+        # What the feature actually switched on, so a silently ignored flag cannot pass as "same result".
+        "checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in bare.modules()),
+        "mixed_precision": str(getattr(trainer.accelerator, "mixed_precision", "no")),
+        "compiled": any(hasattr(m, "_orig_mod") for m in (trainer.model, getattr(trainer, "model_wrapped", None))
+                        if m is not None),
+    }
+    for strat in strategies:  # GEM/A-GEM change weights only on a violated constraint: record what they computed
+        refs = getattr(strat, "_refs", None)
+        if isinstance(refs, torch.Tensor):
+            probe["reference_grad_norm"] = float(refs.norm())
+            probe["projected_steps"] = strat.projected_steps
+    return {"status": "ok", "weights": weights, "loss": results.matrix("loss"), "base": base_same, "probe": probe}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -216,14 +233,19 @@ def run_cell(strategy: str, feature: str, arch: str, *, num_train: int = 16, wor
             candidate = run((arch, strategy, "lora_gc"), strategy, True, gradient_checkpointing=True)
         else:
             reference = run((arch, strategy, "plain"), strategy, False)
-            flag = {"bf16": {"bf16": True}, "torch_compile": {"torch_compile": True},
+            flag = {"bf16": {"bf16": True, "use_cpu": True}, "torch_compile": {"torch_compile": True},
                     "gradient_checkpointing": {"gradient_checkpointing": True}}[feature]
             candidate = run((arch, strategy, feature), strategy, False, **flag)
         cell.update(_classify(feature, reference, candidate, tol))
         if cell["status"] == "pass" and feature == "lora":
             without = run((arch, None, "lora_gc"), None, True, gradient_checkpointing=True)
+            grad_norm = candidate["probe"].get("reference_grad_norm")
             if without["status"] == "ok" and _max_diff(candidate["weights"], without["weights"]) <= tol:
-                cell.update(status="FAIL", detail="the strategy did not change the LoRA run's weights")
+                if grad_norm:  # no constraint was violated in these steps, but the memory gradients are real
+                    cell["detail"] += (f"; no step projected, memory gradients norm {grad_norm:.1e} "
+                                       f"reach the adapters")
+                else:
+                    cell.update(status="FAIL", detail="the strategy did not change the LoRA run's weights")
             elif not candidate["base"]:
                 cell.update(status="FAIL", detail="a frozen base weight changed")
     cell["seconds"] = round(time.perf_counter() - start, 1)
@@ -239,6 +261,11 @@ def _classify(feature: str, reference: dict[str, Any], candidate: dict[str, Any]
         return {"status": "refused", "detail": candidate["error"]}
     if candidate["status"] != "ok":
         return {"status": "FAIL", "detail": candidate["error"]}
+    probe = candidate.get("probe", {})
+    if feature in ("gradient_checkpointing", "lora") and not probe.get("checkpointing"):
+        return {"status": "FAIL", "detail": "gradient_checkpointing=True left no module checkpointing"}
+    if feature == "bf16" and probe.get("mixed_precision") != "bf16":
+        return {"status": "FAIL", "detail": f"bf16=True trained with mixed_precision={probe.get('mixed_precision')}"}
     if not _finite(candidate):
         return {"status": "FAIL", "detail": "non-finite weights or loss"}
     if feature == "bf16":
