@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-train", type=int, default=16, help="training rows per task (8 per step)")
     parser.add_argument("--out", default="benchmarks/results/compat_matrix.json")
     parser.add_argument("--markdown", action="store_true", help="print the markdown table at the end")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the cells already in --out that this call does not rerun (the commands are listed)")
     ns = parser.parse_args(argv)
     from benchmarks._common import quiet
 
@@ -345,8 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                 del cache[key]  # keep memory flat: only the per-arch LoRA baseline is shared
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python benchmarks/compat_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "tolerance": TOLERANCE, "num_train": ns.num_train, "torch": torch.__version__, "cells": cells}
+    commands = ["python benchmarks/compat_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])]
+    if ns.update and out.exists():
+        old = json.loads(out.read_text())
+        rerun = {(c["strategy"], c["feature"], c["arch"]) for c in cells}
+        cells = [c for c in old["cells"] if (c["strategy"], c["feature"], c["arch"]) not in rerun] + cells
+        commands = old["commands"] + commands
+    order = {name: i for i, name in enumerate(ARCHS + STRATEGIES + FEATURES)}
+    cells.sort(key=lambda c: (order[c["arch"]], order[c["strategy"]], order[c["feature"]]))
+    payload = {"commands": commands, "tolerance": TOLERANCE, "num_train": ns.num_train, "torch": torch.__version__,
+               "cells": cells}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     if ns.markdown:
         print(markdown_table(cells))
