@@ -319,6 +319,23 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DOCS_START, DOCS_END = "<!-- compat-matrix:start -->\n", "\n<!-- compat-matrix:end -->"
+
+
+def write_docs_table(results: str | Path, docs: str | Path) -> None:
+    """Put :func:`markdown_table` of the JSON ``results`` between the compat-matrix markers of ``docs``.
+
+    >>> write_docs_table("benchmarks/results/compat_matrix.json", "docs/benchmarks.md")  # doctest: +SKIP
+    """
+    cells = json.loads(Path(results).read_text())["cells"]
+    text = Path(docs).read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        raise ValueError(f"{docs} has no '{DOCS_START.strip()}' ... '{DOCS_END.strip()}' markers for the table.")
+    head, rest = text.split(DOCS_START, 1)
+    tail = rest.split(DOCS_END, 1)[1]
+    Path(docs).write_text(head + DOCS_START + markdown_table(cells) + DOCS_END + tail)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -329,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the markdown table at the end")
     parser.add_argument("--update", action="store_true",
                         help="keep the cells already in --out that this call does not rerun (the commands are listed)")
+    parser.add_argument("--docs", default=None, help="also write the table of --out into this markdown file's markers")
     ns = parser.parse_args(argv)
     from benchmarks._common import quiet
 
@@ -352,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(out.read_text())
         rerun = {(c["strategy"], c["feature"], c["arch"]) for c in cells}
         cells = [c for c in old["cells"] if (c["strategy"], c["feature"], c["arch"]) not in rerun] + cells
-        commands = old["commands"] + commands
+        commands = old.get("commands", [old.get("command")]) + commands
     order = {name: i for i, name in enumerate(ARCHS + STRATEGIES + FEATURES)}
     cells.sort(key=lambda c: (order[c["arch"]], order[c["strategy"]], order[c["feature"]]))
     payload = {"commands": commands, "tolerance": TOLERANCE, "num_train": ns.num_train, "torch": torch.__version__,
@@ -360,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(payload, indent=1) + "\n")
     if ns.markdown:
         print(markdown_table(cells))
+    if ns.docs:
+        write_docs_table(out, ns.docs)
     return 0
 
 

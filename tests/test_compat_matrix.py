@@ -98,7 +98,7 @@ def test_docs_table_is_the_json_rendered():
     """docs/benchmarks.md holds exactly markdown_table() of benchmarks/results/compat_matrix.json."""
     data = json.loads((ROOT / "benchmarks" / "results" / "compat_matrix.json").read_text())
     docs = (ROOT / "docs" / "benchmarks.md").read_text()
-    start, end = "<!-- compat-matrix:start -->\n", "\n<!-- compat-matrix:end -->"
+    start, end = cm.DOCS_START, cm.DOCS_END
     assert start in docs and end in docs, "docs/benchmarks.md lacks the compat-matrix markers"
     table = docs.split(start, 1)[1].split(end, 1)[0]
     assert table.strip() == cm.markdown_table(data["cells"]).strip()
@@ -107,3 +107,41 @@ def test_docs_table_is_the_json_rendered():
     missing = [(s, f, a) for s in cm.STRATEGIES for f in cm.FEATURES for a in cm.ARCHS if (s, f, a) not in keys]
     not_run = [k for k in missing if k[1] != "torch_compile"]
     assert not not_run, f"cells missing from the JSON: {not_run}"
+
+
+def _construct(tmp_path, strategy, **flags):
+    from clm_hf import ContinualCausalLMTrainer
+    from clm_hf.tasks import build_tiny_model
+    from tests.conftest import small_args
+
+    tokenizer = cm._tokenizer()
+    return ContinualCausalLMTrainer(model=build_tiny_model("gpt2", tokenizer), args=small_args(tmp_path, **flags),
+                                    processing_class=tokenizer, strategies=[strategy])
+
+
+def test_pnn_columns_refuses_torch_compile_at_startup(tmp_path):
+    """PNN's column laterals are forward hooks, which torch.compile does not guard on: refused in one
+    line naming the strategy and the flag; the LoRA mode and torch_compile=False are accepted."""
+    from clm_hf import PNN
+
+    with pytest.raises(NotImplementedError, match=r"^Strategy 'pnn' does not support torch_compile=True: ") as err:
+        _construct(tmp_path, PNN(), torch_compile=True)
+    assert "\n" not in str(err.value)
+    _construct(tmp_path, PNN(mode="lora"), torch_compile=True)
+    _construct(tmp_path, PNN())
+
+
+def test_refused_cells_are_what_the_code_refuses(tmp_path):
+    """Every refused cell of the JSON (and so of the docs table) is the error the start-up checks raise now."""
+    from clm_hf.strategies import build_strategy
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "compat_matrix.json").read_text())
+    flags = {"torch_compile": {"torch_compile": True}, "gradient_checkpointing": {"gradient_checkpointing": True},
+             "bf16": {"bf16": True, "use_cpu": True}}
+    for cell in data["cells"]:
+        if cell["status"] != "refused" or cell["feature"] not in flags or cell["arch"] != "gpt2":
+            continue
+        strategy = build_strategy(cell["strategy"], **cm.OPTIONS[cell["strategy"]])
+        with pytest.raises(Exception) as err:
+            _construct(tmp_path / cell["strategy"], strategy, **flags[cell["feature"]])
+        assert f"{type(err.value).__name__}: {err.value}" == cell["detail"]
