@@ -332,8 +332,8 @@ def write_docs_table(results: str | Path, docs: str | Path) -> None:
     if DOCS_START not in text or DOCS_END not in text:
         raise ValueError(f"{docs} has no '{DOCS_START.strip()}' ... '{DOCS_END.strip()}' markers for the table.")
     head, rest = text.split(DOCS_START, 1)
-    tail = rest.split(DOCS_END, 1)[1]
-    Path(docs).write_text(head + DOCS_START + markdown_table(cells) + DOCS_END + tail)
+    tail = rest.split(DOCS_END.strip(), 1)[1]
+    Path(docs).write_text(head + DOCS_START + markdown_table(cells) + "\n" + DOCS_END.strip() + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
