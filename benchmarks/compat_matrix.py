@@ -14,7 +14,7 @@ A cell is ``pass``, ``refused`` (the run stopped before its first optimizer step
 error: that line is recorded) or ``FAIL`` (a crash after training started, a non-finite weight or
 loss, or a difference over the tolerance).
 
-Run (about 10 minutes on 2 CPU cores; ``--features``/``--strategies``/``--archs`` pick a subset)::
+Run (about 25 minutes on 2 shared CPU cores, most of it torch_compile; ``--features``/``--strategies``/``--archs`` pick a subset)::
 
     python benchmarks/compat_matrix.py --out benchmarks/results/compat_matrix.json --markdown
 

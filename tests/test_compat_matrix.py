@@ -1,7 +1,7 @@
 """The compatibility matrix (benchmarks/compat_matrix.py): a representative subset of its cells run
 here, and the table in docs/benchmarks.md is the one rendered from benchmarks/results/compat_matrix.json.
 
-torch_compile cells are not run here: one compiled 2-task run took 106 s on 2 CPU cores (inductor
+torch_compile cells are not run here: one compiled 2-task run took 104-106 s on 2 CPU cores (inductor
 compiles the train, eval and strategy graphs), far over the suite's budget; they are in the benchmark.
 """
 
@@ -48,7 +48,6 @@ def test_gradient_checkpointing_and_bf16_match_plain_gpt2(strategy, tmp_path):
         del _CACHE[key]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", cm.STRATEGIES)
 def test_lora_with_checkpointing_on_frozen_base_llama(strategy, tmp_path):
     """Every strategy on a LoRA Llama with gradient checkpointing on the frozen base: the adapters get
