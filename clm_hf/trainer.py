@@ -162,6 +162,7 @@ class ContinualTrainerMixin:
             raise ValueError("generation_metrics / generation_scorer need processing_class=tokenizer to decode the answers.")
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
+        self._check_compile_support()
         self._check_single_writer()
         self._run_lock: ckpt.RunLock | None = None  # held while this trainer writes output_dir
         self._owns_output_dir = False  # True once output_dir was checked free of other runs' state
@@ -220,6 +221,15 @@ class ContinualTrainerMixin:
                 "strategy would see empty placeholders. Use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; "
                 "replay works on ZeRO-3.",
             )
+
+    def _check_compile_support(self) -> None:
+        """Refuse, in one line, a strategy whose options cannot train under ``torch_compile=True``."""
+        if not getattr(self.args, "torch_compile", False):
+            return
+        for strategy in self.strategies:
+            problem = strategy.torch_compile_problem()
+            if problem:
+                raise NotImplementedError(f"Strategy {strategy.name!r} does not support torch_compile=True: {problem}.")
 
     def _check_single_writer(self) -> None:
         """Refuse a ``torchrun`` launch in which every rank believes it is the only process.

@@ -174,6 +174,17 @@ class Strategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
+    def torch_compile_problem(self) -> str | None:
+        """Why this strategy, with its options, cannot train under ``torch_compile=True`` (``None``: it can).
+
+        The trainer refuses the combination at start-up with this reason (see
+        ``docs/benchmarks.md``, compatibility matrix).
+
+        >>> Strategy().torch_compile_problem() is None
+        True
+        """
+        return None
+
     # --- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: ContinualTrainer) -> None:
         """Called once when the trainer is built. Keep a handle and check backend support."""

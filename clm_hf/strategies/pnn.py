@@ -134,6 +134,15 @@ class PNN(Strategy):
             except ImportError as err:  # pragma: no cover - peft is a dependency
                 raise ImportError("PNN(mode='lora') needs the `peft` package: pip install peft.") from err
 
+    def torch_compile_problem(self) -> str | None:
+        if self.config.mode != "columns":
+            return None
+        # Measured (benchmarks/compat_matrix.py): after another GPT-2 was compiled in the same
+        # process, the second column's laterals never trained (weights off by two Adam steps).
+        return ("mode='columns' adds its lateral connections as forward hooks, which torch.compile does not "
+                "guard on, so a block graph compiled without them can be silently reused; use mode='lora' or "
+                "torch_compile=False")
+
     def prepare_model(self, model: nn.Module, task: TaskInfo) -> nn.Module:
         model = unwrap_model(model)
         if self.base_parameters is None:
