@@ -17,11 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _logging_enabled_again():
-    """Benchmarks run in-process call ``logging.disable``; later tests read logs through caplog."""
+    """Benchmarks run in-process call ``logging.disable`` and quiet transformers, and a trainer's
+    ``log_level`` (or transformers' verbosity) sets clm-hf's level; later tests read logs through
+    caplog, so every test starts from the defaults."""
     yield
     import logging
 
+    import transformers
+
+    from clm_hf import _logging
+
     logging.disable(logging.NOTSET)
+    transformers.logging.set_verbosity_warning()
+    _logging.set_verbosity(None)
 
 
 @pytest.fixture(scope="session")

@@ -273,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
     import torch
 
+    # The forked children inherit what is imported here. `import clm_hf` is lazy, so without this
+    # every child would import the trainer (and transformers' Trainer) itself: a reference run's
+    # time would include seconds that a wall-clock kill's timer, armed after those imports, never
+    # sees, and kills drawn as fractions of it could land after the run's end.
+    import clm_hf.cli  # noqa: F401
+    import clm_hf.recipe  # noqa: F401
+    import clm_hf.trainer  # noqa: F401
+
     torch.set_num_threads(1)
     if argv and argv[0] == "plan":
         import json

@@ -90,12 +90,13 @@ PACKING_REFUSED = {name for name, cls in STRATEGY_REGISTRY.items() if not cls.su
 
 
 def test_every_registered_strategy_has_a_check():
-    assert set(ACTED) == set(STRATEGY_REGISTRY)
+    # Strategies that tests register for themselves end in "_test" (tests/test_trainer.py).
+    assert set(ACTED) == {n for n in STRATEGY_REGISTRY if not n.endswith("_test")}
     assert PACKING_REFUSED == {"lwf", "gem", "agem"}
 
 
 @pytest.mark.parametrize("layout", ["prompt_completion", "messages", "text_packed"])
-@pytest.mark.parametrize("name", sorted(STRATEGY_REGISTRY))
+@pytest.mark.parametrize("name", sorted(n for n in STRATEGY_REGISTRY if not n.endswith("_test")))
 def test_strategy_by_layout(tmp_path, chat_tokenizer, name, layout):
     packing = layout == "text_packed"
     build = lambda: sft_trainer(tmp_path, chat_tokenizer, [build_strategy(name)], packing=packing)  # noqa: E731
