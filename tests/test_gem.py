@@ -490,7 +490,7 @@ def test_auto_reference_rows_follow_the_training_batch(conflicted):
     model, memories, current = conflicted
     trainer = SimpleNamespace(args=SimpleNamespace(per_device_train_batch_size=12))
     gem, agem = _armed(GEM(memory_batch_size="auto"), memories), _armed(AGEM(sample_size="auto"), memories)
-    assert GEM().config.memory_batch_size is None and AGEM().config.sample_size == 128  # the papers' defaults
+    assert GEM().config.memory_batch_size == "auto" and AGEM().config.sample_size == 128  # the defaults
     bank = gem.memory_bank(torch.device("cpu"))  # 2 past tasks of 16 rows each
     assert _sizes(gem.draw(bank, 0)) == [16, 16] and _sizes(agem.draw(bank, 0)) == [32]  # no trainer: all
     gem.trainer = agem.trainer = trainer  # a budget of 12 // 2 = 6 rows per step
@@ -498,7 +498,7 @@ def test_auto_reference_rows_follow_the_training_batch(conflicted):
     assert _sizes(agem.draw(bank, 0)) == [6]
     gem.memories = {str(k): memories[k % 2] for k in range(8)}  # more past tasks than rows: one row each
     assert gem.rows_per_task() == 1
-    assert GEM().rows_per_task() is None  # the paper's whole memory, the default
+    assert GEM(memory_batch_size=None).rows_per_task() is None  # the paper's whole memory, still available
 
 
 # --- through the trainer ---------------------------------------------------------------------------
