@@ -34,7 +34,10 @@ MODELS: dict[str, dict[str, Any]] = {
     # GPU only: the shape of GPT-2 small (12 layers, width 768), for the bf16 runs on a lent GPU.
     "wide": {"hidden_size": 768, "num_layers": 12, "num_heads": 12},
 }
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+# Dropout off, per architecture of clm_hf.tasks.build_tiny_model (runs compared side by side must be deterministic).
+NO_DROPOUT_BY_ARCH = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                      "llama": {"attention_dropout": 0.0}, "t5": {"dropout_rate": 0.0}}
+NO_DROPOUT = NO_DROPOUT_BY_ARCH["gpt2"]
 # Synthetic tasks whose rows all have the same length for a given sequence length (``count``
 # answers with a number, so its rows are shorter: left out).
 TASK_CYCLE = ("copy", "reverse", "sort", "shift", "rotate")

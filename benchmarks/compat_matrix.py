@@ -39,6 +39,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from benchmarks._common import NO_DROPOUT_BY_ARCH  # noqa: E402
+
 STRATEGIES = ("replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "olora")
 FEATURES = ("gradient_checkpointing", "bf16", "torch_compile", "lora")
 ARCHS = ("gpt2", "llama", "t5")
@@ -55,8 +57,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "pnn": {"lateral_rank": 4},
     "olora": {"lora_rank": 4},
 }
-NO_DROPOUT = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-              "llama": {"attention_dropout": 0.0}, "t5": {"dropout_rate": 0.0}}
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "t5": ["q", "v"]}
 TASKS = ("copy", "reverse")
 
@@ -82,7 +82,7 @@ def _stream(num_train: int):
 def _model(arch: str, lora: bool):
     from clm_hf.tasks import build_tiny_model
 
-    model = build_tiny_model(arch, _tokenizer(), **NO_DROPOUT[arch])
+    model = build_tiny_model(arch, _tokenizer(), **NO_DROPOUT_BY_ARCH[arch])
     if lora:
         import peft
 

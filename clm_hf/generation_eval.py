@@ -26,8 +26,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluation import is_seq2seq
-from .strategies.base import eval_mode, unwrap_model
+from .modeling import eval_mode, is_seq2seq, unwrap_model
 from .text_metrics import TEXT_METRICS, TextScorer, compute_text_metrics
 
 __all__ = ["GENERATION_PREFIX", "evaluate_generation", "generate_answers", "generation_metric_names", "split_rows"]

@@ -774,3 +774,26 @@ def tokenize_task(
                 "are the answer; the prompt is the encoder input."
             )
     return tokenize_for_seq2seq(dataset, tokenizer, **kwargs)
+
+
+def tokenize_full_text(dataset: datasets.Dataset, tokenizer: Any, seq2seq: bool, what: str) -> datasets.Dataset:
+    """``text`` rows of a reference set -> ``input_ids`` + eos, every token supervised: the loss and
+    perplexity of the whole text (unlike :func:`tokenize_text`, for training, which keeps what the
+    tokenizer itself adds and appends nothing)."""
+    if seq2seq:
+        raise ValueError(f"The {what} has 'text' rows, which an encoder-decoder cannot score as a whole text; "
+                         "give it 'prompt'/'answer' rows (or input_ids/labels).")
+    if tokenizer is None:
+        raise ValueError(f"The {what} has raw 'text' rows; pass processing_class=tokenizer to tokenize them.")
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        for text, index in zip(batch["text"], indices):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"Row {index} of the {what} has no text in column 'text' (got {text!r}).")
+        ids = [row + ([eos] if eos is not None else []) for row in
+               tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]
+        return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": [list(r) for r in ids]}
+
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       desc=f"Tokenizing {what}")

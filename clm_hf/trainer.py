@@ -36,6 +36,7 @@ from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
 from .evaluation import TaskScorer, TokenMetric, forward_logits, is_seq2seq
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
+from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
 from .strategies.base import Strategy, TaskInfo, eval_mode, unwrap_model
 from .validation import (
@@ -514,8 +515,6 @@ class ContinualTrainerMixin:
         (``IterableDataset``) eval split is read once into memory; a streamed train split stays a
         stream, tokenized as it is read, and its first rows are checked.
         """
-        from .layouts import tokenize_rows
-
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
         if isinstance(dataset, IterableDataset) and scoring:
@@ -618,7 +617,7 @@ class ContinualTrainerMixin:
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
         if isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names and "text" in dataset.column_names:
-            dataset = _tokenize_full_text(dataset, self.processing_class, is_seq2seq(self.model), what)
+            dataset = tokenize_full_text(dataset, self.processing_class, is_seq2seq(self.model), what)
         self._reference_sets[name] = self._prepare_rows(dataset, what, scoring=True)
 
     def evaluate_reference_sets(self) -> dict[str, dict[str, float]]:
@@ -1576,27 +1575,6 @@ def _tokens_hidden(args: Any) -> Iterator[None]:
     finally:
         for name, value in hidden.items():
             setattr(args, name, value)
-
-
-def _tokenize_full_text(dataset: Dataset, tokenizer: Any, seq2seq: bool, what: str) -> Dataset:
-    """``text`` rows -> ``input_ids`` + eos, every token supervised: the loss and perplexity of the whole text."""
-    if seq2seq:
-        raise ValueError(f"The {what} has 'text' rows, which an encoder-decoder cannot score as a whole text; "
-                         "give it 'prompt'/'answer' rows (or input_ids/labels).")
-    if tokenizer is None:
-        raise ValueError(f"The {what} has raw 'text' rows; pass processing_class=tokenizer to tokenize them.")
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
-        for text, index in zip(batch["text"], indices):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"Row {index} of the {what} has no text in column 'text' (got {text!r}).")
-        ids = [row + ([eos] if eos is not None else []) for row in
-               tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]
-        return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": [list(r) for r in ids]}
-
-    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                       desc=f"Tokenizing {what}")
 
 
 def _check_vocabulary(model: nn.Module | None, tokenizer: Any) -> None:
