@@ -166,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
         for index, (name, splits) in enumerate(stream.items()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
+    # Leave together: a rank that exits while the other still uses the gloo group can abort
+    # ("terminate called without an active exception", seen once on a fresh clone).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
