@@ -189,17 +189,13 @@ class ContinualTrainerMixin:
 
         backend = getattr(getattr(self, "accelerator", None), "distributed_type", None)
         if backend == DistributedType.FSDP or getattr(self, "is_fsdp_enabled", False):
-            self._refuse(lambda s: s.needs_whole_gradients,
-                         "needs whole gradients on every rank; FSDP shards them. Use DDP (recipes/accelerate/multi_gpu.yaml).")
-            # Checked on one GPU under FSDP2 (docs/distributed.md): plain training and replay match
-            # unsharded training exactly; EWC, LwF, PackNet, PNN and O-LoRA mix the sharded DTensor
-            # parameters with plain tensors (errors, or for LwF a silently wrong teacher).
+            # A strategy declares FSDP2 support (``supports_fsdp``) once tests/test_fsdp.py shows it
+            # ends equal to an unsharded run; the others would mix DTensor shards with whole tensors.
             self._refuse(
-                lambda s: not s.supports_partitioned_parameters,
-                "is not supported on FSDP: FSDP shards every parameter into a DTensor, and the strategy reads, copies "
-                "or masks whole parameters (a Fisher and anchors, a teacher snapshot, ownership masks, columns or "
-                "adapters); a one-GPU FSDP2 run showed errors or wrong results. Use DDP "
-                "(recipes/accelerate/multi_gpu.yaml); replay works on FSDP2.",
+                lambda s: not s.supports_fsdp,
+                "is not supported on FSDP: FSDP shards every parameter into a DTensor, and this strategy reads, "
+                "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
+                "docs/distributed.md lists the strategies that run on FSDP2.",
             )
             return
         if backend != DistributedType.DEEPSPEED:

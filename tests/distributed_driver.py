@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--tasks", default="copy,reverse")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
     options = parser.parse_args(argv)
+    if options.fsdp and not options.gpu:
+        from tests.fsdp_cpu import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu()
 
     import clm_hf.strategies.ewc as ewc_module
     import clm_hf.strategies.gem  # noqa: F401 - registers gem / agem
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         """Listed last: writes the other strategies' state and the weights around each task."""
 
         name = "probe"
+        supports_fsdp = True  # reads gathered copies only
+        supports_partitioned_parameters = True
 
         def __init__(self, folder: Path) -> None:
             super().__init__()
@@ -152,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         specs, arch = RUNS[run]
         fisher_rows.clear()
         model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=1, num_heads=2, **no_dropout[arch])
+        sharding: dict[str, Any] = {}
+        if options.fsdp:
+            from tests.fsdp_cpu import fsdp2_arguments
+
+            sharding = fsdp2_arguments(model)
         args = ContinualTrainingArguments(
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,
             continual_eval_batch_size=8,
             use_cpu=not options.gpu,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
+            **sharding,
         )
         strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)

@@ -144,6 +144,10 @@ class Strategy:
     supports_partitioned_parameters: ClassVar[bool] = False
     # True when the strategy reads the whole gradient on every rank (FSDP and DeepSpeed shard it).
     needs_whole_gradients: ClassVar[bool] = False
+    # True when the strategy works on FSDP2's sharded (DTensor) parameters and gradients: its state
+    # is sharded like the parameters, and whatever needs the global tensor reduces over the ranks.
+    # Checked by tests/test_fsdp.py against an unsharded run of the same stream.
+    supports_fsdp: ClassVar[bool] = False
     # Names of loss terms that are means over the micro-batch's supervised tokens (``labels !=
     # -100``, shifted for a causal LM as its loss shifts them). When the model's loss is normalised
     # over the whole accumulated batch (``num_items_in_batch``), the trainer weights these terms by

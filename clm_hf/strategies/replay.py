@@ -75,6 +75,7 @@ class Replay(Strategy):
     config_class = ReplayConfig
     # A data source only: it never reads a parameter, so DeepSpeed ZeRO-3's partitioning is fine.
     supports_partitioned_parameters = True
+    supports_fsdp = True
     # A streamed task fills the reservoir as its rows are read, in one pass (Algorithm R needs no second one).
     supports_streaming = True
 

@@ -1,0 +1,74 @@
+"""FSDP2, for real, on CPU: ``torchrun`` with 2 processes sharding a tiny model against 1 unsharded process.
+
+``tests/distributed_driver.py --fsdp`` runs the real Trainer/Accelerate FSDP2 path (``fully_shard``
+per decoder block over a ``DeviceMesh("cpu", (2,))``; ``tests/fsdp_cpu.py`` lets Accelerate take it
+on CPU processes). Every rank gathers each weight and strategy tensor (``DTensor.full_tensor()``)
+before and after each task. A strategy supports FSDP2 (``Strategy.supports_fsdp``) when:
+
+- every strategy tensor and weight equals, to 1e-5, the same stream trained in one unsharded process
+  with the global batch (the same rows at every step; SGD, no dropout, one row length), and
+- both ranks hold the same gathered state.
+
+Every strategy that declares ``supports_fsdp`` must be in ``RUNS`` (checked below), so the flag
+cannot be set without this evidence.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_distributed import ATOL, _env, _free_port, _load, _same
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parent.parent
+# Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
+RUNS = {"plain": None, "replay": "replay"}
+
+
+@pytest.fixture(scope="module")
+def fsdp_launches(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("fsdp")
+    runs = ",".join(RUNS)
+    sharded = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
+               "--runs", runs, "--fsdp"]
+    single = [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", runs]
+    for name, cmd in (("two", sharded), ("one", single)):
+        with open(out / f"{name}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
+        if code != 0:
+            pytest.fail(f"the {name}-process launch failed with exit code {code}:\n{(out / f'{name}.log').read_text()[-6000:]}")
+    return out
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
+    for task in (0, 1):
+        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, "after") for rank in (0, 1))
+        one = _load(fsdp_launches / "one", run, 0, task, "after")
+        assert r0["fsdp"] and r0["world_size"] == 2, "the launch did not shard with FSDP"
+        assert not one["fsdp"] and one["world_size"] == 1
+        assert r0["global_step"] == one["global_step"]
+        assert r0.keys() == r1.keys() == one.keys(), (run, set(r0) ^ set(one))
+        differ = [k for k in r0 if k != "rank" and not _same(r0[k], r1[k])]
+        assert not differ, f"{run}: ranks differ after task {task} in {differ[:8]}"
+        for key, value in one.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
+            elif key not in ("rank", "world_size", "fisher_rows", "fsdp", "device"):
+                assert _same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
+
+
+def test_every_strategy_declaring_fsdp_support_is_checked_here():
+    from clm_hf.strategies.base import STRATEGY_REGISTRY
+
+    declared = {name for name, cls in STRATEGY_REGISTRY.items() if cls.supports_fsdp and not name.endswith("_test")}
+    assert declared <= set(RUNS.values()), f"declared supports_fsdp without an FSDP2 run here: {declared - set(RUNS.values())}"
