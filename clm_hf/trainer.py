@@ -1311,7 +1311,15 @@ class ContinualTrainerMixin:
         # A Trainer checkpoint inside the next task, with its continual state, resumes mid-task.
         task_dir = run_dir / f"task-{done:03d}"
         inner = sorted(task_dir.glob("checkpoint-*"), key=ckpt.checkpoint_sort_key)
+        interrupted: list[Path] = []
         for candidate in reversed(inner):
+            if not (candidate / IN_TASK_STATE_DIR).exists():
+                # The Trainer wrote its files, and the kill came before clm-hf's state was renamed in
+                # (written last, atomically): an interrupted save, expected after a crash, not damage.
+                logger.warning("Skipping mid-task checkpoint %s: its save was interrupted before clm-hf's state "
+                               "was written (no %s folder).", candidate, IN_TASK_STATE_DIR)
+                interrupted.append(candidate)
+                continue
             try:
                 meta = ckpt.read_continual_state(candidate / IN_TASK_STATE_DIR, with_model=False)
                 if "trainer_files" not in meta:
@@ -1338,6 +1346,9 @@ class ContinualTrainerMixin:
                 )
             logger.warning("clm-hf: every checkpoint in %s is damaged (%s); restart_on_damage: training the stream "
                            "again from its first task.", run_dir, listing)
+        elif task_ckpt is None and interrupted:
+            logger.warning("clm-hf: no checkpoint in %s was complete: the first save (%s) was interrupted. Nothing "
+                           "was lost; training the stream from its first task.", run_dir, interrupted[-1].name)
         if task_ckpt is None and self._setting("eval_before_training"):
             self._evaluate_stream(row=False)
         return None

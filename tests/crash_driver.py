@@ -212,6 +212,19 @@ def _run_child(argv: list[str], kill: str | None) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def _resumable(run_dir: str) -> bool:
+    """What a job script that restarts a killed run checks: did the run save anything yet?
+
+    Any checkpoint folder counts, complete or not: ``--resume`` skips an interrupted save (and
+    starts the stream again when nothing complete was saved), so only a run killed before its
+    first save has to be started without ``--resume``.
+    """
+    from pathlib import Path
+
+    run = Path(run_dir)
+    return (run / "continual").exists() or any(run.glob("task-*/checkpoint-*"))
+
+
 def _plan(path: str) -> dict:
     """Run the chains of a JSON plan, each a reference run and/or a run killed again and again.
 
@@ -245,7 +258,7 @@ def _plan(path: str) -> dict:
         for spec in kills:
             # Until something was saved there is nothing to resume: the run starts over (a resume
             # would rightly refuse an empty folder).
-            saved = any(Path(chain["run_dir"]).rglob("manifest.json"))
+            saved = _resumable(chain["run_dir"])
             argv = ["train", recipe, "--resume", chain["run_dir"]] if saved else \
                 ["train", recipe, "--training.output_dir", chain["run_dir"]]
             code = _run_child(argv, spec)
@@ -253,7 +266,7 @@ def _plan(path: str) -> dict:
             if code == 0 and spec.startswith("wall:"):
                 break  # a random moment after the end: the run is complete
         if chain.get("finish", True):
-            saved = any(Path(chain["run_dir"]).rglob("manifest.json"))
+            saved = _resumable(chain["run_dir"])
             entry["finished"] = _run_child(["train", recipe, "--resume", chain["run_dir"]] if saved else
                                            ["train", recipe, "--training.output_dir", chain["run_dir"]], None)
         report.append(entry)
