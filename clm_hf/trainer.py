@@ -1246,6 +1246,25 @@ class ContinualTrainerMixin:
                 if path.name.startswith(("model", "adapter_model")) and path.is_file():
                     os.chmod(path, mode)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The Trainer's weight reload for a mid-task resume, keeping the adapters the strategies set up.
+
+        For a PEFT model with several adapters the Trainer reloads every adapter's weights, but then
+        makes only the first active adapter active and trainable (it assumes one). O-LoRA trains the
+        newest of several active adapters, so that would train the first task's adapter instead.
+        The weights are taken from the checkpoint; which adapters are active and which parameters
+        train are put back as they were.
+        """
+        target = unwrap_model(model if model is not None else self.model)
+        active = list(getattr(target, "active_adapters", None) or []) if hasattr(target, "peft_config") else []
+        trainable = {name: p.requires_grad for name, p in target.named_parameters()}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if len(active) > 1:
+            target.base_model.set_adapter(active)
+        for name, param in target.named_parameters():
+            if name in trainable:
+                param.requires_grad_(trainable[name])
+
     def _save_checkpoint(self, model, trial):
         """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.
 

@@ -57,12 +57,6 @@ for _module in pkgutil.iter_modules(strategies_package.__path__):  # every strat
 NEW_STRATEGIES = sorted(n for n in STRATEGY_REGISTRY
                         if not n.endswith("_test") and n not in {s["name"] for s in COMBO} | set(OTHER_CHAINS))
 NEW_KILLS = ["step:1:3", "after_task:1:{name}"]
-KNOWN_BROKEN = {
-    "olora": "O-LoRA's restore_model raises 'The model lacks O-LoRA's adapter(s) ['olora_task_1']' when a mid-task "
-             "resume follows the end-of-task restore (the model already is a PeftModel with fewer adapters)",
-}
-
-
 def write_recipe(path: Path, strategies: list[dict], output_dir: Path) -> Path:
     """Three tasks of 24 rows, batch 4, one epoch, a checkpoint every 2 steps: ~5 s per run."""
     recipe = {
@@ -180,8 +174,7 @@ def test_killed_runs_of_every_other_strategy_finish_identical(killed_runs, name)
     assert differences(final_state(folder / f"{name}-ref"), final_state(folder / name)) == []
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[n], strict=False))
-                                  if n in KNOWN_BROKEN else n for n in NEW_STRATEGIES])
+@pytest.mark.parametrize("name", NEW_STRATEGIES)
 def test_killed_runs_of_newly_registered_strategies_finish_identical(killed_runs, name):
     chain = killed_runs["chains"][name]
     assert [k["status"] for k in chain["kills"]] == [-9] * len(NEW_KILLS) and chain["finished"] == 0, chain
