@@ -867,6 +867,15 @@ class ContinualTrainerMixin:
             models[:] = [m for m in models if not isinstance(m, ddp)]
         if isinstance(self.model_wrapped, ddp):
             self.model_wrapped = self.model
+        if getattr(self, "is_deepspeed_enabled", False) and self.model_wrapped is not self.model:
+            # The Trainer cannot train() twice under DeepSpeed: the second call finds the last
+            # engine, prepares only a new optimizer, and backward() fails on a missing engine.
+            # Each task gets a new engine (and its optimizer) around the same module.
+            if isinstance(models, list):
+                models[:] = [m for m in models if m is not self.model_wrapped]
+            self.accelerator.deepspeed_engine_wrapped = None
+            self.model_wrapped = self.model
+            self.deepspeed = None
 
     def _set_model(self, model: nn.Module) -> None:
         if model is not self.model:

@@ -59,6 +59,25 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return (full() if callable(full) else tensor).detach().cpu().clone()
 
 
+def _gathered(model):
+    """Whole parameters to read: under DeepSpeed ZeRO-3 each rank holds empty placeholders outside forward."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """A DeepSpeed config of ZeRO ``stage`` that keeps the Trainer's SGD, schedule and batch sizes."""
+    return {"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -98,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="copy,reverse")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
+    parser.add_argument("--deepspeed", type=int, choices=(2, 3), help="train with DeepSpeed ZeRO of this stage")
     options = parser.parse_args(argv)
     if options.fsdp and not options.gpu:
         from tests.fsdp_cpu import enable_fsdp_on_cpu
@@ -140,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
             for strategy in trainer.strategies:
                 if strategy is not self:
                     data.update(strategy_snapshot(strategy))
-            for key, value in unwrap_model(trainer.model).state_dict().items():
-                data[f"model/{key}"] = _whole(value)
+            model = unwrap_model(trainer.model)
+            with _gathered(model):
+                for key, value in model.state_dict().items():
+                    data[f"model/{key}"] = _whole(value)
             self.folder.mkdir(parents=True, exist_ok=True)
             torch.save(data, self.folder / f"task{task.index}_{when}.pt")
 
@@ -164,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             from tests.fsdp_cpu import fsdp2_arguments
 
             sharding = fsdp2_arguments(model)
+        elif options.deepspeed:
+            sharding = {"deepspeed": deepspeed_config(options.deepspeed)}
         args = ContinualTrainingArguments(
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,

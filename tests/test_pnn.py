@@ -258,3 +258,15 @@ def test_lora_mode_one_adapter_per_task_on_a_frozen_base(arch, tmp_path, make_mo
     resumed = _trainer(tmp_path, make_model(arch, seed=123), tokenizer, [PNN(mode="lora", lora_rank=4)], arch=arch)
     resumed.fit(stream, resume_from_checkpoint=True)
     assert torch.equal(_logits(resumed, "copy", batch), copy_logits)
+
+
+def test_lateral_adapter_loads_a_scalar_alpha_saved_before_it_became_shape_1():
+    import torch
+
+    from clm_hf.strategies.pnn_model import LateralAdapter
+
+    adapter = LateralAdapter(1, 8, 2)
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    state["alpha"] = torch.tensor(0.25)  # the 0-dim form of earlier checkpoints
+    adapter.load_state_dict(state)
+    assert adapter.alpha.shape == (1,) and float(adapter.alpha) == 0.25

@@ -108,6 +108,9 @@ def test_the_cli_runs_as_a_module():
 
 
 # --- the support matrix of docs/distributed.md is what the code does ----------------------------------
+DEEPSPEED_TESTED = "tested (CPU torchrun, 2 processes, DeepSpeed's CPU accelerator)"
+
+
 def _matrix() -> dict[str, dict[str, str]]:
     rows = {}
     for line in (ROOT / "docs" / "distributed.md").read_text().splitlines():
@@ -149,11 +152,16 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
     assert sorted(matrix) == sorted(STRATEGIES)
     from tests.test_distributed import RUNS
 
+    from tests.test_deepspeed import ZERO2, ZERO3
+
+    checked = {"DeepSpeed ZeRO-2": ZERO2, "DeepSpeed ZeRO-3": ZERO3}
     for name, cells in matrix.items():
         for backend, cell in cells.items():
             assert cell == "tested (CPU torchrun, gloo)" or cell == "untested: needs GPU" or \
                 cell == "tested (1 GPU, world size 1: equals unsharded training)" or \
-                cell.startswith("rejected at start-up: `"), (name, backend, cell)
+                cell == DEEPSPEED_TESTED or cell.startswith("rejected at start-up: `"), (name, backend, cell)
+            if cell == DEEPSPEED_TESTED:  # the claim is backed by a run of tests/test_deepspeed.py
+                assert name in checked[backend], (name, backend)
         assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
 
 

@@ -109,11 +109,19 @@ class LateralAdapter(nn.Module):
             raise ValueError(f"Unknown lateral activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         self.num_sources = num_sources
         self.activation = activation
-        self.alpha = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as bytes (a 0-dim tensor
+        # cannot be viewed so) and FSDP2 shards along dim 0.
+        self.alpha = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
         self.down = nn.Linear(num_sources * hidden_size, rank, device=device, dtype=dtype)
         self.up = nn.Linear(rank, hidden_size, device=device, dtype=dtype)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        alpha = state_dict.get(prefix + "alpha")
+        if alpha is not None and alpha.dim() == 0:  # saved before alpha became shape (1,)
+            state_dict[prefix + "alpha"] = alpha.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
         if len(sources) != self.num_sources:
