@@ -29,7 +29,17 @@ def test_every_recipe_parses_and_matches_the_code(path):
     strategies_from_specs(recipe.get("strategies") or [])  # unknown names/options would raise
     from clm_hf import ContinualTrainingArguments
 
-    ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+    if recipe.get("trainer") == "sft":  # `training` is then a ContinualSFTConfig (TRL's SFTConfig fields)
+        pytest.importorskip("trl")
+        from clm_hf.sft import ContinualSFTConfig
+
+        ContinualSFTConfig(**{**recipe["training"], "use_cpu": True})  # bf16: true needs a GPU here
+    else:
+        ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+    if "lora" in recipe["model"]:
+        from clm_hf.recipe import lora_config
+
+        lora_config(recipe["model"]["lora"])  # every key is a peft.LoraConfig field
 
 
 def test_overrides_use_dotted_keys_and_yaml_values():
