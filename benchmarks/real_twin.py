@@ -41,9 +41,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
-# Qwen2.5-0.5B(-Instruct)'s shape, as benchmarks/gpu_check.py builds it; the vocabulary is the twin tokenizer's.
-QWEN_0_5B_SHAPE = {"layers": 24, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864}
-TINY_SHAPE = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "intermediate": 64}
+# Qwen2.5-0.5B(-Instruct)'s shape, as benchmarks/gpu_check.py builds it, with its 151,936-row embedding
+# (the twin tokenizer uses the first ids only); vocab 0 = the twin tokenizer's size.
+QWEN_0_5B_SHAPE = {"layers": 24, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864, "vocab": 151936}
+TINY_SHAPE = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 0}
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -95,7 +96,7 @@ def build_model(folder: str | Path, shape: dict[str, int] | None = None, seed: i
     tokenizer = build_tokenizer(extra_tokens=CHAT_TOKENS, model_max_length=2048)
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        vocab_size=max(shape["vocab"], len(tokenizer)), hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
         max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=1_000_000.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
