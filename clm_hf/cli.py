@@ -28,7 +28,8 @@ overrides:
   --section.key=value); the value is read as YAML, and list entries are numbered:
     clm-hf train recipes/ewc/tiny_gpt2.yaml --training.learning_rate 1e-3 \\
         --strategies.0.ewc_lambda 50 --tasks.num_train 64 --training.report_to=none
-  Sections: model, tasks, strategies, training (any TrainingArguments field).
+  Sections: model, tasks, strategies, training (any TrainingArguments field), reference,
+  trainer (continual, or sft for TRL's SFTTrainer: --trainer sft).
 """
 
 
