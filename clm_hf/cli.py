@@ -152,9 +152,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
             # A checkpoint path resumes its run: new checkpoints go to the run folder, not inside it.
             output_dir = str(resolve_run_dir(args.resume)[0])
-        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=output_dir,
-                                      force_resume=args.force_resume,
-                                      restart_on_damage=args.restart_on_damage)
+        from .demo import _quiet_datasets
+
+        # The Trainer's bars (training, per-task scoring) only: no `datasets` bars for tokenizing,
+        # casting or saving rows in between, as in the demo.
+        with _quiet_datasets():
+            results, trainer = run_recipe(recipe, resume=args.resume, output_dir=output_dir,
+                                          force_resume=args.force_resume,
+                                          restart_on_damage=args.restart_on_damage)
         print(results.format_table())
         print({k: (round(v, 4) if v is not None else None) for k, v in results.summary().items()})
         print(f"Results in {trainer.args.output_dir}/results.json")

@@ -261,3 +261,16 @@ def test_help_shows_the_override_syntax_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
+
+
+def test_train_shows_the_trainers_progress_bars_not_datasets_bars(tmp_path, capsys):
+    import datasets
+
+    fast = [a for a in FAST if a not in ("--training.disable_tqdm", "true")]
+    assert main(["train", str(ROOT / "recipes" / "replay" / "tiny_gpt2.yaml"), *fast,
+                 "--training.output_dir", str(tmp_path / "run"), "--training.report_to", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "eval copy" in err and "eval rotate" in err  # per-task scoring, the Trainer's tqdm style
+    # datasets' bars (map, cast, save_to_disk, flatten_indices) count "examples/s"; none is shown
+    assert "examples/s" not in err and "Tokenizing" not in err
+    assert datasets.is_progress_bar_enabled()  # switched back on after the command
