@@ -274,3 +274,29 @@ def test_train_shows_the_trainers_progress_bars_not_datasets_bars(tmp_path, caps
     # datasets' bars (map, cast, save_to_disk, flatten_indices) count "examples/s"; none is shown
     assert "examples/s" not in err and "Tokenizing" not in err
     assert datasets.is_progress_bar_enabled()  # switched back on after the command
+
+
+def test_recipe_model_lora_trains_adapters_only(tmp_path, capsys):
+    from peft import PeftModel
+
+    import clm_hf.recipe
+    from clm_hf.recipe import load_recipe, run_recipe
+
+    path = ROOT / "recipes" / "ewc" / "tiny_gpt2.yaml"
+    lora = ["--model.lora", "{r: 4, lora_alpha: 8, target_modules: [c_attn], lora_dropout: 0.0}"]
+    recipe = load_recipe(path, [*FAST, *lora, "--training.output_dir", str(tmp_path / "run"), "--training.report_to",
+                                "none", "--tasks.names", "[copy, shift]"])
+    base = clm_hf.recipe.build_model_and_tokenizer({k: v for k, v in recipe["model"].items() if k != "lora"})[0]
+    results, trainer = run_recipe(recipe)
+    assert isinstance(trainer.model, PeftModel) and results.num_trained == 2
+    assert trainer.model.peft_config["default"].r == 4 and trainer.model.peft_config["default"].task_type == "CAUSAL_LM"
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    # The frozen base is the model the recipe builds (seeded), untouched by two tasks of EWC training.
+    after = trainer.model.get_base_model().state_dict()
+    for name, value in base.state_dict().items():
+        key = next(k for k in after if k.replace(".base_layer", "") == name)
+        assert (after[key] == value).all(), name
+    # A wrong LoRA key fails before any model is built, with a suggestion.
+    assert main(["train", str(path), "--model.lora", "{rank: 4}"]) == 2
+    assert "Unknown key 'rank' in model.lora." in capsys.readouterr().err
