@@ -97,6 +97,10 @@ else
     TWIN_ARGS="--qwen-shape --num-train ${REAL_ROWS:-512} --num-eval 64"
     REAL_ARGS=""
 fi
+# `trainer: sft` needs TRL: from the image, or a trl wheel in .whl/ (installed at the top).
+if ! $PY -c "import trl" 2>/dev/null; then
+    echo "real recipe skipped: trl is not importable (put a trl wheel in .whl/)" | tee "$OUT/real.log"
+else
 {
     OVERRIDES=$($PY benchmarks/real_twin.py recipes/real/qwen2.5-0.5b-instruct-lora.yaml "$WORK/real" $TWIN_ARGS)
     eval "set -- $OVERRIDES"
@@ -111,4 +115,5 @@ fi
     cp "$WORK/runs/real/results.json" "$OUT/real_recipe_results.json"
 } > "$OUT/real.log" 2>&1
 tail -n 12 "$OUT/real.log"
+fi
 date -u
