@@ -8,7 +8,10 @@
 #   2. the step-overhead benchmark in bf16 on a wider GPT-2 (12 x 768);
 #   3. FSDP2 on one GPU against plain one-GPU training, through tests/distributed_driver.py: the
 #      same weights and strategy state after each task (world size 1: shows the strategies run on
-#      FSDP2's sharded DTensor parameters, not that sharding over several GPUs is right).
+#      FSDP2's sharded DTensor parameters, not that sharding over several GPUs is right);
+#   4. the real-model recipe recipes/real/qwen2.5-0.5b-instruct-lora.yaml (LoRA, TRL SFT, replay + EWC)
+#      on its offline twin (benchmarks/real_twin.py): a random model of Qwen2.5-0.5B's shape and local
+#      JSONL files in the layouts of the recipe's Hub datasets; wall time, peak GPU memory, results.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # on the GPU machine
 #   QUICK=1 OUT=/tmp/gpu bash benchmarks/gpu_run.sh    # tiny sizes, parts 1-2 only on a CPU: a smoke run
@@ -83,5 +86,34 @@ if [ "$QUICK" != 1 ]; then
         $PY benchmarks/gpu_check.py compare "$WORK/d/plain" "$WORK/d/fsdp" --runs "$RUNS" --atol 1e-5 | tee "$OUT/fsdp_compare.json"
     } > "$OUT/fsdp.log" 2>&1
     tail -n 40 "$OUT/fsdp.log"
+fi
+# --- 4. the real-model recipe on its twin (docs/real_models.md) -------------------------------------
+# The recipe as written (trainer, LoRA, strategies, reference set, training arguments), except: the
+# model and the datasets are the offline twin's (the machine reaches no Hub), and the row counts.
+if [ "$QUICK" = 1 ]; then
+    TWIN_ARGS="--num-train 8 --num-eval 4"
+    REAL_ARGS="--training.max_steps 1 --training.use_cpu true --training.generation_max_new_tokens 4 --strategies.1.fisher_samples 8"
+else
+    TWIN_ARGS="--qwen-shape --num-train ${REAL_ROWS:-512} --num-eval 64"
+    REAL_ARGS=""
+fi
+# `trainer: sft` needs TRL: from the image, or a trl wheel in .whl/ (installed at the top).
+if ! $PY -c "import trl" 2>/dev/null; then
+    echo "real recipe skipped: trl is not importable (put a trl wheel in .whl/)" | tee "$OUT/real.log"
+else
+{
+    OVERRIDES=$($PY benchmarks/real_twin.py recipes/real/qwen2.5-0.5b-instruct-lora.yaml "$WORK/real" $TWIN_ARGS)
+    eval "set -- $OVERRIDES"
+    (nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/real_mem.csv" 2>/dev/null &
+     echo $! > "$WORK/smi.pid")
+    start=$(date +%s)
+    timeout ${REAL_TIMEOUT:-240} $PY -m clm_hf.cli train recipes/real/qwen2.5-0.5b-instruct-lora.yaml "$@" \
+        --training.output_dir "$WORK/runs/real" --training.disable_tqdm true $REAL_ARGS
+    echo "real recipe exit $? wall_s $(( $(date +%s) - start ))"
+    kill "$(cat "$WORK/smi.pid")" 2>/dev/null
+    $PY benchmarks/gpu_check.py gpu-memory "$WORK/real_mem.csv"
+    cp "$WORK/runs/real/results.json" "$OUT/real_recipe_results.json"
+} > "$OUT/real.log" 2>&1
+tail -n 12 "$OUT/real.log"
 fi
 date -u

@@ -28,7 +28,8 @@ overrides:
   --section.key=value); the value is read as YAML, and list entries are numbered:
     clm-hf train recipes/ewc/tiny_gpt2.yaml --training.learning_rate 1e-3 \\
         --strategies.0.ewc_lambda 50 --tasks.num_train 64 --training.report_to=none
-  Sections: model, tasks, strategies, training (any TrainingArguments field).
+  Sections: model, tasks, strategies, training (any TrainingArguments field), reference,
+  trainer (continual, or sft for TRL's SFTTrainer: --trainer sft).
 """
 
 
@@ -151,9 +152,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
             # A checkpoint path resumes its run: new checkpoints go to the run folder, not inside it.
             output_dir = str(resolve_run_dir(args.resume)[0])
-        results, trainer = run_recipe(recipe, resume=args.resume, output_dir=output_dir,
-                                      force_resume=args.force_resume,
-                                      restart_on_damage=args.restart_on_damage)
+        from .demo import _quiet_datasets
+
+        # The Trainer's bars (training, per-task scoring) only: no `datasets` bars for tokenizing,
+        # casting or saving rows in between, as in the demo.
+        with _quiet_datasets():
+            results, trainer = run_recipe(recipe, resume=args.resume, output_dir=output_dir,
+                                          force_resume=args.force_resume,
+                                          restart_on_damage=args.restart_on_damage)
         print(results.format_table())
         print({k: (round(v, 4) if v is not None else None) for k, v in results.summary().items()})
         print(f"Results in {trainer.args.output_dir}/results.json")

@@ -1,10 +1,11 @@
 """YAML recipes: one file says which model, which task stream, which strategies, which arguments.
 
-A recipe is a dict with four sections::
+A recipe is a dict with four main sections::
 
     model:                       # a tiny model built on the spot ...
       arch: gpt2                 #   gpt2 | llama | t5, plus any build_tiny_model option
     # ... or a pretrained one:   name_or_path: ./my-model (local folder or Hub id), tokenizer: ...
+    #   lora: {r: 16, target_modules: [q_proj, v_proj]}   # optional: train LoRA adapters (peft.LoraConfig fields)
     tasks:                       # the built-in synthetic suite ...
       suite: synthetic
       names: [copy, shift, rotate]
@@ -22,6 +23,8 @@ A recipe is a dict with four sections::
     reference:                   # optional: eval sets scored after every task, never trained
       general: {path: json, data_files: data/general.jsonl}   # load_dataset() arguments ...
       held_out: {synthetic: rotate, num_rows: 64}             # ... or a synthetic task
+    trainer: sft                 # optional: clm_hf.sft.ContinualSFTTrainer (TRL); `training` is then a
+                                 # ContinualSFTConfig (packing, completion_only_loss, ...). Default: continual
 
 Command-line overrides use dotted keys, TRL style: ``--training.learning_rate 1e-3``,
 ``--strategies.1.ewc_lambda 50``. Values are parsed as YAML scalars.
@@ -48,7 +51,10 @@ from .validation import (
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("model", "tasks", "strategies", "training", "reference")
+SECTIONS = ("model", "tasks", "strategies", "training", "reference", "trainer")
+# `trainer:` values: the Trainer subclass a recipe builds ("continual": ContinualCausalLMTrainer or
+# ContinualSeq2SeqTrainer, as the model needs; "sft": clm_hf.sft.ContinualSFTTrainer over trl.SFTTrainer).
+TRAINERS = ("continual", "sft")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -102,6 +108,61 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
         raise ValueError("A recipe needs a 'model' section (arch: gpt2, or name_or_path: ...).")
     if "tasks" not in recipe:
         raise ValueError("A recipe needs a 'tasks' section (suite: synthetic, or a list of tasks).")
+    trainer_kind(recipe)
+
+
+def trainer_kind(recipe: dict[str, Any]) -> str:
+    """The recipe's ``trainer`` value (``"continual"`` when absent), checked against :data:`TRAINERS`.
+
+    >>> trainer_kind({"trainer": "sft"}), trainer_kind({})
+    ('sft', 'continual')
+    """
+    kind = recipe.get("trainer", "continual")
+    if kind not in TRAINERS:
+        raise RecipeError(f"trainer must be one of {', '.join(TRAINERS)}, got {type(kind).__name__} {kind!r}."
+                          f"{did_you_mean(kind, TRAINERS)}")
+    return kind
+
+
+def _sft_classes() -> tuple[type, type]:
+    """``(ContinualSFTConfig, ContinualSFTTrainer)``, or a one-line error naming the extra when TRL is missing."""
+    try:
+        from .sft import ContinualSFTConfig, ContinualSFTTrainer
+    except ImportError as err:
+        raise RecipeError(f"The recipe says 'trainer: sft', which needs TRL: pip install 'clm-hf[trl]' ({err}).") from None
+    return ContinualSFTConfig, ContinualSFTTrainer
+
+
+def lora_config(section: Any, seq2seq: bool = False, where: str = "model.lora") -> Any:
+    """A ``peft.LoraConfig`` from a recipe's ``model.lora`` mapping (its keys are ``LoraConfig`` fields).
+
+    ``task_type`` defaults to the model's (``CAUSAL_LM`` or ``SEQ_2_SEQ_LM``).
+
+    Args:
+        section (`dict`): E.g. ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}``.
+        seq2seq (`bool`, *optional*): The model is an encoder-decoder.
+        where (`str`, *optional*): How to name the section in errors.
+
+    Returns:
+        `peft.LoraConfig`
+
+    >>> lora_config({"r": 4, "target_modules": ["q_proj"]}).r
+    4
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from .validation import check_keys
+
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    check_keys(section, fields, where, listing="the fields of peft.LoraConfig")
+    options = dict(section)
+    options.setdefault("task_type", "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+    try:
+        return LoraConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: {err}") from None
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -219,8 +280,10 @@ def build_reference_sets(section: Any) -> dict[str, Any]:
     """The reference sets of a recipe (scored, never trained), as ``{name: Dataset}``.
 
     Each entry is either ``load_dataset()`` arguments (``split`` defaults to "train", the only split
-    of a local file) with ``text``, ``prompt``/``answer`` or ``input_ids``/``labels`` rows, or
-    ``{synthetic: <task>, num_rows: N, seed: S}`` for a task of the built-in suite.
+    of a local file) with ``text``, ``prompt``/``answer`` (or ``completion``), ``messages`` or
+    ``input_ids``/``labels`` rows, or ``{synthetic: <task>, num_rows: N, seed: S}`` for a task of the
+    built-in suite. ``text_column``, ``prompt_column``, ``completion_column`` and ``messages_column``
+    rename the set's columns, as in a task.
 
     >>> sets = build_reference_sets({"held_out": {"synthetic": "rotate", "num_rows": 4}})
     >>> sets["held_out"].column_names
@@ -249,8 +312,11 @@ def build_reference_sets(section: Any) -> dict[str, Any]:
             raise RecipeError(f"reference.{name} needs 'path' (load_dataset arguments) or 'synthetic' (a built-in task).")
         from datasets import load_dataset
 
+        from .layouts import COLUMN_OPTIONS, rename_columns
+
+        columns = {k: entry.pop(k) for k in COLUMN_OPTIONS if k in entry}  # never load_dataset() arguments
         entry.setdefault("split", "train")
-        sets[str(name)] = load_dataset(**entry)
+        sets[str(name)] = rename_columns(load_dataset(**entry), columns, what=f"reference set '{name}'")
     return sets
 
 
@@ -292,11 +358,21 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer
 
     validate_recipe(recipe)
+    kind = trainer_kind(recipe)
     # Every section is checked before the model or any data is loaded.
-    model_section = validate_model_section(recipe["model"])
+    model_entry, lora = recipe["model"], None
+    if isinstance(model_entry, dict) and "lora" in model_entry:
+        model_entry = dict(model_entry)
+        lora = model_entry.pop("lora")  # not a from_pretrained() argument: the adapters wrap the loaded model
+        lora_config(lora)  # a wrong key fails now, not after the model is loaded
+    model_section = validate_model_section(model_entry)
     seq2seq_arch = model_section.get("arch") == "t5" or "name_or_path" in model_section
-    training = validate_training_section(
-        recipe.get("training"), ContinualSeq2SeqTrainingArguments if seq2seq_arch else ContinualTrainingArguments)
+    if kind == "sft":
+        sft_config_class, sft_trainer_class = _sft_classes()
+        training = validate_training_section(recipe.get("training"), sft_config_class)
+    else:
+        training = validate_training_section(
+            recipe.get("training"), ContinualSeq2SeqTrainingArguments if seq2seq_arch else ContinualTrainingArguments)
     strategies = strategies_from_specs(validate_strategies_section(recipe.get("strategies")))
     stream = build_task_stream(recipe["tasks"])  # before the model: it checks the eval splits
     reference_sets = build_reference_sets(recipe.get("reference"))
@@ -305,10 +381,23 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
         training["output_dir"] = output_dir
     training.setdefault("output_dir", "runs/clm_hf")
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    args_class = ContinualSeq2SeqTrainingArguments if seq2seq else ContinualTrainingArguments
-    trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
-    args = args_class(**training)
-    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+    if kind == "sft":
+        if seq2seq:
+            raise RecipeError(f"trainer: sft builds TRL's SFTTrainer, which trains causal LMs; the model "
+                              f"({type(model).__name__}) is an encoder-decoder. Remove 'trainer: sft'.")
+        # TRL wraps the model with peft_config itself (as SFTTrainer(peft_config=...) does in a script).
+        peft = {"peft_config": lora_config(lora)} if lora is not None else {}
+        trainer = sft_trainer_class(model=model, args=sft_config_class(**training), processing_class=tokenizer,
+                                    strategies=strategies, **peft)
+    else:
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(lora, seq2seq))
+        args_class = ContinualSeq2SeqTrainingArguments if seq2seq else ContinualTrainingArguments
+        trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
+        args = args_class(**training)
+        trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
     if joint:
         for name, dataset in reference_sets.items():
             trainer.add_reference_set(name, dataset)

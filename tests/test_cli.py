@@ -29,7 +29,17 @@ def test_every_recipe_parses_and_matches_the_code(path):
     strategies_from_specs(recipe.get("strategies") or [])  # unknown names/options would raise
     from clm_hf import ContinualTrainingArguments
 
-    ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+    if recipe.get("trainer") == "sft":  # `training` is then a ContinualSFTConfig (TRL's SFTConfig fields)
+        pytest.importorskip("trl")
+        from clm_hf.sft import ContinualSFTConfig
+
+        ContinualSFTConfig(**{**recipe["training"], "use_cpu": True})  # bf16: true needs a GPU here
+    else:
+        ContinualTrainingArguments(**recipe["training"])  # every training key is a real field
+    if "lora" in recipe["model"]:
+        from clm_hf.recipe import lora_config
+
+        lora_config(recipe["model"]["lora"])  # every key is a peft.LoraConfig field
 
 
 def test_overrides_use_dotted_keys_and_yaml_values():
@@ -251,3 +261,42 @@ def test_help_shows_the_override_syntax_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
+
+
+def test_train_shows_the_trainers_progress_bars_not_datasets_bars(tmp_path, capsys):
+    import datasets
+
+    fast = [a for a in FAST if a not in ("--training.disable_tqdm", "true")]
+    assert main(["train", str(ROOT / "recipes" / "replay" / "tiny_gpt2.yaml"), *fast,
+                 "--training.output_dir", str(tmp_path / "run"), "--training.report_to", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "eval copy" in err and "eval rotate" in err  # per-task scoring, the Trainer's tqdm style
+    # datasets' bars (map, cast, save_to_disk, flatten_indices) count "examples/s"; none is shown
+    assert "examples/s" not in err and "Tokenizing" not in err
+    assert datasets.is_progress_bar_enabled()  # switched back on after the command
+
+
+def test_recipe_model_lora_trains_adapters_only(tmp_path, capsys):
+    from peft import PeftModel
+
+    import clm_hf.recipe
+    from clm_hf.recipe import load_recipe, run_recipe
+
+    path = ROOT / "recipes" / "ewc" / "tiny_gpt2.yaml"
+    lora = ["--model.lora", "{r: 4, lora_alpha: 8, target_modules: [c_attn], lora_dropout: 0.0}"]
+    recipe = load_recipe(path, [*FAST, *lora, "--training.output_dir", str(tmp_path / "run"), "--training.report_to",
+                                "none", "--tasks.names", "[copy, shift]"])
+    base = clm_hf.recipe.build_model_and_tokenizer({k: v for k, v in recipe["model"].items() if k != "lora"})[0]
+    results, trainer = run_recipe(recipe)
+    assert isinstance(trainer.model, PeftModel) and results.num_trained == 2
+    assert trainer.model.peft_config["default"].r == 4 and trainer.model.peft_config["default"].task_type == "CAUSAL_LM"
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    # The frozen base is the model the recipe builds (seeded), untouched by two tasks of EWC training.
+    after = trainer.model.get_base_model().state_dict()
+    for name, value in base.state_dict().items():
+        key = next(k for k in after if k.replace(".base_layer", "") == name)
+        assert (after[key] == value).all(), name
+    # A wrong LoRA key fails before any model is built, with a suggestion.
+    assert main(["train", str(path), "--model.lora", "{rank: 4}"]) == 2
+    assert "Unknown key 'rank' in model.lora." in capsys.readouterr().err

@@ -223,3 +223,72 @@ def test_checkpoints_and_resume(tmp_path, chat_tokenizer):
     results = again.fit(stream("prompt_completion"), resume_from_checkpoint=True)
     assert [t.task_id for t in again.tasks] == list(TASKS) and results.num_trained == 2
     assert len(again.strategies[0].terms) > 0  # the Fisher came back from the checkpoint
+
+
+# --- recipes and the CLI build ContinualSFTTrainer (`trainer: sft`) ----------------------------------------
+def sft_recipe(tmp_path, **training) -> dict:
+    """Two tasks of question/reply JSONL rows (mapped to prompt/completion), a tiny GPT-2, `trainer: sft`."""
+    files = {}
+    for task in TASKS:
+        for split, n in (("train", 8), ("eval", 4)):
+            data = rows("prompt_completion", task, n).rename_columns({"prompt": "question", "completion": "reply"})
+            files[task, split] = str(tmp_path / f"{task}_{split}.jsonl")
+            data.to_json(files[task, split])
+    return {
+        "trainer": "sft",
+        "model": {"arch": "gpt2"},
+        "tasks": [{"name": t, "prompt_column": "question", "completion_column": "reply",
+                   "train": {"path": "json", "data_files": files[t, "train"]},
+                   "eval": {"path": "json", "data_files": files[t, "eval"]}} for t in TASKS],
+        "strategies": [{"name": "replay", "buffer_size": 8}],
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "max_length": 32, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+                     "save_continual_state": False, "eval_before_training": False, **training},
+    }
+
+
+def test_recipe_trainer_sft_builds_the_sft_trainer_with_sft_config_fields(tmp_path):
+    from clm_hf.recipe import run_recipe
+    from clm_hf.sft import ContinualSFTConfig, ContinualSFTTrainer
+
+    recipe = sft_recipe(tmp_path, packing=True, packing_strategy="wrapped", completion_only_loss=False)
+    results, trainer = run_recipe(recipe)
+    assert type(trainer) is ContinualSFTTrainer and isinstance(trainer.args, ContinualSFTConfig)
+    assert trainer.args.packing and trainer.args.packing_strategy == "wrapped" and trainer.args.completion_only_loss is False
+    assert results.task_names == list(TASKS) and results.num_trained == 2
+    assert len(trainer.strategies[0].buffer) > 0  # replay acted inside the SFT trainer
+
+
+def test_cli_train_with_trainer_sft_writes_results(tmp_path, capsys):
+    import yaml
+
+    from clm_hf.cli import main
+    from clm_hf.results import ContinualResults
+
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(sft_recipe(tmp_path, completion_only_loss=True)))
+    assert main(["train", str(path), "--training.output_dir", str(tmp_path / "cli")]) == 0
+    results = ContinualResults.load(tmp_path / "cli" / "results.json")
+    assert results.task_names == list(TASKS) and results.num_trained == 2
+    assert "exact_match" in capsys.readouterr().out
+
+
+def test_recipe_sft_errors_are_one_clear_line(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from clm_hf.cli import main
+
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(sft_recipe(tmp_path)))
+    assert main(["train", str(path), "--trainer", "sftt"]) == 2
+    assert "trainer must be one of continual, sft, got str 'sftt'. Did you mean 'sft'?" in capsys.readouterr().err
+    # An SFTConfig field needs `trainer: sft`: the continual trainer's arguments do not have it.
+    assert main(["train", str(path), "--trainer", "continual"]) == 2
+    assert "Unknown key 'max_length' in training" in capsys.readouterr().err
+    assert main(["train", str(path), "--training.packin", "true"]) == 2
+    assert "Did you mean 'packing'?" in capsys.readouterr().err
+    # Without TRL: the error names the extra, before any model or data is loaded.
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.delitem(sys.modules, "clm_hf.sft")
+    assert main(["train", str(path)]) == 2
+    assert "needs TRL: pip install 'clm-hf[trl]'" in capsys.readouterr().err
