@@ -201,7 +201,8 @@ class ContinualTrainerMixin:
         if backend != DistributedType.DEEPSPEED:
             return
         self._refuse(
-            lambda s: s.edit_gradients is not Strategy.edit_gradients or s.after_optimizer_step is not Strategy.after_optimizer_step,
+            lambda s: type(s).edit_gradients is not Strategy.edit_gradients
+            or type(s).after_optimizer_step is not Strategy.after_optimizer_step,
             "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend: "
             "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost. "
             "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
@@ -216,7 +217,7 @@ class ContinualTrainerMixin:
                 "reads or copies whole parameters (a Fisher and anchors, a teacher snapshot, columns or adapters), "
                 "which is not supported on DeepSpeed ZeRO-3: it partitions every parameter across the ranks, so the "
                 "strategy would see empty placeholders. Use ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml) or DDP; "
-                "replay works on ZeRO-3.",
+                "replay and LwF(cache_teacher=True) work on ZeRO-3.",
             )
 
     def _check_compile_support(self) -> None:
@@ -246,9 +247,13 @@ class ContinualTrainerMixin:
                 "or start a single process."
             )
 
-    def _refuse(self, unsupported: Callable[[type[Strategy]], bool], reason: str) -> None:
-        """Raise ``NotImplementedError`` naming every strategy whose class ``unsupported`` picks."""
-        names = [s.name for s in self.strategies if unsupported(type(s))]
+    def _refuse(self, unsupported: Callable[[Strategy], bool], reason: str) -> None:
+        """Raise ``NotImplementedError`` naming every strategy that ``unsupported`` picks.
+
+        It is given the strategy itself, so a support flag may depend on the options (LwF's cached
+        teacher runs where its live teacher cannot).
+        """
+        names = [s.name for s in self.strategies if unsupported(s)]
         if names:
             raise NotImplementedError(f"Strategy {', '.join(repr(n) for n in names)} {reason}")
 

@@ -36,6 +36,7 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     # True Fisher: answers are sampled per rank, so only the agreement between ranks is exact.
     "ewc-true": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 4}], "gpt2"),
     "lwf": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
+    "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True}], "gpt2"),
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),

@@ -21,8 +21,10 @@ from clm_hf.strategies.base import STRATEGY_REGISTRY, build_strategy, strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+# recipes/<strategy>/*.yaml: one strategy's recipes for real models (recipes/real/ holds whole
+# end-to-end setups, checked by tests/test_real_models.py).
 REAL = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml")
-              if p.parent.name != "accelerate" and "name_or_path" in yaml.safe_load(p.read_text())["model"])
+              if p.parent.name not in ("accelerate", "real") and "name_or_path" in yaml.safe_load(p.read_text())["model"])
 STRATEGIES = ["replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "olora"]
 BACKENDS = ["DDP", "FSDP2", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"]
 # What from_pretrained receives from a recipe's model section (besides name_or_path and tokenizer).
@@ -120,13 +122,13 @@ def _matrix() -> dict[str, dict[str, str]]:
     return rows
 
 
-def _start(name, backend, make_model, tokenizer, monkeypatch) -> str | None:
-    """Build a trainer for ``name`` as if on ``backend``; the error message, or None if it starts."""
+def _start(name, backend, make_model, tokenizer, monkeypatch, **options) -> str | None:
+    """Build a trainer for ``name`` (with ``options``) as if on ``backend``; the error message, or None if it starts."""
     import accelerate
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    strategy = build_strategy(name)
+    strategy = build_strategy(name, **options)
     trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
     trainer.strategies = [strategy]
     with monkeypatch.context() as patch:
@@ -161,7 +163,7 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
                 cell == "tested (1 GPU, world size 1: equals unsharded training)" or \
                 cell == DEEPSPEED_TESTED or cell.startswith("rejected at start-up: `"), (name, backend, cell)
             if cell == DEEPSPEED_TESTED:  # the claim is backed by a run of tests/test_deepspeed.py
-                assert name in checked[backend], (name, backend)
+                assert name in {run.split("-")[0] for run in checked[backend]}, (name, backend)
         assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
 
 
@@ -194,3 +196,9 @@ def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path):
     assert recipe["training"]["warmup_steps"] == 10 and isinstance(recipe["training"]["warmup_steps"], int)
     assert recipe["training"]["run_name"] == "1e-4x"  # not a number: stays a string
     assert apply_overrides({}, ["--training.learning_rate", "-2.5e-3"])["training"]["learning_rate"] == pytest.approx(-2.5e-3)
+
+
+def test_lwf_with_a_cached_teacher_starts_on_zero3_and_a_live_teacher_is_refused(make_model, tokenizer, monkeypatch):
+    assert _start("lwf", "DeepSpeed ZeRO-3", make_model, tokenizer, monkeypatch, cache_teacher=True) is None
+    error = _start("lwf", "DeepSpeed ZeRO-3", make_model, tokenizer, monkeypatch)
+    assert error is not None and "not supported on DeepSpeed ZeRO-3" in error and "cache_teacher=True" in error

@@ -283,6 +283,12 @@ class LwF(Strategy):
     per_token_terms = ("lwf_distillation",)
 
     @property
+    def supports_partitioned_parameters(self) -> bool:  # type: ignore[override]
+        # A cached teacher is a forward pass of the model before the task (which DeepSpeed ZeRO-3
+        # gathers itself); a live teacher copies whole weights, which ZeRO-3 leaves as placeholders.
+        return self.config.cache_teacher
+
+    @property
     def supports_streaming(self) -> bool:  # type: ignore[override]
         # A live teacher only needs the task-start weights; a cached teacher scores the rows before training.
         return not self.config.cache_teacher
