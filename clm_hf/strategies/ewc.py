@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling import decoder_inputs, is_seq2seq
+from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
@@ -102,6 +103,9 @@ class EWC(Strategy):
 
     name = "ewc"
     config_class = EWCConfig
+    # Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters, the penalty is
+    # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-online").
+    supports_fsdp = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -127,7 +131,7 @@ class EWC(Strategy):
         the per-step cost does not grow with the number of tasks and the gradient,
         ``λ F̄ (θ − θ̄*) = λ Σ_k F_k (θ − θ*_k)``, is unchanged.
         """
-        params = trainable_parameters(model)
+        params = trainable_parameters(reshard(model))  # FSDP2: the DTensor parameters, not the root's unsharded copies
         self._params, self._fishers, self._anchors, self._offset = [], [], [], 0.0
         if not self.terms:
             return
@@ -138,8 +142,10 @@ class EWC(Strategy):
             if name not in params:
                 continue
             p = params[name]
-            fishers = [fisher[name].to(p.device, torch.float32) for fisher, _ in self.terms]
-            anchors = [anchor[name].to(p.device, torch.float32) for _, anchor in self.terms]
+            # Under FSDP2 the merge is element-wise on this rank's shards (local_part is the identity
+            # on a plain tensor); only the constant is summed over the ranks, below.
+            fishers = [local_part(fisher[name]).to(p.device, torch.float32) for fisher, _ in self.terms]
+            anchors = [local_part(anchor[name]).to(p.device, torch.float32) for _, anchor in self.terms]
             if len(fishers) == 1:
                 fisher, anchor = fishers[0], anchors[0]
             else:
@@ -152,7 +158,7 @@ class EWC(Strategy):
             self._fishers.append(fisher)
             self._anchors.append(anchor)
         if offset is not None:
-            self._offset = offset
+            self._offset = all_reduce_sum_like(offset, self._params[0])
 
     def penalty(self) -> torch.Tensor:
         """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends);
@@ -186,24 +192,31 @@ class EWC(Strategy):
         # per-row gradients are all-reduced, then divided by the global row count: the same
         # Fisher as one process on all rows (never the square of a rank-averaged gradient).
         world, rank = _world()
-        if world > 1:
+        # Under FSDP2 (DTensor parameters) a backward reduce-scatters the gradient over the ranks,
+        # so one row's own gradient is only seen when every rank backpropagates that same row: each
+        # rank estimates on all rows (with the same draws) and its Fisher shard is already whole.
+        sharded = any_dtensor(trainable_parameters(reshard(model)).values())
+        if world > 1 and not sharded:
             rows = rows.shard(num_shards=world, index=rank, contiguous=True)
         fisher = estimate_fisher(
             model, rows,
             batch_size=self.config.fisher_batch_size, method=self.config.fisher_method,
-            sampled=self.config.fisher_type == "true", seed=self.config.seed + task.index + 1_000_003 * rank,
+            sampled=self.config.fisher_type == "true",
+            seed=self.config.seed + task.index + (0 if sharded else 1_000_003 * rank),
             device=trainer.args.device, disable_progress=trainer.args.disable_tqdm, reduction="sum",
         )
-        if world > 1:
+        if world > 1 and not sharded:
             import torch.distributed as dist
 
             for value in fisher.values():
                 dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        torch._foreach_div_(list(fisher.values()), float(count))  # estimate_fisher's own sums
-        # One host sync for all tensors; the offending name is looked up only on failure.
-        finite = torch.stack([torch.isfinite(value).all() for value in fisher.values()])
-        if not bool(finite.all()):
-            name = list(fisher)[int(finite.logical_not().nonzero()[0])]
+        torch._foreach_div_([local_part(v) for v in fisher.values()], float(count))  # estimate_fisher's own sums
+        # One host sync for all tensors; the offending name is looked up only on failure. Sharded,
+        # the count of non-finite shards is summed so that every rank raises together.
+        finite = torch.stack([torch.isfinite(local_part(value)).all() for value in fisher.values()])
+        bad = all_reduce_sum_like(finite.logical_not().sum(), next(iter(fisher.values())))
+        if int(bad):
+            name = list(fisher)[int(finite.logical_not().nonzero()[0])] if not bool(finite.all()) else "a shard on another rank"
             raise FloatingPointError(f"EWC's Fisher for '{name}' is not finite after task '{task.name}'.")
         anchor = {n: p.detach().float().clone() for n, p in trainable_parameters(model).items()}
         if self.config.mode == "online" and self.terms:
@@ -240,10 +253,18 @@ class _QuadraticPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scale: float, fishers: list[torch.Tensor], anchors: list[torch.Tensor], *params: torch.Tensor):
-        thetas = [p if p.dtype == torch.float32 else p.float() for p in params]
+        # Under FSDP2, ``params`` are DTensors and ``fishers``/``anchors`` this rank's shards (see
+        # EWC._bind): the sum runs over the local shards and is then summed over the ranks, so every
+        # rank gets the whole penalty; the gradient of each shard is its own local pull, wrapped
+        # like the parameter. Unsharded, local_part is the identity and nothing is reduced.
+        thetas = [local_part(p) for p in params]
+        thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
         diffs = torch._foreach_sub(thetas, anchors)
         pulls = torch._foreach_mul(diffs, fishers)  # F (θ − θ*), kept for the backward
         total = _weighted_square_sum(diffs, pulls, fused=diffs[0].is_cuda) * scale
+        if params and any_dtensor(params[:1]):
+            total = all_reduce_sum_like(total, params[0])
+            ctx.params = params  # the mesh and placements to wrap the local gradients with
         ctx.save_for_backward(*pulls)
         ctx.scale = scale
         ctx.dtypes = [p.dtype for p in params]
@@ -253,6 +274,9 @@ class _QuadraticPenalty(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grads = torch._foreach_mul(ctx.saved_tensors, grad_output * (2.0 * ctx.scale))
         grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        sharded = getattr(ctx, "params", None)
+        if sharded is not None:
+            grads = [like_param(g, p) for g, p in zip(grads, sharded)]
         return (None, None, None, *grads)
 
 
@@ -341,6 +365,9 @@ def estimate_fisher(
         raise ValueError("EWC found no trainable parameter to estimate a Fisher for.")
     names = list(params)
     device = device or next(iter(params.values())).device
+    if any_dtensor(params.values()):
+        return _estimate_fisher_sharded(model, rows, params, batch_size=batch_size, sampled=sampled, seed=seed,
+                                        device=device, disable_progress=disable_progress, reduction=reduction)
     totals = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
     batches = _unpadded_batches(rows, batch_size, device)
     use_vmap = method in ("vmap", "auto")
@@ -477,3 +504,45 @@ def _squared_grads_loop(model: nn.Module, params: dict[str, nn.Parameter], names
         present = [(s, g) for s, g in zip(sums, grads) if g is not None]
         torch._foreach_addcmul_([s for s, _ in present], [g.float() for _, g in present], [g.float() for _, g in present])
     return sums
+
+
+def _estimate_fisher_sharded(model: nn.Module, rows, params: dict[str, nn.Parameter], *, batch_size: int, sampled: bool,
+                             seed: int, device, disable_progress: bool, reduction: str) -> dict[str, torch.Tensor]:
+    """:func:`estimate_fisher` for a model sharded with FSDP2: one backward per row through the wrapped model.
+
+    ``torch.func`` cannot trace FSDP2's in-place unshard, and ``torch.autograd.grad`` on the sharded
+    parameters gets nothing (FSDP2 differentiates its unsharded copies, then reduce-scatters their
+    gradients into the shards' ``.grad``). So each row runs an ordinary forward and backward of the
+    FSDP module, on every rank with the same row: the reduce-scatter then averages identical
+    gradients, and this rank's ``.grad`` shard is that row's own gradient, whose square is added
+    to the local Fisher shard. The result holds DTensors sharded like the parameters; no whole
+    parameter is ever held. Gradients the model held before are put back afterwards.
+    """
+    names = list(params)
+    totals = [torch.zeros_like(local_part(params[n]), dtype=torch.float32) for n in names]
+    saved = {n: p.grad for n, p in params.items()}
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    seq2seq = is_seq2seq(model)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for batch in tqdm(_unpadded_batches(rows, batch_size, device), desc="EWC Fisher", disable=disable_progress,
+                              leave=False):
+                labels = batch.pop("labels")
+                inputs = {**batch, **decoder_inputs(model, {**batch, "labels": labels}, seq2seq)}
+                # The same draws, in the same order, as the unsharded paths (one uniform per label position).
+                uniforms = torch.rand(labels.shape, generator=generator).to(device) if sampled else None
+                for i in range(labels.shape[0]):
+                    for p in params.values():
+                        p.grad = None
+                    logits = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+                    loss = _row_loss(logits, labels[i : i + 1], None if uniforms is None else uniforms[i : i + 1], seq2seq)
+                    loss.backward()
+                    present = [(s, local_part(params[n].grad).float()) for s, n in zip(totals, names)
+                               if params[n].grad is not None]
+                    torch._foreach_addcmul_([s for s, _ in present], [g for _, g in present], [g for _, g in present])
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
+    if reduction == "mean":
+        torch._foreach_div_(totals, float(len(rows)))
+    return {n: like_param(t, params[n]) for n, t in zip(names, totals)}
