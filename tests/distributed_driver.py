@@ -35,7 +35,11 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
               "fisher_type": "empirical"}], "gpt2"),
     # True Fisher: answers are sampled per rank, so only the agreement between ranks is exact.
     "ewc-true": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 4}], "gpt2"),
+    # Separate terms, 3 tasks: the third trains against two (Fisher, anchor) pairs merged into one.
+    "ewc-separate": ([{"name": "ewc", "ewc_lambda": 2.0, "mode": "separate", "fisher_samples": 8,
+                       "fisher_batch_size": 3, "fisher_type": "empirical"}], "gpt2"),
     "lwf": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
+    "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True, "cache_batch_size": 3}], "gpt2"),
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
@@ -48,9 +52,12 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
                     {"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_type": "empirical"}], "gpt2"),
 }
 NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch of 8
+NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
 # once the first task is learned well enough for the second one's gradient to conflict with it.
 FIRST_EPOCHS = {"gem": 20, "agem": 20}
+# Runs that need more than the --tasks stream.
+TASKS = {"ewc-separate": "copy,reverse,sort"}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,6 +77,27 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = _whole(value)
     else:
         out[prefix] = value
+
+
+def _count_scored_rows(trainer) -> list[int]:
+    """A one-item list counting the rows this rank forwards while the trainer scores tasks (``evaluate_task``)."""
+    count, scoring = [0], [False]
+    score = trainer.evaluate_task
+
+    def counted(*args, **kwargs):
+        scoring[0] = True
+        try:
+            return score(*args, **kwargs)
+        finally:
+            scoring[0] = False
+
+    def hook(module, args, kwargs):
+        if scoring[0]:
+            count[0] += int(kwargs["input_ids"].shape[0])
+
+    trainer.evaluate_task = counted
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return count
 
 
 def strategy_snapshot(strategy) -> dict[str, Any]:
@@ -152,7 +180,6 @@ def main(argv: list[str] | None = None) -> None:
             self._dump(trainer, task, "after")
 
     tokenizer = build_tokenizer()
-    stream = make_suite(options.tasks.split(","), num_train=NUM_TRAIN, num_eval=4, min_len=3, max_len=3, seed=0)
     no_dropout = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
                   "llama": {"attention_dropout": 0.0}}
     for run in options.runs.split(","):
@@ -170,15 +197,25 @@ def main(argv: list[str] | None = None) -> None:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
             dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,
-            continual_eval_batch_size=8,
+            # Eval batches of 2 rows: each of 2 ranks scores its own 2 of the 4 eval rows (a batch larger than
+            # rows / ranks makes Accelerate pad every rank's batch by cycling through the rows).
+            continual_eval_batch_size=NUM_EVAL // 2,
             use_cpu=not options.gpu,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
             **sharding,
         )
         strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+        eval_rows = _count_scored_rows(trainer)
+        stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
+                            min_len=3, max_len=3, seed=0)
         for index, (name, splits) in enumerate(stream.items()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
+        # The per-task scores after every task (the results matrix), and how many eval rows this rank scored.
+        scores = {f"scores/{metric}": torch.tensor([[float("nan") if v is None else v for v in row] for row in matrix],
+                                                   dtype=torch.float64)
+                  for metric, matrix in trainer.results.scores.items()}
+        torch.save({**scores, "eval_rows": eval_rows[0]}, Path(options.out) / run / f"rank{rank}" / "results.pt")
     # Leave together: a rank that exits while the other still uses the gloo group can abort
     # ("terminate called without an active exception", seen once on a fresh clone).
     import torch.distributed as dist
