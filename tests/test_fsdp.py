@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
-RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc"}
+RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
+        "lwf-cached": "lwf"}
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +54,17 @@ def fsdp_launches(tmp_path_factory):
 def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
     tasks = sorted(int(p.name[4:].split("_")[0]) for p in (fsdp_launches / "one" / run / "rank0").glob("task*_after.pt"))
     assert len(tasks) >= 2, f"{run}: the one-process run wrote {len(tasks)} task(s)"
-    for task in tasks:
-        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, "after") for rank in (0, 1))
-        one = _load(fsdp_launches / "one", run, 0, task, "after")
+    # "before" holds what a strategy prepared for the task (LwF's teacher cache, computed by the
+    # sharded model's forward), "after" what it keeps from it (EWC's Fisher and anchor).
+    for task, when in ((task, when) for task in tasks for when in ("before", "after")):
+        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, when) for rank in (0, 1))
+        one = _load(fsdp_launches / "one", run, 0, task, when)
         assert r0["fsdp"] and r0["world_size"] == 2, "the launch did not shard with FSDP"
         assert not one["fsdp"] and one["world_size"] == 1
         assert r0["global_step"] == one["global_step"]
         assert r0.keys() == r1.keys() == one.keys(), (run, set(r0) ^ set(one))
         differ = [k for k in r0 if k != "rank" and not _same(r0[k], r1[k])]
-        assert not differ, f"{run}: ranks differ after task {task} in {differ[:8]}"
+        assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
