@@ -130,6 +130,7 @@ def _start(name, backend, make_model, tokenizer, monkeypatch) -> str | None:
         if backend == "FSDP2":
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
             trainer.is_fsdp_enabled = True
+            patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 (tested in test_fsdp.py)
         elif backend.startswith("DeepSpeed"):
             stage = int(backend[-1])
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
@@ -192,3 +193,20 @@ def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path):
     assert recipe["training"]["warmup_steps"] == 10 and isinstance(recipe["training"]["warmup_steps"], int)
     assert recipe["training"]["run_name"] == "1e-4x"  # not a number: stays a string
     assert apply_overrides({}, ["--training.learning_rate", "-2.5e-3"])["training"]["learning_rate"] == pytest.approx(-2.5e-3)
+
+
+def test_fsdp2_refuses_continual_checkpoints_written_from_shards(make_model, tokenizer, monkeypatch):
+    """Rank 0 alone writes the end-of-task checkpoint: under FSDP2 it holds only shards, so the
+    run is refused at start-up, naming the setting, rather than crashing (or saving half) later."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
+    trainer.strategies = [build_strategy("ewc")]
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    trainer.is_fsdp_enabled = True
+    assert trainer.args.save_continual_state
+    with pytest.raises(NotImplementedError, match="save_continual_state=True is not supported on FSDP"):
+        trainer._check_backend_support()
+    monkeypatch.setattr(trainer.args, "save_continual_state", False)
+    trainer._check_backend_support()  # EWC itself runs on FSDP2

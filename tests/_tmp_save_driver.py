@@ -1,0 +1,229 @@
+"""Runs short continual streams in one process or under ``torchrun``, for ``tests/test_distributed.py``.
+
+Every rank writes what each strategy holds, and the model's weights, right before and right after
+each task, so the test can check that the ranks agree exactly and that a 2-process run with a
+per-device batch ``b`` trains the same model as a 1-process run with batch ``2 b``::
+
+    torchrun --nproc_per_node 2 -m tests.distributed_driver OUT --batch 4 --runs ewc,replay
+    python -m tests.distributed_driver OUT --batch 8 --runs ewc,replay
+
+Each run writes ``OUT/<run>/rank<r>/task<i>_<before|after>.pt`` (a flat ``{key: tensor or value}``
+dict). The settings make the two kinds of launch comparable: SGD (no per-coordinate scaling that
+would amplify rounding), no dropout, a constant learning rate, rows of one length (so every rank
+holds the same number of supervised tokens and a per-rank mean equals the global one), and the
+same seeded sampler permutation, which ``accelerate`` splits batch by batch between the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (strategy specs, model arch). Options keep every run to a few seconds.
+RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
+    "plain": ([], "gpt2"),
+    "replay": ([{"name": "replay", "buffer_size": 6, "replay_ratio": 1.0}], "gpt2"),
+    # Empirical Fisher: the same rows give the same estimate however they are split between ranks.
+    "ewc": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 3,
+              "fisher_type": "empirical"}], "gpt2"),
+    # True Fisher: answers are sampled per rank, so only the agreement between ranks is exact.
+    "ewc-true": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 4}], "gpt2"),
+    # Separate terms, 3 tasks: the third trains against two (Fisher, anchor) pairs merged into one.
+    "ewc-separate": ([{"name": "ewc", "ewc_lambda": 2.0, "mode": "separate", "fisher_samples": 8,
+                       "fisher_batch_size": 3, "fisher_type": "empirical"}], "gpt2"),
+    "lwf": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
+    "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True, "cache_batch_size": 3}], "gpt2"),
+    # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
+    # between 2 x b and 1 x 2b.
+    "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
+    "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
+    "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
+    "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
+    "pnn-lora": ([{"name": "pnn", "mode": "lora", "lora_rank": 2}], "gpt2"),
+    "olora": ([{"name": "olora", "lora_rank": 2, "lambda_orth": 0.5}], "llama"),
+    "replay+ewc": ([{"name": "replay", "buffer_size": 6, "replay_ratio": 1.0},
+                    {"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_type": "empirical"}], "gpt2"),
+}
+NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch of 8
+NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
+# Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
+# once the first task is learned well enough for the second one's gradient to conflict with it.
+FIRST_EPOCHS = {"gem": 20, "agem": 20}
+# Runs that need more than the --tasks stream.
+TASKS = {"ewc-separate": "copy,reverse,sort"}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy; an FSDP2 shard (DTensor) is gathered into the whole tensor first."""
+    full = getattr(tensor, "full_tensor", None)
+    return (full() if callable(full) else tensor).detach().cpu().clone()
+
+
+def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flat(item, f"{prefix}/{key}", out)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _flat(item, f"{prefix}/{i}", out)
+    elif isinstance(value, torch.Tensor):
+        out[prefix] = _whole(value)
+    else:
+        out[prefix] = value
+
+
+def _count_scored_rows(trainer) -> list[int]:
+    """A one-item list counting the rows this rank forwards while the trainer scores tasks (``evaluate_task``)."""
+    count, scoring = [0], [False]
+    score = trainer.evaluate_task
+
+    def counted(*args, **kwargs):
+        scoring[0] = True
+        try:
+            return score(*args, **kwargs)
+        finally:
+            scoring[0] = False
+
+    def hook(module, args, kwargs):
+        if scoring[0]:
+            count[0] += int(kwargs["input_ids"].shape[0])
+
+    trainer.evaluate_task = counted
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return count
+
+
+def strategy_snapshot(strategy) -> dict[str, Any]:
+    """Everything a strategy holds, flattened; data held as datasets is listed row by row."""
+    out: dict[str, Any] = {}
+    _flat(strategy.state_dict(), strategy.name, out)
+    buffer = getattr(strategy, "buffer", None)
+    if buffer is not None:
+        out[f"{strategy.name}/buffer_rows"] = buffer.as_dataset().to_dict() if len(buffer) else {}
+        out[f"{strategy.name}/buffer_seen"] = buffer.num_seen
+    memories = getattr(strategy, "memories", None)
+    if memories is not None:
+        for task_id, rows in memories.items():
+            out[f"{strategy.name}/memory/{task_id}"] = rows.to_dict()
+        out[f"{strategy.name}/steps"] = strategy.steps
+        out[f"{strategy.name}/projected_steps"] = strategy.projected_steps
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--batch", type=int, required=True, help="per-device train batch size")
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--tasks", default="copy,reverse")
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
+    options = parser.parse_args(argv)
+    if options.fsdp and not options.gpu:
+        from tests.fsdp_cpu import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu()
+
+    import clm_hf.strategies.ewc as ewc_module
+    import clm_hf.strategies.gem  # noqa: F401 - registers gem / agem
+    import clm_hf.strategies.olora  # noqa: F401 - registers olora
+    from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments, Strategy
+    from clm_hf.strategies.base import strategies_from_specs, unwrap_model
+    from clm_hf.tasks import build_tiny_model, build_tokenizer, make_suite
+
+    rank = int(os.environ.get("RANK", "0"))
+    fisher_rows: list[int] = []
+    estimate = ewc_module.estimate_fisher
+
+    def counting_estimate(model, rows, **kwargs):
+        fisher_rows.append(len(rows))
+        return estimate(model, rows, **kwargs)
+
+    ewc_module.estimate_fisher = counting_estimate  # record how many rows this rank estimated on
+
+    class Probe(Strategy):
+        """Listed last: writes the other strategies' state and the weights around each task."""
+
+        name = "probe"
+        supports_fsdp = True  # reads gathered copies only
+        supports_partitioned_parameters = True
+
+        def __init__(self, folder: Path) -> None:
+            super().__init__()
+            self.folder = folder
+
+        def _dump(self, trainer, task, when: str) -> None:
+            data: dict[str, Any] = {"world_size": trainer.args.world_size, "rank": rank,
+                                    "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows),
+                                    "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
+                                    "device": str(next(trainer.model.parameters()).device)}
+            for strategy in trainer.strategies:
+                if strategy is not self:
+                    data.update(strategy_snapshot(strategy))
+            for key, value in unwrap_model(trainer.model).state_dict().items():
+                data[f"model/{key}"] = _whole(value)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(data, self.folder / f"task{task.index}_{when}.pt")
+
+        def before_task(self, trainer, task) -> None:
+            self._dump(trainer, task, "before")
+
+        def after_task(self, trainer, task) -> None:
+            self._dump(trainer, task, "after")
+
+    tokenizer = build_tokenizer()
+    no_dropout = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                  "llama": {"attention_dropout": 0.0}}
+    for run in options.runs.split(","):
+        specs, arch = RUNS[run]
+        fisher_rows.clear()
+        model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=1, num_heads=2, **no_dropout[arch])
+        sharding: dict[str, Any] = {}
+        if options.fsdp:
+            from tests.fsdp_cpu import fsdp2_arguments
+
+            sharding = fsdp2_arguments(model)
+        args = ContinualTrainingArguments(
+            output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
+            num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+            logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
+            dataloader_pin_memory=False, eval_before_training=False, save_continual_state=True,
+            # Eval batches of 2 rows: each of 2 ranks scores its own 2 of the 4 eval rows (a batch larger than
+            # rows / ranks makes Accelerate pad every rank's batch by cycling through the rows).
+            continual_eval_batch_size=NUM_EVAL // 2,
+            use_cpu=not options.gpu,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
+            **sharding,
+        )
+        strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
+        trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+        eval_rows = _count_scored_rows(trainer)
+        stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
+                            min_len=3, max_len=3, seed=0)
+        for index, (name, splits) in enumerate(stream.items()):
+            epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
+            trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
+        # The per-task scores after every task (the results matrix), and how many eval rows this rank scored.
+        scores = {f"scores/{metric}": torch.tensor([[float("nan") if v is None else v for v in row] for row in matrix],
+                                                   dtype=torch.float64)
+                  for metric, matrix in trainer.results.scores.items()}
+        torch.save({**scores, "eval_rows": eval_rows[0]}, Path(options.out) / run / f"rank{rank}" / "results.pt")
+    # Leave together: a rank that exits while the other still uses the gloo group can abort
+    # ("terminate called without an active exception", seen once on a fresh clone).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
