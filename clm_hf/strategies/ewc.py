@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling import decoder_inputs, is_seq2seq
+from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
 from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
@@ -192,9 +192,9 @@ class EWC(Strategy):
         # per-row gradients are all-reduced, then divided by the global row count: the same
         # Fisher as one process on all rows (never the square of a rank-averaged gradient).
         world, rank = _world()
-        # Under FSDP2 (DTensor parameters) a backward reduce-scatters the gradient over the ranks,
-        # so one row's own gradient is only seen when every rank backpropagates that same row: each
-        # rank estimates on all rows (with the same draws) and its Fisher shard is already whole.
+        # Under FSDP2 (DTensor parameters) estimate_fisher splits the rows between the ranks itself
+        # (it squares each row's gradient before FSDP2 sums them over the ranks) and draws the true
+        # Fisher's samples as one process would: it gets all rows and one seed, and its shards are whole.
         sharded = any_dtensor(trainable_parameters(reshard(model)).values())
         if world > 1 and not sharded:
             rows = rows.shard(num_shards=world, index=rank, contiguous=True)
@@ -508,39 +508,66 @@ def _squared_grads_loop(model: nn.Module, params: dict[str, nn.Parameter], names
 
 def _estimate_fisher_sharded(model: nn.Module, rows, params: dict[str, nn.Parameter], *, batch_size: int, sampled: bool,
                              seed: int, device, disable_progress: bool, reduction: str) -> dict[str, torch.Tensor]:
-    """:func:`estimate_fisher` for a model sharded with FSDP2: one backward per row through the wrapped model.
+    """:func:`estimate_fisher` for a model sharded with FSDP2: one backward per row through the wrapped model,
+    the rows split between the ranks.
 
     ``torch.func`` cannot trace FSDP2's in-place unshard, and ``torch.autograd.grad`` on the sharded
     parameters gets nothing (FSDP2 differentiates its unsharded copies, then reduce-scatters their
-    gradients into the shards' ``.grad``). So each row runs an ordinary forward and backward of the
-    FSDP module, on every rank with the same row: the reduce-scatter then averages identical
-    gradients, and this rank's ``.grad`` shard is that row's own gradient, whose square is added
-    to the local Fisher shard. The result holds DTensors sharded like the parameters; no whole
-    parameter is ever held. Gradients the model held before are put back afterwards.
+    gradients, averaged over the ranks, into the shards' ``.grad``). So each rank runs an ordinary
+    forward and backward of the FSDP module on one of its rows per step, and a hook on each
+    unsharded parameter replaces the row's gradient ``g`` by ``W·g²`` (``W`` ranks) before FSDP2
+    reduces it: the reduce-scatter then leaves in this rank's ``.grad`` shard the sum over the
+    ranks of their rows' squared gradients, which is added to the local Fisher shard. Squares are
+    taken per row before any reduction, never of a rank-averaged gradient. A rank out of rows runs
+    a row with its loss times 0 (FSDP2's collectives need every rank at every step). The samples of
+    the true Fisher are drawn for every row in the unsharded order, so the result is that of one
+    process. The result holds DTensors sharded like the parameters; no whole parameter is ever
+    held. Gradients the model held before are put back afterwards.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     names = list(params)
+    world = next(iter(params.values())).device_mesh.size()
+    rank = next(iter(params.values())).device_mesh.get_local_rank()
     totals = [torch.zeros_like(local_part(params[n]), dtype=torch.float32) for n in names]
-    saved = {n: p.grad for n, p in params.items()}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     seq2seq = is_seq2seq(model)
+    # Every row with its inputs and draws, in the order (and with the draws) of the unsharded paths.
+    items = []
+    for batch in _unpadded_batches(rows, batch_size, device):
+        labels = batch.pop("labels")
+        inputs = {**batch, **decoder_inputs(model, {**batch, "labels": labels}, seq2seq)}
+        uniforms = torch.rand(labels.shape, generator=generator).to(device) if sampled else None
+        items.extend((inputs, labels, uniforms, i) for i in range(labels.shape[0]))
+    per_rank = -(-len(items) // world)
+    mine = items[rank * per_rank : (rank + 1) * per_rank]
+    # The unsharded parameters FSDP2 differentiates: registered on the modules while unsharded.
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    unsharded = [p for n, p in unwrap_model(model).named_parameters() if n in params]
+    reshard(model)
+
+    def square(grad: torch.Tensor) -> torch.Tensor:
+        return (grad.float().square() * world).to(grad.dtype)
+
+    handles = [p.register_hook(square) for p in unsharded]
+    saved = {n: p.grad for n, p in params.items()}
     try:
         with eval_mode(model), torch.enable_grad():
-            for batch in tqdm(_unpadded_batches(rows, batch_size, device), desc="EWC Fisher", disable=disable_progress,
-                              leave=False):
-                labels = batch.pop("labels")
-                inputs = {**batch, **decoder_inputs(model, {**batch, "labels": labels}, seq2seq)}
-                # The same draws, in the same order, as the unsharded paths (one uniform per label position).
-                uniforms = torch.rand(labels.shape, generator=generator).to(device) if sampled else None
-                for i in range(labels.shape[0]):
-                    for p in params.values():
-                        p.grad = None
-                    logits = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
-                    loss = _row_loss(logits, labels[i : i + 1], None if uniforms is None else uniforms[i : i + 1], seq2seq)
-                    loss.backward()
-                    present = [(s, local_part(params[n].grad).float()) for s, n in zip(totals, names)
-                               if params[n].grad is not None]
-                    torch._foreach_addcmul_([s for s, _ in present], [g for _, g in present], [g for _, g in present])
+            for step in tqdm(range(per_rank), desc="EWC Fisher", disable=disable_progress, leave=False):
+                inputs, labels, uniforms, i = mine[step] if step < len(mine) else items[0]
+                for p in params.values():
+                    p.grad = None
+                logits = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+                loss = _row_loss(logits, labels[i : i + 1], None if uniforms is None else uniforms[i : i + 1], seq2seq)
+                (loss if step < len(mine) else loss * 0.0).backward()
+                present = [(s, local_part(params[n].grad).float()) for s, n in zip(totals, names)
+                           if params[n].grad is not None]
+                torch._foreach_add_([s for s, _ in present], [g for _, g in present])
     finally:
+        for handle in handles:
+            handle.remove()
         for n, p in params.items():
             p.grad = saved[n]
     if reduction == "mean":
