@@ -148,6 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         return estimate(model, rows, **kwargs)
 
     ewc_module.estimate_fisher = counting_estimate  # record how many rows this rank estimated on
+    row_losses = [0]  # calls of EWC's per-row loss: under FSDP2, one per row this rank backpropagates
+    row_loss = ewc_module._row_loss
+
+    def counting_row_loss(*args, **kwargs):
+        row_losses[0] += 1
+        return row_loss(*args, **kwargs)
+
+    ewc_module._row_loss = counting_row_loss
 
     class Probe(Strategy):
         """Listed last: writes the other strategies' state and the weights around each task."""
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         def _dump(self, trainer, task, when: str) -> None:
             data: dict[str, Any] = {"world_size": trainer.args.world_size, "rank": rank,
                                     "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows),
+                                    "fisher_row_losses": row_losses[0],
                                     "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
                                     "device": str(next(trainer.model.parameters()).device)}
             for strategy in trainer.strategies:
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in options.runs.split(","):
         specs, arch = RUNS[run]
         fisher_rows.clear()
+        row_losses[0] = 0
         model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=1, num_heads=2, **no_dropout[arch])
         sharding: dict[str, Any] = {}
         if options.fsdp:

@@ -63,13 +63,23 @@ def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
         assert not one["fsdp"] and one["world_size"] == 1
         assert r0["global_step"] == one["global_step"]
         assert r0.keys() == r1.keys() == one.keys(), (run, set(r0) ^ set(one))
-        differ = [k for k in r0 if k != "rank" and not _same(r0[k], r1[k])]
+        differ = [k for k in r0 if k not in ("rank", "fisher_row_losses") and not _same(r0[k], r1[k])]
         assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
-            elif key not in ("rank", "world_size", "fisher_rows", "fsdp", "device"):
+            elif key not in ("rank", "world_size", "fisher_rows", "fisher_row_losses", "fsdp", "device"):
                 assert _same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
+
+
+@pytest.mark.parametrize("run", [run for run, strategy in RUNS.items() if strategy == "ewc"])
+def test_fsdp2_ewc_splits_the_fisher_rows_between_the_ranks(fsdp_launches, run):
+    """Each rank backpropagates half of the Fisher rows (one per-row loss each), as under DDP."""
+    last = max(int(p.name[4:].split("_")[0]) for p in (fsdp_launches / "two" / run / "rank0").glob("task*_after.pt"))
+    r0, r1 = (_load(fsdp_launches / "two", run, rank, last, "after") for rank in (0, 1))
+    given = [-(-rows // 2) for rows in r0["fisher_rows"]]  # every rank is given all rows and takes its half
+    assert r0["fisher_rows"] and r0["fisher_row_losses"] == r1["fisher_row_losses"] == sum(given), (
+        run, r0["fisher_rows"], r0["fisher_row_losses"], r1["fisher_row_losses"])
 
 
 @pytest.mark.parametrize("run", list(RUNS))
