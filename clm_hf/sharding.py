@@ -49,6 +49,17 @@ def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
     Returns ``local`` itself when ``param`` is a plain tensor. No communication: every rank passes
     its own shard, as FSDP2 laid the parameter out.
+
+    Args:
+        local (`torch.Tensor`): This rank's shard, e.g. a gradient or Fisher computed on ``local_part(param)``.
+        param (`torch.Tensor`): The parameter (a DTensor under FSDP2) whose mesh and placements to use.
+
+    Raises:
+        ValueError: ``local`` is not shaped like this rank's shard of ``param``.
+
+    >>> p = torch.nn.Parameter(torch.ones(2, 3))
+    >>> like_param(torch.zeros(2, 3), p).sum().item()  # unsharded: ``local`` itself
+    0.0
     """
     if not is_dtensor(param):
         return local
@@ -66,6 +77,13 @@ def all_reduce_sum_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tenso
 
     Returns a new tensor; with a plain ``param`` (unsharded model) ``value`` is returned as it is.
     A collective: every rank of the mesh must call it, in the same order.
+
+    Args:
+        value (`torch.Tensor`): A small plain tensor (a partial sum, a count).
+        param (`torch.Tensor`): A parameter of the model; its device mesh names the ranks to sum over.
+
+    >>> all_reduce_sum_like(torch.tensor([1.0, 2.0]), torch.nn.Parameter(torch.ones(1))).tolist()
+    [1.0, 2.0]
     """
     if not is_dtensor(param):
         return value
@@ -86,6 +104,10 @@ def reshard(model: torch.nn.Module) -> torch.nn.Module:
     until the next backward, ``model.named_parameters()`` then yields the root's *unsharded* plain
     tensors instead of its DTensor parameters. A strategy that binds parameters or snapshots them
     between tasks calls this first, outside forward/backward. A no-op on a model without FSDP2.
+
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> reshard(layer) is layer
+    True
     """
     try:
         from torch.distributed.fsdp import FSDPModule

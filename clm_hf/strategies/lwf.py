@@ -198,6 +198,13 @@ def fsdp_weights_swapped(model: nn.Module, weights: dict[str, torch.Tensor]) -> 
     memory: one copy of this rank's shards.
 
     Call it outside autograd (no grad), between the student's forward and backward or outside a step.
+
+    Args:
+        model (`nn.Module`): The FSDP2-sharded model (every FSDP2 module of it is resharded).
+        weights (`dict[str, torch.Tensor]`): One DTensor per trainable parameter name, e.g. :meth:`LwF.snapshot`.
+
+    >>> with fsdp_weights_swapped(model, lwf.teacher):  # doctest: +SKIP
+    ...     teacher_logits = model(input_ids=ids).logits
     """
     live = trainable_parameters(reshard(model))
     missing = sorted(set(live) ^ set(weights))
