@@ -104,7 +104,7 @@ class EWC(Strategy):
     name = "ewc"
     config_class = EWCConfig
     # Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters, the penalty is
-    # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-online").
+    # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-separate").
     supports_fsdp = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
@@ -337,7 +337,9 @@ def estimate_fisher(
         model (`nn.Module`): The model (dropout is switched off while estimating).
         rows (`datasets.Dataset`): Tokenized rows (``input_ids``, ``labels``).
         batch_size (`int`): Rows per vectorised pass.
-        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``.
+        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``. A model sharded with FSDP2 (DTensor
+            parameters) always takes a per-row backward through the sharded model, its rows split
+            between the ranks (:func:`_estimate_fisher_sharded`).
         sampled (`bool`): Score each row's answer positions against tokens sampled from the
             model's own teacher-forced prediction there (the true Fisher) instead of the
             dataset's tokens (the empirical Fisher).
