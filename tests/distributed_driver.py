@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         def _dump(self, trainer, task, when: str) -> None:
             data: dict[str, Any] = {"world_size": trainer.args.world_size, "rank": rank,
                                     "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows),
-                                    "fisher_row_losses": row_losses[0],
                                     "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
                                     "device": str(next(trainer.model.parameters()).device)}
+            if options.fsdp:  # only tests/test_fsdp.py reads it (EWC's Fisher rows split under FSDP2)
+                data["fisher_row_losses"] = row_losses[0]
             for strategy in trainer.strategies:
                 if strategy is not self:
                     data.update(strategy_snapshot(strategy))
