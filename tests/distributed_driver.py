@@ -40,6 +40,11 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
                        "fisher_batch_size": 3, "fisher_type": "empirical"}], "gpt2"),
     "lwf": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
     "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True, "cache_batch_size": 3}], "gpt2"),
+    # With gradient accumulation (ACCUMULATION): FSDP2 then skips the reduce-scatter on all but the
+    # last micro-batch, while EWC's penalty and LwF's teacher pass run on every one.
+    "ewc-accum": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 3,
+                    "fisher_type": "empirical"}], "gpt2"),
+    "lwf-accum": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
@@ -58,6 +63,8 @@ NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 FIRST_EPOCHS = {"gem": 20, "agem": 20}
 # Runs that need more than the --tasks stream.
 TASKS = {"ewc-separate": "copy,reverse,sort"}
+# Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
+ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             sharding = fsdp2_arguments(model)
         args = ContinualTrainingArguments(
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
-            num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,
+            num_train_epochs=options.epochs, per_device_train_batch_size=options.batch // ACCUMULATION.get(run, 1),
+            gradient_accumulation_steps=ACCUMULATION.get(run, 1),
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
             dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
 RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
-        "lwf-cached": "lwf"}
+        "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf"}
 
 
 @pytest.fixture(scope="module")
