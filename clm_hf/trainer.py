@@ -197,6 +197,15 @@ class ContinualTrainerMixin:
                 "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
                 "docs/distributed.md lists the strategies that run on FSDP2.",
             )
+            if self._setting("save_continual_state"):
+                # Rank 0 would write the end-of-task checkpoint from its own shards (it crashed in
+                # save_model, or would store half of each sharded strategy tensor).
+                raise NotImplementedError(
+                    "save_continual_state=True is not supported on FSDP yet: the continual checkpoint is written by "
+                    "rank 0 alone, which holds only its shards of the model and of the strategies' state, so it would "
+                    "not hold the trained model. Set save_continual_state=False (clm-hf train: "
+                    "--training.save_continual_state false); see docs/distributed.md, 'Continual checkpoints under FSDP2'."
+                )
             return
         if backend != DistributedType.DEEPSPEED:
             return

@@ -35,8 +35,16 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
               "fisher_type": "empirical"}], "gpt2"),
     # True Fisher: answers are sampled per rank, so only the agreement between ranks is exact.
     "ewc-true": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 4}], "gpt2"),
+    # Separate terms, 3 tasks: the third trains against two (Fisher, anchor) pairs merged into one.
+    "ewc-separate": ([{"name": "ewc", "ewc_lambda": 2.0, "mode": "separate", "fisher_samples": 8,
+                       "fisher_batch_size": 3, "fisher_type": "empirical"}], "gpt2"),
     "lwf": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
-    "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True}], "gpt2"),
+    "lwf-cached": ([{"name": "lwf", "alpha": 1.0, "cache_teacher": True, "cache_batch_size": 3}], "gpt2"),
+    # With gradient accumulation (ACCUMULATION): FSDP2 then skips the reduce-scatter on all but the
+    # last micro-batch, while EWC's penalty and LwF's teacher pass run on every one.
+    "ewc-accum": ([{"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_batch_size": 3,
+                    "fisher_type": "empirical"}], "gpt2"),
+    "lwf-accum": ([{"name": "lwf", "alpha": 1.0}], "gpt2"),
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
@@ -49,9 +57,14 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
                     {"name": "ewc", "ewc_lambda": 50.0, "fisher_samples": 8, "fisher_type": "empirical"}], "gpt2"),
 }
 NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch of 8
+NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
 # once the first task is learned well enough for the second one's gradient to conflict with it.
 FIRST_EPOCHS = {"gem": 20, "agem": 20}
+# Runs that need more than the --tasks stream.
+TASKS = {"ewc-separate": "copy,reverse,sort"}
+# Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
+ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,6 +103,27 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = _whole(value)
     else:
         out[prefix] = value
+
+
+def _count_scored_rows(trainer) -> list[int]:
+    """A one-item list counting the rows this rank forwards while the trainer scores tasks (``evaluate_task``)."""
+    count, scoring = [0], [False]
+    score = trainer.evaluate_task
+
+    def counted(*args, **kwargs):
+        scoring[0] = True
+        try:
+            return score(*args, **kwargs)
+        finally:
+            scoring[0] = False
+
+    def hook(module, args, kwargs):
+        if scoring[0]:
+            count[0] += int(kwargs["input_ids"].shape[0])
+
+    trainer.evaluate_task = counted
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return count
 
 
 def strategy_snapshot(strategy) -> dict[str, Any]:
@@ -141,6 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         return estimate(model, rows, **kwargs)
 
     ewc_module.estimate_fisher = counting_estimate  # record how many rows this rank estimated on
+    row_losses = [0]  # calls of EWC's per-row loss: under FSDP2, one per row this rank backpropagates
+    row_loss = ewc_module._row_loss
+
+    def counting_row_loss(*args, **kwargs):
+        row_losses[0] += 1
+        return row_loss(*args, **kwargs)
+
+    ewc_module._row_loss = counting_row_loss
 
     class Probe(Strategy):
         """Listed last: writes the other strategies' state and the weights around each task."""
@@ -158,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                                     "global_step": trainer.state.global_step, "fisher_rows": list(fisher_rows),
                                     "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
                                     "device": str(next(trainer.model.parameters()).device)}
+            if options.fsdp:  # only tests/test_fsdp.py reads it (EWC's Fisher rows split under FSDP2)
+                data["fisher_row_losses"] = row_losses[0]
             for strategy in trainer.strategies:
                 if strategy is not self:
                     data.update(strategy_snapshot(strategy))
@@ -175,12 +219,12 @@ def main(argv: list[str] | None = None) -> None:
             self._dump(trainer, task, "after")
 
     tokenizer = build_tokenizer()
-    stream = make_suite(options.tasks.split(","), num_train=NUM_TRAIN, num_eval=4, min_len=3, max_len=3, seed=0)
     no_dropout = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
                   "llama": {"attention_dropout": 0.0}}
     for run in options.runs.split(","):
         specs, arch = RUNS[run]
         fisher_rows.clear()
+        row_losses[0] = 0
         model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=1, num_heads=2, **no_dropout[arch])
         sharding: dict[str, Any] = {}
         if options.fsdp:
@@ -191,19 +235,30 @@ def main(argv: list[str] | None = None) -> None:
             sharding = {"deepspeed": deepspeed_config(options.deepspeed)}
         args = ContinualTrainingArguments(
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
-            num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,
+            num_train_epochs=options.epochs, per_device_train_batch_size=options.batch // ACCUMULATION.get(run, 1),
+            gradient_accumulation_steps=ACCUMULATION.get(run, 1),
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
             dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,
-            continual_eval_batch_size=8,
+            # Eval batches of 2 rows: each of 2 ranks scores its own 2 of the 4 eval rows (a batch larger than
+            # rows / ranks makes Accelerate pad every rank's batch by cycling through the rows).
+            continual_eval_batch_size=NUM_EVAL // 2,
             use_cpu=not options.gpu,  # without use_cpu, torchrun on a CPU-only host runs 2 independent processes
             **sharding,
         )
         strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)
+        eval_rows = _count_scored_rows(trainer)
+        stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
+                            min_len=3, max_len=3, seed=0)
         for index, (name, splits) in enumerate(stream.items()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
+        # The per-task scores after every task (the results matrix), and how many eval rows this rank scored.
+        scores = {f"scores/{metric}": torch.tensor([[float("nan") if v is None else v for v in row] for row in matrix],
+                                                   dtype=torch.float64)
+                  for metric, matrix in trainer.results.scores.items()}
+        torch.save({**scores, "eval_rows": eval_rows[0]}, Path(options.out) / run / f"rank{rank}" / "results.pt")
     # Leave together: a rank that exits while the other still uses the gloo group can abort
     # ("terminate called without an active exception", seen once on a fresh clone).
     import torch.distributed as dist

@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
-RUNS = {"plain": None, "replay": "replay"}
+RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
+        "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf"}
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +52,53 @@ def fsdp_launches(tmp_path_factory):
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
-    for task in (0, 1):
-        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, "after") for rank in (0, 1))
-        one = _load(fsdp_launches / "one", run, 0, task, "after")
+    tasks = sorted(int(p.name[4:].split("_")[0]) for p in (fsdp_launches / "one" / run / "rank0").glob("task*_after.pt"))
+    assert len(tasks) >= 2, f"{run}: the one-process run wrote {len(tasks)} task(s)"
+    # "before" holds what a strategy prepared for the task (LwF's teacher cache, computed by the
+    # sharded model's forward), "after" what it keeps from it (EWC's Fisher and anchor).
+    for task, when in ((task, when) for task in tasks for when in ("before", "after")):
+        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, when) for rank in (0, 1))
+        one = _load(fsdp_launches / "one", run, 0, task, when)
         assert r0["fsdp"] and r0["world_size"] == 2, "the launch did not shard with FSDP"
         assert not one["fsdp"] and one["world_size"] == 1
         assert r0["global_step"] == one["global_step"]
-        assert r0.keys() == r1.keys() == one.keys(), (run, set(r0) ^ set(one))
-        differ = [k for k in r0 if k != "rank" and not _same(r0[k], r1[k])]
-        assert not differ, f"{run}: ranks differ after task {task} in {differ[:8]}"
+        assert r0.keys() == r1.keys() == one.keys() | {"fisher_row_losses"}, (run, set(r0) ^ set(one))
+        differ = [k for k in r0 if k not in ("rank", "fisher_row_losses") and not _same(r0[k], r1[k])]
+        assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
-            elif key not in ("rank", "world_size", "fisher_rows", "fsdp", "device"):
+            elif key not in ("rank", "world_size", "fisher_rows", "fisher_row_losses", "fsdp", "device"):
                 assert _same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
+
+
+@pytest.mark.parametrize("run", [run for run, strategy in RUNS.items() if strategy == "ewc"])
+def test_fsdp2_ewc_splits_the_fisher_rows_between_the_ranks(fsdp_launches, run):
+    """Each rank backpropagates half of the Fisher rows (one per-row loss each), as under DDP."""
+    last = max(int(p.name[4:].split("_")[0]) for p in (fsdp_launches / "two" / run / "rank0").glob("task*_after.pt"))
+    r0, r1 = (_load(fsdp_launches / "two", run, rank, last, "after") for rank in (0, 1))
+    given = [-(-rows // 2) for rows in r0["fisher_rows"]]  # every rank is given all rows and takes its half
+    assert r0["fisher_rows"] and r0["fisher_row_losses"] == r1["fisher_row_losses"] == sum(given), (
+        run, r0["fisher_rows"], r0["fisher_row_losses"], r1["fisher_row_losses"])
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_fsdp2_scores_tasks_on_the_sharded_model_with_rows_split_across_ranks(fsdp_launches, run):
+    """Per-task scoring under FSDP2 runs on the sharded model (each decoder block gathered in turn,
+    never the whole model on one rank), each rank forwards its half of the eval rows, and the
+    gathered scores give the same results matrix as one unsharded process."""
+    r0, r1, one = (torch.load(root / run / f"rank{rank}" / "results.pt", weights_only=False)
+                   for root, rank in ((fsdp_launches / "two", 0), (fsdp_launches / "two", 1), (fsdp_launches / "one", 0)))
+    assert one["eval_rows"] > 0 and r0["eval_rows"] == r1["eval_rows"] == one["eval_rows"] // 2, (
+        f"{run}: eval rows forwarded per rank {r0['eval_rows']}, {r1['eval_rows']} vs {one['eval_rows']} in one process")
+    metrics = [k for k in one if k.startswith("scores/")]
+    assert metrics and sorted(metrics) == sorted(k for k in r0 if k.startswith("scores/")), (run, metrics)
+    for key in metrics:
+        assert torch.equal(r0[key].isnan(), one[key].isnan()), f"{run} {key}: scored cells differ"
+        assert torch.equal(r0[key], r1[key].to(r0[key].dtype)) or torch.equal(r0[key].nan_to_num(), r1[key].nan_to_num()), (
+            f"{run} {key}: ranks hold different results")
+        torch.testing.assert_close(r0[key].nan_to_num(), one[key].nan_to_num(), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, k=key: f"{run} {k}: {m}")
 
 
 def test_every_strategy_declaring_fsdp_support_is_checked_here():

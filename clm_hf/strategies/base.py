@@ -38,6 +38,7 @@ from torch import nn
 
 # Model helpers live in the low clm_hf.modeling module; re-exported for the strategies and old imports.
 from ..modeling import eval_mode, trainable_parameters, unwrap_model  # noqa: F401
+from ..sharding import is_dtensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -320,6 +321,14 @@ _TENSOR_MARK = "__tensor__"
 
 
 def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if is_dtensor(state):
+        # One rank holds only its shard: writing it would store part of the tensor as if it were whole.
+        raise TypeError(
+            f"State value at '{prefix}' is sharded across processes (an FSDP2 DTensor of shape {tuple(state.shape)}): "
+            "strategy state of a sharded model cannot be written by one rank into the continual checkpoint yet. "
+            "Train without mid-task and end-of-task continual checkpoints (save_strategy='no', "
+            "save_continual_state=False) under FSDP2; see docs/distributed.md."
+        )
     if isinstance(state, torch.Tensor):
         tensors[prefix] = state.detach().to("cpu").contiguous()
         return {_TENSOR_MARK: prefix}

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling import decoder_inputs, is_seq2seq
+from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
+from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
@@ -102,6 +103,9 @@ class EWC(Strategy):
 
     name = "ewc"
     config_class = EWCConfig
+    # Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters, the penalty is
+    # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-separate").
+    supports_fsdp = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -127,7 +131,7 @@ class EWC(Strategy):
         the per-step cost does not grow with the number of tasks and the gradient,
         ``λ F̄ (θ − θ̄*) = λ Σ_k F_k (θ − θ*_k)``, is unchanged.
         """
-        params = trainable_parameters(model)
+        params = trainable_parameters(reshard(model))  # FSDP2: the DTensor parameters, not the root's unsharded copies
         self._params, self._fishers, self._anchors, self._offset = [], [], [], 0.0
         if not self.terms:
             return
@@ -138,8 +142,10 @@ class EWC(Strategy):
             if name not in params:
                 continue
             p = params[name]
-            fishers = [fisher[name].to(p.device, torch.float32) for fisher, _ in self.terms]
-            anchors = [anchor[name].to(p.device, torch.float32) for _, anchor in self.terms]
+            # Under FSDP2 the merge is element-wise on this rank's shards (local_part is the identity
+            # on a plain tensor); only the constant is summed over the ranks, below.
+            fishers = [local_part(fisher[name]).to(p.device, torch.float32) for fisher, _ in self.terms]
+            anchors = [local_part(anchor[name]).to(p.device, torch.float32) for _, anchor in self.terms]
             if len(fishers) == 1:
                 fisher, anchor = fishers[0], anchors[0]
             else:
@@ -152,7 +158,7 @@ class EWC(Strategy):
             self._fishers.append(fisher)
             self._anchors.append(anchor)
         if offset is not None:
-            self._offset = offset
+            self._offset = all_reduce_sum_like(offset, self._params[0])
 
     def penalty(self) -> torch.Tensor:
         """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends);
@@ -186,24 +192,31 @@ class EWC(Strategy):
         # per-row gradients are all-reduced, then divided by the global row count: the same
         # Fisher as one process on all rows (never the square of a rank-averaged gradient).
         world, rank = _world()
-        if world > 1:
+        # Under FSDP2 (DTensor parameters) estimate_fisher splits the rows between the ranks itself
+        # (it squares each row's gradient before FSDP2 sums them over the ranks) and draws the true
+        # Fisher's samples as one process would: it gets all rows and one seed, and its shards are whole.
+        sharded = any_dtensor(trainable_parameters(reshard(model)).values())
+        if world > 1 and not sharded:
             rows = rows.shard(num_shards=world, index=rank, contiguous=True)
         fisher = estimate_fisher(
             model, rows,
             batch_size=self.config.fisher_batch_size, method=self.config.fisher_method,
-            sampled=self.config.fisher_type == "true", seed=self.config.seed + task.index + 1_000_003 * rank,
+            sampled=self.config.fisher_type == "true",
+            seed=self.config.seed + task.index + (0 if sharded else 1_000_003 * rank),
             device=trainer.args.device, disable_progress=trainer.args.disable_tqdm, reduction="sum",
         )
-        if world > 1:
+        if world > 1 and not sharded:
             import torch.distributed as dist
 
             for value in fisher.values():
                 dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        torch._foreach_div_(list(fisher.values()), float(count))  # estimate_fisher's own sums
-        # One host sync for all tensors; the offending name is looked up only on failure.
-        finite = torch.stack([torch.isfinite(value).all() for value in fisher.values()])
-        if not bool(finite.all()):
-            name = list(fisher)[int(finite.logical_not().nonzero()[0])]
+        torch._foreach_div_([local_part(v) for v in fisher.values()], float(count))  # estimate_fisher's own sums
+        # One host sync for all tensors; the offending name is looked up only on failure. Sharded,
+        # the count of non-finite shards is summed so that every rank raises together.
+        finite = torch.stack([torch.isfinite(local_part(value)).all() for value in fisher.values()])
+        bad = all_reduce_sum_like(finite.logical_not().sum(), next(iter(fisher.values())))
+        if int(bad):
+            name = list(fisher)[int(finite.logical_not().nonzero()[0])] if not bool(finite.all()) else "a shard on another rank"
             raise FloatingPointError(f"EWC's Fisher for '{name}' is not finite after task '{task.name}'.")
         anchor = {n: p.detach().float().clone() for n, p in trainable_parameters(model).items()}
         if self.config.mode == "online" and self.terms:
@@ -240,10 +253,18 @@ class _QuadraticPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scale: float, fishers: list[torch.Tensor], anchors: list[torch.Tensor], *params: torch.Tensor):
-        thetas = [p if p.dtype == torch.float32 else p.float() for p in params]
+        # Under FSDP2, ``params`` are DTensors and ``fishers``/``anchors`` this rank's shards (see
+        # EWC._bind): the sum runs over the local shards and is then summed over the ranks, so every
+        # rank gets the whole penalty; the gradient of each shard is its own local pull, wrapped
+        # like the parameter. Unsharded, local_part is the identity and nothing is reduced.
+        thetas = [local_part(p) for p in params]
+        thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
         diffs = torch._foreach_sub(thetas, anchors)
         pulls = torch._foreach_mul(diffs, fishers)  # F (θ − θ*), kept for the backward
         total = _weighted_square_sum(diffs, pulls, fused=diffs[0].is_cuda) * scale
+        if params and any_dtensor(params[:1]):
+            total = all_reduce_sum_like(total, params[0])
+            ctx.params = params  # the mesh and placements to wrap the local gradients with
         ctx.save_for_backward(*pulls)
         ctx.scale = scale
         ctx.dtypes = [p.dtype for p in params]
@@ -253,6 +274,9 @@ class _QuadraticPenalty(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grads = torch._foreach_mul(ctx.saved_tensors, grad_output * (2.0 * ctx.scale))
         grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        sharded = getattr(ctx, "params", None)
+        if sharded is not None:
+            grads = [like_param(g, p) for g, p in zip(grads, sharded)]
         return (None, None, None, *grads)
 
 
@@ -313,7 +337,9 @@ def estimate_fisher(
         model (`nn.Module`): The model (dropout is switched off while estimating).
         rows (`datasets.Dataset`): Tokenized rows (``input_ids``, ``labels``).
         batch_size (`int`): Rows per vectorised pass.
-        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``.
+        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``. A model sharded with FSDP2 (DTensor
+            parameters) always takes a per-row backward through the sharded model, its rows split
+            between the ranks (:func:`_estimate_fisher_sharded`).
         sampled (`bool`): Score each row's answer positions against tokens sampled from the
             model's own teacher-forced prediction there (the true Fisher) instead of the
             dataset's tokens (the empirical Fisher).
@@ -341,6 +367,9 @@ def estimate_fisher(
         raise ValueError("EWC found no trainable parameter to estimate a Fisher for.")
     names = list(params)
     device = device or next(iter(params.values())).device
+    if any_dtensor(params.values()):
+        return _estimate_fisher_sharded(model, rows, params, batch_size=batch_size, sampled=sampled, seed=seed,
+                                        device=device, disable_progress=disable_progress, reduction=reduction)
     totals = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
     batches = _unpadded_batches(rows, batch_size, device)
     use_vmap = method in ("vmap", "auto")
@@ -477,3 +506,72 @@ def _squared_grads_loop(model: nn.Module, params: dict[str, nn.Parameter], names
         present = [(s, g) for s, g in zip(sums, grads) if g is not None]
         torch._foreach_addcmul_([s for s, _ in present], [g.float() for _, g in present], [g.float() for _, g in present])
     return sums
+
+
+def _estimate_fisher_sharded(model: nn.Module, rows, params: dict[str, nn.Parameter], *, batch_size: int, sampled: bool,
+                             seed: int, device, disable_progress: bool, reduction: str) -> dict[str, torch.Tensor]:
+    """:func:`estimate_fisher` for a model sharded with FSDP2: one backward per row through the wrapped model,
+    the rows split between the ranks.
+
+    ``torch.func`` cannot trace FSDP2's in-place unshard, and ``torch.autograd.grad`` on the sharded
+    parameters gets nothing (FSDP2 differentiates its unsharded copies, then reduce-scatters their
+    gradients, averaged over the ranks, into the shards' ``.grad``). So each rank runs an ordinary
+    forward and backward of the FSDP module on one of its rows per step, and a hook on each
+    unsharded parameter replaces the row's gradient ``g`` by ``W·g²`` (``W`` ranks) before FSDP2
+    reduces it: the reduce-scatter then leaves in this rank's ``.grad`` shard the sum over the
+    ranks of their rows' squared gradients, which is added to the local Fisher shard. Squares are
+    taken per row before any reduction, never of a rank-averaged gradient. A rank out of rows runs
+    a row with its loss times 0 (FSDP2's collectives need every rank at every step). The samples of
+    the true Fisher are drawn for every row in the unsharded order, so the result is that of one
+    process. The result holds DTensors sharded like the parameters; no whole parameter is ever
+    held. Gradients the model held before are put back afterwards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    names = list(params)
+    world = next(iter(params.values())).device_mesh.size()
+    rank = next(iter(params.values())).device_mesh.get_local_rank()
+    totals = [torch.zeros_like(local_part(params[n]), dtype=torch.float32) for n in names]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    seq2seq = is_seq2seq(model)
+    # Every row with its inputs and draws, in the order (and with the draws) of the unsharded paths.
+    items = []
+    for batch in _unpadded_batches(rows, batch_size, device):
+        labels = batch.pop("labels")
+        inputs = {**batch, **decoder_inputs(model, {**batch, "labels": labels}, seq2seq)}
+        uniforms = torch.rand(labels.shape, generator=generator).to(device) if sampled else None
+        items.extend((inputs, labels, uniforms, i) for i in range(labels.shape[0]))
+    per_rank = -(-len(items) // world)
+    mine = items[rank * per_rank : (rank + 1) * per_rank]
+    # The unsharded parameters FSDP2 differentiates: registered on the modules while unsharded.
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    unsharded = [p for n, p in unwrap_model(model).named_parameters() if n in params]
+    reshard(model)
+
+    def square(grad: torch.Tensor) -> torch.Tensor:
+        return (grad.float().square() * world).to(grad.dtype)
+
+    handles = [p.register_hook(square) for p in unsharded]
+    saved = {n: p.grad for n, p in params.items()}
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for step in tqdm(range(per_rank), desc="EWC Fisher", disable=disable_progress, leave=False):
+                inputs, labels, uniforms, i = mine[step] if step < len(mine) else items[0]
+                for p in params.values():
+                    p.grad = None
+                logits = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+                loss = _row_loss(logits, labels[i : i + 1], None if uniforms is None else uniforms[i : i + 1], seq2seq)
+                (loss if step < len(mine) else loss * 0.0).backward()
+                present = [(s, local_part(params[n].grad).float()) for s, n in zip(totals, names)
+                           if params[n].grad is not None]
+                torch._foreach_add_([s for s, _ in present], [g for _, g in present])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for n, p in params.items():
+            p.grad = saved[n]
+    if reduction == "mean":
+        torch._foreach_div_(totals, float(len(rows)))
+    return {n: like_param(t, params[n]) for n, t in zip(names, totals)}

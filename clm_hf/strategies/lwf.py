@@ -21,6 +21,11 @@ fresh LoRA adapters (B = 0) the snapshot *is* the base model's function, and onc
 trained on earlier tasks it is the adapted model those tasks left behind, which is what LwF must
 preserve.
 
+Under FSDP2 the snapshot is taken shard by shard (DTensors sharded like the parameters), and the
+teacher runs as the sharded model itself: its shards are copied into the parameters' local shards
+for the teacher's no-grad forward (FSDP2 gathers each block from them) and the live shards are put
+back before the student's backward (:func:`fsdp_weights_swapped`).
+
 With ``cache_teacher=True`` the teacher's top-k log-probabilities are computed once per task, at
 every supervised position of every training row (replayed rows included), and stored as side
 columns of the training rows: training then needs no teacher forward pass and holds no teacher.
@@ -32,13 +37,14 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
 
+from ..sharding import any_dtensor, local_part, reshard
 from ._functional import FunctionalModel
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters, unwrap_model
 
@@ -178,6 +184,47 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
         return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
 
 
+@contextlib.contextmanager
+def fsdp_weights_swapped(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``model`` (sharded with FSDP2) computes with ``weights`` (DTensors sharded like its parameters).
+
+    Swapping tensors into the module's parameter slots (what :class:`FunctionalModel` does) has no
+    effect under FSDP2: its pre-forward hook gathers every block from the sharded parameters it
+    holds itself. So this rank's shard of each ``weights`` tensor is copied into the parameter's
+    own local shard, and copied back afterwards (also on error). Unsharded copies are dropped on
+    entry and exit (``reshard``), so that nothing computed with the live weights (the student's
+    root parameters, kept unsharded after its forward) serves the teacher and nothing computed with
+    the teacher's serves the student's backward, which gathers the restored shards again. Extra
+    memory: one copy of this rank's shards.
+
+    Call it outside autograd (no grad), between the student's forward and backward or outside a step.
+
+    Args:
+        model (`nn.Module`): The FSDP2-sharded model (every FSDP2 module of it is resharded).
+        weights (`dict[str, torch.Tensor]`): One DTensor per trainable parameter name, e.g. :meth:`LwF.snapshot`.
+
+    >>> with fsdp_weights_swapped(model, lwf.teacher):  # doctest: +SKIP
+    ...     teacher_logits = model(input_ids=ids).logits
+    """
+    live = trainable_parameters(reshard(model))
+    missing = sorted(set(live) ^ set(weights))
+    if missing:
+        raise ValueError(f"The weights to swap into the FSDP2 model do not match its trainable parameters: {missing[:5]}.")
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, param in live.items():
+                shard = local_part(param)
+                saved[name] = shard.clone()
+                shard.copy_(local_part(weights[name]))
+        yield
+    finally:
+        reshard(model)
+        with torch.no_grad():
+            for name, backup in saved.items():
+                local_part(live[name]).copy_(backup)
+
+
 @torch.no_grad()
 def teacher_topk(
     model: nn.Module,
@@ -275,6 +322,9 @@ class LwF(Strategy):
 
     name = "lwf"
     config_class = LwFConfig
+    # FSDP2: the teacher is a sharded snapshot run through the sharded model; the cache is filled by
+    # the sharded model's forward on every rank (tests/test_fsdp.py: "lwf", "lwf-cached").
+    supports_fsdp = True
     side_columns = (IDS_COLUMN, LOGPROBS_COLUMN)
     uses_output_logits = True  # the student's logits, with gradient
     supports_packed_rows = False  # the teacher cache is per row
@@ -321,8 +371,13 @@ class LwF(Strategy):
 
     # --- the teacher -------------------------------------------------------------------------
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Detached copies of ``model``'s trainable parameters (the adapter weights of a PEFT model)."""
-        return {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+        """Detached copies of ``model``'s trainable parameters (the adapter weights of a PEFT model).
+
+        Under FSDP2, copies of this rank's shards (DTensors like the parameters): the model is
+        resharded first, since after an evaluation FSDP2 keeps the root module's parameters
+        unsharded and ``named_parameters`` would yield those plain tensors instead.
+        """
+        return {name: p.detach().clone() for name, p in trainable_parameters(reshard(model)).items()}
 
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         self._teacher_call = None  # the trainable parameters may differ from the last task's
@@ -333,7 +388,7 @@ class LwF(Strategy):
             self.teacher, self.teacher_task = None, None
             self._check_cache_covers(trainer.train_dataset, task)
             return
-        params = trainable_parameters(trainer.model)
+        params = trainable_parameters(reshard(trainer.model))
         if task.resumed and self.teacher is not None and self.teacher_task == task.index:
             # Resuming inside the task: the model may already be partly trained, so keep the
             # task-start weights restored from the checkpoint.
@@ -400,8 +455,12 @@ class LwF(Strategy):
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
             if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
                 self._dropout = (model, has_active_dropout(model))
-            logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
-                                     forward=self._teacher_forward(model))
+            if any_dtensor(self.teacher.values()):  # FSDP2: the sharded model runs on the teacher's shards
+                with fsdp_weights_swapped(model, self.teacher):
+                    logits = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1])
+            else:
+                logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
+                                         forward=self._teacher_forward(model))
             teacher, _ = supervised_mask(logits, labels, seq2seq)
             kl = distillation_kl(student[mask], teacher[mask], temperature)
         # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
