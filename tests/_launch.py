@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 IGNORED = ("rank", "world_size", "fisher_rows", "fsdp", "device")
 
 
-def launch_pair(out: Path, runs: list[str], flags: list[str]) -> Path:
-    """Run ``runs`` with ``flags`` under torchrun (2 ranks, batch 4) into ``out/two``, and plainly into ``out/one``."""
+def launch_pair(out: Path, runs: list[str], flags: list[str], env: dict[str, str] | None = None) -> Path:
+    """Run ``runs`` with ``flags`` under torchrun (2 ranks, batch 4) into ``out/two``, and plainly into ``out/one``.
+
+    ``env`` adds environment variables to both launches (``CLM_DRIVER_SAVE=1``: write continual checkpoints).
+    """
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     names = ",".join(runs)
@@ -31,7 +34,7 @@ def launch_pair(out: Path, runs: list[str], flags: list[str]) -> Path:
     single = [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", names]
     for name, cmd in (("two", sharded), ("one", single)):
         with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
+            code = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
         if code != 0:
             pytest.fail(f"the {name}-process launch failed with exit code {code}:\n{(out / f'{name}.log').read_text()[-6000:]}")
     return out

@@ -7,6 +7,8 @@ per-device batch ``b`` trains the same model as a 1-process run with batch ``2 b
     torchrun --nproc_per_node 2 -m tests.distributed_driver OUT --batch 4 --runs ewc,replay
     python -m tests.distributed_driver OUT --batch 8 --runs ewc,replay
 
+With ``CLM_DRIVER_SAVE=1`` the runs also write their continual checkpoints (``OUT/<run>/run/continual``).
+
 Each run writes ``OUT/<run>/rank<r>/task<i>_<before|after>.pt`` (a flat ``{key: tensor or value}``
 dict). The settings make the two kinds of launch comparable: SGD (no per-coordinate scaling that
 would amplify rounding), no dropout, a constant learning rate, rows of one length (so every rank
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             gradient_accumulation_steps=ACCUMULATION.get(run, 1),
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-            dataloader_pin_memory=False, eval_before_training=False, save_continual_state=False,
+            dataloader_pin_memory=False, eval_before_training=False,
+            save_continual_state=bool(os.environ.get("CLM_DRIVER_SAVE")),
             # Eval batches of 2 rows: each of 2 ranks scores its own 2 of the 4 eval rows (a batch larger than
             # rows / ranks makes Accelerate pad every rank's batch by cycling through the rows).
             continual_eval_batch_size=NUM_EVAL // 2,

@@ -30,7 +30,8 @@ def zero2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    return launch_pair(tmp_path_factory.mktemp("zero3"), ZERO3, ["--deepspeed", "3"])
+    # With continual checkpoints: rank 0 writes them while every rank holds only its partition.
+    return launch_pair(tmp_path_factory.mktemp("zero3"), ZERO3, ["--deepspeed", "3"], env={"CLM_DRIVER_SAVE": "1"})
 
 
 @pytest.mark.parametrize("run", ZERO2)
@@ -41,3 +42,18 @@ def test_zero2_two_ranks_match_one_process(zero2, run):
 @pytest.mark.parametrize("run", ZERO3)
 def test_zero3_two_ranks_match_one_process(zero3, run):
     assert_ranks_match_one_process(zero3, run)
+
+
+def test_zero3_continual_checkpoint_holds_the_whole_trained_model(zero3):
+    """Each end-of-task checkpoint of the ZeRO-3 run holds the gathered weights, not empty partitions."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import _load
+
+    for task in (0, 1):
+        saved = load_file(zero3 / "two" / "replay" / "run" / "continual" / f"task-{task:03d}" / "model.safetensors")
+        trained = _load(zero3 / "two", "replay", 0, task, "after")
+        assert saved and all(f"model/{k}" in trained for k in saved)
+        for key, value in saved.items():
+            assert value.numel() > 0 and torch.equal(value, trained[f"model/{key}"]), key
