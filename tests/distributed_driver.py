@@ -39,6 +39,9 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
+    # No margin: the dual variable is -g·g_ref / |g_ref|², so the projection depends on both reduced
+    # sums (with the margin 0.5 the bound is active here and only the decision depends on them).
+    "gem-nomargin": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
     "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
     "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
@@ -50,7 +53,7 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
 NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch of 8
 # Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
 # once the first task is learned well enough for the second one's gradient to conflict with it.
-FIRST_EPOCHS = {"gem": 20, "agem": 20}
+FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "agem": 20}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
-RUNS = {"plain": None, "replay": "replay"}
+RUNS = {"plain": None, "replay": "replay", "gem": "gem", "gem-nomargin": "gem", "agem": "agem"}
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ REAL = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml")
               if p.parent.name != "accelerate" and "name_or_path" in yaml.safe_load(p.read_text())["model"])
 STRATEGIES = ["replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "olora"]
 BACKENDS = ["DDP", "FSDP2", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"]
+# An FSDP2 cell backed by tests/test_fsdp.py: 2 sharded CPU processes against one unsharded one.
+FSDP2_TESTED = r"tested \(CPU torchrun 2 processes, gloo\): max diff [0-9.e+-]+ to one unsharded process"
 # What from_pretrained receives from a recipe's model section (besides name_or_path and tokenizer).
 MODEL_KEYS = {"name_or_path", "tokenizer", "trust_remote_code", "dtype", "attn_implementation", "revision"}
 
@@ -148,13 +150,17 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
     matrix = _matrix()
     assert sorted(matrix) == sorted(STRATEGIES)
     from tests.test_distributed import RUNS
+    from tests.test_fsdp import RUNS as FSDP_RUNS
 
     for name, cells in matrix.items():
         for backend, cell in cells.items():
             assert cell == "tested (CPU torchrun, gloo)" or cell == "untested: needs GPU" or \
                 cell == "tested (1 GPU, world size 1: equals unsharded training)" or \
-                cell.startswith("rejected at start-up: `"), (name, backend, cell)
+                cell.startswith("rejected at start-up: `") or \
+                (backend == "FSDP2" and re.fullmatch(FSDP2_TESTED, cell)), (name, backend, cell)
         assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
+        if re.fullmatch(FSDP2_TESTED, cells["FSDP2"]):
+            assert name in FSDP_RUNS.values(), f"{name}: docs say FSDP2 is tested, but tests/test_fsdp.py has no run of it"
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
