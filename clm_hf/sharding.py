@@ -1,26 +1,32 @@
-"""Small helpers for strategies whose parameters and gradients may be FSDP2 shards (DTensors).
+"""Helpers for strategy state that lives where FSDP2's sharded (DTensor) parameters live.
 
-Under FSDP2 every parameter of the model is a ``torch.distributed.tensor.DTensor`` sharded over a
-device mesh, and so is its gradient after backward. A strategy keeps its own state where the
-parameters live (in the local shard) and reduces only small things (dot products, counts) over the
-ranks that hold the other shards. Outside FSDP these helpers are no-ops on plain tensors, so the
-single-process and DDP code paths stay exactly as they were.
+Under FSDP2 (``fully_shard``) every parameter of the model is a ``DTensor``: each rank holds one
+shard (``Shard(0)`` over a 1-D device mesh), and gradients are sharded the same way after
+backward. A strategy keeps its per-parameter state (EWC's Fisher and anchor, LwF's teacher) as
+DTensors with the parameter's mesh and placements, computes on the local shards, and reduces only
+scalars over the ranks. Outside FSDP every helper is the identity on a plain tensor, so the
+unsharded code paths stay unchanged.
+
+>>> import torch
+>>> from clm_hf.sharding import is_dtensor, local_part, like_param, all_reduce_sum_like
+>>> p = torch.nn.Parameter(torch.ones(3))
+>>> is_dtensor(p), local_part(p) is p, like_param(torch.zeros(3), p).shape
+(False, True, torch.Size([3]))
+>>> float(all_reduce_sum_like(torch.tensor(2.0), p))  # one process: nothing to reduce
+2.0
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+
+__all__ = ["all_reduce_sum_like", "any_dtensor", "is_dtensor", "like_param", "local_part", "reshard", "shard_like"]
 
 
 def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard), without importing DTensor eagerly.
-
-    Example:
-
-    >>> import torch
-    >>> is_dtensor(torch.zeros(2))
-    False
-    """
+    """True when ``tensor`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or shard)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -28,65 +34,86 @@ def is_dtensor(tensor: object) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def any_dtensor(tensors: Iterable[object]) -> bool:
+    """True when one of ``tensors`` is a DTensor: the model is sharded with FSDP2."""
+    return any(is_dtensor(t) for t in tensors)
+
+
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (sharing its storage, so writes land in it), else ``tensor``.
-
-    Example:
-
-    >>> import torch
-    >>> t = torch.ones(3)
-    >>> local_part(t) is t
-    True
-    """
+    """This rank's shard of a DTensor (a plain tensor, sharing its storage); a plain tensor as it is."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def like_sharded(local: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's shard) as a tensor placed like ``reference``: a DTensor on the same mesh
-    with the same placements, global shape and stride when ``reference`` is one, else ``local``.
+def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Wrap ``local`` (this rank's shard, shaped like ``local_part(param)``) as a DTensor sharded like ``param``.
 
-    Example:
-
-    >>> import torch
-    >>> like_sharded(torch.zeros(2), torch.ones(2)).tolist()
-    [0.0, 0.0]
+    Returns ``local`` itself when ``param`` is a plain tensor. No communication: every rank passes
+    its own shard, as FSDP2 laid the parameter out.
     """
-    if not is_dtensor(reference):
+    if not is_dtensor(param):
         return local
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, reference.device_mesh, reference.placements, run_check=False,
-                              shape=reference.shape, stride=reference.stride())
+    if local.shape != param.to_local().shape:
+        raise ValueError(f"like_param: the local shard has shape {tuple(local.shape)}, but this rank's shard of the "
+                         f"parameter has shape {tuple(param.to_local().shape)}.")
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
 
 
-def all_reduce_sum_over_shards_(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum, in place, a plain tensor of per-rank partial results over the ranks that hold the other
-    shards of ``like`` (the mesh dimensions on which ``like`` is sharded; replicated dimensions
-    already hold the whole value). A no-op when ``like`` is not a DTensor or not sharded.
+def all_reduce_sum_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` (a plain tensor, e.g. a partial sum over local shards) over the ranks of ``param``'s mesh.
 
-    Every rank must call it in the same order (it is a collective). The result is the same, to the
-    bit, on every rank.
+    Returns a new tensor; with a plain ``param`` (unsharded model) ``value`` is returned as it is.
+    A collective: every rank of the mesh must call it, in the same order.
+    """
+    if not is_dtensor(param):
+        return value
+    import torch.distributed as dist
 
-    Args:
-        tensor (`torch.Tensor`): Local partial sums (a dot product, a Gram matrix, a count).
-        like (`torch.Tensor`): A parameter (or its gradient) whose sharding defines the ranks.
+    mesh = param.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"all_reduce_sum_like supports a 1-D device mesh (FSDP2), got a {mesh.ndim}-D mesh.")
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return out
 
-    Returns:
-        `torch.Tensor`: ``tensor``, now holding the sum.
+
+def reshard(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every FSDP2 module of ``model`` back in its sharded state; returns ``model``.
+
+    FSDP2 does not reshard the root module after a forward pass that has no backward (evaluation):
+    until the next backward, ``model.named_parameters()`` then yields the root's *unsharded* plain
+    tensors instead of its DTensor parameters. A strategy that binds parameters or snapshots them
+    between tasks calls this first, outside forward/backward. A no-op on a model without FSDP2.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return model
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor ``full`` (the same on every rank) as a DTensor sharded like ``param``: each
+    rank keeps its own slice, without communication. ``full`` itself when ``param`` is plain.
+
+    For state built whole before FSDP2 sharded the model (or loaded whole from a checkpoint), and
+    for a draw of the whole tensor that every rank repeats with the same seed.
 
     Example:
 
     >>> import torch
-    >>> all_reduce_sum_over_shards_(torch.tensor([1.0]), torch.zeros(2)).tolist()  # not sharded: unchanged
-    [1.0]
+    >>> shard_like(torch.arange(3), torch.zeros(3)).tolist()  # not sharded: unchanged
+    [0, 1, 2]
     """
-    if not is_dtensor(like):
-        return tensor
-    import torch.distributed as dist
-    from torch.distributed.tensor import Shard
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
 
-    mesh = like.device_mesh
-    for dim, placement in enumerate(like.placements):
-        if isinstance(placement, Shard) and mesh.size(dim) > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
-    return tensor
+    if full.shape != param.shape:
+        raise ValueError(f"shard_like: the tensor has shape {tuple(full.shape)}, the parameter {tuple(param.shape)}.")
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)

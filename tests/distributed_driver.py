@@ -44,6 +44,8 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     "gem-nomargin": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
     "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
     "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
+    "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
+                         "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
     "pnn-lora": ([{"name": "pnn", "mode": "lora", "lora_rank": 2}], "gpt2"),
     "olora": ([{"name": "olora", "lora_rank": 2, "lambda_orth": 0.5}], "llama"),
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="copy,reverse")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
+    parser.add_argument("--keep-unsharded", action="store_true",
+                        help="FSDP2 with reshard_after_forward=False: unsharded copies outlive an evaluation's forward")
     options = parser.parse_args(argv)
     if options.fsdp and not options.gpu:
         from tests.fsdp_cpu import enable_fsdp_on_cpu
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         if options.fsdp:
             from tests.fsdp_cpu import fsdp2_arguments
 
-            sharding = fsdp2_arguments(model)
+            sharding = fsdp2_arguments(model, reshard_after_forward=not options.keep_unsharded)
         args = ContinualTrainingArguments(
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch,
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         for index, (name, splits) in enumerate(stream.items()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
+        torch.save({m: torch.tensor([[float("nan") if v is None else v for v in row] for row in mat], dtype=torch.float64) for m, mat in trainer.results.scores.items()}, Path(options.out) / run / f"rank{rank}" / "results.pt")
     # Leave together: a rank that exits while the other still uses the gloo group can abort
     # ("terminate called without an active exception", seen once on a fresh clone).
     import torch.distributed as dist

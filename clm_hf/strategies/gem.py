@@ -65,7 +65,7 @@ from torch import nn
 from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
 from .lwf import has_active_dropout
-from ..sharding import all_reduce_sum_over_shards_, is_dtensor, like_sharded, local_part
+from ..sharding import all_reduce_sum_like, is_dtensor, like_param, local_part
 from .base import (
     Strategy,
     StrategyConfig,
@@ -177,8 +177,8 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
         G (`torch.Tensor`): The ``K x P`` reference gradients.
         margin (`float`): Lower bound ``γ`` of the dual variables.
         reduce (`Callable`, *optional*): Under sharding (FSDP2), ``g`` and ``G`` hold this rank's
-            coordinates only: ``reduce`` sums a tensor of local partial results in place over the
-            ranks (:func:`~clm_hf.sharding.all_reduce_sum_over_shards_`). It is applied to ``G g`` and
+            coordinates only: ``reduce`` returns the sum of a tensor of local partial results over
+            the ranks (:func:`~clm_hf.sharding.all_reduce_sum_like`). It is applied to ``G g`` and
             ``G Gᵀ``, so every rank solves the same QP and projects its own coordinates.
 
     Returns:
@@ -192,13 +192,13 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     """
     dots = G @ g
     if reduce is not None:
-        reduce(dots)
+        dots = reduce(dots)
     dots = dots.to("cpu", torch.float64)  # the first sync: K numbers
     if not bool((dots < 0).any()):
         return False
     gram = G @ G.T
     if reduce is not None:
-        reduce(gram)
+        gram = reduce(gram)
     v = solve_nonnegative_qp(gram.to("cpu", torch.float64), dots, margin)
     g.addmv_(G.T, v.to(device=G.device, dtype=G.dtype))
     return True
@@ -216,9 +216,9 @@ def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0,
         g (`torch.Tensor`): The gradient, a ``P`` vector (edited in place).
         reference (`torch.Tensor`): The reference gradient ``r``, a ``P`` vector.
         margin (`float`): Lower bound ``γ`` of ``v``.
-        reduce (`Callable`, *optional*): Under sharding, sums local partial results in place over
-            the ranks; applied to ``(g · r, r · r)`` (one collective), so every rank takes the same
-            decision and scales its own coordinates.
+        reduce (`Callable`, *optional*): Under sharding, returns the sum of local partial results
+            over the ranks; applied to ``(g · r, r · r)`` (one collective), so every rank takes the
+            same decision and scales its own coordinates.
 
     Returns:
         `torch.Tensor`: A 0-dim bool tensor, whether ``g`` was projected (left on the device).
@@ -648,7 +648,7 @@ class EpisodicGradientStrategy(Strategy):
             self._sharded_references(bare, params, bank, selections)
             # g and the references hold this rank's shard: dot products and the Gram matrix are
             # local partial sums, summed over the ranks, so every rank decides and solves alike.
-            reduce = lambda partial: all_reduce_sum_over_shards_(partial, params[0])  # noqa: E731
+            reduce = lambda partial: all_reduce_sum_like(partial, params[0])  # noqa: E731
         else:
             self._fill_references(bare, params, None, bank=bank, selections=selections)
         projected = self.project(self._flat, self._refs, reduce=reduce)
@@ -658,7 +658,7 @@ class EpisodicGradientStrategy(Strategy):
         self._projected = self._projected + projected
         for view, p in zip(self._flat_views, params):
             if p.grad is None:
-                p.grad = like_sharded(view.to(p.dtype).clone(), p)
+                p.grad = like_param(view.to(p.dtype).clone(), p)
             else:
                 local_part(p.grad).copy_(view)
 
