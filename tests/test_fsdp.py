@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
-RUNS = {"plain": None, "replay": "replay", "gem": "gem", "gem-nomargin": "gem", "agem": "agem", "packnet": "packnet", "packnet-random": "packnet"}
+RUNS = {"plain": None, "replay": "replay", "gem": "gem", "gem-nomargin": "gem", "agem": "agem", "packnet": "packnet", "packnet-random": "packnet",
+        "pnn-lora": "pnn", "olora": "olora"}
 
 
 @pytest.fixture(scope="module")
