@@ -192,3 +192,28 @@ def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path):
     assert recipe["training"]["warmup_steps"] == 10 and isinstance(recipe["training"]["warmup_steps"], int)
     assert recipe["training"]["run_name"] == "1e-4x"  # not a number: stays a string
     assert apply_overrides({}, ["--training.learning_rate", "-2.5e-3"])["training"]["learning_rate"] == pytest.approx(-2.5e-3)
+
+
+def test_pnn_starts_on_fsdp2_in_lora_mode_and_refuses_columns_with_the_reason(make_model, tokenizer, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from clm_hf.strategies.pnn import PNN
+
+    errors = {}
+    for mode in ("lora", "columns"):
+        strategy = PNN(mode=mode)
+        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
+        trainer.strategies = [strategy]
+        with monkeypatch.context() as patch:
+            patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+            trainer.is_fsdp_enabled = True
+            try:
+                trainer._check_backend_support()
+                strategy.setup(trainer)
+                errors[mode] = None
+            except NotImplementedError as err:
+                errors[mode] = str(err)
+    assert errors["lora"] is None
+    assert errors["columns"] is not None and "mode='columns' is not supported on FSDP" in errors["columns"]
+    assert "mode='lora'" in errors["columns"]  # names the way out
