@@ -134,8 +134,9 @@ class PNN(Strategy):
         if self.config.mode == "columns" and _fsdp_enabled(trainer):
             raise NotImplementedError(
                 "Strategy 'pnn' with mode='columns' is not supported on FSDP: a new column is a deep copy of the "
-                "previous one, which FSDP2 has already sharded and hooked, and it cannot be re-wrapped into the "
-                "sharded model; use mode='lora' (supported on FSDP2) or DDP."
+                "previous one, which FSDP2 has already sharded and hooked, and FSDP2's fully_shard refuses the "
+                "lateral adapters' scalar alpha parameters, so the new column cannot be wrapped into the sharded "
+                "model; use mode='lora' (supported on FSDP2) or DDP."
             )
         if self.config.mode == "lora":
             try:
