@@ -75,10 +75,11 @@ def test_every_strategy_declaring_fsdp_support_is_checked_here():
     assert declared <= set(RUNS.values()), f"declared supports_fsdp without an FSDP2 run here: {declared - set(RUNS.values())}"
 
 
-# Strategies that edit sharded weights between forward passes (PackNet's pruning and evaluation masks),
+# Strategies that edit sharded weights between forward passes (PackNet's pruning and evaluation masks)
+# or shard modules they add (PNN lora, O-LoRA: right after an evaluation),
 # also run with reshard_after_forward=False: FSDP2 then keeps unsharded plain copies of the weights in
 # the parameters' places after an evaluation, which a strategy must not bind, edit or reuse.
-KEEP_UNSHARDED_RUNS = ["packnet"]
+KEEP_UNSHARDED_RUNS = ["packnet", "pnn-lora", "olora"]
 
 
 @pytest.fixture(scope="module")
