@@ -22,7 +22,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["all_reduce_sum_like", "any_dtensor", "is_dtensor", "like_param", "local_part", "reshard"]
+__all__ = ["all_reduce_sum_like", "any_dtensor", "is_dtensor", "like_param", "local_part", "reshard", "shard_like",
+           "shard_plain_modules"]
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -117,3 +118,55 @@ def reshard(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, FSDPModule):
             module.reshard()
     return model
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor ``full`` (the same on every rank) as a DTensor sharded like ``param``: each
+    rank keeps its own slice, without communication. ``full`` itself when ``param`` is plain.
+
+    For state built whole before FSDP2 sharded the model (or loaded whole from a checkpoint), and
+    for a draw of the whole tensor that every rank repeats with the same seed.
+
+    Example:
+
+    >>> import torch
+    >>> shard_like(torch.arange(3), torch.zeros(3)).tolist()  # not sharded: unchanged
+    [0, 1, 2]
+    """
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    if full.shape != param.shape:
+        raise ValueError(f"shard_like: the tensor has shape {tuple(full.shape)}, the parameter {tuple(param.shape)}.")
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def shard_plain_modules(model: torch.nn.Module) -> list[str]:
+    """Shard, with FSDP2, every module of an FSDP2-sharded ``model`` whose own parameters are still
+    plain tensors (modules a strategy added after the model was wrapped: a new LoRA adapter).
+
+    Each such module becomes its own FSDP2 unit on the mesh of the model's other parameters, so
+    its parameters are DTensors and its gradients are reduce-scattered like every other one. Call
+    it before the task's optimizer is built. Returns the names of the modules sharded (none when
+    ``model`` is not sharded).
+
+    Example:
+
+    >>> import torch
+    >>> shard_plain_modules(torch.nn.Linear(2, 2))  # not sharded: nothing to do
+    []
+    """
+    reshard(model)  # after an evaluation FSDP2 may hold unsharded plain copies in the parameters' places
+    sharded = next((p for p in model.parameters() if is_dtensor(p)), None)
+    if sharded is None:
+        return []
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    names = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not isinstance(module, FSDPModule) and not any(is_dtensor(p) for p in own):
+            fully_shard(module, mesh=sharded.device_mesh, reshard_after_forward=True)
+            names.append(name)
+    return names

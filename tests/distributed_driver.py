@@ -50,8 +50,13 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     # The whole memory at every step: GEM's "auto" rows follow the per-device batch, which differs
     # between 2 x b and 1 x 2b.
     "gem": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None}], "gpt2"),
+    # No margin: the dual variable is -g·g_ref / |g_ref|², so the projection depends on both reduced
+    # sums (with the margin 0.5 the bound is active here and only the decision depends on them).
+    "gem-nomargin": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
     "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
     "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
+    "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
+                         "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
     "pnn-lora": ([{"name": "pnn", "mode": "lora", "lora_rank": 2}], "gpt2"),
     "olora": ([{"name": "olora", "lora_rank": 2, "lambda_orth": 0.5}], "llama"),
@@ -62,7 +67,7 @@ NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch
 NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
 # once the first task is learned well enough for the second one's gradient to conflict with it.
-FIRST_EPOCHS = {"gem": 20, "agem": 20}
+FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "agem": 20}
 # Runs that need more than the --tasks stream.
 TASKS = {"ewc-separate": "copy,reverse,sort"}
 # Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
     parser.add_argument("--deepspeed", type=int, choices=(2, 3), help="train with DeepSpeed ZeRO of this stage")
+    parser.add_argument("--keep-unsharded", action="store_true",
+                        help="FSDP2 with reshard_after_forward=False: unsharded copies outlive an evaluation's forward")
     options = parser.parse_args(argv)
     if options.fsdp and not options.gpu:
         from tests.fsdp_cpu import enable_fsdp_on_cpu
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         if options.fsdp:
             from tests.fsdp_cpu import fsdp2_arguments
 
-            sharding = fsdp2_arguments(model)
+            sharding = fsdp2_arguments(model, reshard_after_forward=not options.keep_unsharded)
         elif options.deepspeed:
             sharding = {"deepspeed": deepspeed_config(options.deepspeed)}
         args = ContinualTrainingArguments(

@@ -39,10 +39,14 @@ def enable_fsdp_on_cpu() -> None:
     state.AcceleratorState.__init__ = init
 
 
-def fsdp2_arguments(model: Any) -> dict[str, Any]:
-    """``TrainingArguments`` fields for FSDP2 with one shard unit per decoder block of ``model``."""
+def fsdp2_arguments(model: Any, *, reshard_after_forward: bool = True) -> dict[str, Any]:
+    """``TrainingArguments`` fields for FSDP2 with one shard unit per decoder block of ``model``.
+
+    ``reshard_after_forward=False`` keeps every block's unsharded weights after a forward pass
+    without backward (evaluation), as FSDP2 always does for the root module.
+    """
     blocks = sorted(set(getattr(model, "_no_split_modules", None) or []))
-    config: dict[str, Any] = {"version": 2, "reshard_after_forward": True}
+    config: dict[str, Any] = {"version": 2, "reshard_after_forward": reshard_after_forward}
     if blocks:
         config["transformer_layer_cls_to_wrap"] = blocks
     return {"fsdp": True, "fsdp_config": config}

@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
 RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
-        "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf"}
+        "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf", "gem": "gem", "gem-nomargin": "gem", "agem": "agem",
+        "packnet": "packnet", "packnet-random": "packnet", "pnn-lora": "pnn", "olora": "olora"}
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,45 @@ def test_every_strategy_declaring_fsdp_support_is_checked_here():
 
     declared = {name for name, cls in STRATEGY_REGISTRY.items() if cls.supports_fsdp and not name.endswith("_test")}
     assert declared <= set(RUNS.values()), f"declared supports_fsdp without an FSDP2 run here: {declared - set(RUNS.values())}"
+
+
+# Strategies that edit sharded weights between forward passes (PackNet's pruning and evaluation masks)
+# or shard modules they add (PNN lora, O-LoRA: right after an evaluation),
+# also run with reshard_after_forward=False: FSDP2 then keeps unsharded plain copies of the weights in
+# the parameters' places after an evaluation, which a strategy must not bind, edit or reuse.
+KEEP_UNSHARDED_RUNS = ["packnet", "pnn-lora", "olora"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_keep_unsharded(fsdp_launches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp-keep-unsharded")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
+           "--runs", ",".join(KEEP_UNSHARDED_RUNS), "--fsdp", "--keep-unsharded"]
+    with open(out / "two.log", "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
+    if code != 0:
+        pytest.fail(f"the 2-process launch with --keep-unsharded failed with exit code {code}:\n"
+                    f"{(out / 'two.log').read_text()[-6000:]}")
+    (out / "one").symlink_to(fsdp_launches / "one")  # the unsharded reference runs of the main launch
+    return out
+
+
+@pytest.mark.parametrize("run", KEEP_UNSHARDED_RUNS)
+def test_fsdp2_without_reshard_after_forward_matches_one_unsharded_process(fsdp_keep_unsharded, run):
+    assert run in RUNS
+    test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_keep_unsharded, run)
+
+
+@pytest.mark.parametrize("run", [r for r, s in RUNS.items() if s == "packnet"])
+def test_fsdp2_packnet_keeps_the_first_tasks_weights_bit_identical(fsdp_launches, run):
+    # Under FSDP2 the held weights are restored shard by shard after every optimizer step.
+    for rank in (0, 1):
+        first, second = (_load(fsdp_launches / "two", run, rank, task, "after") for task in (0, 1))
+        owned = [k for k in second if k.startswith("packnet/ownership/")]
+        assert owned
+        for key in owned:
+            mine = second[key] == 1  # owned by the first task
+            weight = "model/" + key.removeprefix("packnet/ownership/")
+            assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
+            assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"

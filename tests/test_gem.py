@@ -605,3 +605,40 @@ def test_memory_is_a_seeded_sample_of_the_task(tokenizer):
 def test_bad_options_are_named(cls, options, message):
     with pytest.raises(ValueError, match=message):
         cls(**options)
+
+
+def _shard_reduce(other_g: torch.Tensor, other_refs: torch.Tensor):
+    """A stand-in for the all-reduce over 2 shards, seen from shard A: adds shard B's partial sums
+    (recognised by their shape: GEM's G g is (K,), G Gᵀ (K, K); A-GEM's pair is (2,))."""
+
+    def reduce(partial: torch.Tensor) -> torch.Tensor:
+        if partial.dim() == 2:
+            return partial.add_(other_refs @ other_refs.T)
+        if partial.shape[0] == 2 and other_refs.shape[0] == 1:
+            return partial.add_(torch.stack([other_g @ other_refs[0], other_refs[0] @ other_refs[0]]))
+        return partial.add_(other_refs @ other_g)
+
+    return reduce
+
+
+@pytest.mark.parametrize("kind", ["gem", "gem-margin", "agem"])
+def test_projection_of_a_shard_with_reduced_sums_equals_the_whole_projection(kind):
+    # Under FSDP2 each rank holds a shard of g and of the references: the projection sums the
+    # local dot products (and Gram matrix) over the ranks, then edits its own shard.
+    torch.manual_seed(3)
+    K = 1 if kind == "agem" else 3
+    g, G = torch.randn(40), torch.randn(K, 40)
+    G[0] = -g + 0.1 * torch.randn(40)  # a violated constraint: a projection happens
+    whole = g.clone()
+    project = {"gem": lambda x, R, **kw: project_gem_(x, R, 0.0, **kw),
+               "gem-margin": lambda x, R, **kw: project_gem_(x, R, 0.5, **kw),
+               "agem": lambda x, R, **kw: project_agem_(x, R[0], **kw)}[kind]
+    assert bool(project(whole, G))
+    a, b = g[:17].clone(), g[17:].clone()
+    assert bool(project(a, G[:, :17], reduce=_shard_reduce(g[17:], G[:, 17:])))
+    assert bool(project(b, G[:, 17:], reduce=_shard_reduce(g[:17], G[:, :17])))
+    torch.testing.assert_close(torch.cat([a, b]), whole, atol=1e-5, rtol=1e-5)
+    # Without the reduction, the shards project with their own partial sums: a different step.
+    c = g[:17].clone()
+    project(c, G[:, :17])
+    assert (c - whole[:17]).abs().max() > 1e-3

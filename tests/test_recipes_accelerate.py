@@ -27,6 +27,8 @@ REAL = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml")
               if p.parent.name not in ("accelerate", "real") and "name_or_path" in yaml.safe_load(p.read_text())["model"])
 STRATEGIES = ["replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "olora"]
 BACKENDS = ["DDP", "FSDP2", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"]
+# An FSDP2 cell backed by tests/test_fsdp.py: 2 sharded CPU processes against one unsharded one.
+FSDP2_TESTED = r"tested \(CPU torchrun 2 processes, gloo\): max diff [0-9.e+-]+ to one unsharded process"
 # What from_pretrained receives from a recipe's model section (besides name_or_path and tokenizer).
 MODEL_KEYS = {"name_or_path", "tokenizer", "trust_remote_code", "dtype", "attn_implementation", "revision"}
 
@@ -154,6 +156,7 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
     matrix = _matrix()
     assert sorted(matrix) == sorted(STRATEGIES)
     from tests.test_distributed import RUNS
+    from tests.test_fsdp import RUNS as FSDP_RUNS
 
     from tests.test_deepspeed import ZERO2, ZERO3
 
@@ -163,15 +166,12 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
             assert cell == "tested (CPU torchrun, gloo)" or cell == "untested: needs GPU" or \
                 cell == "tested (1 GPU, world size 1: equals unsharded training)" or \
                 cell == DEEPSPEED_TESTED or cell.startswith("rejected at start-up: `") or \
-                re.fullmatch(r"tested \(CPU torchrun 2 processes, gloo\): max diff [0-9.e+-]+ to one unsharded process",
-                             cell), (name, backend, cell)
+                (backend == "FSDP2" and re.fullmatch(FSDP2_TESTED, cell)), (name, backend, cell)
             if cell == DEEPSPEED_TESTED:  # the claim is backed by a run of tests/test_deepspeed.py
                 assert name in {run.split("-")[0] for run in checked[backend]}, (name, backend)
-            if backend == "FSDP2" and cell.startswith("tested (CPU torchrun 2"):
-                from tests.test_fsdp import RUNS as FSDP_RUNS
-
-                assert name in FSDP_RUNS.values(), f"docs say {name} is tested on FSDP2, but tests/test_fsdp.py has no run of it"
         assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
+        if re.fullmatch(FSDP2_TESTED, cells["FSDP2"]):
+            assert name in FSDP_RUNS.values(), f"{name}: docs say FSDP2 is tested, but tests/test_fsdp.py has no run of it"
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -226,3 +226,28 @@ def test_fsdp2_refuses_continual_checkpoints_written_from_shards(make_model, tok
         trainer._check_backend_support()
     monkeypatch.setattr(trainer.args, "save_continual_state", False)
     trainer._check_backend_support()  # EWC itself runs on FSDP2
+
+
+def test_pnn_starts_on_fsdp2_in_lora_mode_and_refuses_columns_with_the_reason(make_model, tokenizer, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from clm_hf.strategies.pnn import PNN
+
+    errors = {}
+    for mode in ("lora", "columns"):
+        strategy = PNN(mode=mode)
+        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
+        trainer.strategies = [strategy]
+        with monkeypatch.context() as patch:
+            patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+            trainer.is_fsdp_enabled = True
+            try:
+                trainer._check_backend_support()
+                strategy.setup(trainer)
+                errors[mode] = None
+            except NotImplementedError as err:
+                errors[mode] = str(err)
+    assert errors["lora"] is None
+    assert errors["columns"] is not None and "mode='columns' is not supported on FSDP" in errors["columns"]
+    assert "mode='lora'" in errors["columns"]  # names the way out

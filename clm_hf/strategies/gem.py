@@ -37,7 +37,10 @@ task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flat
 ``P``-vector and the references into one ``K x P`` matrix, both allocated once per task and reused
 at every step. The reference gradients are computed on the unwrapped model (``torch.autograd`` or
 ``torch.func``), so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back; every
-rank computes the same references from the same memory, so the ranks stay in step.
+rank computes the same references from the same memory, so the ranks stay in step. Under FSDP2
+(DTensor parameters) every buffer holds this rank's shard, the references come from a backward
+through the sharded model, and the ``K`` dot products and the ``K x K`` Gram matrix are local
+partial sums all-reduced over the ranks (docs/distributed.md).
 
 Adam and the like rescale the edited gradient per coordinate, so the first-order guarantee holds
 for the gradient, not for the optimizer's step; the margin (which adds at least ``γ`` times the
@@ -52,7 +55,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,7 @@ from torch import nn
 from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
 from .lwf import has_active_dropout
+from ..sharding import all_reduce_sum_like, is_dtensor, like_param, local_part
 from .base import (
     Strategy,
     StrategyConfig,
@@ -157,7 +161,7 @@ def _solve_on(P: torch.Tensor, q: torch.Tensor, passive: torch.Tensor) -> torch.
     return z
 
 
-def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
+def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduce: Callable[[torch.Tensor], Any] | None = None) -> bool:
     """GEM's projection of ``g`` (``P``) against the reference gradients ``G`` (``K x P``), in place.
 
     Nothing changes unless some ``g · g_k < 0``; then ``g <- g + Gᵀv`` with ``v`` the solution of the
@@ -168,6 +172,15 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
     to the host for the dual problem. So a step that violates no constraint costs one matrix-vector
     product and one small synchronisation, and one that does, two.
 
+    Args:
+        g (`torch.Tensor`): The gradient, a ``P`` vector (edited in place).
+        G (`torch.Tensor`): The ``K x P`` reference gradients.
+        margin (`float`): Lower bound ``γ`` of the dual variables.
+        reduce (`Callable`, *optional*): Under sharding (FSDP2), ``g`` and ``G`` hold this rank's
+            coordinates only: ``reduce`` returns the sum of a tensor of local partial results over
+            the ranks (:func:`~clm_hf.sharding.all_reduce_sum_like`). It is applied to ``G g`` and
+            ``G Gᵀ``, so every rank solves the same QP and projects its own coordinates.
+
     Returns:
         `bool`: Whether ``g`` was projected.
 
@@ -177,20 +190,35 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0) -> bool:
     >>> project_gem_(g, G), g.tolist()
     (True, [1.0, 0.0])
     """
-    dots = (G @ g).to("cpu", torch.float64)  # the first sync: K numbers
+    dots = G @ g
+    if reduce is not None:
+        dots = reduce(dots)
+    dots = dots.to("cpu", torch.float64)  # the first sync: K numbers
     if not bool((dots < 0).any()):
         return False
-    v = solve_nonnegative_qp((G @ G.T).to("cpu", torch.float64), dots, margin)
+    gram = G @ G.T
+    if reduce is not None:
+        gram = reduce(gram)
+    v = solve_nonnegative_qp(gram.to("cpu", torch.float64), dots, margin)
     g.addmv_(G.T, v.to(device=G.device, dtype=G.dtype))
     return True
 
 
-def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0, *,
+                  reduce: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
     """A-GEM's projection of ``g`` against one reference gradient ``r``, in place and without a sync.
 
     If ``g · r < 0``: ``g <- g + v r`` with ``v = max(-g · r / (r · r), margin)``; otherwise ``g`` is
     left as it is. ``margin = 0`` is the rule of the A-GEM paper, ``g - (g · r / r · r) r``, and any
     ``margin`` gives exactly GEM's projection for a single constraint.
+
+    Args:
+        g (`torch.Tensor`): The gradient, a ``P`` vector (edited in place).
+        reference (`torch.Tensor`): The reference gradient ``r``, a ``P`` vector.
+        margin (`float`): Lower bound ``γ`` of ``v``.
+        reduce (`Callable`, *optional*): Under sharding, returns the sum of local partial results
+            over the ranks; applied to ``(g · r, r · r)`` (one collective), so every rank takes the
+            same decision and scales its own coordinates.
 
     Returns:
         `torch.Tensor`: A 0-dim bool tensor, whether ``g`` was projected (left on the device).
@@ -201,9 +229,12 @@ def project_agem_(g: torch.Tensor, reference: torch.Tensor, margin: float = 0.0)
     >>> bool(project_agem_(g, torch.tensor([0.0, 2.0]))), g.tolist()
     (True, [1.0, 0.0])
     """
-    dot = g @ reference
+    if reduce is None:
+        dot, norm = g @ reference, reference @ reference
+    else:
+        dot, norm = reduce(torch.stack([g @ reference, reference @ reference]))
     violated = dot < 0
-    v = (-dot / (reference @ reference).clamp_min(torch.finfo(g.dtype).tiny)).clamp(min=margin)
+    v = (-dot / norm.clamp_min(torch.finfo(g.dtype).tiny)).clamp(min=margin)
     g.addcmul_(reference, v * violated)
     return violated
 
@@ -523,7 +554,9 @@ class EpisodicGradientStrategy(Strategy):
     """
 
     config_class = EpisodicMemoryConfig
-    needs_whole_gradients = True  # the trainer refuses FSDP (and DeepSpeed, which runs the step in backward)
+    needs_whole_gradients = True  # DeepSpeed runs the step in backward, before the projection could run
+    # Under FSDP2 the gradients, references and dot products stay sharded; only K and K x K numbers are reduced.
+    supports_fsdp = True
     supports_packed_rows = False  # the memory batches are padded rows, not one flattened sequence
 
     def __init__(self, config: EpisodicMemoryConfig | None = None, **options: Any) -> None:
@@ -545,6 +578,7 @@ class EpisodicGradientStrategy(Strategy):
         # in place (no gradient tensors allocated, none copied).
         self._aliases: list[torch.Tensor] = []
         self._dropout = True  # whether the bound model has active dropout (else no train/eval switch)
+        self._sharded = False  # whether the bound parameters are FSDP2 shards (DTensors)
 
     @property
     def projected_steps(self) -> int:
@@ -578,19 +612,22 @@ class EpisodicGradientStrategy(Strategy):
         params = list(trainable_parameters(model).values())
         if not params:
             raise ValueError(f"{type(self).__name__} found no trainable parameter.")
-        total = sum(p.numel() for p in params)
+        # Under FSDP2 a parameter is a DTensor: the buffers hold this rank's shard of each one.
+        total = sum(local_part(p).numel() for p in params)
         device = params[0].device
         self._flat = torch.zeros(total, device=device, dtype=torch.float32)
         self._refs = torch.zeros(num_refs, total, device=device, dtype=torch.float32)
         self._flat_views, self._ref_views, offset = [], [], 0
         for p in params:
-            n = p.numel()
-            self._flat_views.append(self._flat[offset : offset + n].view(p.shape))
-            self._ref_views.append(self._refs[:, offset : offset + n].view(num_refs, *p.shape))
+            shape = local_part(p).shape
+            n = shape.numel()
+            self._flat_views.append(self._flat[offset : offset + n].view(shape))
+            self._ref_views.append(self._refs[:, offset : offset + n].view(num_refs, *shape))
             offset += n
         self._binding = (model, params, num_refs)
         self._forward = None
-        self._aliases = [p.detach().requires_grad_() for p in params]
+        self._sharded = any(is_dtensor(p) for p in params)
+        self._aliases = [] if self._sharded else [p.detach().requires_grad_() for p in params]
         # A model that checkpoints activations in training mode keeps the switch too: eval mode
         # turns checkpointing off, which torch.func's vmap needs.
         self._dropout = has_active_dropout(model) or any(getattr(m, "gradient_checkpointing", False) is True
@@ -605,18 +642,53 @@ class EpisodicGradientStrategy(Strategy):
         bank = self.memory_bank(params[0].device)
         selections = self.draw(bank, self._draw_seed())
         for view, p in zip(self._flat_views, params):
-            view.zero_() if p.grad is None else view.copy_(p.grad)
-        self._fill_references(bare, params, None, bank=bank, selections=selections)
-        projected = self.project(self._flat, self._refs)
+            view.zero_() if p.grad is None else view.copy_(local_part(p.grad))
+        reduce = None
+        if self._sharded:
+            self._sharded_references(bare, params, bank, selections)
+            # g and the references hold this rank's shard: dot products and the Gram matrix are
+            # local partial sums, summed over the ranks, so every rank decides and solves alike.
+            reduce = lambda partial: all_reduce_sum_like(partial, params[0])  # noqa: E731
+        else:
+            self._fill_references(bare, params, None, bank=bank, selections=selections)
+        projected = self.project(self._flat, self._refs, reduce=reduce)
         self.steps += 1
         if projected is False:
             return
         self._projected = self._projected + projected
         for view, p in zip(self._flat_views, params):
             if p.grad is None:
-                p.grad = view.to(p.dtype).clone()
+                p.grad = like_param(view.to(p.dtype).clone(), p)
             else:
-                p.grad.copy_(view)
+                local_part(p.grad).copy_(view)
+
+    def _sharded_references(self, model: nn.Module, params: list[nn.Parameter], bank: _MemoryBank,
+                            selections: list[slice | torch.Tensor]) -> None:
+        """The ``K`` reference gradients under FSDP2, this rank's shard of each, into the ``K x P`` buffer.
+
+        FSDP2 computes forward and backward on unsharded copies it gathers and frees itself, so
+        ``torch.autograd.grad`` with respect to the sharded parameters (or the functional paths)
+        sees no gradient. An ordinary backward through the model does: FSDP2 reduce-scatters it
+        into each parameter's (sharded) ``.grad``. So the training gradient is set aside, each
+        reference loss is backpropagated into the emptied ``.grad`` and its shard copied out, and
+        the training gradient is put back. Every rank computes the same losses on the same memory
+        rows, so FSDP2's average over the ranks is the gradient itself.
+        """
+        saved = [p.grad for p in params]
+        sync = getattr(model, "set_requires_gradient_sync", None)
+        if callable(sync):
+            sync(True)  # the reference gradients must be reduce-scattered whole
+        try:
+            with _maybe_eval(model, self._dropout), torch.enable_grad():
+                for k, rows in enumerate(selections):
+                    for p in params:
+                        p.grad = None
+                    memory_losses(model, bank.batch(rows))[0].backward()
+                    for view, p in zip(self._ref_views, params):
+                        view[k].zero_() if p.grad is None else view[k].copy_(local_part(p.grad))
+        finally:
+            for p, grad in zip(params, saved):
+                p.grad = grad
 
     def _reference_method(self, model: nn.Module, bank: _MemoryBank | None, num_groups: int = 2) -> str:
         """The method the configured ``reference_method`` resolves to for this model and memory."""
@@ -712,8 +784,11 @@ class EpisodicGradientStrategy(Strategy):
         """The memory rows of each of the ``K`` reference losses for this step."""
         raise NotImplementedError
 
-    def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool | torch.Tensor:
-        """Edit ``g`` in place against ``refs``; return False when it is surely unchanged."""
+    def project(self, g: torch.Tensor, refs: torch.Tensor, *,
+                reduce: Callable[[torch.Tensor], Any] | None = None) -> bool | torch.Tensor:
+        """Edit ``g`` in place against ``refs``; return False when it is surely unchanged.
+
+        ``reduce`` (under FSDP2) sums local partial results over the ranks holding the other shards."""
         raise NotImplementedError
 
     # --- state: one Arrow folder per task's memory, the rest in JSON ------------------------------
@@ -848,8 +923,8 @@ class GEM(EpisodicGradientStrategy):
             selections.append(rows)
         return selections
 
-    def project(self, g: torch.Tensor, refs: torch.Tensor) -> bool:
-        return project_gem_(g, refs, self.config.margin)
+    def project(self, g: torch.Tensor, refs: torch.Tensor, *, reduce: Callable[[torch.Tensor], Any] | None = None) -> bool:
+        return project_gem_(g, refs, self.config.margin, reduce=reduce)
 
 
 # --- A-GEM -----------------------------------------------------------------------------------------
@@ -920,5 +995,5 @@ class AGEM(EpisodicGradientStrategy):
         generator = torch.Generator().manual_seed(seed)
         return [torch.randperm(bank.num_rows, generator=generator)[:size]]
 
-    def project(self, g: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-        return project_agem_(g, refs[0], self.config.margin)
+    def project(self, g: torch.Tensor, refs: torch.Tensor, *, reduce: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+        return project_agem_(g, refs[0], self.config.margin, reduce=reduce)

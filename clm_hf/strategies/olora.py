@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..sharding import is_dtensor, reshard, shard_plain_modules
 from ._lora import adapters_active, lora_config, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 
@@ -113,6 +114,9 @@ class OLoRA(Strategy):
     """
 
     name = "olora"
+    # Under FSDP2 each new adapter is sharded as it is added, and the penalty is a DTensor
+    # computation over the shards, gathered into one scalar.
+    supports_fsdp = True
     supports_streaming = True  # acts on the model only, never re-reads the task's rows
     config_class = OLoRAConfig
 
@@ -184,6 +188,9 @@ class OLoRA(Strategy):
             if name not in model.peft_config:
                 model.add_adapter(name, copy.deepcopy(template))
             self.adapter_names.append(name)
+        # Under FSDP2 (a later task: the model is already sharded) the new adapter's modules are
+        # plain: shard them like the rest of the model before the task's optimizer is built.
+        shard_plain_modules(model)
         _activate(model, self.adapter_names[:count], trainable=self.adapter_names[count - 1])
         return model
 
@@ -193,7 +200,9 @@ class OLoRA(Strategy):
 
     def _bind(self, model: nn.Module, index: int) -> None:
         """Pair each module's new ``A`` with the frozen ``A`` of every older adapter (once per task)."""
-        bare = unwrap_model(model)
+        # After an evaluation FSDP2 may hold unsharded copies in the parameters' places: bind the
+        # sharded parameters themselves (DTensors), which the optimizer steps.
+        bare = reshard(unwrap_model(model))
         names = self.adapter_names[: index + 1]
         newest = names[-1]
         self._pairs, self._new = [], []
@@ -202,7 +211,8 @@ class OLoRA(Strategy):
             if not isinstance(lora_a, nn.ModuleDict) or newest not in lora_a:
                 continue
             new_a = lora_a[newest].weight
-            olds = [lora_a[n].weight.detach() for n in names[:-1] if n in lora_a]
+            # Frozen: gathered whole once per task under FSDP2 (an A is r x d, small).
+            olds = [_whole(lora_a[n].weight.detach()) for n in names[:-1] if n in lora_a]
             self._pairs.append((new_a, olds))
             self._new.append(new_a)
             lora_b = getattr(module, "lora_B", None)
@@ -210,11 +220,16 @@ class OLoRA(Strategy):
                 self._new.append(lora_b[newest].weight)
 
     def orthogonality(self) -> torch.Tensor:
-        """Σ_modules Σ_old Σ |A_old A_newᵀ| (0 on the first task), differentiable in ``A_new``."""
+        """Σ_modules Σ_old Σ |A_old A_newᵀ| (0 on the first task), differentiable in ``A_new``.
+
+        Under FSDP2 the ``A`` are DTensor shards: the new ``A`` is gathered whole (``r x d``, small)
+        differentiably, so every rank computes the same scalar and the gradient of the new ``A``
+        lands in its shard (a product of shards would leave it as an unreduced partial sum)."""
         total = None
         for new_a, olds in self._pairs:
+            new = _whole(new_a).float() if olds else None
             for old_a in olds:
-                term = (old_a.float() @ new_a.float().T).abs().sum()
+                term = (old_a.float() @ new.T).abs().sum()
                 total = term if total is None else total + term
         return total if total is not None else torch.zeros(())
 
@@ -223,7 +238,7 @@ class OLoRA(Strategy):
         if self.config.lambda_orth > 0 and any(olds for _, olds in self._pairs):
             terms["olora_orthogonality"] = self.config.lambda_orth * self.orthogonality()
         if self.config.lambda_l2 > 0 and self._new:
-            terms["olora_l2"] = self.config.lambda_l2 * sum(p.float().square().sum() for p in self._new)
+            terms["olora_l2"] = self.config.lambda_l2 * sum(_whole(p).float().square().sum() for p in self._new)
         return terms
 
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
@@ -247,6 +262,12 @@ class OLoRA(Strategy):
         self.task_ids = list(state.get("task_ids", []))
         self.adapter_names = list(state.get("adapter_names", []))
         self._pairs, self._new = [], []
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered into the whole plain tensor, differentiably (its gradient
+    goes back to each rank's shard); a plain tensor as it is."""
+    return value.full_tensor() if is_dtensor(value) else value
 
 
 def adapter_name(index: int) -> str:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
+from ..sharding import all_reduce_sum_like, is_dtensor, like_param, local_part, reshard, shard_like
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,6 +129,9 @@ class PackNet(Strategy):
 
     name = "packnet"
     config_class = PackNetConfig
+    # Under FSDP2 the ownership tensors are DTensors sharded like their weights; every mask, hold
+    # and restore works on the local shard, and pruning thresholds are found over the whole weight.
+    supports_fsdp = True
 
     def __init__(self, config: PackNetConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -177,7 +181,9 @@ class PackNet(Strategy):
         return names
 
     def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        named = dict(unwrap_model(model).named_parameters())
+        # After a forward without backward (evaluation) FSDP2 may still hold unsharded plain copies
+        # in the parameters' places: reshard, so that these are the DTensor parameters themselves.
+        named = dict(reshard(unwrap_model(model)).named_parameters())
         missing = [n for n in self.ownership if n not in named]
         if missing:
             raise ValueError(f"PackNet owns weights the model does not have: {missing[:5]}. Use the same architecture.")
@@ -186,7 +192,10 @@ class PackNet(Strategy):
                 raise ValueError(f"PackNet's ownership of '{name}' has shape {tuple(own.shape)}, "
                                  f"the model's weight {tuple(named[name].shape)}.")
             if own.device != named[name].device:
-                self.ownership[name] = own.to(named[name].device)
+                self.ownership[name] = own = own.to(named[name].device)
+            if is_dtensor(named[name]) and not is_dtensor(own):
+                # Built (or loaded) whole before FSDP2 sharded the model: keep this rank's slice.
+                self.ownership[name] = shard_like(own, named[name])
         return {n: named[n] for n in self.ownership}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -200,7 +209,7 @@ class PackNet(Strategy):
         params = self._parameters(bare)
         if task.index + 1 > _MAX_TASKS:
             raise PackNetCapacityError(f"PackNet stores owners in uint8 and packs at most {_MAX_TASKS} tasks.")
-        free = sum(int((own == 0).sum()) for own in self.ownership.values())
+        free = sum(int(all_reduce_sum_like((local_part(own) == 0).sum(), own)) for own in self.ownership.values())
         if free == 0:
             total = sum(own.numel() for own in self.ownership.values())
             raise PackNetCapacityError(
@@ -224,12 +233,16 @@ class PackNet(Strategy):
         self._guard, self._indexed = {}, {}
         with torch.no_grad():
             for name, p in params.items():
-                fixed = self.ownership[name] != 0
+                fixed = local_part(self.ownership[name]) != 0
                 if not bool(fixed.any()):
                     continue
                 if task.resumed and pending is not None and name in pending:
                     # The values the interrupted run held: also where the mid-task weights hold them.
-                    p.masked_scatter_(fixed, pending[name].to(device=p.device, dtype=p.dtype))
+                    held, weight = pending[name], local_part(p)
+                    if held.shape == p.shape:  # saved sharded: shaped like the weight (see state_dict)
+                        torch.where(fixed, local_part(held).to(device=weight.device, dtype=weight.dtype), weight, out=weight)
+                    else:
+                        weight.masked_scatter_(fixed, held.to(device=weight.device, dtype=weight.dtype))
                 self._hold(name, p, fixed)
         self.phase = "train"
 
@@ -243,13 +256,14 @@ class PackNet(Strategy):
         full copy and selects with ``torch.where``. Both restore the values exactly.
         """
         self._indexed.pop(name, None)
+        weight = local_part(p).detach()  # under FSDP2 ``fixed`` and the held values are this rank's shard
         share = float(fixed.sum()) / max(fixed.numel(), 1)
-        if share < _INDEX_RESTORE_MAX_SHARE and p.is_contiguous():
+        if share < _INDEX_RESTORE_MAX_SHARE and weight.is_contiguous():
             index = fixed.reshape(-1).nonzero().squeeze(1)
-            self._indexed[name] = (index, p.detach().reshape(-1)[index].clone())
+            self._indexed[name] = (index, weight.reshape(-1)[index].clone())
             self._guard[name] = (p, fixed, None)
         else:
-            self._guard[name] = (p, fixed, p.detach().clone())
+            self._guard[name] = (p, fixed, weight.clone())
 
     def _held_values(self, name: str) -> torch.Tensor:
         """A tensor shaped like the weight whose fixed positions hold the values it is held at."""
@@ -257,13 +271,14 @@ class PackNet(Strategy):
         if values is not None:
             return values
         index, held = self._indexed[name]
-        return p.detach().reshape(-1).clone().index_put_((index,), held).view_as(p)
+        weight = local_part(p).detach()
+        return weight.reshape(-1).clone().index_put_((index,), held).view_as(weight)
 
     def edit_gradients(self, model: nn.Module) -> None:
         # g - g * fixed: 0 at the fixed weights and g elsewhere (exactly, for finite g), in one
         # fused pass over all the weights; a bool masked_fill_ per weight is several times slower
         # on the CPU (benchmarks/step_overhead.py, docs/benchmarks.md).
-        pairs = [(p.grad, fixed) for p, fixed, _ in self._guard.values() if p.grad is not None]
+        pairs = [(local_part(p.grad), fixed) for p, fixed, _ in self._guard.values() if p.grad is not None]
         if pairs:
             grads, masks = [g for g, _ in pairs], [m for _, m in pairs]
             torch._foreach_addcmul_(grads, grads, masks, value=-1.0)
@@ -273,11 +288,12 @@ class PackNet(Strategy):
         # a weight whose gradient is 0, so the fixed weights are put back after every step.
         with torch.no_grad():
             for name, (p, fixed, values) in self._guard.items():
+                weight = local_part(p)  # fetched at every step: FSDP2 may re-home the shard at its lazy init
                 if values is None:
                     index, held = self._indexed[name]
-                    p.view(-1).index_put_((index,), held)
+                    weight.view(-1).index_put_((index,), held)
                 else:
-                    torch.where(fixed, values, p, out=p)
+                    torch.where(fixed, values, weight, out=weight)
 
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         params = self._parameters(trainer.model)
@@ -286,16 +302,16 @@ class PackNet(Strategy):
         pruned: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, p in params.items():
-                candidates = self.ownership[name] == 0  # the weights this task trained
+                candidates = local_part(self.ownership[name]) == 0  # the weights this task trained
                 mask = self._prune_mask(p, candidates, task.index)
-                p.masked_fill_(mask, 0.0)
+                local_part(p).masked_fill_(mask, 0.0)
                 pruned[name], kept[name] = mask, candidates & ~mask
         if self.config.retrain_epochs > 0 and any(bool(k.any()) for k in kept.values()):
             # Retrain the survivors with both the earlier tasks' weights and the pruned ones held.
             self._guard, self._indexed = {}, {}
             with torch.no_grad():
                 for name, p in params.items():
-                    fixed = (self.ownership[name] != 0) | pruned[name]
+                    fixed = (local_part(self.ownership[name]) != 0) | pruned[name]
                     if bool(fixed.any()):
                         self._hold(name, p, fixed)
             self._pruned, self.phase = pruned, "retrain"
@@ -305,7 +321,7 @@ class PackNet(Strategy):
             finally:
                 self._pruned = {}
         for name, own in self.ownership.items():
-            own.masked_fill_(kept[name], owner)
+            local_part(own).masked_fill_(kept[name], owner)
         self.packed.append({"index": task.index, "task_id": task.task_id, "name": task.name})
         self._guard, self._indexed, self.phase = {}, {}, None
         usage = self.parameter_usage()
@@ -314,17 +330,23 @@ class PackNet(Strategy):
         self._record_usage(trainer)
 
     def _prune_mask(self, p: torch.Tensor, candidates: torch.Tensor, task_index: int) -> torch.Tensor:
-        """The ``floor(prune_percentage * n)`` candidates to prune: smallest |w|, or random ones."""
-        count = int(candidates.sum())
+        """The ``floor(prune_percentage * n)`` candidates to prune: smallest |w|, or random ones.
+
+        ``candidates`` and the returned mask are shaped like ``p``'s local shard under FSDP2, where
+        ``n`` and the choice are over the whole weight (:func:`_smallest_over_shards`)."""
+        count = int(all_reduce_sum_like(candidates.sum(), p))  # over every shard
         n_prune = math.floor(self.config.prune_percentage * count)
         mask = torch.zeros_like(candidates)
         if n_prune == 0:
             return mask
         if self.config.use_magnitude_pruning:
-            scores = p.detach().abs().float()
+            scores = local_part(p).detach().abs().float()
         else:
             generator = torch.Generator().manual_seed(self.config.seed + 7919 * (task_index + 1) + p.numel())
-            scores = torch.rand(p.shape, generator=generator).to(p.device)
+            # The whole weight's draw on every rank, each keeping its slice: the one-process draw.
+            scores = local_part(shard_like(torch.rand(p.shape, generator=generator), p)).to(local_part(p).device)
+        if is_dtensor(p):
+            return _smallest_over_shards(scores, candidates, n_prune, p)
         # Weights owned by earlier tasks score +inf: never among the smallest n_prune.
         scores = scores.masked_fill(~candidates, math.inf)
         smallest = torch.topk(scores.flatten(), n_prune, largest=False, sorted=False).indices
@@ -347,16 +369,19 @@ class PackNet(Strategy):
         try:
             with torch.no_grad():
                 for name, p in self._parameters(model).items():
-                    own = self.ownership[name]
+                    own, weight = local_part(self.ownership[name]), local_part(p)  # this rank's shard under FSDP2
                     hide = (own == 0) | (own > owner)
                     if bool(hide.any()):
-                        hidden.append((p, hide, p[hide].clone()))
-                        p.masked_fill_(hide, 0.0)
+                        hidden.append((p, hide, weight[hide].clone()))
+                        weight.masked_fill_(hide, 0.0)
             yield
         finally:
             with torch.no_grad():
                 for p, hide, values in hidden:
-                    p.masked_scatter_(hide, values)
+                    local_part(p).masked_scatter_(hide, values)
+            # FSDP2 may keep unsharded copies of the masked weights after the evaluation's forward
+            # (the root's, or all with reshard_after_forward=False): a later forward must not reuse them.
+            reshard(unwrap_model(model))
 
     # --- reporting ------------------------------------------------------------------------------
     def parameter_usage(self) -> dict[str, float]:
@@ -370,7 +395,10 @@ class PackNet(Strategy):
         total = sum(own.numel() for own in self.ownership.values())
         counts = torch.zeros(_MAX_TASKS + 1, dtype=torch.long)
         for own in self.ownership.values():
-            counts += torch.bincount(own.flatten().long().cpu(), minlength=_MAX_TASKS + 1)
+            counts += torch.bincount(local_part(own).flatten().long().cpu(), minlength=_MAX_TASKS + 1)
+        sharded = next((own for own in self.ownership.values() if is_dtensor(own)), None)
+        if sharded is not None:  # every ownership tensor is sharded alike: one sum of the counts over the ranks
+            counts = all_reduce_sum_like(counts, sharded)
         usage = {t["name"]: int(counts[t["index"] + 1]) / total for t in self.packed}
         usage[FREE] = int(counts[0]) / total
         return usage
@@ -397,8 +425,16 @@ class PackNet(Strategy):
         }
         if self.phase is not None and self._guard:
             # Mid-task: the values the earlier tasks' weights are held at (owned positions only).
-            state["frozen"] = {n: self._held_values(n)[self.ownership[n] != 0] for n in self._guard}
+            state["frozen"] = {n: self._frozen_values(n) for n in self._guard}
         return state
+
+    def _frozen_values(self, name: str) -> torch.Tensor:
+        """The values the owned weights of ``name`` are held at: those positions' values in a 1-D
+        tensor, or, under FSDP2, a DTensor sharded like the weight holding them (0 elsewhere)."""
+        p, held, own = self._guard[name][0], self._held_values(name), local_part(self.ownership[name])
+        if not is_dtensor(p):
+            return held[own != 0]
+        return like_param(torch.where(own != 0, held, torch.zeros_like(held)), p)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ownership = {n: t.to(torch.uint8) for n, t in state.get("ownership", {}).items()}
@@ -406,3 +442,48 @@ class PackNet(Strategy):
         self.packed = [dict(t) for t in state.get("packed", [])]
         self._pending_frozen = dict(state["frozen"]) if state.get("frozen") else None
         self._guard, self._indexed, self._pruned, self.phase = {}, {}, {}, None
+
+
+def _smallest_over_shards(scores: torch.Tensor, candidates: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the mask of the ``count`` smallest candidate ``scores`` of a sharded weight.
+
+    The scores are non-negative floats (``|w|`` or uniform draws) of this rank's shard of ``like``
+    (a DTensor sharded on dimension 0). Their float32 bit patterns, read as integers, sort like the
+    values, so the ``count``-th smallest value over all shards is found exactly by bisection on
+    those integers: 31 rounds, each an all-reduced count of candidates at or below the midpoint; no
+    score leaves its rank. Every candidate below it is pruned, and of those equal to it, the first
+    ones in the weight's flat order (lower ranks first) until ``count`` are: the same set as a
+    ``topk`` over the whole weight when the values are distinct (among ties, ``topk``'s choice is
+    unspecified).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    if like.device_mesh.ndim != 1 or like.placements != (Shard(0),):
+        raise NotImplementedError(f"PackNet prunes FSDP2 weights sharded on dimension 0 over a 1-D mesh; got "
+                                  f"placements {like.placements} on a {like.device_mesh.ndim}-D mesh.")
+    bits = scores.float().contiguous().view(torch.int32)[candidates].long()
+
+    def below(limit: int) -> int:
+        return int(all_reduce_sum_like((bits <= limit).sum(), like))
+
+    low, high = 0, 0x7FFFFFFF  # every non-negative float32 (NaN included) lies in between
+    while low < high:  # the smallest bit pattern t with at least ``count`` candidates <= t
+        mid = (low + high) // 2
+        if below(mid) >= count:
+            high = mid
+        else:
+            low = mid + 1
+    all_bits = scores.float().contiguous().view(torch.int32).long()
+    mask = candidates & (all_bits < low)
+    ties = candidates & (all_bits == low)
+    missing = count - int(all_reduce_sum_like(mask.sum(), like))
+    # Ties go in the weight's flat order: the shards of lower mesh coordinates come first.
+    mesh = like.device_mesh
+    tie_counts = [torch.zeros(1, dtype=torch.long, device=scores.device) for _ in range(mesh.size())]
+    dist.all_gather(tie_counts, ties.sum().reshape(1), group=mesh.get_group())
+    earlier = sum(int(c) for c in tie_counts[: mesh.get_local_rank()])
+    take = max(0, min(missing - earlier, int(tie_counts[mesh.get_local_rank()])))
+    if take:
+        mask.view(-1)[ties.reshape(-1).nonzero().squeeze(1)[:take]] = True
+    return mask

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..sharding import shard_plain_modules
 from ._lora import adapters_active, lora_config, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 from .pnn_model import ACTIVATIONS, ProgressiveModel
@@ -116,6 +117,8 @@ class PNN(Strategy):
     """
 
     name = "pnn"
+    # mode="lora" only: each new adapter is sharded as it is added; setup() refuses columns on FSDP.
+    supports_fsdp = True
     supports_streaming = True  # acts on the model only, never re-reads the task's rows
     config_class = PNNConfig
 
@@ -128,6 +131,12 @@ class PNN(Strategy):
     # --- lifecycle ---------------------------------------------------------------------------
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
+        if self.config.mode == "columns" and _fsdp_enabled(trainer):
+            raise NotImplementedError(
+                "Strategy 'pnn' with mode='columns' is not supported on FSDP: a new column is a deep copy of the "
+                "previous one, which FSDP2 has already sharded and hooked, so the new column cannot be wrapped "
+                "into the sharded model; use mode='lora' (supported on FSDP2) or DDP."
+            )
         if self.config.mode == "lora":
             try:
                 import peft  # noqa: F401
@@ -219,6 +228,13 @@ class PNN(Strategy):
         self.base_parameters = state.get("base_parameters")
 
 
+def _fsdp_enabled(trainer: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    backend = getattr(getattr(trainer, "accelerator", None), "distributed_type", None)
+    return backend == DistributedType.FSDP or bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
 def _count(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())  # unique: tied weights count once
     return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
@@ -244,6 +260,9 @@ def _grow_lora(model: nn.Module, adapters: int, config: PNNConfig) -> nn.Module:
     for index in range(len(model.peft_config), adapters):
         name = adapter_name(index)
         model.add_adapter(name, lora_config(model.get_base_model(), config))
+        # Under FSDP2 (a later task: the model is already sharded) the new adapter's modules are
+        # plain: shard them like the rest of the model, before the task's optimizer is built.
+        shard_plain_modules(model)
         if config.column_init == "copy":
             _copy_adapter(model, adapter_name(index - 1), name)
     _activate_newest(model)
