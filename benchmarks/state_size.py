@@ -1,0 +1,263 @@
+"""Bytes of strategy state per trainable parameter, full fine-tuning and LoRA, and what that means for a 7B model.
+
+For every strategy configuration, two short tasks are trained on a tiny GPT-2 at two widths (so that
+state which grows with the model can be told from state which does not), in full fine-tuning and
+with a PEFT LoRA adapter. After the second task, and at the end of its training (mid-task, where LwF
+holds its teacher and PackNet its held values), the script counts:
+
+- ``live``: bytes of every tensor the strategy object holds (walked through its attributes, storages
+  counted once, the model's own parameters and buffers excluded; ``benchmarks/memory.py``'s walker);
+- ``persisted``: bytes the strategy writes into a continual checkpoint (``save_state`` into a
+  folder: ``*.safetensors`` tensors, Arrow row folders, JSON);
+- ``growth``: bytes of parameters the strategy adds to the model for the second task (PNN's column
+  or adapter, O-LoRA's adapter): what every further task adds;
+- ``rows``: dataset rows it holds (replay buffer, GEM memories, LwF's cached teacher rows).
+
+Per-parameter state (Fisher, anchor, teacher, masks, reference-gradient buffers) and per-row state
+(memories) are split by fitting ``bytes = a * P + b`` over the two widths, ``P`` the trainable
+parameters the strategy sees: ``a`` is bytes per trainable parameter, ``b`` the bytes that do not
+scale with the model. The 7B projection multiplies ``a`` by the trainable parameters of a
+Llama-2-7B-shaped model (full, and LoRA r=16 counted with PEFT on a meta-device model), divided by 8
+for FSDP2 on 8 GPUs (state sharded like the parameters). That projection is computed, not measured.
+
+    OMP_NUM_THREADS=1 python benchmarks/state_size.py                     # every config, ~3 min on 1 core
+    OMP_NUM_THREADS=1 python benchmarks/state_size.py --configs ewc,lwf --setups full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+from memory import held_memory  # noqa: E402
+
+# name -> strategy specs. The EWC bf16 rows use EWC's state_dtype option.
+CONFIGS: dict[str, list[dict[str, Any]]] = {
+    "replay": [{"name": "replay"}],
+    "ewc": [{"name": "ewc"}],
+    "ewc_separate": [{"name": "ewc", "mode": "separate"}],
+    "lwf": [{"name": "lwf"}],
+    "lwf_cached": [{"name": "lwf", "cache_teacher": True}],
+    "gem": [{"name": "gem"}],
+    "agem": [{"name": "agem"}],
+    "packnet": [{"name": "packnet"}],
+    "pnn": [{"name": "pnn"}],
+    "pnn_lora": [{"name": "pnn", "mode": "lora", "lora_rank": 4}],
+    "olora": [{"name": "olora", "lora_rank": 4}],
+}
+# Strategies that wrap the model in their own adapters: they are the LoRA setup themselves.
+OWN_ADAPTERS = {"pnn_lora", "olora"}
+WIDTHS = (32, 64)  # hidden sizes of the two tiny GPT-2s (2 layers)
+LORA_RANK = 4
+# Llama-2-7B (meta-llama/Llama-2-7b-hf config.json): the shape the 7B projection counts parameters of.
+LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+             "tie_word_embeddings": False}
+SHARDS = 8
+
+
+def _setups(config: str, setups: list[str]) -> list[str]:
+    if config in OWN_ADAPTERS:
+        return ["lora"] if "lora" in setups else []
+    return setups
+
+
+def _wrap_lora(model):
+    import peft
+
+    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                           fan_in_fan_out=True)
+    return peft.get_peft_model(model, lora)
+
+
+def _disk_bytes(folder: Path) -> dict[str, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    tensors = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    return {"tensor_bytes": tensors, "other_bytes": sum(p.stat().st_size for p in files) - tensors}
+
+
+def measure(config: str, setup: str, width: int, rows_per_task: int, seq_len: int) -> dict[str, Any]:
+    """Train 2 tasks with ``config`` on a GPT-2 of ``width``; the state it holds and writes, in bytes."""
+    from transformers import TrainerCallback
+
+    from clm_hf.strategies import strategies_from_specs
+
+    strategies = strategies_from_specs(CONFIGS[config])
+    model = C.build_model({"hidden_size": width, "num_layers": 2, "num_heads": 4})
+    if setup == "lora" and config not in OWN_ADAPTERS:
+        model = _wrap_lora(model)
+    base_total = C.count_parameters(model)
+    stream = C.task_rows(2, rows_per_task, seq_len)
+    record: dict[str, Any] = {"config": config, "setup": setup, "width": width, "base_total": base_total}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = C.make_trainer(model, strategies, tmp, batch_size=4)
+
+        class InTask(TrainerCallback):
+            """At the end of a task's train(): what a mid-task checkpoint holds and writes."""
+
+            live, persisted = 0, {"tensor_bytes": 0, "other_bytes": 0}
+
+            def on_train_end(self, args, state, control, **kwargs):
+                InTask.live = sum(held_memory(s, trainer.model)["tensor_bytes"] for s in trainer.strategies)
+                InTask.persisted = _save(trainer, Path(tmp) / "mid")
+
+        trainer.add_callback(InTask())
+        trainable = None
+        for index, (task_id, rows) in enumerate(stream):
+            trainer.train_task(rows, task_id=task_id)
+            if index == 0:
+                # What the strategy's state scales with: the trainable parameters of the first task
+                # (PNN and O-LoRA add their own for later tasks; that is their growth).
+                trainable = _trainable(trainer)
+                after_first = _param_bytes(trainer.model)
+        held = [held_memory(s, trainer.model) for s in trainer.strategies]
+        record.update(
+            trainable=trainable,
+            live_between=sum(h["tensor_bytes"] for h in held),
+            live_in_task=InTask.live,
+            rows=sum(h["rows"] for h in held),
+            row_bytes=sum(h["row_bytes"] for h in held),
+            persisted_between=_save(trainer, Path(tmp) / "end"),
+            persisted_in_task=InTask.persisted,
+            growth_bytes=_param_bytes(trainer.model) - after_first,
+        )
+        packnet = next((s for s in trainer.strategies if s.name == "packnet"), None)
+        if packnet is not None:
+            record["prunable"] = sum(own.numel() for own in packnet.ownership.values())
+    return record
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _trainable(trainer) -> int:
+    return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+def _save(trainer, folder: Path) -> dict[str, int]:
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    for i, strategy in enumerate(trainer.strategies):
+        strategy.save_state(folder / f"{i}-{strategy.name}")
+    return _disk_bytes(folder)
+
+
+def fit(small: dict[str, Any], large: dict[str, Any], key: str, sub: str | None = None) -> tuple[float, float]:
+    """``bytes = a * P + b`` through the two widths: (bytes per trainable parameter, fixed bytes)."""
+    def value(r):
+        return r[key] if sub is None else r[key][sub]
+
+    a = (value(large) - value(small)) / (large["trainable"] - small["trainable"])
+    return a, value(small) - a * small["trainable"]
+
+
+def llama7b_parameters() -> dict[str, int]:
+    """Trainable parameters of a Llama-2-7B-shaped model: full, and PEFT LoRA r=16 (q_proj/v_proj, PEFT's default
+    for Llama, and every linear layer of the blocks), counted on the meta device (no memory, no download)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA2_7B))
+    out = {"full": sum(p.numel() for p in model.parameters())}
+    for name, targets in (("lora_r16_qv", ["q_proj", "v_proj"]),
+                          ("lora_r16_all_linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])):
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                             task_type="CAUSAL_LM"))
+        out[name] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        model = wrapped.unload()  # the plain model again, for the next count
+    return out
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        by_key.setdefault((r["config"], r["setup"]), []).append(r)
+    for (config, setup), pair in by_key.items():
+        small, large = sorted(pair, key=lambda r: r["width"])
+        row: dict[str, Any] = {"config": config, "setup": setup, "trainable": [small["trainable"], large["trainable"]]}
+        for key in ("live_between", "live_in_task", "growth_bytes", "row_bytes"):
+            row[f"{key}_per_param"], row[f"{key}_fixed"] = fit(small, large, key)
+        for key in ("persisted_between", "persisted_in_task"):
+            row[f"{key}_per_param"], row[f"{key}_fixed"] = fit(small, large, key, "tensor_bytes")
+            row[f"{key}_other_bytes"] = large[key]["other_bytes"]
+        row["rows"] = large["rows"]
+        if "prunable" in large:
+            row["live_between_per_prunable"] = large["live_between"] / large["prunable"]
+        rows.append(row)
+    return rows
+
+
+def project(rows: list[dict[str, Any]], counts: dict[str, int]) -> list[dict[str, Any]]:
+    """GiB each strategy adds per GPU for a 7B model under FSDP2 on 8 GPUs: per-parameter bytes x P / 8."""
+    out = []
+    for row in rows:
+        per_param = max(row["live_in_task_per_param"], row["live_between_per_param"]) + row["growth_bytes_per_param"]
+        targets = {"full": ["full"], "lora": ["lora_r16_qv", "lora_r16_all_linear"]}[row["setup"]]
+        entry = {"config": row["config"], "setup": row["setup"], "B_per_param": per_param}
+        for target in targets:
+            entry[f"GiB_per_gpu_{target}"] = per_param * counts[target] / SHARDS / 2**30
+        out.append(entry)
+    return out
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| config | setup | live B/param between tasks | live B/param in task | persisted B/param (in task) | "
+             "growth B/param | rows held (Arrow bytes) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['setup']} | {r['live_between_per_param']:.2f} | {r['live_in_task_per_param']:.2f} | "
+                     f"{r['persisted_between_per_param']:.2f} ({r['persisted_in_task_per_param']:.2f}) | "
+                     f"{r['growth_bytes_per_param']:.2f} | {r['rows']} ({r['row_bytes_fixed'] + r['row_bytes_per_param'] * r['trainable'][1]:.0f}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)}")
+    parser.add_argument("--setups", default="full,lora", help="full, lora or both")
+    parser.add_argument("--rows-per-task", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=4)
+    parser.add_argument("--output", default="benchmarks/results/state_size.json")
+    args = parser.parse_args(argv)
+    C.quiet()
+    C.registered_strategies()  # import every strategy module
+    configs = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"Unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}.")
+    setups = args.setups.split(",")
+    records = []
+    for config in configs:
+        for setup in _setups(config, setups):
+            for width in WIDTHS:
+                records.append(measure(config, setup, width, args.rows_per_task, args.seq_len))
+    rows = summarize(records)
+    counts = llama7b_parameters()
+    projection = project(rows, counts)
+    report = {"machine": C.machine(), "settings": vars(args), "widths": WIDTHS, "lora_rank": LORA_RANK,
+              "llama2_7b_shape": LLAMA2_7B, "llama2_7b_trainable": counts, "shards": SHARDS,
+              "records": records, "rows": rows, "projection": projection}
+    print(to_markdown(rows))
+    print(f"\nLlama-2-7B shape: {counts}")
+    for p in projection:
+        cells = ", ".join(f"{k[len('GiB_per_gpu_'):]}: {v:.3f} GiB" for k, v in p.items() if k.startswith("GiB"))
+        print(f"{p['config']} ({p['setup']}): {p['B_per_param']:.2f} B/param -> {cells} per GPU (computed)")
+    C.save_json(report, args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
