@@ -43,6 +43,9 @@ CONFIGS: dict[str, list[dict[str, Any]]] = {
     "replay": [{"name": "replay"}],
     "ewc": [{"name": "ewc"}],
     "ewc_separate": [{"name": "ewc", "mode": "separate"}],
+    "ewc_bf16_fisher": [{"name": "ewc", "state_dtype": "bfloat16_fisher"}],
+    "ewc_bf16": [{"name": "ewc", "state_dtype": "bfloat16"}],
+    "ewc_separate_bf16": [{"name": "ewc", "mode": "separate", "state_dtype": "bfloat16"}],
     "lwf": [{"name": "lwf"}],
     "lwf_cached": [{"name": "lwf", "cache_teacher": True}],
     "gem": [{"name": "gem"}],
@@ -54,6 +57,8 @@ CONFIGS: dict[str, list[dict[str, Any]]] = {
 }
 # Strategies that wrap the model in their own adapters: they are the LoRA setup themselves.
 OWN_ADAPTERS = {"pnn_lora", "olora"}
+# PNN's columns copy the whole model per task: a full fine-tuning method (pnn_lora is its LoRA form).
+FULL_ONLY = {"pnn"}
 WIDTHS = (32, 64)  # hidden sizes of the two tiny GPT-2s (2 layers)
 LORA_RANK = 4
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json): the shape the 7B projection counts parameters of.
@@ -66,6 +71,8 @@ SHARDS = 8
 def _setups(config: str, setups: list[str]) -> list[str]:
     if config in OWN_ADAPTERS:
         return ["lora"] if "lora" in setups else []
+    if config in FULL_ONLY:
+        return ["full"] if "full" in setups else []
     return setups
 
 
@@ -152,6 +159,67 @@ def _save(trainer, folder: Path) -> dict[str, int]:
     return _disk_bytes(folder)
 
 
+def ewc_bf16_error(width: int, rows_per_task: int, seq_len: int, epochs: int = 3) -> dict[str, Any]:
+    """EWC's penalty and gradient with bf16 state against fp32 state, on the Fisher and anchor of a real task.
+
+    Task 1 is trained and EWC (online, default λ) estimates its Fisher in fp32; task 2 trains under
+    that penalty. At two points, θ = θ* (the start of task 2) and θ at the end of task 2, the penalty
+    and its gradient are computed from the same fp32 state, and from it rounded to the dtypes of
+    ``state_dtype="bfloat16"`` (both bf16) and ``"bfloat16_fisher"`` (bf16 Fisher, fp32 anchor).
+    """
+    import copy
+
+    import torch
+
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    model = C.build_model({"hidden_size": width, "num_layers": 2, "num_heads": 4})
+    stream = C.task_rows(2, rows_per_task, seq_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        ewc = EWC()
+        trainer = C.make_trainer(model, [ewc], tmp, batch_size=4, num_train_epochs=epochs)
+        trainer.train_task(stream[0][1], task_id=stream[0][0])
+        state = copy.deepcopy(ewc.state_dict())
+        at_anchor = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+        trainer.train_task(stream[1][1], task_id=stream[1][0])
+    params = trainable_parameters(model)
+    after = {n: p.detach().clone() for n, p in params.items()}
+    variants = {"fp32": EWC(), "bfloat16": EWC(state_dtype="bfloat16"),
+                "bfloat16_fisher": EWC(state_dtype="bfloat16_fisher")}
+    out: dict[str, Any] = {"width": width, "trainable": sum(p.numel() for p in params.values()),
+                           "ewc_lambda": EWC().config.ewc_lambda}
+    for point, values in (("at_anchor", at_anchor), ("end_of_task_2", after)):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(values[name])
+        results = {}
+        for label, strategy in variants.items():
+            strategy.load_state_dict(state)  # rounded to the variant's state dtypes
+            strategy._bind(model)
+            penalty = strategy.penalty()
+            grads = torch.autograd.grad(penalty, list(params.values()))
+            results[label] = (penalty.detach(), torch.cat([g.reshape(-1) for g in grads]))
+        reference_penalty, reference_grad = results["fp32"]
+        out[point] = {"penalty_fp32": float(reference_penalty), "grad_norm_fp32": float(reference_grad.norm())}
+        for label in ("bfloat16", "bfloat16_fisher"):
+            penalty, grad = results[label]
+            out[point][label] = {
+                "penalty_dtype": str(penalty.dtype), "penalty": float(penalty),
+                "penalty_abs_error": float((penalty - reference_penalty).abs()),
+                "grad_norm": float(grad.norm()),
+                "grad_error_norm": float((grad - reference_grad).norm()),
+            }
+    # Errors relative to the end-of-task-2 values (at θ* the fp32 penalty and gradient are 0).
+    scale_p, scale_g = out["end_of_task_2"]["penalty_fp32"], out["end_of_task_2"]["grad_norm_fp32"]
+    for point in ("at_anchor", "end_of_task_2"):
+        for label in ("bfloat16", "bfloat16_fisher"):
+            cell = out[point][label]
+            cell["penalty_rel_error"] = cell["penalty_abs_error"] / scale_p
+            cell["grad_rel_error"] = cell["grad_error_norm"] / scale_g
+    return out
+
+
 def fit(small: dict[str, Any], large: dict[str, Any], key: str, sub: str | None = None) -> tuple[float, float]:
     """``bytes = a * P + b`` through the two widths: (bytes per trainable parameter, fixed bytes)."""
     def value(r):
@@ -230,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--setups", default="full,lora", help="full, lora or both")
     parser.add_argument("--rows-per-task", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=4)
+    parser.add_argument("--bf16-error-width", type=int, default=64,
+                        help="width of the model EWC's bf16 state is compared on (0: skip)")
     parser.add_argument("--output", default="benchmarks/results/state_size.json")
     args = parser.parse_args(argv)
     C.quiet()
@@ -250,6 +320,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"machine": C.machine(), "settings": vars(args), "widths": WIDTHS, "lora_rank": LORA_RANK,
               "llama2_7b_shape": LLAMA2_7B, "llama2_7b_trainable": counts, "shards": SHARDS,
               "records": records, "rows": rows, "projection": projection}
+    if args.bf16_error_width:
+        report["ewc_bf16_error"] = error = ewc_bf16_error(args.bf16_error_width, args.rows_per_task, args.seq_len)
+        print("\nEWC bf16 state vs fp32 (errors relative to the fp32 penalty / gradient norm at the end of task 2):")
+        for point in ("at_anchor", "end_of_task_2"):
+            for label in ("bfloat16", "bfloat16_fisher"):
+                cell = error[point][label]
+                print(f"  {point:14s} {label:16s} penalty rel. error {cell['penalty_rel_error']:.2e}, "
+                      f"gradient rel. error {cell['grad_rel_error']:.2e} ({cell['penalty_dtype']})")
     print(to_markdown(rows))
     print(f"\nLlama-2-7B shape: {counts}")
     for p in projection:
