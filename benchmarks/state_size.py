@@ -109,10 +109,12 @@ def measure(config: str, setup: str, width: int, rows_per_task: int, seq_len: in
         class InTask(TrainerCallback):
             """At the end of a task's train(): what a mid-task checkpoint holds and writes."""
 
-            live, persisted = 0, {"tensor_bytes": 0, "other_bytes": 0}
+            live, rows, row_bytes, persisted = 0, 0, 0, {"tensor_bytes": 0, "other_bytes": 0}
 
             def on_train_end(self, args, state, control, **kwargs):
-                InTask.live = sum(held_memory(s, trainer.model)["tensor_bytes"] for s in trainer.strategies)
+                held = [held_memory(s, trainer.model) for s in trainer.strategies]
+                InTask.live = sum(h["tensor_bytes"] for h in held)
+                InTask.rows, InTask.row_bytes = sum(h["rows"] for h in held), sum(h["row_bytes"] for h in held)
                 InTask.persisted = _save(trainer, Path(tmp) / "mid")
 
         trainer.add_callback(InTask())
@@ -129,6 +131,8 @@ def measure(config: str, setup: str, width: int, rows_per_task: int, seq_len: in
             trainable=trainable,
             live_between=sum(h["tensor_bytes"] for h in held),
             live_in_task=InTask.live,
+            rows_in_task=InTask.rows,
+            row_bytes_in_task=InTask.row_bytes,
             rows=sum(h["rows"] for h in held),
             row_bytes=sum(h["row_bytes"] for h in held),
             persisted_between=_save(trainer, Path(tmp) / "end"),
@@ -257,12 +261,12 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (config, setup), pair in by_key.items():
         small, large = sorted(pair, key=lambda r: r["width"])
         row: dict[str, Any] = {"config": config, "setup": setup, "trainable": [small["trainable"], large["trainable"]]}
-        for key in ("live_between", "live_in_task", "growth_bytes", "row_bytes"):
+        for key in ("live_between", "live_in_task", "growth_bytes", "row_bytes", "row_bytes_in_task"):
             row[f"{key}_per_param"], row[f"{key}_fixed"] = fit(small, large, key)
         for key in ("persisted_between", "persisted_in_task"):
             row[f"{key}_per_param"], row[f"{key}_fixed"] = fit(small, large, key, "tensor_bytes")
             row[f"{key}_other_bytes"] = large[key]["other_bytes"]
-        row["rows"] = large["rows"]
+        row["rows"], row["rows_in_task"] = large["rows"], large["rows_in_task"]
         if "prunable" in large:
             row["live_between_per_prunable"] = large["live_between"] / large["prunable"]
         rows.append(row)
@@ -282,13 +286,44 @@ def project(rows: list[dict[str, Any]], counts: dict[str, int]) -> list[dict[str
     return out
 
 
+def _at_large(row: dict[str, Any], key: str) -> float:
+    return row[f"{key}_fixed"] + row[f"{key}_per_param"] * row["trainable"][1]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| config | setup | live B/param between tasks | live B/param in task | persisted B/param (in task) | "
-             "growth B/param | rows held (Arrow bytes) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "growth B/param | rows held between (in) task | Arrow bytes between (in) task |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['setup']} | {r['live_between_per_param']:.2f} | {r['live_in_task_per_param']:.2f} | "
                      f"{r['persisted_between_per_param']:.2f} ({r['persisted_in_task_per_param']:.2f}) | "
-                     f"{r['growth_bytes_per_param']:.2f} | {r['rows']} ({r['row_bytes_fixed'] + r['row_bytes_per_param'] * r['trainable'][1]:.0f}) |")
+                     f"{r['growth_bytes_per_param']:.2f} | {r['rows']} ({r['rows_in_task']}) | "
+                     f"{_at_large(r, 'row_bytes'):.0f} ({_at_large(r, 'row_bytes_in_task'):.0f}) |")
+    return "\n".join(lines)
+
+
+def projection_markdown(rows: list[dict[str, Any]], counts: dict[str, int]) -> str:
+    """The table of docs/benchmarks.md: measured B/param, and GiB per GPU for a 7B model on 8 GPUs (computed)."""
+    by_key = {(r["config"], r["setup"]): r for r in rows}
+    lines = [f"| config | B/param, full FT (measured) | GiB per GPU, 7B full FT, FSDP2 x{SHARDS} (computed) | "
+             f"B/LoRA param (measured) | MiB per GPU, LoRA r=16 q,v / all linear (computed) | rows (not sharded) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells = [config]
+        full, lora = by_key.get((config, "full")), by_key.get((config, "lora"))
+        for row, targets in ((full, ["full"]), (lora, ["lora_r16_qv", "lora_r16_all_linear"])):
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            per_param = max(row["live_in_task_per_param"], row["live_between_per_param"]) + row["growth_bytes_per_param"]
+            cells.append(f"{per_param:.2f}")
+            if targets == ["full"]:
+                cells.append(f"{per_param * counts['full'] / SHARDS / 2**30:.2f}")
+            else:
+                cells.append(" / ".join(f"{per_param * counts[t] / SHARDS / 2**20:.1f}" for t in targets))
+        any_row = full or lora
+        cells.append(f"{max(any_row['rows'], any_row['rows_in_task'])}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -320,6 +355,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"machine": C.machine(), "settings": vars(args), "widths": WIDTHS, "lora_rank": LORA_RANK,
               "llama2_7b_shape": LLAMA2_7B, "llama2_7b_trainable": counts, "shards": SHARDS,
               "records": records, "rows": rows, "projection": projection}
+    print(to_markdown(rows))
+    print(f"\nLlama-2-7B shape: {counts}")
+    print(projection_markdown(rows, counts))
+    for p in projection:
+        cells = ", ".join(f"{k[len('GiB_per_gpu_'):]}: {v:.3f} GiB" for k, v in p.items() if k.startswith("GiB"))
+        print(f"{p['config']} ({p['setup']}): {p['B_per_param']:.2f} B/param -> {cells} per GPU (computed)")
     if args.bf16_error_width:
         report["ewc_bf16_error"] = error = ewc_bf16_error(args.bf16_error_width, args.rows_per_task, args.seq_len)
         print("\nEWC bf16 state vs fp32 (errors relative to the fp32 penalty / gradient norm at the end of task 2):")
@@ -328,11 +369,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cell = error[point][label]
                 print(f"  {point:14s} {label:16s} penalty rel. error {cell['penalty_rel_error']:.2e}, "
                       f"gradient rel. error {cell['grad_rel_error']:.2e} ({cell['penalty_dtype']})")
-    print(to_markdown(rows))
-    print(f"\nLlama-2-7B shape: {counts}")
-    for p in projection:
-        cells = ", ".join(f"{k[len('GiB_per_gpu_'):]}: {v:.3f} GiB" for k, v in p.items() if k.startswith("GiB"))
-        print(f"{p['config']} ({p['setup']}): {p['B_per_param']:.2f} B/param -> {cells} per GPU (computed)")
     C.save_json(report, args.output)
     return report
 
