@@ -224,6 +224,34 @@ def ewc_bf16_error(width: int, rows_per_task: int, seq_len: int, epochs: int = 3
     return out
 
 
+def ewc_penalty_time(size: str = "medium", repeats: int = 25) -> dict[str, float]:
+    """Median ms of EWC's penalty forward + backward with each ``state_dtype`` (the same random Fisher and anchor)."""
+    import time
+
+    import torch
+
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    torch.manual_seed(0)
+    model = C.build_model(size)
+    params = trainable_parameters(model)
+    state = {"terms": [{"fisher": {n: torch.rand(p.shape) for n, p in params.items()},
+                        "anchor": {n: p.detach() + 1e-3 for n, p in params.items()}}]}
+    out = {}
+    for dtype in ("float32", "bfloat16_fisher", "bfloat16"):
+        ewc = EWC(state_dtype=dtype)
+        ewc.load_state_dict(state)
+        ewc._bind(model)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.autograd.grad(ewc.penalty(), list(params.values()))
+            times.append(time.perf_counter() - start)
+        out[dtype] = C.median(times[5:]) * 1e3  # the first 5 warm up
+    return out
+
+
 def fit(small: dict[str, Any], large: dict[str, Any], key: str, sub: str | None = None) -> tuple[float, float]:
     """``bytes = a * P + b`` through the two widths: (bytes per trainable parameter, fixed bytes)."""
     def value(r):
@@ -335,9 +363,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=4)
     parser.add_argument("--bf16-error-width", type=int, default=64,
                         help="width of the model EWC's bf16 state is compared on (0: skip)")
+    parser.add_argument("--penalty-timing", action="store_true",
+                        help="only time EWC's penalty with each state_dtype on the medium model")
     parser.add_argument("--output", default="benchmarks/results/state_size.json")
     args = parser.parse_args(argv)
     C.quiet()
+    if args.penalty_timing:
+        timing = {"machine": C.machine(), "load_avg": C.load_average(), "ms": ewc_penalty_time()}
+        print(f"EWC penalty forward + backward, medium GPT-2, median ms: {timing['ms']}")
+        C.save_json(timing, args.output)
+        return timing
     C.registered_strategies()  # import every strategy module
     configs = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
     unknown = sorted(set(configs) - set(CONFIGS))
