@@ -55,3 +55,8 @@ def test_llama_7b_counts_and_projection(report):
     assert counts["lora_r16_qv"] == 32 * 2 * 16 * (4096 + 4096)
     ewc = next(p for p in data["projection"] if p["config"] == "ewc" and p["setup"] == "full")
     assert ewc["GiB_per_gpu_full"] == pytest.approx(8 * counts["full"] / 8 / 2**30)
+
+
+def test_penalty_timing_covers_every_state_dtype():
+    timing = _load().ewc_penalty_time("tiny", repeats=6)
+    assert set(timing) == {"float32", "bfloat16_fisher", "bfloat16"} and all(ms > 0 for ms in timing.values())
