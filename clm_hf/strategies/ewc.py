@@ -69,8 +69,8 @@ class EWCConfig(StrategyConfig):
             (a bf16 Fisher and an fp32 anchor: 6 bytes) or ``"bfloat16"`` (both bf16: 4 bytes). The
             penalty and its gradient are accumulated in fp32 in every case, and the Fisher is
             estimated (online: decayed and summed) in fp32 and rounded once when stored. A bf16
-            Fisher is harmless (a relative error of at most 2⁻⁹ per weight); a bf16 anchor is not:
-            θ* moves by up to 2⁻⁹·|θ*|, so the penalty pulls towards a rounded point, a gradient
+            Fisher is harmless (a relative error of at most 2⁻⁸ per weight); a bf16 anchor is not:
+            θ* moves by up to 2⁻⁸·|θ*|, so the penalty pulls towards a rounded point, a gradient
             error of 15% of the penalty's gradient on the tiny model of docs/strategies.md against
             0.17% for ``"bfloat16_fisher"``.
     """
