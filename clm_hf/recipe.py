@@ -232,6 +232,35 @@ def build_model_and_tokenizer(section: dict[str, Any]) -> tuple[Any, Any]:
     return build_tiny_model(arch, tokenizer, **section), tokenizer
 
 
+def model_is_seq2seq(section: dict[str, Any]) -> bool:
+    """Whether a recipe's model section names an encoder-decoder model, read from its config alone.
+
+    The training arguments' class depends on it, and they are built before the model (see ``run_recipe``).
+
+    Args:
+        section (`dict`): The recipe's ``model`` section, validated.
+
+    Returns:
+        `bool`: True for an encoder-decoder model (``arch: t5``, or a pretrained config with ``is_encoder_decoder``).
+
+    Example:
+
+    ```python
+    >>> model_is_seq2seq({"arch": "t5"}), model_is_seq2seq({"arch": "gpt2"})
+    (True, False)
+
+    ```
+    """
+    if "name_or_path" not in section:
+        return section.get("arch", "gpt2") == "t5"
+    from transformers import AutoConfig
+
+    trust = as_bool(section.get("trust_remote_code", False), "model.trust_remote_code")
+    extra = {"revision": section["revision"]} if "revision" in section else {}
+    config = AutoConfig.from_pretrained(section["name_or_path"], trust_remote_code=trust, **extra)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def build_task_stream(section: Any) -> dict[str, dict[str, Any]]:
     """The task stream of a recipe, as ``{name: {"train": Dataset, "eval": Dataset | None}}``."""
     if isinstance(section, dict):
@@ -376,27 +405,33 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     strategies = strategies_from_specs(validate_strategies_section(recipe.get("strategies")))
     stream = build_task_stream(recipe["tasks"])  # before the model: it checks the eval splits
     reference_sets = build_reference_sets(recipe.get("reference"))
-    model, tokenizer = build_model_and_tokenizer(model_section)
     if output_dir is not None:
         training["output_dir"] = output_dir
     training.setdefault("output_dir", "runs/clm_hf")
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = model_is_seq2seq(model_section)
+    if kind == "sft" and seq2seq:
+        raise RecipeError(f"trainer: sft builds TRL's SFTTrainer, which trains causal LMs; the model "
+                          f"({model_section.get('name_or_path') or model_section.get('arch')}) is an encoder-decoder. "
+                          "Remove 'trainer: sft'.")
+    # Arguments before the model, the order transformers expects: TrainingArguments starts the process
+    # group and registers DeepSpeed's ZeRO-3 config (zero3_init_flag) and FSDP's cpu_ram_efficient_loading,
+    # which from_pretrained reads to build the model partitioned, or loaded on rank 0 only. Built the other
+    # way round, every rank materialises the whole model first.
     if kind == "sft":
-        if seq2seq:
-            raise RecipeError(f"trainer: sft builds TRL's SFTTrainer, which trains causal LMs; the model "
-                              f"({type(model).__name__}) is an encoder-decoder. Remove 'trainer: sft'.")
+        args = sft_config_class(**training)
+    else:
+        args = (ContinualSeq2SeqTrainingArguments if seq2seq else ContinualTrainingArguments)(**training)
+    model, tokenizer = build_model_and_tokenizer(model_section)
+    if kind == "sft":
         # TRL wraps the model with peft_config itself (as SFTTrainer(peft_config=...) does in a script).
         peft = {"peft_config": lora_config(lora)} if lora is not None else {}
-        trainer = sft_trainer_class(model=model, args=sft_config_class(**training), processing_class=tokenizer,
-                                    strategies=strategies, **peft)
+        trainer = sft_trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies, **peft)
     else:
         if lora is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, lora_config(lora, seq2seq))
-        args_class = ContinualSeq2SeqTrainingArguments if seq2seq else ContinualTrainingArguments
         trainer_class = ContinualSeq2SeqTrainer if seq2seq else ContinualCausalLMTrainer
-        args = args_class(**training)
         trainer = trainer_class(model=model, args=args, processing_class=tokenizer, strategies=strategies)
     if joint:
         for name, dataset in reference_sets.items():

@@ -252,3 +252,98 @@ def test_pnn_starts_on_fsdp2_in_lora_mode_and_refuses_columns_with_the_reason(ma
     assert errors["lora"] is None
     assert errors["columns"] is not None and "mode='columns' is not supported on FSDP" in errors["columns"]
     assert "mode='lora'" in errors["columns"]  # names the way out
+
+
+# --- clm-hf train builds TrainingArguments before the model (issue 12, item 6) ------------------------
+def _launch_env(config: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file config`` gives each process, from accelerate's own code."""
+    import os
+    import socket
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args, defaults, mixed_precision_from_config = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "train.py"]))
+    if args.use_deepspeed:
+        # What launch_command sets before its DeepSpeed launcher.
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    with socket.socket() as sock:  # a free port: other test processes may run at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # One process of what torchrun starts (a world of 1, so the test runs in this process, on CPU).
+    torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {**{k: v for k, v in env.items() if os.environ.get(k) != v}, **torchrun}
+
+
+class _ModelBuilt(Exception):
+    """Stops run_recipe once the model is being built: what the test checks is known by then."""
+
+
+@pytest.mark.parametrize("config, flag", [("fsdp2.yaml", "fsdp_cpu_ram_efficient_loading"),
+                                          ("deepspeed_zero3.yaml", "zero3_init_flag")])
+def test_sharded_loading_flags_reach_model_construction(config, flag, tmp_path, monkeypatch):
+    """The shipped configs' zero3_init_flag / fsdp_cpu_ram_efficient_loading are active when the recipe builds the
+    model: transformers reads them in from_pretrained (and from_config), set up by TrainingArguments."""
+    import importlib.util
+
+    import torch.distributed as dist
+    import transformers.integrations as integrations
+    from accelerate.state import AcceleratorState
+    from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+    import clm_hf.recipe as recipe_module
+
+    raw = yaml.safe_load((ROOT / "recipes" / "accelerate" / config).read_text())
+    assert (raw.get("fsdp_config") or raw.get("deepspeed_config"))[flag] is True  # the config ships with the flag on
+    for key, value in _launch_env(ROOT / "recipes" / "accelerate" / config).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else accelerate sets torch's threads for the rest of the session
+    if importlib.util.find_spec("deepspeed") is None:
+        # DeepSpeed is not installed here: accelerate's DeepSpeedPlugin registers transformers' HfDeepSpeedConfig,
+        # whose constructor requires the package. A stand-in does what it does for from_pretrained: register the
+        # config as the global that is_deepspeed_zero3_enabled() reads.
+        class StandIn:
+            def __init__(self, config: dict):
+                self.config = config
+                integrations.deepspeed.set_hf_deepspeed_config(self)
+
+            def is_zero3(self) -> bool:
+                return self.config["zero_optimization"]["stage"] == 3
+
+        monkeypatch.setattr(integrations, "HfDeepSpeedConfig", StandIn)
+    seen = {}
+
+    def record(section):
+        seen.update(zero3=is_deepspeed_zero3_enabled(), fsdp=is_fsdp_enabled())
+        raise _ModelBuilt
+
+    monkeypatch.setattr(recipe_module, "build_model_and_tokenizer", record)
+    recipe = {"model": {"arch": "gpt2"}, "tasks": {"suite": "synthetic", "names": ["copy"], "num_train": 4, "num_eval": 2},
+              "training": {"output_dir": str(tmp_path / "run"), "use_cpu": True, "report_to": "none"}}
+    assert not is_deepspeed_zero3_enabled() and not is_fsdp_enabled()  # nothing set up before the recipe runs
+    try:
+        with pytest.raises(_ModelBuilt):
+            recipe_module.run_recipe(recipe)
+    finally:  # leave no process group, accelerator state or DeepSpeed config to the next tests
+        integrations.deepspeed.unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    expected = {"zero3": flag == "zero3_init_flag", "fsdp": flag == "fsdp_cpu_ram_efficient_loading"}
+    assert seen == expected
+
+
+def test_the_arguments_class_is_chosen_from_the_config_alone(tmp_path, make_model):
+    from clm_hf.recipe import model_is_seq2seq
+
+    make_model("t5").config.save_pretrained(tmp_path / "t5")  # a config, no weights: nothing else is read
+    make_model("gpt2").config.save_pretrained(tmp_path / "gpt2")
+    assert model_is_seq2seq({"name_or_path": str(tmp_path / "t5")}) is True
+    assert model_is_seq2seq({"name_or_path": str(tmp_path / "gpt2")}) is False
+    assert model_is_seq2seq({"arch": "t5"}) is True and model_is_seq2seq({"arch": "llama"}) is False
