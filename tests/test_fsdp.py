@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._launch import launch_pair
 from tests.test_distributed import ATOL, _env, _free_port, _load, _same
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -35,20 +36,7 @@ RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc
 
 @pytest.fixture(scope="module")
 def fsdp_launches(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("fsdp")
-    runs = ",".join(RUNS)
-    sharded = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
-               "--runs", runs, "--fsdp"]
-    single = [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", runs]
-    for name, cmd in (("two", sharded), ("one", single)):
-        with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
-        if code != 0:
-            pytest.fail(f"the {name}-process launch failed with exit code {code}:\n{(out / f'{name}.log').read_text()[-6000:]}")
-    return out
+    return launch_pair(tmp_path_factory.mktemp("fsdp"), list(RUNS), ["--fsdp"])
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -68,7 +56,12 @@ def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
         assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
+                sharded = r0[key]
+                if "/frozen/" in key and sharded.shape != value.shape:
+                    # PackNet's mid-task held values: 1-D over the owned positions in one process, a
+                    # weight-shaped DTensor (0 where not owned) under FSDP2.
+                    sharded = sharded[r0[key.replace("/frozen/", "/ownership/")] != 0]
+                torch.testing.assert_close(sharded, value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
             elif key not in ("rank", "world_size", "fisher_rows", "fisher_row_losses", "fsdp", "device"):
                 assert _same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
 

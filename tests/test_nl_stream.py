@@ -3,22 +3,13 @@ EWC and LwF at their defaults reduce forgetting there."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.test_benchmarks import _load as load_benchmark
 
 
 def _load():
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_nl_stream", BENCHMARKS / "nl_stream.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("nl_stream")
 
 
 def test_stream_has_five_topic_tasks_with_held_out_clue_pairs_and_multi_token_labels():

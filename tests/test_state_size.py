@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.test_benchmarks import _load as load_benchmark
+
 pytest.importorskip("peft")
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load():
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_state_size", BENCHMARKS / "state_size.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("state_size")
 
 
 @pytest.fixture(scope="module")
