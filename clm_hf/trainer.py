@@ -34,7 +34,7 @@ from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
-from .evaluation import TaskScorer, TokenMetric, forward_logits, is_seq2seq
+from .evaluation import TaskScorer, TokenMetric, _OrderedSampler, forward_logits, is_seq2seq, length_sorted_order
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
@@ -886,7 +886,8 @@ class ContinualTrainerMixin:
         """Score the model as it is now on tokenized rows, with the Trainer's evaluation settings.
 
         The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
-        or ``continual_eval_batch_size`` when set; the collator; split across processes), each
+        or ``continual_eval_batch_size`` when set; the collator; split across processes), sorted
+        by length unless ``continual_eval_sort_by_length=False`` (scores are the same), each
         forward pass runs under the Trainer's autocast, and the per-row counts of every process
         are gathered, so all ranks return the scores of all rows. ``compute_metrics`` (and
         ``preprocess_logits_for_metrics``) given to the trainer add their keys to the scores.
@@ -904,8 +905,13 @@ class ContinualTrainerMixin:
         if self._user_collator:
             self.data_collator = self._scoring_collator
         try:
+            # Rows of similar length batched together (longest first): few pad tokens are computed.
+            # The scorer puts the rows back in the dataset's order (gather_for_metrics keeps the
+            # sampler's order across processes).
+            order = length_sorted_order(dataset, is_seq2seq(self.model)) if self._setting("continual_eval_sort_by_length") \
+                else list(range(len(dataset)))
             loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
-                                          sampler_fn=self._get_eval_sampler)
+                                          sampler_fn=lambda _: _OrderedSampler(order))
         finally:
             self.args.dataloader_drop_last, self.data_collator = drop_last, collator
 
@@ -919,7 +925,8 @@ class ContinualTrainerMixin:
         if compute_metrics is not None and self.args.batch_eval_metrics:  # one call with every row: the last one
             compute_metrics = functools.partial(compute_metrics, compute_result=True)
         scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
-                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
+                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather,
+                            order=order)
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
         # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are
         # scored between tasks never changes the training randomness of the next task (or a resume).
