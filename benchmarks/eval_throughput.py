@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-len", type=int, default=60, help="most answer letters (rows of 2 * len + 4 tokens)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream-tasks", type=int, default=0, help="also time a stream of this many tasks (0: no)")
-    parser.add_argument("--stream-train-rows", type=int, default=32)
+    parser.add_argument("--stream-train-rows", type=int, default=32, help="at least 16 (one training batch)")
     parser.add_argument("--stream-eval-rows", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny model, 32 rows, 2 repeats, a 3-task stream")
     parser.add_argument("--output", default=None)

@@ -117,3 +117,29 @@ def test_seq2seq_scoring_sorted_matches_unsorted(tmp_path, make_model, tokenizer
         scores[sort] = trainer.evaluate_task(rows)
     assert scores[True]["exact_match"] == scores[False]["exact_match"]
     assert np.isclose(scores[True]["loss"], scores[False]["loss"], atol=1e-6, rtol=0)
+
+
+def test_eval_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/eval_throughput.py runs (tiny sizes; no timing assertion) and reports every method."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_eval_throughput", folder / "eval_throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        report = module.main(["--models", "tiny", "--rows", "8", "--repeats", "1", "--stream-tasks", "2",
+                              "--stream-train-rows", "16", "--stream-eval-rows", "8", "--output", str(tmp_path / "r.json")])
+    finally:
+        sys.path.remove(str(folder))
+    row = report["side_by_side"][0]
+    for method in module.METHODS:
+        assert row[f"{method}_tokens_per_s"] > 0 and len(row["seconds"][method]) == 1
+    # Scored before training and after each of the 2 tasks, every task each time.
+    assert report["stream"]["evaluations"] == 3 and report["stream"]["task_scorings"] == 6
+    assert 0 < report["stream"]["evaluation_s"] < report["stream"]["total_s"]
+    assert json.loads((tmp_path / "r.json").read_text())["side_by_side"][0]["tokens"] == row["tokens"]
