@@ -80,6 +80,19 @@ def methods(model, rows, batch: int, workdir: str) -> dict[str, Callable[[], Any
     }
 
 
+def positions_computed(rows, batch: int) -> dict[str, int]:
+    """Input positions the forward passes compute, pads included, in the dataset's order and sorted."""
+    from clm_hf.evaluation import length_sorted_order
+
+    lengths = [len(r) for r in rows["input_ids"]]
+
+    def padded(order: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[s : s + batch]) * len(order[s : s + batch])
+                   for s in range(0, len(order), batch))
+
+    return {"unsorted": padded(list(range(len(lengths)))), "sorted": padded(length_sorted_order(rows))}
+
+
 def side_by_side(size: str, options: argparse.Namespace) -> dict[str, Any]:
     """Every method on the same rows, interleaved and rotated, ``options.repeats`` times."""
     model = C.build_model(size).eval()
@@ -97,6 +110,7 @@ def side_by_side(size: str, options: argparse.Namespace) -> dict[str, Any]:
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
     report: dict[str, Any] = {"model": size, "rows": len(rows), "batch": options.batch, "tokens": tokens,
+                              "positions_computed": positions_computed(rows, options.batch),
                               "row_lengths": [min(map(len, rows["input_ids"])), max(map(len, rows["input_ids"]))],
                               "load_avg": C.load_average(), "seconds": times}
     for name in METHODS:
