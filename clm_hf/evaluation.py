@@ -18,6 +18,7 @@ supervised positions at a time (:func:`answer_nll`), never a float32 log-softmax
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -310,6 +311,7 @@ def evaluate_lm(
     disable_progress: bool = True,
     sort_by_length: bool = True,
     scorer: TaskScorer | None = None,
+    skip_prompt_logits: bool = True,
 ) -> dict[str, float]:
     """Score a language model on one task's tokenized rows, in one process.
 
@@ -333,6 +335,8 @@ def evaluate_lm(
             so that few pad tokens are computed; the scores do not depend on it (beyond float rounding).
         scorer (`TaskScorer`, *optional*): The scorer to fill, e.g. to read :meth:`TaskScorer.per_row`
             afterwards; ``metrics`` and ``extra_metrics`` are then ignored.
+        skip_prompt_logits (`bool`): Causal LMs: compute no logits before the batch's first answer
+            token (``logits_to_keep``); the scores do not depend on it (beyond float rounding).
 
     Returns:
         `dict[str, float]`: one value per requested metric.
@@ -362,14 +366,53 @@ def evaluate_lm(
             rows = rows_view[order[start : start + batch_size]]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}
-            scorer.add(forward_logits(model, batch, seq2seq), batch["labels"], seq2seq)
+            start = first_scored_logit(batch["labels"], seq2seq) if skip_prompt_logits else 0
+            scorer.add(forward_logits(model, batch, seq2seq, logits_from=start), batch["labels"][:, start:], seq2seq)
     return scorer.result()
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool,
-                   hidden: Sequence[str] = ()) -> torch.Tensor:
+                   hidden: Sequence[str] = (), logits_from: int = 0) -> torch.Tensor:
     """The model's logits for a batch, without labels (no loss is computed: it would need the
-    whole-vocabulary log-softmax this module avoids); ``hidden`` columns are left out."""
+    whole-vocabulary log-softmax this module avoids); ``hidden`` columns are left out.
+
+    ``logits_from > 0`` (causal LMs): only the logits of positions ``logits_from`` onwards, asked
+    of the model as ``logits_to_keep`` so that its LM head skips the prompt (on a large vocabulary
+    the head is a good part of a forward pass); a model that does not take it is run whole and
+    its logits sliced.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels" and k not in hidden}
-    return model(**inputs, **_decoder_inputs(model, batch, seq2seq)).logits
+    inputs.update(_decoder_inputs(model, batch, seq2seq))
+    if logits_from <= 0:
+        return model(**inputs).logits
+    keep = batch["input_ids"].shape[1] - logits_from
+    if model not in _NO_LOGITS_TO_KEEP:
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError as err:  # a forward without the argument (custom or older models)
+            if "logits_to_keep" not in str(err):
+                raise
+            _NO_LOGITS_TO_KEEP.add(model)
+        else:
+            return logits[:, -keep:]  # a model that takes **kwargs may ignore it
+    return model(**inputs).logits[:, -keep:]
+
+
+# Models whose forward refused ``logits_to_keep``: not asked again.
+_NO_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def first_scored_logit(labels: torch.Tensor, seq2seq: bool) -> int:
+    """The first position whose logit a causal LM's scoring reads: one before the batch's first
+    supervised label (0 for seq2seq models and batches without one). One host sync per batch.
+
+    Example:
+
+    >>> first_scored_logit(torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 7]]), seq2seq=False)
+    1
+    """
+    if seq2seq:
+        return 0
+    supervised = (labels != -100).any(0).nonzero()
+    return max(int(supervised[0, 0]) - 1, 0) if supervised.numel() else 0
 

@@ -34,7 +34,8 @@ from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
-from .evaluation import TaskScorer, TokenMetric, _OrderedSampler, forward_logits, is_seq2seq, length_sorted_order
+from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, first_scored_logit, forward_logits, is_seq2seq,
+                         length_sorted_order)
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
@@ -928,15 +929,19 @@ class ContinualTrainerMixin:
                             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather,
                             order=order)
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
+        trim = compute_metrics is None and self.preprocess_logits_for_metrics is None
         # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are
         # scored between tasks never changes the training randomness of the next task (or a resume).
         with torch.random.fork_rng(devices=[]), eval_mode(model), torch.inference_mode():
             for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm, leave=False):
                 batch = self._prepare_inputs(batch)
                 # The same autocast as Trainer.evaluate: its own context plus Accelerate's mixed precision.
+                # No logits for the prompt positions before the batch's first answer token, unless
+                # compute_metrics / preprocess_logits_for_metrics expect the whole sequence.
+                start = first_scored_logit(batch["labels"], seq2seq) if trim else 0
                 with self.autocast_smart_context_manager(), accelerator.autocast():
-                    logits = forward_logits(model, batch, seq2seq, hidden)
-                scorer.add(logits, batch["labels"], seq2seq)
+                    logits = forward_logits(model, batch, seq2seq, hidden, logits_from=start)
+                scorer.add(logits, batch["labels"][:, start:], seq2seq)
                 del logits
         scores = scorer.result()
         if generate and self._generates():

@@ -143,3 +143,61 @@ def test_eval_throughput_benchmark_smoke(tmp_path):
     assert report["stream"]["evaluations"] == 3 and report["stream"]["task_scorings"] == 6
     assert 0 < report["stream"]["evaluation_s"] < report["stream"]["total_s"]
     assert json.loads((tmp_path / "r.json").read_text())["side_by_side"][0]["tokens"] == row["tokens"]
+
+
+def test_prompt_logits_are_skipped_with_the_same_scores(make_model, tokenizer):
+    """Causal LMs: the LM head runs only from the batch's first answer token on; per-row scores equal."""
+    from torch import nn
+
+    model, rows = make_model("gpt2"), _mixed_rows(tokenizer)
+    collator = ContinualDataCollator(tokenizer.pad_token_id)
+    head_positions = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: head_positions.append(out.shape[0] * out.shape[1]))
+    per_row = {}
+    try:
+        for skip in (True, False):
+            head_positions.clear()
+            scorer = TaskScorer()
+            evaluate_lm(model, rows, collator, batch_size=5, skip_prompt_logits=skip, scorer=scorer)
+            per_row[skip] = (scorer.per_row(), sum(head_positions))
+    finally:
+        handle.remove()
+    for key, value in per_row[False][0].items():
+        assert torch.allclose(per_row[True][0][key].double(), value.double(), rtol=1e-6, atol=0), key
+    # Prompts are about half of these rows: the head computes far fewer positions.
+    assert per_row[True][1] < 0.8 * per_row[False][1]
+
+    class NoLogitsToKeep(nn.Module):
+        """A model whose forward does not take logits_to_keep: run whole, logits sliced."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    wrapped, scorer = NoLogitsToKeep(model), TaskScorer()
+    evaluate_lm(wrapped, rows, collator, batch_size=5, scorer=scorer)
+    assert torch.allclose(scorer.per_row()["nll"].double(), per_row[False][0]["nll"].double(), rtol=1e-6, atol=0)
+
+
+def test_trainer_skips_prompt_logits_unless_compute_metrics_needs_them(tmp_path, make_model, tokenizer):
+    rows = _mixed_rows(tokenizer)
+    model = make_model("gpt2")
+    head, inputs = [], []
+    model.lm_head.register_forward_hook(lambda m, i, out: head.append(out.shape[0] * out.shape[1]))
+    model.register_forward_pre_hook(lambda m, a, k: inputs.append(k["input_ids"].numel()), with_kwargs=True)
+    scores = {}
+    for name, compute_metrics in (("trimmed", None), ("whole", lambda prediction: {"n": 1.0})):
+        head.clear(), inputs.clear()
+        trainer = ContinualCausalLMTrainer(model=model, processing_class=tokenizer, compute_metrics=compute_metrics,
+                                           args=small_args(tmp_path / name, per_device_eval_batch_size=5))
+        scores[name] = trainer.evaluate_task(rows)
+        if compute_metrics is None:
+            assert sum(head) < 0.8 * sum(inputs)
+        else:  # compute_metrics receives predictions for every position, as from Trainer.evaluate
+            assert sum(head) == sum(inputs)
+    for key in ("exact_match", "token_accuracy"):
+        assert scores["trimmed"][key] == scores["whole"][key]
+    assert scores["trimmed"]["loss"] == pytest.approx(scores["whole"]["loss"], rel=1e-6)
