@@ -8,7 +8,12 @@ The same model, rows (lengths mixed, ``--min-len``..``--max-len`` letters per an
 - ``trainer_evaluate_loss_only``: the same with ``prediction_loss_only=True`` (loss only);
 - ``scoring``: :meth:`ContinualTrainer.evaluate_task` at its defaults (exact match, token accuracy,
   loss, perplexity; rows batched by length);
-- ``scoring_unsorted``: the same with ``continual_eval_sort_by_length=False``.
+- ``scoring_unsorted``: the same with ``continual_eval_sort_by_length=False``;
+- ``scoring_all_logits``: the scoring with the LM head run on every position (as before
+  ``logits_to_keep`` skipped the prompt; set here by patching ``first_scored_logit``).
+
+``--vocab N`` resizes the model's (tied) embeddings to ``N`` tokens, so that the LM head weighs as
+it does in a real model (the synthetic tokenizer has about 30 tokens).
 
 Each repeat runs every method once, in a rotated order (so none always runs first after another);
 the figures are the medians over repeats, of the throughput (non-pad tokens per second) and of the
@@ -37,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-METHODS = ("trainer_evaluate", "trainer_evaluate_loss_only", "scoring", "scoring_unsorted")
+METHODS = ("trainer_evaluate", "trainer_evaluate_loss_only", "scoring", "scoring_unsorted", "scoring_all_logits")
 
 
 def eval_rows(count: int, min_len: int, max_len: int, seed: int = 0):
@@ -72,7 +77,19 @@ def methods(model, rows, batch: int, workdir: str) -> dict[str, Callable[[], Any
     sorted_ = C.make_trainer(model, [], f"{workdir}/scoring", per_device_eval_batch_size=batch, use_cpu=True)
     unsorted = C.make_trainer(model, [], f"{workdir}/unsorted", per_device_eval_batch_size=batch, use_cpu=True,
                               continual_eval_sort_by_length=False)
+    all_logits = C.make_trainer(model, [], f"{workdir}/all_logits", per_device_eval_batch_size=batch, use_cpu=True)
+
+    def scoring_all_logits():
+        import clm_hf.trainer as module
+
+        original, module.first_scored_logit = module.first_scored_logit, lambda labels, seq2seq: 0
+        try:
+            return all_logits.evaluate_task(rows)
+        finally:
+            module.first_scored_logit = original
+
     return {
+        "scoring_all_logits": scoring_all_logits,
         "trainer_evaluate": lambda: plain.evaluate(rows),
         "trainer_evaluate_loss_only": lambda: loss_only.evaluate(rows),
         "scoring": lambda: sorted_.evaluate_task(rows),
@@ -96,6 +113,8 @@ def positions_computed(rows, batch: int) -> dict[str, int]:
 def side_by_side(size: str, options: argparse.Namespace) -> dict[str, Any]:
     """Every method on the same rows, interleaved and rotated, ``options.repeats`` times."""
     model = C.build_model(size).eval()
+    if options.vocab:
+        model.resize_token_embeddings(options.vocab)
     rows = eval_rows(options.rows, options.min_len, options.max_len)
     tokens = sum(len(r) for r in rows["input_ids"])
     with tempfile.TemporaryDirectory() as workdir:
@@ -109,7 +128,7 @@ def side_by_side(size: str, options: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
-    report: dict[str, Any] = {"model": size, "rows": len(rows), "batch": options.batch, "tokens": tokens,
+    report: dict[str, Any] = {"model": size, "vocab": model.get_output_embeddings().weight.shape[0], "rows": len(rows), "batch": options.batch, "tokens": tokens,
                               "positions_computed": positions_computed(rows, options.batch),
                               "row_lengths": [min(map(len, rows["input_ids"])), max(map(len, rows["input_ids"]))],
                               "load_avg": C.load_average(), "seconds": times}
@@ -187,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min-len", type=int, default=4, help="fewest answer letters of a row")
     parser.add_argument("--max-len", type=int, default=60, help="most answer letters (rows of 2 * len + 4 tokens)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--vocab", type=int, default=0, help="resize the embeddings to this many tokens (0: as built)")
     parser.add_argument("--stream-tasks", type=int, default=0, help="also time a stream of this many tasks (0: no)")
     parser.add_argument("--stream-train-rows", type=int, default=32, help="at least 16 (one training batch)")
     parser.add_argument("--stream-eval-rows", type=int, default=64)
