@@ -888,7 +888,9 @@ class ContinualTrainerMixin:
 
         The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
         or ``continual_eval_batch_size`` when set; the collator; split across processes), sorted
-        by length unless ``continual_eval_sort_by_length=False`` (scores are the same), each
+        by length unless ``continual_eval_sort_by_length=False`` (scores are the same; a causal
+        LM's head skips the positions before the batch's first answer token unless
+        ``compute_metrics`` or ``preprocess_logits_for_metrics`` is set), each
         forward pass runs under the Trainer's autocast, and the per-row counts of every process
         are gathered, so all ranks return the scores of all rows. ``compute_metrics`` (and
         ``preprocess_logits_for_metrics``) given to the trainer add their keys to the scores.
