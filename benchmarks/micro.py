@@ -16,6 +16,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
 - ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
   (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
   one autograd backward), each as a multiple of one training pass over the same rows.
+- ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
+  forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
 
     OMP_NUM_THREADS=1 python benchmarks/micro.py                  # every case, medium model
     OMP_NUM_THREADS=1 python benchmarks/micro.py --cases gem-breakdown --model tiny
@@ -277,8 +279,40 @@ def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str
                                                                for k in ("fisher_former", "fisher_current")}}
 
 
+def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
+    """Where a PNN step with 3 columns goes: the two frozen columns' no-grad forwards (what
+    ``ProgressiveModel`` runs before the trained column) against a plain training step."""
+    from clm_hf.strategies.pnn_model import ProgressiveModel
+
+    data = C.task_rows(1, rows, 8)[0][1]
+    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["labels"])
+    plain = C.build_model(model_size).train()
+    pnn = ProgressiveModel(C.build_model(model_size), lateral_rank=32)
+    pnn.add_column(), pnn.add_column()
+    pnn.train()
+
+    def step(model):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run() -> None:
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    def frozen_columns() -> None:
+        pnn._run_old_columns(2, {"input_ids": ids})
+
+    ms = alternated({"plain_step": step(plain), "pnn_step": step(pnn), "frozen_columns": frozen_columns}, repeats)
+    return {"rows": rows, "ms": ms, "ratio_to_plain_step": {k: round(ms[k] / ms["plain_step"], 3)
+                                                            for k in ("pnn_step", "frozen_columns")},
+            "trained_column_and_laterals": round((ms["pnn_step"] - ms["frozen_columns"]) / ms["plain_step"], 3)}
+
+
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
-         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads}
+         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
+         "pnn-breakdown": pnn_breakdown}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -42,6 +42,11 @@ class ContinualTrainingArguments(TrainingArguments):
         metadata={"help": "Rows per process in each forward pass of the per-task scoring; None (default): "
                           "per_device_eval_batch_size, as Trainer.evaluate."},
     )
+    continual_eval_sort_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch the per-task scoring's rows by length (longest first), so few pad tokens are "
+                          "computed; scores are the same, and extra metrics / compute_metrics see the rows in order."},
+    )
     save_continual_state: bool = field(
         default=True,
         metadata={"help": "Write a continual checkpoint (model, strategies, buffer, results, RNG) after every task."},

@@ -18,6 +18,7 @@ supervised positions at a time (:func:`answer_nll`), never a float32 log-softmax
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -87,6 +88,60 @@ def supervised_predictions(logits: torch.Tensor, labels: torch.Tensor, seq2seq: 
     return logits.argmax(-1), targets, mask, answer_nll(logits, targets, mask)
 
 
+def length_sorted_order(dataset: Dataset, seq2seq: bool = False) -> list[int]:
+    """Row indices from the longest row to the shortest (stable), for padding-aware batching.
+
+    Batches of rows of similar length hold few pad tokens, so a forward pass computes little that is
+    thrown away. Seq2seq rows sort by encoder length, then by decoder (``labels``) length. The
+    longest rows come first, so a batch that does not fit in memory fails at once, not at the end.
+    Lengths are read from the Arrow columns, without decoding the rows.
+
+    Args:
+        dataset (`datasets.Dataset`): Tokenized rows with ``input_ids`` (and ``labels`` for seq2seq).
+        seq2seq (`bool`): Sort ties of the encoder length by the decoder length.
+
+    Returns:
+        `list[int]`: a permutation of ``range(len(dataset))``.
+
+    Example:
+
+    >>> rows = Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2]]})
+    >>> length_sorted_order(rows)
+    [1, 2, 0]
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    # The Arrow table itself when no select()/shuffle() index mapping sits on top of it (the usual
+    # tokenized eval set): with_format() copies the dataset object, 10 ms a call on a small set.
+    arrow = dataset.data if getattr(dataset, "_indices", True) is None else dataset.with_format("arrow")
+
+    def lengths(column: str) -> "np.ndarray":
+        if column not in dataset.column_names:
+            raise KeyError(f"Cannot sort rows by length: the dataset has no '{column}' column "
+                           f"(columns: {dataset.column_names}).")
+        values = arrow.column(column) if arrow is dataset.data else arrow[column]
+        return pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    keys = [-lengths("input_ids")]
+    if seq2seq and "labels" in dataset.column_names:
+        keys.insert(0, -lengths("labels"))  # np.lexsort sorts by its last key first
+    return np.lexsort(keys).tolist() if len(keys) > 1 else np.argsort(keys[0], kind="stable").tolist()
+
+
+class _OrderedSampler(torch.utils.data.Sampler):
+    """Yields a fixed list of row indices (a length-sorted order) to a DataLoader."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 class TaskScorer:
     """Accumulates the scores of one task's rows, batch by batch, possibly across processes.
 
@@ -104,6 +159,9 @@ class TaskScorer:
             with -100); its keys join the scores.
         preprocess_logits_for_metrics: ``fn(logits, labels) -> tensor``, as in ``Trainer``.
         gather: ``fn(dict of tensors) -> dict of tensors`` merging the processes' rows.
+        order: The dataset index of each row, in the order the rows are added (e.g.
+            :func:`length_sorted_order`); per-row results, ``extra_metrics`` and ``compute_metrics``
+            then see the rows in the dataset's order. ``None``: rows are added in the dataset's order.
 
     Example:
 
@@ -117,17 +175,18 @@ class TaskScorer:
     def __init__(self, metrics: Sequence[str] = BUILTIN_METRICS, extra_metrics: dict[str, TokenMetric] | None = None,
                  compute_metrics: Callable[[Any], dict[str, float]] | None = None,
                  preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+                 gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 order: Sequence[int] | None = None) -> None:
         unknown = [m for m in metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ValueError(f"Unknown metric(s) {unknown}; built-in metrics are {list(BUILTIN_METRICS)}.")
         self.metrics, self.extra_metrics = list(metrics), dict(extra_metrics or {})
         self.compute_metrics, self.preprocess = compute_metrics, preprocess_logits_for_metrics
         self.gather = gather
-        self.rows = self.rows_correct = self.tokens_correct = self.tokens = 0
-        self.nll_sum = 0.0
-        self.predictions: list[list[int]] = []
-        self.references: list[list[int]] = []
+        self.order = None if order is None else list(order)
+        # Per-row counts stay where the model ran (no host sync per batch) until result() reads them.
+        self._per_row: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_ROW}
+        self._tokens: dict[str, list[torch.Tensor]] = {"predicted": [], "references": []}
         self._eval_predictions: list[Any] = []
         self._eval_labels: list[Any] = []
 
@@ -136,7 +195,7 @@ class TaskScorer:
         predicted, targets, mask, nll = supervised_predictions(logits, labels, seq2seq)
         correct = (predicted == targets) & mask
         out = {
-            "row_correct": ((correct | ~mask).all(-1) & mask.any(-1)).long(),
+            "exact": ((correct | ~mask).all(-1) & mask.any(-1)).long(),
             "tokens_correct": correct.sum(-1),
             "tokens": mask.sum(-1),
             "nll": nll.sum(-1),
@@ -149,47 +208,84 @@ class TaskScorer:
             out["eval_labels"] = labels
         if self.gather is not None:
             out = self.gather(out)
-        self.rows += int(out["tokens"].numel())
-        self.rows_correct += int(out["row_correct"].sum())
-        self.tokens_correct += int(out["tokens_correct"].sum())
-        self.tokens += int(out["tokens"].sum())
-        self.nll_sum += float(out["nll"].double().sum())
+        for key in _PER_ROW:
+            self._per_row[key].append(out[key])
         if self.extra_metrics:
-            for p_row, r_row in zip(out["predicted"].tolist(), out["references"].tolist()):
-                keep = [i for i, r in enumerate(r_row) if r != -100]
-                self.predictions.append([p_row[i] for i in keep])
-                self.references.append([r_row[i] for i in keep])
+            self._tokens["predicted"].append(out["predicted"].cpu())
+            self._tokens["references"].append(out["references"].cpu())
         if self.compute_metrics is not None:
             self._eval_predictions.append(out["eval_predictions"].detach().cpu())
             self._eval_labels.append(out["eval_labels"].detach().cpu())
 
+    def _restore(self, rows: int) -> torch.Tensor | None:
+        """Position of each original row among the rows as added (None: added in the original order)."""
+        if self.order is None:
+            return None
+        if len(self.order) != rows:
+            raise ValueError(f"TaskScorer was given an order of {len(self.order)} rows but {rows} rows were added.")
+        return torch.as_tensor(self.order).argsort()
+
+    def per_row(self) -> dict[str, torch.Tensor]:
+        """Each row's counts, in the dataset's order whatever order the batches came in.
+
+        Returns:
+            `dict[str, torch.Tensor]`: ``exact`` (1 when every answer token is right), ``tokens_correct``,
+            ``tokens`` (answer tokens) and ``nll`` (summed over the answer tokens), one value per row.
+        """
+        if not self._per_row["tokens"]:
+            raise ValueError("Cannot evaluate on an empty dataset.")
+        values = {k: torch.cat([v.reshape(-1) for v in parts]).cpu() for k, parts in self._per_row.items()}
+        position = self._restore(values["tokens"].numel())
+        return values if position is None else {k: v[position] for k, v in values.items()}
+
     def result(self) -> dict[str, float]:
         """The scores of every row added so far."""
-        if self.rows == 0:
-            raise ValueError("Cannot evaluate on an empty dataset.")
-        if self.tokens == 0:
+        rows = self.per_row()
+        if int(rows["tokens"].sum()) == 0:
             raise ValueError("The dataset has no supervised token (every label is -100): nothing to score.")
-        loss = self.nll_sum / self.tokens
+        count, tokens = rows["tokens"].numel(), int(rows["tokens"].sum())
+        loss = float(rows["nll"].double().sum()) / tokens
         values = {
-            "exact_match": self.rows_correct / self.rows,
-            "token_accuracy": self.tokens_correct / self.tokens,
+            "exact_match": int(rows["exact"].sum()) / count,
+            "token_accuracy": int(rows["tokens_correct"].sum()) / tokens,
             "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)),
         }
         scores = {m: values[m] for m in self.metrics}
-        for name, fn in self.extra_metrics.items():
-            scores[name] = float(fn(self.predictions, self.references))
+        position = self._restore(count)
+        if self.extra_metrics:
+            predictions, references = self._answer_tokens(position)
+            for name, fn in self.extra_metrics.items():
+                scores[name] = float(fn(predictions, references))
         if self.compute_metrics is not None:
             from transformers import EvalPrediction
 
-            prediction = EvalPrediction(predictions=_concat_padded(self._eval_predictions),
-                                        label_ids=_concat_padded(self._eval_labels))
-            for name, value in self.compute_metrics(prediction).items():
+            predicted, labels = _concat_padded(self._eval_predictions), _concat_padded(self._eval_labels)
+            if position is not None:  # the Trainer's compute_metrics sees rows in the dataset's order
+                predicted, labels = predicted[position.numpy()], labels[position.numpy()]
+            for name, value in self.compute_metrics(EvalPrediction(predictions=predicted, label_ids=labels)).items():
                 if name in scores:
                     raise ValueError(f"compute_metrics returned '{name}', which is already a per-task score "
                                      f"({sorted(scores)}); rename it in compute_metrics.")
                 scores[name] = float(value)
         return scores
+
+    def _answer_tokens(self, position: torch.Tensor | None) -> tuple[list[list[int]], list[list[int]]]:
+        """Each row's predicted and reference answer token ids (the scored positions only)."""
+        predictions: list[list[int]] = []
+        references: list[list[int]] = []
+        for p_batch, r_batch in zip(self._tokens["predicted"], self._tokens["references"]):
+            for p_row, r_row in zip(p_batch.tolist(), r_batch.tolist()):
+                keep = [i for i, r in enumerate(r_row) if r != -100]
+                predictions.append([p_row[i] for i in keep])
+                references.append([r_row[i] for i in keep])
+        if position is not None:
+            predictions = [predictions[i] for i in position.tolist()]
+            references = [references[i] for i in position.tolist()]
+        return predictions, references
+
+
+_PER_ROW = ("exact", "tokens_correct", "tokens", "nll")
 
 
 def _concat_padded(parts: list[torch.Tensor]) -> Any:
@@ -213,6 +309,9 @@ def evaluate_lm(
     device: torch.device | str | None = None,
     description: str | None = None,
     disable_progress: bool = True,
+    sort_by_length: bool = True,
+    scorer: TaskScorer | None = None,
+    skip_prompt_logits: bool = True,
 ) -> dict[str, float]:
     """Score a language model on one task's tokenized rows, in one process.
 
@@ -232,6 +331,12 @@ def evaluate_lm(
         device: Where to run; defaults to the model's device.
         description (`str`, *optional*): Progress-bar label.
         disable_progress (`bool`): Hide the progress bar.
+        sort_by_length (`bool`): Batch rows of similar length together (:func:`length_sorted_order`),
+            so that few pad tokens are computed; the scores do not depend on it (beyond float rounding).
+        scorer (`TaskScorer`, *optional*): The scorer to fill, e.g. to read :meth:`TaskScorer.per_row`
+            afterwards; ``metrics`` and ``extra_metrics`` are then ignored.
+        skip_prompt_logits (`bool`): Causal LMs: compute no logits before the batch's first answer
+            token (``logits_to_keep``); the scores do not depend on it (beyond float rounding).
 
     Returns:
         `dict[str, float]`: one value per requested metric.
@@ -246,26 +351,68 @@ def evaluate_lm(
     >>> sorted(scores)
     ['exact_match', 'loss', 'perplexity', 'token_accuracy']
     """
-    scorer = TaskScorer(metrics, extra_metrics)
     if len(dataset) == 0:
         raise ValueError("Cannot evaluate on an empty dataset.")
     seq2seq = is_seq2seq(model)
+    order = length_sorted_order(dataset, seq2seq) if sort_by_length else list(range(len(dataset)))
+    if scorer is None:
+        scorer = TaskScorer(metrics, extra_metrics)
+    scorer.order = order
     if device is None:
         device = next(model.parameters()).device
     rows_view = dataset.select_columns([c for c in dataset.column_names if c != "task_id"])
     with eval_mode(model):
         for start in tqdm(range(0, len(dataset), batch_size), desc=description, disable=disable_progress, leave=False):
-            rows = rows_view[start : start + batch_size]
+            rows = rows_view[order[start : start + batch_size]]
             features = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = {k: v.to(device) for k, v in collator(features).items()}
-            scorer.add(forward_logits(model, batch, seq2seq), batch["labels"], seq2seq)
+            start = first_scored_logit(batch["labels"], seq2seq) if skip_prompt_logits else 0
+            scorer.add(forward_logits(model, batch, seq2seq, logits_from=start), batch["labels"][:, start:], seq2seq)
     return scorer.result()
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool,
-                   hidden: Sequence[str] = ()) -> torch.Tensor:
+                   hidden: Sequence[str] = (), logits_from: int = 0) -> torch.Tensor:
     """The model's logits for a batch, without labels (no loss is computed: it would need the
-    whole-vocabulary log-softmax this module avoids); ``hidden`` columns are left out."""
+    whole-vocabulary log-softmax this module avoids); ``hidden`` columns are left out.
+
+    ``logits_from > 0`` (causal LMs): only the logits of positions ``logits_from`` onwards, asked
+    of the model as ``logits_to_keep`` so that its LM head skips the prompt (on a large vocabulary
+    the head is a good part of a forward pass); a model that does not take it is run whole and
+    its logits sliced.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels" and k not in hidden}
-    return model(**inputs, **_decoder_inputs(model, batch, seq2seq)).logits
+    inputs.update(_decoder_inputs(model, batch, seq2seq))
+    if logits_from <= 0:
+        return model(**inputs).logits
+    keep = batch["input_ids"].shape[1] - logits_from
+    if model not in _NO_LOGITS_TO_KEEP:
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError as err:  # a forward without the argument (custom or older models)
+            if "logits_to_keep" not in str(err):
+                raise
+            _NO_LOGITS_TO_KEEP.add(model)
+        else:
+            return logits[:, -keep:]  # a model that takes **kwargs may ignore it
+    return model(**inputs).logits[:, -keep:]
+
+
+# Models whose forward refused ``logits_to_keep``: not asked again.
+_NO_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def first_scored_logit(labels: torch.Tensor, seq2seq: bool) -> int:
+    """The first position whose logit a causal LM's scoring reads: one before the batch's first
+    supervised label (0 for seq2seq models and batches without one). One host sync per batch.
+
+    Example:
+
+    >>> first_scored_logit(torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 7]]), seq2seq=False)
+    1
+    """
+    if seq2seq:
+        return 0
+    supervised = (labels != -100).any(0).nonzero()
+    return max(int(supervised[0, 0]) - 1, 0) if supervised.numel() else 0
 

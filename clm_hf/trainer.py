@@ -34,7 +34,8 @@ from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
-from .evaluation import TaskScorer, TokenMetric, forward_logits, is_seq2seq
+from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, first_scored_logit, forward_logits, is_seq2seq,
+                         length_sorted_order)
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
@@ -905,7 +906,10 @@ class ContinualTrainerMixin:
         """Score the model as it is now on tokenized rows, with the Trainer's evaluation settings.
 
         The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
-        or ``continual_eval_batch_size`` when set; the collator; split across processes), each
+        or ``continual_eval_batch_size`` when set; the collator; split across processes), sorted
+        by length unless ``continual_eval_sort_by_length=False`` (scores are the same; a causal
+        LM's head skips the positions before the batch's first answer token unless
+        ``compute_metrics`` or ``preprocess_logits_for_metrics`` is set), each
         forward pass runs under the Trainer's autocast, and the per-row counts of every process
         are gathered, so all ranks return the scores of all rows. ``compute_metrics`` (and
         ``preprocess_logits_for_metrics``) given to the trainer add their keys to the scores.
@@ -923,8 +927,13 @@ class ContinualTrainerMixin:
         if self._user_collator:
             self.data_collator = self._scoring_collator
         try:
+            # Rows of similar length batched together (longest first): few pad tokens are computed.
+            # The scorer puts the rows back in the dataset's order (gather_for_metrics keeps the
+            # sampler's order across processes).
+            order = length_sorted_order(dataset, is_seq2seq(self.model)) if self._setting("continual_eval_sort_by_length") \
+                else list(range(len(dataset)))
             loader = self._get_dataloader(dataset=dataset, description="Continual scoring", batch_size=batch_size,
-                                          sampler_fn=self._get_eval_sampler)
+                                          sampler_fn=lambda _: _OrderedSampler(order))
         finally:
             self.args.dataloader_drop_last, self.data_collator = drop_last, collator
 
@@ -938,17 +947,22 @@ class ContinualTrainerMixin:
         if compute_metrics is not None and self.args.batch_eval_metrics:  # one call with every row: the last one
             compute_metrics = functools.partial(compute_metrics, compute_result=True)
         scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
-                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather)
+                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather,
+                            order=order)
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
+        trim = compute_metrics is None and self.preprocess_logits_for_metrics is None
         # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are
         # scored between tasks never changes the training randomness of the next task (or a resume).
         with torch.random.fork_rng(devices=[]), eval_mode(model), torch.inference_mode():
             for batch in tqdm(loader, desc=description, disable=self.args.disable_tqdm, leave=False):
                 batch = self._prepare_inputs(batch)
                 # The same autocast as Trainer.evaluate: its own context plus Accelerate's mixed precision.
+                # No logits for the prompt positions before the batch's first answer token, unless
+                # compute_metrics / preprocess_logits_for_metrics expect the whole sequence.
+                start = first_scored_logit(batch["labels"], seq2seq) if trim else 0
                 with self.autocast_smart_context_manager(), accelerator.autocast():
-                    logits = forward_logits(model, batch, seq2seq, hidden)
-                scorer.add(logits, batch["labels"], seq2seq)
+                    logits = forward_logits(model, batch, seq2seq, hidden, logits_from=start)
+                scorer.add(logits, batch["labels"][:, start:], seq2seq)
                 del logits
         scores = scorer.result()
         if generate and self._generates():

@@ -29,9 +29,11 @@ def main(out: str) -> None:
     model = build_tiny_model("gpt2", tokenizer, hidden_size=32, num_layers=1, num_heads=2)
     rows = tokenize_task(make_task("reverse", 7, seed=5, min_len=2, max_len=6), tokenizer, False)
     seen: list[int] = []
+    labels_seen: list[list[int]] = []
 
     def compute_metrics(prediction):
         seen.append(len(prediction.label_ids))
+        labels_seen.extend([int(t) for t in row if t != -100] for row in prediction.label_ids)
         return {"rows_seen": float(len(prediction.label_ids))}
 
     args = ContinualTrainingArguments(output_dir=str(Path(out) / "run"), per_device_eval_batch_size=2,
@@ -44,7 +46,8 @@ def main(out: str) -> None:
     scores = trainer.evaluate_task(rows)
     Path(out).mkdir(parents=True, exist_ok=True)
     record = {"world_size": trainer.args.world_size, "rows_forwarded": sum(forwarded),
-              "compute_metrics_rows": seen[0], "scores": {k: v for k, v in scores.items() if k != "rows_seen"}}
+              "compute_metrics_rows": seen[0], "labels_seen": labels_seen,
+              "labels": [[t for t in row if t != -100] for row in rows["labels"]], "scores": {k: v for k, v in scores.items() if k != "rows_seen"}}
     (Path(out) / f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
     if torch.distributed.is_initialized():  # a clean exit: gloo threads alive at exit abort the process
         torch.distributed.barrier()

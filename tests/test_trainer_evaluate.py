@@ -245,6 +245,9 @@ def test_scoring_splits_rows_across_two_processes_and_gathers_them(tmp_path, mak
     # The rows were split (batches of 2: 4 + 3 rows, the last batch padded by accelerate) ...
     assert [r["rows_forwarded"] for r in ranks] == [4, 4] and one["rows_forwarded"] == 7
     # ... and gathered, duplicates dropped: every rank holds the 1-process scores of all 7 rows.
+    for rank in [*ranks, one]:
+        # Rows batched by length, gathered across ranks: compute_metrics still sees the dataset's order.
+        assert rank["labels_seen"] == rank["labels"] and len({len(r) for r in rank["labels"]}) > 1
     for rank in ranks:
         assert rank["compute_metrics_rows"] == 7
         for name, value in one["scores"].items():
