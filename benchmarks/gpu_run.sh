@@ -12,6 +12,10 @@
 #   4. the real-model recipe recipes/real/qwen2.5-0.5b-instruct-lora.yaml (LoRA, TRL SFT, replay + EWC)
 #      on its offline twin (benchmarks/real_twin.py): a random model of Qwen2.5-0.5B's shape and local
 #      JSONL files in the layouts of the recipe's Hub datasets; wall time, peak GPU memory, results.
+#   5. DeepSpeed ZeRO-2 and ZeRO-3 on one GPU against plain one-GPU training (tests/distributed_driver.py
+#      --deepspeed 2|3 under torchrun): the same weights and strategy state after each task, for every
+#      strategy the trainer allows on that stage; skipped, saying so, when DeepSpeed is not installed
+#      (its CPU runs are tests/test_deepspeed.py).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # on the GPU machine
 #   QUICK=1 OUT=/tmp/gpu bash benchmarks/gpu_run.sh    # tiny sizes, parts 1-2 only on a CPU: a smoke run
@@ -115,5 +119,25 @@ else
     cp "$WORK/runs/real/results.json" "$OUT/real_recipe_results.json"
 } > "$OUT/real.log" 2>&1
 tail -n 12 "$OUT/real.log"
+fi
+# --- 5. DeepSpeed ZeRO-2 / ZeRO-3 on one GPU == plain one-GPU training --------------------------------
+if [ "$QUICK" != 1 ]; then
+    {
+        if $PY -c "import deepspeed" 2>/dev/null; then
+            for STAGE in 2 3; do
+                if [ "$STAGE" = 2 ]; then DS_RUNS=${DS2_RUNS:-plain,replay,ewc,lwf,pnn,olora}; else DS_RUNS=${DS3_RUNS:-replay,lwf-cached}; fi
+                timeout ${DS_TIMEOUT:-120} $PY -m tests.distributed_driver "$WORK/ds$STAGE/plain" --batch 8 --runs "$DS_RUNS" --gpu
+                echo "plain exit $?"
+                timeout ${DS_TIMEOUT:-120} $PY -m torch.distributed.run --nproc_per_node 1 -m tests.distributed_driver \
+                    "$WORK/ds$STAGE/ds" --batch 8 --runs "$DS_RUNS" --gpu --deepspeed "$STAGE"
+                echo "zero$STAGE exit $?"
+                $PY benchmarks/gpu_check.py compare "$WORK/ds$STAGE/plain" "$WORK/ds$STAGE/ds" --runs "$DS_RUNS" --atol 1e-5 \
+                    | tee "$OUT/zero${STAGE}_compare.json"
+            done
+        else
+            echo "DeepSpeed is not installed on this machine: part 5 skipped (pip install 'clm-hf[deepspeed]', or a wheel in .whl/)"
+        fi
+    } > "$OUT/deepspeed.log" 2>&1
+    tail -n 30 "$OUT/deepspeed.log"
 fi
 date -u
