@@ -17,7 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _logging_enabled_again():
-    """Benchmarks run in-process call ``logging.disable`` and quiet transformers, and a trainer's
+    """Benchmarks run in-process call ``logging.disable`` and quiet transformers (and turn off the
+    progress bars of transformers and datasets), and a trainer's
     ``log_level`` (or transformers' verbosity) sets clm-hf's level; later tests read logs through
     caplog, so every test starts from the defaults."""
     yield
@@ -30,6 +31,11 @@ def _logging_enabled_again():
     logging.disable(logging.NOTSET)
     transformers.logging.set_verbosity_warning()
     _logging.set_verbosity(None)
+    # ... and their progress bars: a later test checks what the Trainer's bars show.
+    import datasets
+
+    transformers.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="session")
