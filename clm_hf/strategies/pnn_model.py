@@ -222,7 +222,12 @@ class ProgressiveModel(nn.Module):
             `int`: The new column's index.
         """
         source = self.columns[-1]
-        if self.column_init == "copy":
+        # Under FSDP2 the model's parameters are DTensors and its blocks carry FSDP2's hooks, which
+        # a deep copy would duplicate: the new column is then built plain and sharded below.
+        sharded = _sharded_parameter(self)
+        if self.column_init == "copy" and sharded is not None:
+            column = _gathered_copy(source)
+        elif self.column_init == "copy":
             self._remove_hooks(len(self.columns) - 1)  # hooks must not be copied along
             try:
                 column = copy.deepcopy(source)
@@ -243,6 +248,8 @@ class ProgressiveModel(nn.Module):
         self.columns.append(column)
         self.laterals.append(adapters)
         self._install_hooks(index)
+        if sharded is not None:
+            _shard_column(column, adapters, sharded.device_mesh)
         self._freeze_old_columns()
         self.train(self.training)
         return index
@@ -510,3 +517,72 @@ def _fresh_like(column: nn.Module) -> nn.Module:
     reference = next(column.parameters())
     fresh = type(column)(copy.deepcopy(config))
     return fresh.to(device=reference.device, dtype=reference.dtype)
+
+
+# --- FSDP2: a new column is built plain and sharded like the rest of the model ----------------------
+def _sharded_parameter(model: nn.Module) -> torch.Tensor | None:
+    """A DTensor parameter of ``model`` when FSDP2 has sharded it, else ``None``."""
+    from ..sharding import is_dtensor, reshard
+
+    reshard(model)  # after an evaluation FSDP2 may hold unsharded plain copies in the parameters' places
+    return next((p for p in model.parameters() if is_dtensor(p)), None)
+
+
+def _gathered_copy(source: nn.Module) -> nn.Module:
+    """A plain (unsharded, unhooked) copy of the FSDP2-sharded column ``source``, with the same values.
+
+    The copy is built on the meta device (no memory, no random draws: the RNG stream stays the one
+    of an unsharded run, whose deep copy draws nothing), then every parameter is gathered whole from
+    its shards (``full_tensor()``, a collective: every rank walks the parameters in the same order)
+    and buffers (never sharded) are cloned. One whole column exists on each rank until
+    :func:`_shard_column` shards it.
+    """
+    config = getattr(source, "config", None)
+    if config is None:
+        raise ValueError(f"PNN under FSDP2 builds new columns from the model's config; {type(source).__name__} has none.")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        column = type(source)(copy.deepcopy(config))
+    reference = next(source.parameters())
+    column.to_empty(device=reference.device)
+    if hasattr(column, "tie_weights"):
+        column.tie_weights()  # to_empty gives tied weights separate storage
+    if getattr(source, "generation_config", None) is not None:
+        column.generation_config = copy.deepcopy(source.generation_config)
+    params = dict(column.named_parameters())
+    source_names = [name for name, _ in source.named_parameters()]
+    if sorted(source_names) != sorted(params):
+        raise RuntimeError(
+            f"PNN under FSDP2: a column rebuilt from the config of {type(source).__name__} does not have the "
+            f"parameters of the sharded one (only there: {sorted(set(source_names) - set(params))[:5]}, only in the "
+            f"rebuilt column: {sorted(set(params) - set(source_names))[:5]})."
+        )
+    with torch.no_grad():
+        for name, value in source.named_parameters():
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            params[name].data = full.detach().clone()  # the source's dtype, per parameter
+        buffers = dict(column.named_buffers())
+        for name, value in source.named_buffers():
+            if name in buffers:
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value
+                _set_buffer(column, name, full.detach().clone())
+    column.train(source.training)
+    return column
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    owner._buffers[leaf] = value
+
+
+def _shard_column(column: nn.Module, adapters: nn.ModuleList, mesh: Any) -> None:
+    """Shard a new column and its laterals with FSDP2 on ``mesh``, as Accelerate shards a model: one
+    unit per block, one for the rest of the column (embeddings, final norm, head; tied weights stay
+    tied), and one per lateral adapter. Called before the task's optimizer is built."""
+    from torch.distributed.fsdp import fully_shard
+
+    for _, block in find_blocks(column):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(column, mesh=mesh, reshard_after_forward=True)
+    for adapter in adapters:
+        fully_shard(adapter, mesh=mesh, reshard_after_forward=True)
