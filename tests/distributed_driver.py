@@ -58,6 +58,10 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
                          "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
+    # Under FSDP2 (tests/test_fsdp.py) a third task copies a column that was itself added, and sharded, after
+    # Accelerate wrapped the model; "fresh" columns are drawn from the config on every rank with the same seed.
+    "pnn-3tasks": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
+    "pnn-fresh": ([{"name": "pnn", "lateral_rank": 4, "column_init": "fresh"}], "gpt2"),
     "pnn-lora": ([{"name": "pnn", "mode": "lora", "lora_rank": 2}], "gpt2"),
     "olora": ([{"name": "olora", "lora_rank": 2, "lambda_orth": 0.5}], "llama"),
     "replay+ewc": ([{"name": "replay", "buffer_size": 6, "replay_ratio": 1.0},
@@ -69,7 +73,7 @@ NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # once the first task is learned well enough for the second one's gradient to conflict with it.
 FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "agem": 20}
 # Runs that need more than the --tasks stream.
-TASKS = {"ewc-separate": "copy,reverse,sort"}
+TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort"}
 # Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
 ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 

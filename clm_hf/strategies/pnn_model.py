@@ -341,7 +341,8 @@ class ProgressiveModel(nn.Module):
             for j in range(target):
                 column = self.columns[j]
                 backbone = column if seq2seq else getattr(column, "base_model", column)
-                backbone(**inputs)
+                with _gathered_unit(column, skipped=backbone is not column):
+                    backbone(**inputs)
 
     @contextlib.contextmanager
     def _routing(self, target: int) -> Iterator[None]:
@@ -573,6 +574,26 @@ def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     owner._buffers[leaf] = value
+
+
+@contextlib.contextmanager
+def _gathered_unit(column: nn.Module, *, skipped: bool) -> Iterator[None]:
+    """Gather the parameters of ``column``'s own FSDP2 unit while only a submodule of it runs.
+
+    A column added under FSDP2 is its own unit (embeddings, final norm, head); running its backbone
+    alone would skip that unit's hooks and meet its sharded embeddings, so they are gathered first
+    and resharded after. A no-op for the first column (Accelerate's root unit holds its
+    embeddings, and the root is gathered while the model's forward runs) and without FSDP2.
+    """
+    unshard = getattr(column, "unshard", None)
+    if not skipped or not callable(unshard) or not callable(getattr(column, "reshard", None)):
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        column.reshard()
 
 
 def _shard_column(column: nn.Module, adapters: nn.ModuleList, mesh: Any) -> None:
