@@ -118,22 +118,22 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def _count_scored_rows(trainer) -> list[int]:
     """A one-item list counting the rows this rank forwards while the trainer scores tasks (``evaluate_task``)."""
-    count, scoring = [0], [False]
+    count = [0]
     score = trainer.evaluate_task
 
+    def hook(module, args, kwargs):
+        count[0] += int(kwargs["input_ids"].shape[0])
+
     def counted(*args, **kwargs):
-        scoring[0] = True
+        # On the model of the moment, for this call only: PNN replaces the model (a hook on the first
+        # one would count only column 0's forwards, and a deep copy of a column copies its hooks).
+        handle = trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             return score(*args, **kwargs)
         finally:
-            scoring[0] = False
-
-    def hook(module, args, kwargs):
-        if scoring[0]:
-            count[0] += int(kwargs["input_ids"].shape[0])
+            handle.remove()
 
     trainer.evaluate_task = counted
-    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
     return count
 
 

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
 RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
         "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf", "gem": "gem", "gem-nomargin": "gem", "agem": "agem",
-        "packnet": "packnet", "packnet-random": "packnet", "pnn-lora": "pnn", "olora": "olora"}
+        "packnet": "packnet", "packnet-random": "packnet", "pnn-3tasks": "pnn", "pnn-fresh": "pnn", "pnn-lora": "pnn",
+        "olora": "olora"}
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +104,10 @@ def test_every_strategy_declaring_fsdp_support_is_checked_here():
 
 
 # Strategies that edit sharded weights between forward passes (PackNet's pruning and evaluation masks)
-# or shard modules they add (PNN lora, O-LoRA: right after an evaluation),
+# or shard modules they add (PNN columns and lora, O-LoRA: right after an evaluation),
 # also run with reshard_after_forward=False: FSDP2 then keeps unsharded plain copies of the weights in
 # the parameters' places after an evaluation, which a strategy must not bind, edit or reuse.
-KEEP_UNSHARDED_RUNS = ["packnet", "pnn-lora", "olora"]
+KEEP_UNSHARDED_RUNS = ["packnet", "pnn-3tasks", "pnn-lora", "olora"]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,25 @@ def test_fsdp2_packnet_keeps_the_first_tasks_weights_bit_identical(fsdp_launches
             weight = "model/" + key.removeprefix("packnet/ownership/")
             assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
             assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
+
+
+@pytest.mark.parametrize("run", [r for r, s in RUNS.items() if s == "pnn" and r != "pnn-lora"])
+def test_fsdp2_pnn_columns_stay_frozen_and_score_their_tasks_unchanged(fsdp_launches, run):
+    """The PNN property under FSDP2: a column added (and sharded) for a later task leaves every
+    earlier column bit-identical, and each task scored through its own column keeps its score."""
+    root = fsdp_launches / "two"
+    last = max(int(p.name[4:].split("_")[0]) for p in (root / run / "rank0").glob("task*_after.pt"))
+    assert last >= 1, run
+    for rank in (0, 1):
+        final = _load(root, run, rank, last, "after")
+        assert any(k.startswith(f"model/columns.{last}.") for k in final), f"{run}: no column {last} on rank {rank}"
+        for task in range(last):
+            trained = _load(root, run, rank, task, "after")
+            mine = [k for k in trained if k.startswith(f"model/columns.{task}.") or k.startswith(f"model/laterals.{task}.")]
+            assert mine, (run, task)
+            moved = [k for k in mine if not torch.equal(trained[k], final[k])]
+            assert not moved, f"{run}: column {task} moved after task {last} on rank {rank}: {moved[:4]}"
+        results = torch.load(root / run / f"rank{rank}" / "results.pt", weights_only=False)
+        loss = results["scores/loss"]
+        for task in range(last):
+            assert torch.equal(loss[task:, task], loss[task, task].expand(last + 1 - task)), (run, task, loss)
