@@ -249,7 +249,7 @@ class ProgressiveModel(nn.Module):
         self.laterals.append(adapters)
         self._install_hooks(index)
         if sharded is not None:
-            _shard_column(column, adapters, sharded.device_mesh)
+            _shard_column(column, adapters, _unit_options(self, sharded))
         self._freeze_old_columns()
         self.train(self.training)
         return index
@@ -596,14 +596,40 @@ def _gathered_unit(column: nn.Module, *, skipped: bool) -> Iterator[None]:
         column.reshard()
 
 
-def _shard_column(column: nn.Module, adapters: nn.ModuleList, mesh: Any) -> None:
-    """Shard a new column and its laterals with FSDP2 on ``mesh``, as Accelerate shards a model: one
-    unit per block, one for the rest of the column (embeddings, final norm, head; tied weights stay
-    tied), and one per lateral adapter. Called before the task's optimizer is built."""
+def _unit_options(model: nn.Module, sharded: torch.Tensor) -> dict[str, Any]:
+    """``fully_shard`` options for new units: those of a unit Accelerate made (a block of column 0).
+
+    FSDP2 keeps them only on its parameter groups (no public getter), so they are read from there;
+    without one, the mesh alone (FSDP2's defaults). Reusing them keeps a new column in the model's
+    mixed precision (``mp_policy``, e.g. bf16 compute), offloading and ``reshard_after_forward``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    options: dict[str, Any] = {"mesh": sharded.device_mesh, "reshard_after_forward": True}
+    for module in model.modules():
+        if module is model or not isinstance(module, FSDPModule):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        if group is None:
+            continue
+        for name in ("mp_policy", "offload_policy"):
+            if getattr(group, name, None) is not None:
+                options[name] = getattr(group, name)
+        if hasattr(group, "post_forward_mesh_info"):  # None: the unit keeps its gathered weights after forward
+            options["reshard_after_forward"] = group.post_forward_mesh_info is not None
+        break
+    return options
+
+
+def _shard_column(column: nn.Module, adapters: nn.ModuleList, options: dict[str, Any]) -> None:
+    """Shard a new column and its laterals with FSDP2 (``options``: see :func:`_unit_options`), as
+    Accelerate shards a model: one unit per block, one for the rest of the column (embeddings, final
+    norm, head; tied weights stay tied), and one per lateral adapter. Called before the task's
+    optimizer is built."""
     from torch.distributed.fsdp import fully_shard
 
     for _, block in find_blocks(column):
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(column, mesh=mesh, reshard_after_forward=True)
+        fully_shard(block, **options)
+    fully_shard(column, **options)
     for adapter in adapters:
-        fully_shard(adapter, mesh=mesh, reshard_after_forward=True)
+        fully_shard(adapter, **options)
