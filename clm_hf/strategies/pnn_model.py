@@ -226,7 +226,7 @@ class ProgressiveModel(nn.Module):
         # a deep copy would duplicate: the new column is then built plain and sharded below.
         sharded = _sharded_parameter(self)
         if self.column_init == "copy" and sharded is not None:
-            column = _gathered_copy(source)
+            column = _meta_like(source)  # filled from the previous column's shards once sharded
         elif self.column_init == "copy":
             self._remove_hooks(len(self.columns) - 1)  # hooks must not be copied along
             try:
@@ -250,6 +250,8 @@ class ProgressiveModel(nn.Module):
         self._install_hooks(index)
         if sharded is not None:
             _shard_column(column, adapters, _unit_options(self, sharded))
+            if self.column_init == "copy":
+                _fill_from(column, source, reference.device)
         self._freeze_old_columns()
         self.train(self.training)
         return index
@@ -529,45 +531,59 @@ def _sharded_parameter(model: nn.Module) -> torch.Tensor | None:
     return next((p for p in model.parameters() if is_dtensor(p)), None)
 
 
-def _gathered_copy(source: nn.Module) -> nn.Module:
-    """A plain (unsharded, unhooked) copy of the FSDP2-sharded column ``source``, with the same values.
+def _meta_like(source: nn.Module) -> nn.Module:
+    """A column of ``source``'s class and config on the meta device (no memory, no random draws),
+    each parameter in ``source``'s dtype; :func:`_fill_from` gives it ``source``'s values.
 
-    The copy is built on the meta device (no memory, no random draws: the RNG stream stays the one
-    of an unsharded run, whose deep copy draws nothing), then every parameter is gathered whole from
-    its shards (``full_tensor()``, a collective: every rank walks the parameters in the same order)
-    and buffers (never sharded) are cloned. One whole column exists on each rank until
-    :func:`_shard_column` shards it.
+    Not drawing keeps the RNG stream that of an unsharded run, whose deep copy draws nothing.
     """
     config = getattr(source, "config", None)
     if config is None:
         raise ValueError(f"PNN under FSDP2 builds new columns from the model's config; {type(source).__name__} has none.")
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         column = type(source)(copy.deepcopy(config))
-    reference = next(source.parameters())
-    column.to_empty(device=reference.device)
-    if hasattr(column, "tie_weights"):
-        column.tie_weights()  # to_empty gives tied weights separate storage
+    _check_same_parameters(column, source)
+    wanted = dict(source.named_parameters())
+    for name, param in column.named_parameters():
+        if param.dtype != wanted[name].dtype:
+            param.data = param.data.to(wanted[name].dtype)
     if getattr(source, "generation_config", None) is not None:
         column.generation_config = copy.deepcopy(source.generation_config)
-    params = dict(column.named_parameters())
-    source_names = [name for name, _ in source.named_parameters()]
-    if sorted(source_names) != sorted(params):
+    column.train(source.training)
+    return column
+
+
+def _check_same_parameters(column: nn.Module, source: nn.Module) -> None:
+    mine, theirs = {n for n, _ in column.named_parameters()}, {n for n, _ in source.named_parameters()}
+    if mine != theirs:
         raise RuntimeError(
             f"PNN under FSDP2: a column rebuilt from the config of {type(source).__name__} does not have the "
-            f"parameters of the sharded one (only there: {sorted(set(source_names) - set(params))[:5]}, only in the "
-            f"rebuilt column: {sorted(set(params) - set(source_names))[:5]})."
+            f"parameters of the previous one (only there: {sorted(theirs - mine)[:5]}, only in the rebuilt column: "
+            f"{sorted(mine - theirs)[:5]})."
         )
+
+
+def _fill_from(column: nn.Module, source: nn.Module, device: torch.device) -> None:
+    """Materialise the meta ``column`` on ``device`` and copy ``source``'s values into it.
+
+    Under FSDP2 both are sharded alike (same mesh, shapes and placements), so each rank copies its
+    own shard of every parameter: no communication, and no rank ever holds a whole column.
+    Buffers (never sharded) are cloned. A plain ``column`` is filled whole.
+    """
+    from ..sharding import is_dtensor, local_part
+
+    column.to_empty(device=device)
+    if not any(is_dtensor(p) for p in column.parameters()) and hasattr(column, "tie_weights"):
+        column.tie_weights()  # to_empty gives a plain module's tied weights separate storage
+    _check_same_parameters(column, source)
+    params = dict(column.named_parameters())
     with torch.no_grad():
         for name, value in source.named_parameters():
-            full = value.full_tensor() if hasattr(value, "full_tensor") else value
-            params[name].data = full.detach().clone()  # the source's dtype, per parameter
+            local_part(params[name]).copy_(local_part(value))
         buffers = dict(column.named_buffers())
         for name, value in source.named_buffers():
             if name in buffers:
-                full = value.full_tensor() if hasattr(value, "full_tensor") else value
-                _set_buffer(column, name, full.detach().clone())
-    column.train(source.training)
-    return column
+                _set_buffer(column, name, local_part(value).detach().clone())
 
 
 def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
