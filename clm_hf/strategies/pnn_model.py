@@ -222,8 +222,8 @@ class ProgressiveModel(nn.Module):
             `int`: The new column's index.
         """
         source = self.columns[-1]
-        # Under FSDP2 the model's parameters are DTensors and its blocks carry FSDP2's hooks, which
-        # a deep copy would duplicate: the new column is then built plain and sharded below.
+        # Under FSDP2 the model's parameters are DTensors and its blocks carry FSDP2's hooks (FSDP2
+        # refuses a deep copy): the new column is then built on the meta device and sharded below.
         sharded = _sharded_parameter(self)
         if self.column_init == "copy" and sharded is not None:
             column = _meta_like(source)  # filled from the previous column's shards once sharded
@@ -522,7 +522,7 @@ def _fresh_like(column: nn.Module) -> nn.Module:
     return fresh.to(device=reference.device, dtype=reference.dtype)
 
 
-# --- FSDP2: a new column is built plain and sharded like the rest of the model ----------------------
+# --- FSDP2: a new column is built on the meta device and sharded like the rest of the model ----------
 def _sharded_parameter(model: nn.Module) -> torch.Tensor | None:
     """A DTensor parameter of ``model`` when FSDP2 has sharded it, else ``None``."""
     from ..sharding import is_dtensor, reshard
