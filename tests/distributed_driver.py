@@ -58,6 +58,10 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
                          "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
+    # Under FSDP2 (tests/test_fsdp.py) a third task copies a column that was itself added, and sharded, after
+    # Accelerate wrapped the model; "fresh" columns are drawn from the config on every rank with the same seed.
+    "pnn-3tasks": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
+    "pnn-fresh": ([{"name": "pnn", "lateral_rank": 4, "column_init": "fresh"}], "gpt2"),
     "pnn-lora": ([{"name": "pnn", "mode": "lora", "lora_rank": 2}], "gpt2"),
     "olora": ([{"name": "olora", "lora_rank": 2, "lambda_orth": 0.5}], "llama"),
     "replay+ewc": ([{"name": "replay", "buffer_size": 6, "replay_ratio": 1.0},
@@ -69,7 +73,7 @@ NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # once the first task is learned well enough for the second one's gradient to conflict with it.
 FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "agem": 20}
 # Runs that need more than the --tasks stream.
-TASKS = {"ewc-separate": "copy,reverse,sort"}
+TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort"}
 # Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
 ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 
@@ -114,22 +118,22 @@ def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def _count_scored_rows(trainer) -> list[int]:
     """A one-item list counting the rows this rank forwards while the trainer scores tasks (``evaluate_task``)."""
-    count, scoring = [0], [False]
+    count = [0]
     score = trainer.evaluate_task
 
+    def hook(module, args, kwargs):
+        count[0] += int(kwargs["input_ids"].shape[0])
+
     def counted(*args, **kwargs):
-        scoring[0] = True
+        # On the model of the moment, for this call only: PNN replaces the model (a hook on the first
+        # one would count only column 0's forwards, and a deep copy of a column copies its hooks).
+        handle = trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             return score(*args, **kwargs)
         finally:
-            scoring[0] = False
-
-    def hook(module, args, kwargs):
-        if scoring[0]:
-            count[0] += int(kwargs["input_ids"].shape[0])
+            handle.remove()
 
     trainer.evaluate_task = counted
-    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
     return count
 
 

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Driver runs (tests/distributed_driver.py RUNS) checked under FSDP2, and the strategy each covers.
 RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc-separate": "ewc", "lwf": "lwf",
         "lwf-cached": "lwf", "ewc-accum": "ewc", "lwf-accum": "lwf", "gem": "gem", "gem-nomargin": "gem", "agem": "agem",
-        "packnet": "packnet", "packnet-random": "packnet", "pnn-lora": "pnn", "olora": "olora"}
+        "packnet": "packnet", "packnet-random": "packnet", "pnn-3tasks": "pnn", "pnn-fresh": "pnn", "pnn-lora": "pnn",
+        "olora": "olora"}
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +104,10 @@ def test_every_strategy_declaring_fsdp_support_is_checked_here():
 
 
 # Strategies that edit sharded weights between forward passes (PackNet's pruning and evaluation masks)
-# or shard modules they add (PNN lora, O-LoRA: right after an evaluation),
+# or shard modules they add (PNN columns and lora, O-LoRA: right after an evaluation),
 # also run with reshard_after_forward=False: FSDP2 then keeps unsharded plain copies of the weights in
 # the parameters' places after an evaluation, which a strategy must not bind, edit or reuse.
-KEEP_UNSHARDED_RUNS = ["packnet", "pnn-lora", "olora"]
+KEEP_UNSHARDED_RUNS = ["packnet", "pnn-3tasks", "pnn-lora", "olora"]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,73 @@ def test_fsdp2_packnet_keeps_the_first_tasks_weights_bit_identical(fsdp_launches
             weight = "model/" + key.removeprefix("packnet/ownership/")
             assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
             assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
+
+
+@pytest.mark.parametrize("run", [r for r, s in RUNS.items() if s == "pnn" and r != "pnn-lora"])
+def test_fsdp2_pnn_columns_stay_frozen_and_score_their_tasks_unchanged(fsdp_launches, run):
+    """The PNN property under FSDP2: a column added (and sharded) for a later task leaves every
+    earlier column bit-identical, and each task scored through its own column keeps its score."""
+    root = fsdp_launches / "two"
+    last = max(int(p.name[4:].split("_")[0]) for p in (root / run / "rank0").glob("task*_after.pt"))
+    assert last >= 1, run
+    for rank in (0, 1):
+        final = _load(root, run, rank, last, "after")
+        assert any(k.startswith(f"model/columns.{last}.") for k in final), f"{run}: no column {last} on rank {rank}"
+        for task in range(last):
+            trained = _load(root, run, rank, task, "after")
+            mine = [k for k in trained if k.startswith(f"model/columns.{task}.") or k.startswith(f"model/laterals.{task}.")]
+            assert mine, (run, task)
+            moved = [k for k in mine if not torch.equal(trained[k], final[k])]
+            assert not moved, f"{run}: column {task} moved after task {last} on rank {rank}: {moved[:4]}"
+        results = torch.load(root / run / f"rank{rank}" / "results.pt", weights_only=False)
+        loss = results["scores/loss"]
+        for task in range(last):
+            assert torch.equal(loss[task:, task], loss[task, task].expand(last + 1 - task)), (run, task, loss)
+
+
+# One process, FSDP2 with a world of 1 (gloo): column 0's blocks sharded with bf16 compute and
+# reshard_after_forward=False, as Accelerate would; then PNN adds a column.
+_PNN_UNIT_OPTIONS = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from clm_hf.strategies.pnn_model import ProgressiveModel, find_blocks
+from clm_hf.tasks import build_tiny_model, build_tokenizer
+
+torch.manual_seed(0)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+model = ProgressiveModel(build_tiny_model("gpt2", build_tokenizer(), hidden_size=32, num_layers=2, num_heads=2),
+                         lateral_rank=4).eval()
+for _, block in find_blocks(model.columns[0]):
+    fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+fully_shard(model, mesh=mesh, mp_policy=policy)
+ids = torch.tensor([[5, 6, 7, 8]])
+with torch.no_grad():
+    before = model(input_ids=ids).logits
+model.add_column()
+groups = [block._get_fsdp_state()._fsdp_param_group for _, block in find_blocks(model.columns[1])]
+groups += [adapter._get_fsdp_state()._fsdp_param_group for adapter in model.laterals[1]]
+with torch.no_grad():
+    new = model(input_ids=ids).logits
+    with model.use_column(0):
+        old = model(input_ids=ids).logits
+print({"param_dtypes": sorted({str(g.mp_policy.param_dtype) for g in groups}),
+       "kept_unsharded": sorted({g.post_forward_mesh_info is None for g in groups}), "units": len(groups),
+       "logits": str(new.dtype), "old_unchanged": torch.equal(old, before), "copy_starts_equal": torch.equal(new, old)})
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_pnn_new_column_takes_the_models_fsdp2_options():
+    """A column added under FSDP2 is sharded with the options Accelerate gave the model's blocks: its
+    mixed precision (bf16 compute here) and reshard_after_forward, not FSDP2's defaults."""
+    import ast
+
+    done = subprocess.run([sys.executable, "-c", _PNN_UNIT_OPTIONS, str(_free_port())], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert seen == {"param_dtypes": ["torch.bfloat16"], "kept_unsharded": [True], "units": 4, "logits": "torch.bfloat16",
+                    "old_unchanged": True, "copy_starts_equal": True}, seen

@@ -270,3 +270,34 @@ def test_lateral_adapter_loads_a_scalar_alpha_saved_before_it_became_shape_1():
     state["alpha"] = torch.tensor(0.25)  # the 0-dim form of earlier checkpoints
     adapter.load_state_dict(state)
     assert adapter.alpha.shape == (1,) and float(adapter.alpha) == 0.25
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_column_rebuilt_for_fsdp2_equals_a_deep_copy_and_draws_nothing(make_model, arch):
+    """Under FSDP2 a new column is built from the config on the meta device and filled from the
+    previous column's shards (a deep copy is refused there); on a plain column the same path must
+    give the deep copy exactly:
+    every parameter and buffer (Llama's rotary inv_freq), tied weights still tied, the RNG untouched
+    (the unsharded run's deep copy draws nothing, so both runs keep one random stream)."""
+    import copy
+
+    from clm_hf.strategies.pnn_model import _fill_from, _meta_like
+
+    source = make_model(arch)
+    state = torch.random.get_rng_state()
+    rebuilt = _meta_like(source)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.is_meta for p in rebuilt.parameters())
+    _fill_from(rebuilt, source, torch.device("cpu"))  # under FSDP2: after sharding, shard by shard
+    twin = copy.deepcopy(source)
+    params, buffers = dict(rebuilt.named_parameters()), dict(rebuilt.named_buffers())
+    assert params.keys() == dict(twin.named_parameters()).keys()
+    for name, value in [*twin.named_parameters(), *twin.named_buffers()]:
+        mine = params.get(name, buffers.get(name))
+        assert mine is not None and mine.dtype == value.dtype and torch.equal(mine, value), name
+        assert mine.data_ptr() != value.data_ptr() or value.numel() == 0, f"{name} shares storage with the source"
+    if arch == "gpt2":
+        assert rebuilt.lm_head.weight is rebuilt.transformer.wte.weight
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(input_ids=ids).logits, twin.eval()(input_ids=ids).logits, rtol=0, atol=0)

@@ -228,30 +228,35 @@ def test_fsdp2_refuses_continual_checkpoints_written_from_shards(make_model, tok
     trainer._check_backend_support()  # EWC itself runs on FSDP2
 
 
-def test_pnn_starts_on_fsdp2_in_lora_mode_and_refuses_columns_with_the_reason(make_model, tokenizer, monkeypatch):
+def test_pnn_starts_on_fsdp2_in_both_modes_and_refuses_columns_on_fsdp1_with_the_reason(make_model, tokenizer, monkeypatch):
     import accelerate
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     from clm_hf.strategies.pnn import PNN
 
     errors = {}
-    for mode in ("lora", "columns"):
-        strategy = PNN(mode=mode)
-        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
-        trainer.strategies = [strategy]
-        with monkeypatch.context() as patch:
-            patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-            patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 on its own
-            trainer.is_fsdp_enabled = True
-            try:
-                trainer._check_backend_support()
-                strategy.setup(trainer)
-                errors[mode] = None
-            except NotImplementedError as err:
-                errors[mode] = str(err)
-    assert errors["lora"] is None
-    assert errors["columns"] is not None and "mode='columns' is not supported on FSDP" in errors["columns"]
-    assert "mode='lora'" in errors["columns"]  # names the way out
+    for version in (2, 1):
+        for mode in ("lora", "columns"):
+            strategy = PNN(mode=mode)
+            trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
+            trainer.strategies = [strategy]
+            with monkeypatch.context() as patch:
+                patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+                patch.setattr(AcceleratorState, "fsdp_plugin", property(lambda self, v=version: SimpleNamespace(fsdp_version=v)),
+                              raising=False)
+                patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 on its own
+                trainer.is_fsdp_enabled = True
+                try:
+                    trainer._check_backend_support()
+                    strategy.setup(trainer)
+                    errors[version, mode] = None
+                except NotImplementedError as err:
+                    errors[version, mode] = str(err)
+    assert errors[2, "lora"] is None and errors[2, "columns"] is None and errors[1, "lora"] is None
+    message = errors[1, "columns"]
+    assert message is not None and "mode='columns' is not supported on FSDP1" in message
+    assert "fsdp_version: 2" in message and "mode='lora'" in message  # names the ways out
 
 
 # --- clm-hf train builds TrainingArguments before the model (issue 12, item 6) ------------------------

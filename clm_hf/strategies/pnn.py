@@ -117,7 +117,7 @@ class PNN(Strategy):
     """
 
     name = "pnn"
-    # mode="lora" only: each new adapter is sharded as it is added; setup() refuses columns on FSDP.
+    # FSDP2: each new column (its blocks, the rest, its laterals) or adapter is sharded as it is added.
     supports_fsdp = True
     supports_streaming = True  # acts on the model only, never re-reads the task's rows
     config_class = PNNConfig
@@ -131,11 +131,11 @@ class PNN(Strategy):
     # --- lifecycle ---------------------------------------------------------------------------
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
-        if self.config.mode == "columns" and _fsdp_enabled(trainer):
+        if self.config.mode == "columns" and _fsdp_version(trainer) == 1:
             raise NotImplementedError(
-                "Strategy 'pnn' with mode='columns' is not supported on FSDP: a new column is a deep copy of the "
-                "previous one, which FSDP2 has already sharded and hooked, so the new column cannot be wrapped "
-                "into the sharded model; use mode='lora' (supported on FSDP2) or DDP."
+                "Strategy 'pnn' with mode='columns' is not supported on FSDP1: FSDP1 flattens the wrapped model's "
+                "parameters, so a column added for a later task cannot join it; use FSDP2 (fsdp_version: 2), "
+                "mode='lora' or DDP."
             )
         if self.config.mode == "lora":
             try:
@@ -228,11 +228,17 @@ class PNN(Strategy):
         self.base_parameters = state.get("base_parameters")
 
 
-def _fsdp_enabled(trainer: Any) -> bool:
+def _fsdp_version(trainer: Any) -> int | None:
+    """The FSDP version the trainer runs (1 or 2), or ``None`` without FSDP."""
     from accelerate.utils import DistributedType
 
-    backend = getattr(getattr(trainer, "accelerator", None), "distributed_type", None)
-    return backend == DistributedType.FSDP or bool(getattr(trainer, "is_fsdp_enabled", False))
+    accelerator = getattr(trainer, "accelerator", None)
+    backend = getattr(accelerator, "distributed_type", None)
+    if backend != DistributedType.FSDP and not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None)
+    return int(version) if version is not None else None
 
 
 def _count(model: nn.Module) -> dict[str, int]:

@@ -222,7 +222,12 @@ class ProgressiveModel(nn.Module):
             `int`: The new column's index.
         """
         source = self.columns[-1]
-        if self.column_init == "copy":
+        # Under FSDP2 the model's parameters are DTensors and its blocks carry FSDP2's hooks (FSDP2
+        # refuses a deep copy): the new column is then built on the meta device and sharded below.
+        sharded = _sharded_parameter(self)
+        if self.column_init == "copy" and sharded is not None:
+            column = _meta_like(source)  # filled from the previous column's shards once sharded
+        elif self.column_init == "copy":
             self._remove_hooks(len(self.columns) - 1)  # hooks must not be copied along
             try:
                 column = copy.deepcopy(source)
@@ -243,6 +248,10 @@ class ProgressiveModel(nn.Module):
         self.columns.append(column)
         self.laterals.append(adapters)
         self._install_hooks(index)
+        if sharded is not None:
+            _shard_column(column, adapters, _unit_options(self, sharded))
+            if self.column_init == "copy":
+                _fill_from(column, source, reference.device)
         self._freeze_old_columns()
         self.train(self.training)
         return index
@@ -334,7 +343,8 @@ class ProgressiveModel(nn.Module):
             for j in range(target):
                 column = self.columns[j]
                 backbone = column if seq2seq else getattr(column, "base_model", column)
-                backbone(**inputs)
+                with _gathered_unit(column, skipped=backbone is not column):
+                    backbone(**inputs)
 
     @contextlib.contextmanager
     def _routing(self, target: int) -> Iterator[None]:
@@ -510,3 +520,132 @@ def _fresh_like(column: nn.Module) -> nn.Module:
     reference = next(column.parameters())
     fresh = type(column)(copy.deepcopy(config))
     return fresh.to(device=reference.device, dtype=reference.dtype)
+
+
+# --- FSDP2: a new column is built on the meta device and sharded like the rest of the model ----------
+def _sharded_parameter(model: nn.Module) -> torch.Tensor | None:
+    """A DTensor parameter of ``model`` when FSDP2 has sharded it, else ``None``."""
+    from ..sharding import is_dtensor, reshard
+
+    reshard(model)  # after an evaluation FSDP2 may hold unsharded plain copies in the parameters' places
+    return next((p for p in model.parameters() if is_dtensor(p)), None)
+
+
+def _meta_like(source: nn.Module) -> nn.Module:
+    """A column of ``source``'s class and config on the meta device (no memory, no random draws),
+    each parameter in ``source``'s dtype; :func:`_fill_from` gives it ``source``'s values.
+
+    Not drawing keeps the RNG stream that of an unsharded run, whose deep copy draws nothing.
+    """
+    config = getattr(source, "config", None)
+    if config is None:
+        raise ValueError(f"PNN under FSDP2 builds new columns from the model's config; {type(source).__name__} has none.")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        column = type(source)(copy.deepcopy(config))
+    _check_same_parameters(column, source)
+    wanted = dict(source.named_parameters())
+    for name, param in column.named_parameters():
+        if param.dtype != wanted[name].dtype:
+            param.data = param.data.to(wanted[name].dtype)
+    if getattr(source, "generation_config", None) is not None:
+        column.generation_config = copy.deepcopy(source.generation_config)
+    column.train(source.training)
+    return column
+
+
+def _check_same_parameters(column: nn.Module, source: nn.Module) -> None:
+    mine, theirs = {n for n, _ in column.named_parameters()}, {n for n, _ in source.named_parameters()}
+    if mine != theirs:
+        raise RuntimeError(
+            f"PNN under FSDP2: a column rebuilt from the config of {type(source).__name__} does not have the "
+            f"parameters of the previous one (only there: {sorted(theirs - mine)[:5]}, only in the rebuilt column: "
+            f"{sorted(mine - theirs)[:5]})."
+        )
+
+
+def _fill_from(column: nn.Module, source: nn.Module, device: torch.device) -> None:
+    """Materialise the meta ``column`` on ``device`` and copy ``source``'s values into it.
+
+    Under FSDP2 both are sharded alike (same mesh, shapes and placements), so each rank copies its
+    own shard of every parameter: no communication, and no rank ever holds a whole column.
+    Buffers (never sharded) are cloned. A plain ``column`` is filled whole.
+    """
+    from ..sharding import is_dtensor, local_part
+
+    column.to_empty(device=device)
+    if not any(is_dtensor(p) for p in column.parameters()) and hasattr(column, "tie_weights"):
+        column.tie_weights()  # to_empty gives a plain module's tied weights separate storage
+    _check_same_parameters(column, source)
+    params = dict(column.named_parameters())
+    with torch.no_grad():
+        for name, value in source.named_parameters():
+            local_part(params[name]).copy_(local_part(value))
+        buffers = dict(column.named_buffers())
+        for name, value in source.named_buffers():
+            if name in buffers:
+                _set_buffer(column, name, local_part(value).detach().clone())
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    owner._buffers[leaf] = value
+
+
+@contextlib.contextmanager
+def _gathered_unit(column: nn.Module, *, skipped: bool) -> Iterator[None]:
+    """Gather the parameters of ``column``'s own FSDP2 unit while only a submodule of it runs.
+
+    A column added under FSDP2 is its own unit (embeddings, final norm, head); running its backbone
+    alone would skip that unit's hooks and meet its sharded embeddings, so they are gathered first
+    and resharded after. A no-op for the first column (Accelerate's root unit holds its
+    embeddings, and the root is gathered while the model's forward runs) and without FSDP2.
+    """
+    unshard = getattr(column, "unshard", None)
+    if not skipped or not callable(unshard) or not callable(getattr(column, "reshard", None)):
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        column.reshard()
+
+
+def _unit_options(model: nn.Module, sharded: torch.Tensor) -> dict[str, Any]:
+    """``fully_shard`` options for new units: those of a unit Accelerate made (a block of column 0).
+
+    FSDP2 keeps them only on its parameter groups (no public getter), so they are read from there;
+    without one, the mesh alone (FSDP2's defaults). Reusing them keeps a new column in the model's
+    mixed precision (``mp_policy``, e.g. bf16 compute), offloading and ``reshard_after_forward``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    options: dict[str, Any] = {"mesh": sharded.device_mesh, "reshard_after_forward": True}
+    for module in model.modules():
+        if module is model or not isinstance(module, FSDPModule):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        if group is None:
+            continue
+        for name in ("mp_policy", "offload_policy"):
+            if getattr(group, name, None) is not None:
+                options[name] = getattr(group, name)
+        if hasattr(group, "post_forward_mesh_info"):  # None: the unit keeps its gathered weights after forward
+            options["reshard_after_forward"] = group.post_forward_mesh_info is not None
+        break
+    return options
+
+
+def _shard_column(column: nn.Module, adapters: nn.ModuleList, options: dict[str, Any]) -> None:
+    """Shard a new column and its laterals with FSDP2 (``options``: see :func:`_unit_options`), as
+    Accelerate shards a model: one unit per block, one for the rest of the column (embeddings, final
+    norm, head; tied weights stay tied), and one per lateral adapter. Called before the task's
+    optimizer is built."""
+    from torch.distributed.fsdp import fully_shard
+
+    for _, block in find_blocks(column):
+        fully_shard(block, **options)
+    fully_shard(column, **options)
+    for adapter in adapters:
+        fully_shard(adapter, **options)
