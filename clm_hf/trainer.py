@@ -39,7 +39,8 @@ from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, first_scored_
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
-from .strategies.base import Strategy, TaskInfo, eval_mode, unwrap_model
+from .sharding import any_dtensor, reshard
+from .strategies.base import Strategy, TaskInfo, eval_mode, sharded_state_io, unwrap_model
 from .validation import (
     check_checkpoint_matches_model,
     check_primary_metric,
@@ -198,14 +199,15 @@ class ContinualTrainerMixin:
                 "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
                 "docs/distributed.md lists the strategies that run on FSDP2.",
             )
-            if self._setting("save_continual_state"):
-                # Rank 0 would write the end-of-task checkpoint from its own shards (it crashed in
-                # save_model, or would store half of each sharded strategy tensor).
+            save_strategy = getattr(getattr(self.args, "save_strategy", "no"), "value", getattr(self.args, "save_strategy", "no"))
+            if self._setting("save_continual_state") and save_strategy != "no":
+                # End-of-task checkpoints are sharded (torch.distributed.checkpoint); the continual state
+                # inside the Trainer's mid-task checkpoints is still written by rank 0 alone, from its shards.
                 raise NotImplementedError(
-                    "save_continual_state=True is not supported on FSDP yet: the continual checkpoint is written by "
-                    "rank 0 alone, which holds only its shards of the model and of the strategies' state, so it would "
-                    "not hold the trained model. Set save_continual_state=False (clm-hf train: "
-                    "--training.save_continual_state false); see docs/distributed.md, 'Continual checkpoints under FSDP2'."
+                    f"save_strategy={save_strategy!r} with save_continual_state=True is not supported on "
+                    "FSDP yet: mid-task checkpoints would hold rank 0's shards of the strategies' state only. Set "
+                    "save_strategy='no' (end-of-task continual checkpoints are sharded and work); see "
+                    "docs/distributed.md, 'Continual checkpoints under FSDP2'."
                 )
             return
         if backend != DistributedType.DEEPSPEED:
@@ -1257,14 +1259,19 @@ class ContinualTrainerMixin:
 
         Defaults to ``<output_dir>/continual/task-XXX`` for the last finished task.
         """
-        if not self.args.should_save:
+        model = unwrap_model(self.model)
+        # Under FSDP2 every rank writes its shards (torch.distributed.checkpoint), rank 0 the rest.
+        sharded = any_dtensor(reshard(model).parameters())
+        if not self.args.should_save and not sharded:
             return None
         if directory is None:
             directory = Path(self._base_output_dir) / CONTINUAL_DIR / f"task-{len(self.tasks) - 1:03d}"
         path = ckpt.save_continual_checkpoint(
             directory, state=self._continual_state(), strategies=self.strategies,
-            model=unwrap_model(self.model), results=self.results,
+            model=model, results=self.results, sharded=sharded, writer=self.args.should_save,
         )
+        if not self.args.should_save:
+            return None
         limit = self._setting("continual_save_total_limit")
         if limit:
             for old in ckpt.list_checkpoints(Path(self._base_output_dir) / CONTINUAL_DIR)[:-limit]:
@@ -1427,11 +1434,17 @@ class ContinualTrainerMixin:
             if i >= len(specs) or specs[i]["task_id"] != done["task_id"]:
                 raise ValueError(f"The checkpoint's task {i} is '{done['task_id']}', but the stream given has "
                                  f"{specs[i]['task_id'] if i < len(specs) else 'no task'} there.")
+        # A checkpoint of an FSDP2 run keeps its sharded tensors in dcp/; DCP reshards them to this run's
+        # layout. One written unsharded and read into an FSDP2 run is sharded like the parameters.
+        model = unwrap_model(self.model)
+        loaded = ckpt.load_continual_tensors(directory, model)
+        convert = None if ckpt.is_sharded_checkpoint(directory) else ckpt.plain_to_sharded(model)
         for i, strategy in enumerate(self.strategies):
-            strategy.load_state(ckpt.strategy_dir(directory, i, strategy.name))
+            with sharded_state_io(ckpt.strategy_dir(Path(), i, strategy.name).as_posix(), loaded=loaded, convert=convert):
+                strategy.load_state(ckpt.strategy_dir(directory, i, strategy.name))
             self._set_model(strategy.restore_model(self.model))
         if load_model:
-            ckpt.load_model_weights(unwrap_model(self.model), directory)
+            ckpt.load_sharded_model_weights(unwrap_model(self.model), directory)
         self.tasks = [TaskInfo(**t) for t in meta["tasks"]]
         results_path = directory / ckpt.RESULTS_FILE
         if results_path.is_file():
