@@ -577,7 +577,9 @@ def load_sharded_model_weights(model: torch.nn.Module, directory: str | os.PathL
     for key, tensor in targets.items():
         name = key[len("model/"):]
         if name not in full:  # a tied weight: safetensors stores one name of each shared storage
-            twin = next((k[len("model/"):] for k, t in targets.items() if t is tensor and k[len("model/"):] in full), None)
+            ptr = local_part(tensor).data_ptr()
+            twin = next((k[len("model/"):] for k, t in targets.items()
+                         if local_part(t).data_ptr() == ptr and k[len("model/"):] in full), None)
             if twin is None:
                 raise CheckpointError(f"The weights in {directory / MODEL_FILE} do not fit the model: missing {name!r}.")
             name = twin

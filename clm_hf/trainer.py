@@ -1437,6 +1437,14 @@ class ContinualTrainerMixin:
         # A checkpoint of an FSDP2 run keeps its sharded tensors in dcp/; DCP reshards them to this run's
         # layout. One written unsharded and read into an FSDP2 run is sharded like the parameters.
         model = unwrap_model(self.model)
+        if getattr(self, "is_fsdp_enabled", False) and not any_dtensor(model.parameters()):
+            # Shard now, as Accelerate does at the first train() (it keeps a model already sharded): the
+            # restored state is then laid out like the parameters, as after a task of an uninterrupted
+            # run, and the strategies' before_task hooks see the sharded parameters.
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            self._set_model(fsdp2_prepare_model(self.accelerator, self.model))
+            model = unwrap_model(self.model)
         loaded = ckpt.load_continual_tensors(directory, model)
         convert = None if ckpt.is_sharded_checkpoint(directory) else ckpt.plain_to_sharded(model)
         for i, strategy in enumerate(self.strategies):
