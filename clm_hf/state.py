@@ -304,10 +304,10 @@ def read_continual_state(directory: str | os.PathLike, *, with_model: bool = Tru
         `CheckpointError`: naming the missing, unlisted, damaged or malformed file.
     """
     directory = Path(directory)
-    manifest = verify_manifest(directory, required=(STATE_FILE, RNG_FILE))
-    if with_model and DCP_METADATA not in manifest["files"]:  # weights: model.safetensors, or sharded in dcp/
-        verify_files(directory, manifest["files"], required=(MODEL_FILE,), exclude=MANIFEST,
-                     what=str(directory / MANIFEST))
+    required = (STATE_FILE, RNG_FILE, MODEL_FILE) if with_model else (STATE_FILE, RNG_FILE)
+    if with_model and _lists(directory, DCP_METADATA):
+        required = (STATE_FILE, RNG_FILE, DCP_METADATA)  # an FSDP2 run's checkpoint: the weights are in dcp/
+    manifest = verify_manifest(directory, required=required)
     state_path = directory / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
@@ -323,6 +323,16 @@ def read_continual_state(directory: str | os.PathLike, *, with_model: bool = Tru
             raise CheckpointError(f"The manifest of {directory} does not list {rel}: the state of strategy "
                                   f"'{entry['name']}' is missing.")
     return state
+
+
+def _lists(directory: Path, rel: str) -> bool:
+    """Whether the manifest of ``directory`` lists ``rel`` (False when it is missing or malformed:
+    :func:`verify_manifest` then names the problem)."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(files, dict) and rel in files
 
 
 def _state_problem(state: Any) -> str | None:
