@@ -1278,6 +1278,56 @@ class ContinualTrainerMixin:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def export_model(self, directory: str | os.PathLike) -> Path | None:
+        """Write the trained model whole, as ``model.safetensors`` + ``config.json``, for ``from_pretrained``.
+
+        Under FSDP2 this is a collective (every rank calls it): the shards are gathered to rank 0 on the
+        CPU (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), which writes the folder
+        atomically; one name is kept per shared storage (tied embeddings), which ``from_pretrained``
+        ties again. Without FSDP2 rank 0 writes ``save_pretrained``'s folder.
+
+        Args:
+            directory (`str` or `os.PathLike`): The folder to write (replaced if it exists).
+
+        Returns:
+            `pathlib.Path` on the rank that wrote, else `None`.
+
+        Example:
+
+        >>> trainer.fit(stream)  # doctest: +SKIP
+        >>> trainer.export_model("runs/ewc/export")  # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained("runs/ewc/export")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        from .sharding import local_part
+
+        model = unwrap_model(self.model)
+        if not any_dtensor(reshard(model).parameters()):
+            if not self.args.should_save:
+                return None
+            return ckpt.atomic_write_dir(directory, lambda tmp: model.save_pretrained(str(tmp)))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.args.should_save:
+            return None
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            ptr = local_part(tensor).data_ptr()
+            if ptr in seen:  # a tied weight: stored once
+                continue
+            seen.add(ptr)
+            tensors[name] = full[name].detach().contiguous()
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(tmp))
+
+        return ckpt.atomic_write_dir(directory, fill)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The Trainer pickles its arguments into every save (training_args.bin): keep Hub tokens out.
         with _tokens_hidden(self.args):

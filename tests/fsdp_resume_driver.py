@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="ewc,packnet")
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--resume", help="a launch's OUT folder: resume each run after its task 0")
+    parser.add_argument("--export", action="store_true", help="also write OUT/<run>/export (export_model)")
     options = parser.parse_args(argv)
     if options.fsdp:
         from tests.fsdp_cpu import enable_fsdp_on_cpu
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             data.update(strategy_snapshot(strategy))
         for key, value in reshard(unwrap_model(trainer.model)).state_dict().items():
             data[f"model/{key}"] = _whole(value)
+        if options.export:
+            trainer.export_model(Path(options.out) / run / "export")
         (Path(options.out) / run).mkdir(parents=True, exist_ok=True)
         torch.save(data, Path(options.out) / run / f"rank{rank}.pt")
     if dist.is_available() and dist.is_initialized():

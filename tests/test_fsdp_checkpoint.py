@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ("ewc", "packnet")
 
 
-def _launch(out: Path, *, ranks: int, resume: Path | None = None) -> Path:
+def _launch(out: Path, *, ranks: int, resume: Path | None = None, export: bool = False) -> Path:
     if ranks > 1 and not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     cmd = [sys.executable, "-m", "tests.fsdp_resume_driver", str(out), "--runs", ",".join(RUNS),
@@ -35,6 +35,8 @@ def _launch(out: Path, *, ranks: int, resume: Path | None = None) -> Path:
                "127.0.0.1", "--master_port", str(_free_port()), *cmd[1:], "--fsdp"]
     if resume is not None:
         cmd += ["--resume", str(resume)]
+    if export:
+        cmd.append("--export")
     log = out.with_suffix(".log")
     with open(log, "w") as handle:
         code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=600).returncode
@@ -46,7 +48,7 @@ def _launch(out: Path, *, ranks: int, resume: Path | None = None) -> Path:
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp-ckpt")
-    out = {"two": _launch(root / "two", ranks=2), "one": _launch(root / "one", ranks=1)}
+    out = {"two": _launch(root / "two", ranks=2, export=True), "one": _launch(root / "one", ranks=1)}
     out["2to2"] = _launch(root / "2to2", ranks=2, resume=out["two"])
     out["2to1"] = _launch(root / "2to1", ranks=1, resume=out["two"])
     out["1to2"] = _launch(root / "1to2", ranks=2, resume=out["one"])
@@ -102,3 +104,22 @@ def test_resume_across_world_sizes_matches_the_uninterrupted_run(launches, run, 
     if final["world_size"] == 2:
         other = _final(launches[resumed], run, rank=1)
         assert all(torch.equal(other[k], final[k]) for k in final if isinstance(final[k], torch.Tensor))
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_end_of_stream_export_of_the_sharded_model_loads_with_from_pretrained(launches, run):
+    """``export_model`` gathers the FSDP2 shards on rank 0 into one safetensors file that
+    ``from_pretrained`` loads as the trained model (tied embeddings tied again)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    export = launches["two"] / run / "export"
+    with safe_open(str(export / "model.safetensors"), "pt") as handle:
+        stored = set(handle.keys())
+    assert "lm_head.weight" not in stored, "the tied LM head was stored twice"
+    model = AutoModelForCausalLM.from_pretrained(str(export))
+    weights = model.state_dict()
+    trained = {k.removeprefix("model/"): v for k, v in _final(launches["two"], run).items() if k.startswith("model/")}
+    assert weights.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(weights[name], value), f"{run}: the exported {name} is not the trained one"
