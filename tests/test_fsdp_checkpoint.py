@@ -4,6 +4,8 @@
 anchor) and PackNet (sharded ownership masks), writing end-of-task continual checkpoints. A run
 resumed from the checkpoint after task 0, in a launch with another world size, and trained on task 1,
 must end with every weight and strategy tensor equal, to 1e-5, to the uninterrupted 2-process run.
+The five launches (2 torchrun pairs of ranks and 1 process each, about 60 s together on 2 cores) make
+the tests that use them ``slow`` and ``distributed``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import pytest
 import torch
 
 from tests.test_distributed import ATOL, _env, _free_port
-
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ("ewc", "packnet")
@@ -59,6 +59,8 @@ def _final(folder: Path, run: str, rank: int = 0) -> dict:
     return torch.load(folder / run / f"rank{rank}.pt", weights_only=False)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("run", RUNS)
 def test_sharded_checkpoint_layout_and_manifest(launches, run):
     from clm_hf import state as ckpt
@@ -87,6 +89,8 @@ def test_sharded_checkpoint_layout_and_manifest(launches, run):
     shutil.rmtree(damaged)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("resumed", ["2to2", "2to1", "1to2"])
 @pytest.mark.parametrize("run", RUNS)
 def test_resume_across_world_sizes_matches_the_uninterrupted_run(launches, run, resumed):
@@ -106,6 +110,8 @@ def test_resume_across_world_sizes_matches_the_uninterrupted_run(launches, run, 
         assert all(torch.equal(other[k], final[k]) for k in final if isinstance(final[k], torch.Tensor))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("run", RUNS)
 def test_end_of_stream_export_of_the_sharded_model_loads_with_from_pretrained(launches, run):
     """``export_model`` gathers the FSDP2 shards on rank 0 into one safetensors file that
@@ -123,3 +129,15 @@ def test_end_of_stream_export_of_the_sharded_model_loads_with_from_pretrained(la
     assert weights.keys() == trained.keys()
     for name, value in trained.items():
         assert torch.equal(weights[name], value), f"{run}: the exported {name} is not the trained one"
+
+
+def test_a_sharded_marker_without_its_tensor_is_a_clear_error(tmp_path):
+    """A strategy's ``state.json`` naming a ``dcp/`` tensor that was not read (an incomplete checkpoint)
+    fails naming the key, instead of handing the strategy a marker dict as if it were its state."""
+    from clm_hf.strategies.base import load_tensor_json_state, sharded_state_io
+
+    (tmp_path / "state.json").write_text(json.dumps({"fisher": {"w": {"__sharded__": "strategies/00-ewc/fisher/w"}}}))
+    with pytest.raises(ValueError, match="'strategies/00-ewc/fisher/w', which is not in the checkpoint's"):
+        load_tensor_json_state(tmp_path)
+    with sharded_state_io("strategies/00-ewc", loaded={"strategies/00-ewc/fisher/w": torch.ones(2)}):
+        assert load_tensor_json_state(tmp_path)["fisher"]["w"].tolist() == [1.0, 1.0]
