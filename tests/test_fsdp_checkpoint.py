@@ -141,3 +141,18 @@ def test_a_sharded_marker_without_its_tensor_is_a_clear_error(tmp_path):
         load_tensor_json_state(tmp_path)
     with sharded_state_io("strategies/00-ewc", loaded={"strategies/00-ewc/fisher/w": torch.ones(2)}):
         assert load_tensor_json_state(tmp_path)["fisher"]["w"].tolist() == [1.0, 1.0]
+
+
+def test_export_model_without_fsdp_writes_a_from_pretrained_folder(tmp_path, make_model, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_trainer
+
+    model = make_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(0.5)  # not the initialisation from_pretrained would give
+    trainer = make_trainer(tmp_path, model, tokenizer, [])
+    folder = trainer.export_model(tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded[name], value), name
