@@ -47,6 +47,8 @@ MODEL_FILE = "model.safetensors"
 RNG_FILE = "rng.safetensors"
 RESULTS_FILE = "results.json"
 STRATEGIES_DIR = "strategies"
+DCP_DIR = "dcp"  # under FSDP2: the model's and the strategies' sharded tensors (torch.distributed.checkpoint)
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 CONTINUAL_DIR = "continual"  # a run folder's end-of-task checkpoints: <output_dir>/continual/task-XXX
 
 
@@ -247,8 +249,14 @@ def save_continual_checkpoint(
     model: torch.nn.Module | None,
     results: Any | None,
     extra_files: dict[str, str] | None = None,
+    sharded: bool = False,
+    writer: bool = True,
 ) -> Path:
     """Write one continual checkpoint atomically (see the module docstring for the layout).
+
+    With ``sharded=True`` (an FSDP2 model: every rank calls this, ``writer`` on rank 0 only) the
+    model's and the strategies' sharded tensors go to ``dcp/`` with ``torch.distributed.checkpoint``,
+    each rank writing its own shards; see :func:`save_sharded_continual_checkpoint`.
 
     Args:
         final_dir: Where the checkpoint folder ends up.
@@ -261,6 +269,9 @@ def save_continual_checkpoint(
     """
     from safetensors.torch import save_model
 
+    if sharded:
+        return save_sharded_continual_checkpoint(final_dir, state=state, strategies=strategies, model=model,
+                                                 results=results, extra_files=extra_files, writer=writer)
     rng_meta, rng_tensors = capture_rng_state()
 
     def fill(tmp: Path) -> None:
@@ -294,6 +305,8 @@ def read_continual_state(directory: str | os.PathLike, *, with_model: bool = Tru
     """
     directory = Path(directory)
     required = (STATE_FILE, RNG_FILE, MODEL_FILE) if with_model else (STATE_FILE, RNG_FILE)
+    if with_model and _lists(directory, DCP_METADATA):
+        required = (STATE_FILE, RNG_FILE, DCP_METADATA)  # an FSDP2 run's checkpoint: the weights are in dcp/
     manifest = verify_manifest(directory, required=required)
     state_path = directory / STATE_FILE
     try:
@@ -310,6 +323,16 @@ def read_continual_state(directory: str | os.PathLike, *, with_model: bool = Tru
             raise CheckpointError(f"The manifest of {directory} does not list {rel}: the state of strategy "
                                   f"'{entry['name']}' is missing.")
     return state
+
+
+def _lists(directory: Path, rel: str) -> bool:
+    """Whether the manifest of ``directory`` lists ``rel`` (False when it is missing or malformed:
+    :func:`verify_manifest` then names the problem)."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(files, dict) and rel in files
 
 
 def _state_problem(state: Any) -> str | None:
@@ -340,6 +363,238 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
             f"The weights in {path} do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. "
             "Was the checkpoint written for another model or strategy set?"
         )
+
+
+# --- sharded continual checkpoints (FSDP2) ---------------------------------------------------------
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict for DCP, keyed ``model/<name>``: DTensors (this rank's shards) under FSDP2."""
+    from .sharding import reshard
+
+    reshard(model)  # after an evaluation FSDP2 may hold the root's unsharded copies in the parameters' places
+    return {f"model/{name}": tensor for name, tensor in model.state_dict().items()}
+
+
+def _sharded_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's DTensor parameters by name (empty when the model is not sharded)."""
+    from .sharding import is_dtensor, reshard
+
+    return {name: p for name, p in reshard(model).named_parameters() if is_dtensor(p)}
+
+
+def _strategy_scope(index: int, name: str) -> str:
+    return strategy_dir(Path(), index, name).as_posix()
+
+
+def save_sharded_continual_checkpoint(
+    final_dir: str | os.PathLike,
+    *,
+    state: dict[str, Any],
+    strategies: list[Any],
+    model: torch.nn.Module,
+    results: Any | None,
+    extra_files: dict[str, str] | None = None,
+    writer: bool = True,
+) -> Path:
+    """Write a continual checkpoint of an FSDP2-sharded run: a collective, every rank calls it.
+
+    The layout is the unsharded one, except that the weights and every sharded (DTensor) strategy
+    tensor are in ``dcp/``, written with ``torch.distributed.checkpoint`` (each rank its own shards,
+    ``dcp/.metadata`` by rank 0); ``state.json`` of a strategy names each of its sharded tensors with
+    a ``{"__sharded__": key}`` marker. Rank 0 (``writer``) creates the temporary sibling folder and
+    broadcasts its name so that every rank writes into it, writes the JSON state, RNG and results,
+    and, after a barrier, the manifest of every file (all ranks' shards included), last; the folder
+    is then renamed into place as in :func:`clm_hf._io.atomic_write_dir`. Every rank must see the
+    same file system path (one node, or a shared file system).
+
+    Args:
+        final_dir: Where the checkpoint folder ends up.
+        state (`dict`): JSON-able trainer progress.
+        strategies: The strategies (every rank passes its own, in the same order).
+        model: The FSDP2-sharded model.
+        results: A :class:`~clm_hf.results.ContinualResults` or ``None``.
+        extra_files (`dict[str, str]`, *optional*): More text files written by rank 0.
+        writer (`bool`): True on the one rank that writes everything but the shards (rank 0).
+
+    Example:
+
+    >>> save_sharded_continual_checkpoint("out/continual/task-000", state=state,  # doctest: +SKIP
+    ...     strategies=trainer.strategies, model=model, results=None, writer=trainer.args.should_save)
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from .strategies.base import _split, sharded_state_io
+
+    def collect(tmp: Path | None) -> dict[str, torch.Tensor]:
+        tensors = _model_tensors(model)
+        for i, strategy in enumerate(strategies):
+            scope = _strategy_scope(i, strategy.name)
+            with sharded_state_io(scope, collect=tensors):
+                if tmp is not None:
+                    strategy.save_state(strategy_dir(tmp, i, strategy.name))
+                else:  # the other ranks only take their shards; rank 0 writes the rest
+                    _split(strategy.state_dict(), "", {})
+        keys: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, sorted(tensors))
+        if any(k != keys[0] for k in keys):
+            differ = sorted(set(keys[0]).symmetric_difference(*map(set, keys[1:])))[:5]
+            raise RuntimeError(f"The ranks hold different sharded tensors for the continual checkpoint {final_dir}: "
+                               f"{differ}. A strategy's save_state must store what its state_dict() returns.")
+        return tensors
+
+    def shared_name(tmp: Path | None) -> Path:
+        names = [str(tmp) if tmp is not None else None]
+        dist.broadcast_object_list(names, src=0)
+        if names[0] is None:
+            raise RuntimeError(f"Rank 0 could not create the temporary folder of the checkpoint {final_dir}.")
+        return Path(names[0])
+
+    def write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+        dcp.save(tensors, checkpoint_id=str(tmp / DCP_DIR))
+        dist.barrier()  # every rank's shards are on disk before rank 0 lists and hashes them
+
+    if not writer:
+        tmp = shared_name(None)
+        write_shards(tmp, collect(None))
+        status = [None]
+        dist.broadcast_object_list(status, src=0)  # rank 0's rename (or failure) before anyone goes on
+        if status[0] != "ok":
+            raise RuntimeError(f"Rank 0 failed to write the continual checkpoint {final_dir}: {status[0]}")
+        return Path(final_dir)
+
+    rng_meta, rng_tensors = capture_rng_state()
+    announced = [False]
+
+    def fill(tmp: Path) -> None:
+        shared_name(tmp)
+        announced[0] = True
+        write_shards(tmp, collect(tmp))
+        save_file(rng_tensors, str(tmp / RNG_FILE))
+        payload = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "rng": rng_meta, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
+        if results is not None:
+            results.save(tmp / RESULTS_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        write_manifest(tmp)  # last: it covers every rank's shards
+
+    try:
+        path = atomic_write_dir(final_dir, fill)
+    except BaseException as err:
+        if not announced[0]:
+            shared_name(None)  # releases the other ranks waiting for the folder's name (they raise)
+        dist.broadcast_object_list([f"{type(err).__name__}: {err}"], src=0)
+        raise
+    dist.broadcast_object_list(["ok"], src=0)
+    return path
+
+
+def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
+    """True when the checkpoint keeps its weights in ``dcp/`` (written by an FSDP2-sharded run)."""
+    return (Path(directory) / DCP_METADATA).is_file()
+
+
+def load_continual_tensors(directory: str | os.PathLike, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read the strategies' sharded tensors of a checkpoint's ``dcp/`` folder, resharded for ``model``.
+
+    DCP reshards on load: a tensor named after a sharded parameter of ``model`` (its key ends in the
+    parameter's name, e.g. ``.../fisher/<name>``) with the same shape is read as a DTensor laid out
+    like that parameter (each rank reads its own slice, whatever world size wrote it); any other,
+    and every tensor when ``model`` is not sharded, is read whole. A collective when ``model`` is
+    sharded. Returns ``{}`` for an unsharded checkpoint.
+
+    Args:
+        directory: The continual checkpoint folder.
+        model: The model of the resuming run (sharded with FSDP2 or not).
+
+    Example:
+
+    >>> load_continual_tensors("out/continual/task-000", trainer.model)  # doctest: +SKIP
+    {'strategies/00-ewc/terms/0/fisher/transformer.wte.weight': DTensor(...), ...}
+    """
+    if not is_sharded_checkpoint(directory):
+        return {}
+    import torch.distributed.checkpoint as dcp
+
+    from .sharding import like_param, local_part
+
+    params = _sharded_params(model)
+    metadata = dcp.FileSystemReader(str(Path(directory) / DCP_DIR)).read_metadata()
+    targets: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not key.startswith(STRATEGIES_DIR + "/"):
+            continue
+        like = params.get(key.rsplit("/", 1)[-1])
+        if like is not None and tuple(like.shape) == tuple(meta.size):
+            local = local_part(like)
+            targets[key] = like_param(torch.empty(local.shape, dtype=meta.properties.dtype, device=local.device), like)
+        else:
+            targets[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    if targets:
+        dcp.load(targets, checkpoint_id=str(Path(directory) / DCP_DIR))
+    return targets
+
+
+def plain_to_sharded(model: torch.nn.Module) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+    """For a checkpoint written unsharded and read into an FSDP2 run: a function that shards each
+    strategy tensor named after a sharded parameter (same shape) like that parameter. ``None`` when
+    ``model`` is not sharded."""
+    from .sharding import shard_like
+
+    params = _sharded_params(model)
+    if not params:
+        return None
+
+    def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        like = params.get(key.rsplit("/", 1)[-1])
+        return shard_like(tensor, like) if like is not None and like.shape == tensor.shape else tensor
+
+    return convert
+
+
+def load_sharded_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into ``model``, across layouts: ``dcp/`` (sharded) or ``model.safetensors``.
+
+    A sharded checkpoint is read with ``torch.distributed.checkpoint`` into the model's own state
+    dict (DTensors under FSDP2, whole tensors otherwise), in place: DCP reshards to the current world
+    size. A ``model.safetensors`` read into an FSDP2 model is sharded like each parameter. A plain
+    model with a plain checkpoint goes through :func:`load_model_weights`.
+
+    Raises:
+        `CheckpointError`: the weights do not fit the model (names listed).
+    """
+    directory = Path(directory)
+    params = _sharded_params(model)
+    if not is_sharded_checkpoint(directory) and not params:
+        load_model_weights(model, directory)
+        return
+    targets = _model_tensors(model)
+    if is_sharded_checkpoint(directory):
+        import torch.distributed.checkpoint as dcp
+
+        saved = {k for k in dcp.FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
+                 if k.startswith("model/")}
+        missing, unexpected = sorted(set(targets) - saved), sorted(saved - set(targets))
+        if missing or unexpected:
+            raise CheckpointError(f"The weights in {directory / DCP_DIR} do not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}. Was the checkpoint written for another model or "
+                                  "strategy set?")
+        dcp.load(targets, checkpoint_id=str(directory / DCP_DIR))  # in place, into the parameters' storage
+        return
+    from .sharding import local_part, shard_like
+
+    full = load_file(str(directory / MODEL_FILE))
+    for key, tensor in targets.items():
+        name = key[len("model/"):]
+        if name not in full:  # a tied weight: safetensors stores one name of each shared storage
+            ptr = local_part(tensor).data_ptr()
+            twin = next((k[len("model/"):] for k, t in targets.items()
+                         if local_part(t).data_ptr() == ptr and k[len("model/"):] in full), None)
+            if twin is None:
+                raise CheckpointError(f"The weights in {directory / MODEL_FILE} do not fit the model: missing {name!r}.")
+            name = twin
+        with torch.no_grad():
+            local_part(tensor).copy_(local_part(shard_like(full[name].to(tensor.dtype), tensor)))
 
 
 def load_rng(directory: str | os.PathLike, meta: dict[str, Any]) -> None:

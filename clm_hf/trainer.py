@@ -39,7 +39,8 @@ from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, first_scored_
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
-from .strategies.base import Strategy, TaskInfo, eval_mode, unwrap_model
+from .sharding import any_dtensor, reshard
+from .strategies.base import Strategy, TaskInfo, eval_mode, sharded_state_io, unwrap_model
 from .validation import (
     check_checkpoint_matches_model,
     check_primary_metric,
@@ -198,14 +199,15 @@ class ContinualTrainerMixin:
                 "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
                 "docs/distributed.md lists the strategies that run on FSDP2.",
             )
-            if self._setting("save_continual_state"):
-                # Rank 0 would write the end-of-task checkpoint from its own shards (it crashed in
-                # save_model, or would store half of each sharded strategy tensor).
+            save_strategy = getattr(getattr(self.args, "save_strategy", "no"), "value", getattr(self.args, "save_strategy", "no"))
+            if self._setting("save_continual_state") and save_strategy != "no":
+                # End-of-task checkpoints are sharded (torch.distributed.checkpoint); the continual state
+                # inside the Trainer's mid-task checkpoints is still written by rank 0 alone, from its shards.
                 raise NotImplementedError(
-                    "save_continual_state=True is not supported on FSDP yet: the continual checkpoint is written by "
-                    "rank 0 alone, which holds only its shards of the model and of the strategies' state, so it would "
-                    "not hold the trained model. Set save_continual_state=False (clm-hf train: "
-                    "--training.save_continual_state false); see docs/distributed.md, 'Continual checkpoints under FSDP2'."
+                    f"save_strategy={save_strategy!r} with save_continual_state=True is not supported on "
+                    "FSDP yet: mid-task checkpoints would hold rank 0's shards of the strategies' state only. Set "
+                    "save_strategy='no' (end-of-task continual checkpoints are sharded and work); see "
+                    "docs/distributed.md, 'Continual checkpoints under FSDP2'."
                 )
             return
         if backend != DistributedType.DEEPSPEED:
@@ -1257,19 +1259,74 @@ class ContinualTrainerMixin:
 
         Defaults to ``<output_dir>/continual/task-XXX`` for the last finished task.
         """
-        if not self.args.should_save:
+        model = unwrap_model(self.model)
+        # Under FSDP2 every rank writes its shards (torch.distributed.checkpoint), rank 0 the rest.
+        sharded = any_dtensor(reshard(model).parameters())
+        if not self.args.should_save and not sharded:
             return None
         if directory is None:
             directory = Path(self._base_output_dir) / CONTINUAL_DIR / f"task-{len(self.tasks) - 1:03d}"
         path = ckpt.save_continual_checkpoint(
             directory, state=self._continual_state(), strategies=self.strategies,
-            model=unwrap_model(self.model), results=self.results,
+            model=model, results=self.results, sharded=sharded, writer=self.args.should_save,
         )
+        if not self.args.should_save:
+            return None
         limit = self._setting("continual_save_total_limit")
         if limit:
             for old in ckpt.list_checkpoints(Path(self._base_output_dir) / CONTINUAL_DIR)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def export_model(self, directory: str | os.PathLike) -> Path | None:
+        """Write the trained model whole, as ``model.safetensors`` + ``config.json``, for ``from_pretrained``.
+
+        Under FSDP2 this is a collective (every rank calls it): the shards are gathered to rank 0 on the
+        CPU (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), which writes the folder
+        atomically; one name is kept per shared storage (tied embeddings), which ``from_pretrained``
+        ties again. Without FSDP2 rank 0 writes ``save_pretrained``'s folder.
+
+        Args:
+            directory (`str` or `os.PathLike`): The folder to write (replaced if it exists).
+
+        Returns:
+            `pathlib.Path` on the rank that wrote, else `None`.
+
+        Example:
+
+        >>> trainer.fit(stream)  # doctest: +SKIP
+        >>> trainer.export_model("runs/ewc/export")  # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained("runs/ewc/export")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        from .sharding import local_part
+
+        model = unwrap_model(self.model)
+        if not any_dtensor(reshard(model).parameters()):
+            if not self.args.should_save:
+                return None
+            return ckpt.atomic_write_dir(directory, lambda tmp: model.save_pretrained(str(tmp)))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.args.should_save:
+            return None
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            ptr = local_part(tensor).data_ptr()
+            if ptr in seen:  # a tied weight: stored once
+                continue
+            seen.add(ptr)
+            tensors[name] = full[name].detach().contiguous()
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(tmp))
+
+        return ckpt.atomic_write_dir(directory, fill)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The Trainer pickles its arguments into every save (training_args.bin): keep Hub tokens out.
@@ -1427,11 +1484,25 @@ class ContinualTrainerMixin:
             if i >= len(specs) or specs[i]["task_id"] != done["task_id"]:
                 raise ValueError(f"The checkpoint's task {i} is '{done['task_id']}', but the stream given has "
                                  f"{specs[i]['task_id'] if i < len(specs) else 'no task'} there.")
+        # A checkpoint of an FSDP2 run keeps its sharded tensors in dcp/; DCP reshards them to this run's
+        # layout. One written unsharded and read into an FSDP2 run is sharded like the parameters.
+        model = unwrap_model(self.model)
+        if getattr(self, "is_fsdp_enabled", False) and not any_dtensor(model.parameters()):
+            # Shard now, as Accelerate does at the first train() (it keeps a model already sharded): the
+            # restored state is then laid out like the parameters, as after a task of an uninterrupted
+            # run, and the strategies' before_task hooks see the sharded parameters.
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            self._set_model(fsdp2_prepare_model(self.accelerator, self.model))
+            model = unwrap_model(self.model)
+        loaded = ckpt.load_continual_tensors(directory, model)
+        convert = None if ckpt.is_sharded_checkpoint(directory) else ckpt.plain_to_sharded(model)
         for i, strategy in enumerate(self.strategies):
-            strategy.load_state(ckpt.strategy_dir(directory, i, strategy.name))
+            with sharded_state_io(ckpt.strategy_dir(Path(), i, strategy.name).as_posix(), loaded=loaded, convert=convert):
+                strategy.load_state(ckpt.strategy_dir(directory, i, strategy.name))
             self._set_model(strategy.restore_model(self.model))
         if load_model:
-            ckpt.load_model_weights(unwrap_model(self.model), directory)
+            ckpt.load_sharded_model_weights(unwrap_model(self.model), directory)
         self.tasks = [TaskInfo(**t) for t in meta["tasks"]]
         results_path = directory / ckpt.RESULTS_FILE
         if results_path.is_file():

@@ -211,9 +211,10 @@ def test_lwf_with_a_cached_teacher_starts_on_zero3_and_a_live_teacher_is_refused
     assert error is not None and "not supported on DeepSpeed ZeRO-3" in error and "cache_teacher=True" in error
 
 
-def test_fsdp2_refuses_continual_checkpoints_written_from_shards(make_model, tokenizer, monkeypatch):
-    """Rank 0 alone writes the end-of-task checkpoint: under FSDP2 it holds only shards, so the
-    run is refused at start-up, naming the setting, rather than crashing (or saving half) later."""
+def test_fsdp2_refuses_mid_task_continual_state_written_from_shards(make_model, tokenizer, monkeypatch):
+    """End-of-task continual checkpoints are sharded under FSDP2 (tests/test_fsdp_checkpoint.py); the
+    continual state inside mid-task Trainer checkpoints is still written by rank 0 alone, so that
+    combination is refused at start-up, naming both settings, rather than saving half of it later."""
     import accelerate
     from accelerate.utils import DistributedType
 
@@ -222,8 +223,12 @@ def test_fsdp2_refuses_continual_checkpoints_written_from_shards(make_model, tok
     monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     trainer.is_fsdp_enabled = True
     assert trainer.args.save_continual_state
-    with pytest.raises(NotImplementedError, match="save_continual_state=True is not supported on FSDP"):
+    monkeypatch.setattr(trainer.args, "save_strategy", "steps")
+    with pytest.raises(NotImplementedError, match="save_strategy='steps' with save_continual_state=True is not supported on FSDP"):
         trainer._check_backend_support()
+    monkeypatch.setattr(trainer.args, "save_strategy", "no")
+    trainer._check_backend_support()  # end-of-task checkpoints only: sharded, supported
+    monkeypatch.setattr(trainer.args, "save_strategy", "steps")
     monkeypatch.setattr(trainer.args, "save_continual_state", False)
     trainer._check_backend_support()  # EWC itself runs on FSDP2
 

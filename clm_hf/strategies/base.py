@@ -320,7 +320,49 @@ _JSON_FILE = "state.json"
 _TENSOR_MARK = "__tensor__"
 
 
+_SHARDED_MARK = "__sharded__"
+# Set by :func:`sharded_state_io` while a continual checkpoint of an FSDP2-sharded model is written or read.
+_SHARDED_IO: dict[str, Any] = {"scope": None, "collect": None, "loaded": None, "convert": None}
+
+
+@contextlib.contextmanager
+def sharded_state_io(scope: str, *, collect: dict[str, torch.Tensor] | None = None,
+                     loaded: dict[str, torch.Tensor] | None = None, convert: Any = None):
+    """Route sharded strategy tensors through ``torch.distributed.checkpoint`` instead of safetensors.
+
+    Used by :mod:`clm_hf.state` around a strategy's ``save_state`` / ``load_state`` when the model is
+    sharded with FSDP2. While writing, each DTensor in the state goes into ``collect`` under
+    ``"<scope>/<key>"`` and ``state.json`` records a ``{"__sharded__": "<scope>/<key>"}`` marker (every
+    rank then writes its shards with DCP). While reading, a marker is replaced by ``loaded[...]``,
+    and ``convert(key, tensor)`` may reshard a plain tensor read from ``state.safetensors`` (a
+    checkpoint written by an unsharded run).
+
+    Args:
+        scope (`str`): The strategy's folder name inside the checkpoint (``"00-ewc"``).
+        collect (`dict`, *optional*): Receives the DTensors to write.
+        loaded (`dict`, *optional*): The tensors read back, by the same keys.
+        convert (`Callable[[str, torch.Tensor], torch.Tensor]`, *optional*): Applied to plain tensors read.
+
+    >>> import tempfile, torch
+    >>> folder, found = tempfile.mkdtemp(), {}
+    >>> with sharded_state_io("00-x", collect=found):  # a plain tensor still goes to safetensors
+    ...     save_tensor_json_state({"w": torch.ones(2)}, folder)
+    >>> found
+    {}
+    """
+    previous = dict(_SHARDED_IO)
+    _SHARDED_IO.update(scope=scope, collect=collect, loaded=loaded, convert=convert)
+    try:
+        yield
+    finally:
+        _SHARDED_IO.update(previous)
+
+
 def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if is_dtensor(state) and _SHARDED_IO["collect"] is not None:
+        key = f"{_SHARDED_IO['scope']}/{prefix}"
+        _SHARDED_IO["collect"][key] = state.detach()
+        return {_SHARDED_MARK: key}
     if is_dtensor(state):
         # One rank holds only its shard: writing it would store part of the tensor as if it were whole.
         raise TypeError(
@@ -347,7 +389,16 @@ def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
 def _merge(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {_TENSOR_MARK}:
-            return tensors[obj[_TENSOR_MARK]]
+            convert = _SHARDED_IO["convert"]
+            tensor = tensors[obj[_TENSOR_MARK]]
+            return convert(obj[_TENSOR_MARK], tensor) if convert is not None else tensor
+        if set(obj) == {_SHARDED_MARK}:
+            loaded = _SHARDED_IO["loaded"]
+            if loaded is None or obj[_SHARDED_MARK] not in loaded:
+                raise ValueError(f"The strategy state names the sharded tensor {obj[_SHARDED_MARK]!r}, which is not in "
+                                 "the checkpoint's torch.distributed.checkpoint folder (dcp/): the checkpoint is "
+                                 "incomplete, or it is read without clm_hf.state.load_continual_tensors.")
+            return loaded[obj[_SHARDED_MARK]]
         return {k: _merge(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_merge(v, tensors) for v in obj]
