@@ -279,15 +279,21 @@ def save_continual_checkpoint(
             save_model(model, str(tmp / MODEL_FILE))
         for i, strategy in enumerate(strategies):
             strategy.save_state(strategy_dir(tmp, i, strategy.name))
-        save_file(rng_tensors, str(tmp / RNG_FILE))
-        payload = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "rng": rng_meta, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
-        if results is not None:
-            results.save(tmp / RESULTS_FILE)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        _write_state_files(tmp, state, rng_meta, rng_tensors, results, extra_files)
 
     return write_atomically(final_dir, fill)
+
+
+def _write_state_files(tmp: Path, state: dict[str, Any], rng_meta: dict[str, Any], rng_tensors: dict[str, Any],
+                       results: Any, extra_files: dict[str, str] | None) -> None:
+    """What one process writes into every continual checkpoint: RNG, state JSON, results, extra files."""
+    save_file(rng_tensors, str(tmp / RNG_FILE))
+    payload = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "rng": rng_meta, **state}
+    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
+    if results is not None:
+        results.save(tmp / RESULTS_FILE)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
 
 
 def read_continual_state(directory: str | os.PathLike, *, with_model: bool = True) -> dict[str, Any]:
@@ -469,13 +475,7 @@ def save_sharded_continual_checkpoint(
         shared_name(tmp)
         announced[0] = True
         write_shards(tmp, collect(tmp))
-        save_file(rng_tensors, str(tmp / RNG_FILE))
-        payload = {"format_version": FORMAT_VERSION, "clm_hf_version": __version__, "rng": rng_meta, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False))
-        if results is not None:
-            results.save(tmp / RESULTS_FILE)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        _write_state_files(tmp, state, rng_meta, rng_tensors, results, extra_files)
         write_manifest(tmp)  # last: it covers every rank's shards
 
     try:
