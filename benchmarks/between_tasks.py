@@ -109,21 +109,27 @@ def _alternate_fresh(prepare: Callable[[int], Callable[[], Any]], train: Callabl
             "ratio_range": [min(ratios), max(ratios)], "load_avg": C.load_average()}
 
 
-def packnet_ratio(size: str, num_rows: int, batch_size: int, seq_len: int, repeats: int, workdir: Path) -> dict[str, Any]:
-    """PackNet's pruning after a task (no retraining) as a multiple of one training pass over ``N`` rows."""
+def _packnet_in_task(size: str | dict, rows: Any, seed: int, folder: Path) -> tuple[Any, Any, Any]:
+    """A PackNet trainer on a fresh model of ``size``, inside its first task (ready for ``after_task``)."""
     from clm_hf.strategies.base import TaskInfo
     from clm_hf.strategies.packnet import PackNet
 
+    packnet = PackNet(retrain_epochs=0)
+    trainer = C.make_trainer(C.build_model(size, seed=seed), [packnet], folder)
+    task = TaskInfo(task_id="t0", name="t0", index=0, train_dataset=rows)
+    trainer.tasks.append(task)
+    packnet.prepare_model(trainer.model, task)
+    packnet.before_task(trainer, task)
+    return packnet, trainer, task
+
+
+def packnet_ratio(size: str, num_rows: int, batch_size: int, seq_len: int, repeats: int, workdir: Path) -> dict[str, Any]:
+    """PackNet's pruning after a task (no retraining) as a multiple of one training pass over ``N`` rows."""
     rows = C.task_rows(1, num_rows, seq_len)[0][1]
     train = training_pass(C.build_model(size), rows, batch_size)
 
     def prepare(r: int) -> Callable[[], Any]:
-        packnet = PackNet(retrain_epochs=0)
-        trainer = C.make_trainer(C.build_model(size, seed=r), [packnet], workdir / f"packnet-ratio-{size}-{r}")
-        task = TaskInfo(task_id="t0", name="t0", index=0, train_dataset=rows)
-        trainer.tasks.append(task)
-        packnet.prepare_model(trainer.model, task)
-        packnet.before_task(trainer, task)
+        packnet, trainer, task = _packnet_in_task(size, rows, r, workdir / f"packnet-ratio-{size}-{r}")
         return lambda: packnet.after_task(trainer, task)
 
     result = _alternate_fresh(prepare, train, repeats)
@@ -157,19 +163,11 @@ def gem_memory_ratio(size: str, num_rows: int, batch_size: int, seq_len: int, re
 
 def packnet_cost(size: str | dict, repeats: int, workdir: Path) -> dict[str, Any]:
     """Pruning + ownership update after a task (no retraining), per million prunable parameters."""
-    from clm_hf.strategies.base import TaskInfo
-    from clm_hf.strategies.packnet import PackNet
-
     rows = C.task_rows(1, 16, 3)[0][1]
     prune_times, mask_times = [], []
     prunable = 0
     for r in range(repeats + 1):
-        packnet = PackNet(retrain_epochs=0)
-        trainer = C.make_trainer(C.build_model(size, seed=r), [packnet], workdir / f"packnet-{r}")
-        task = TaskInfo(task_id="t0", name="t0", index=0, train_dataset=rows)
-        trainer.tasks.append(task)
-        packnet.prepare_model(trainer.model, task)
-        packnet.before_task(trainer, task)
+        packnet, trainer, task = _packnet_in_task(size, rows, r, workdir / f"packnet-{r}")
         prune = _timed(lambda: packnet.after_task(trainer, task))
 
         def mask() -> None:

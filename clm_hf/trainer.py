@@ -738,7 +738,7 @@ class ContinualTrainerMixin:
                 # Resuming inside the task: the RNG as it was at that checkpoint, after the hooks above.
                 ckpt.load_rng(*self._pending_rng)
                 self._pending_rng = None
-            self._drop_stale_ddp_wrapper()
+            self._drop_stale_wrapper()
             if isinstance(resume_from_checkpoint, (str, os.PathLike)):
                 check_checkpoint_matches_model(unwrap_model(self.model), resume_from_checkpoint)
             self._selecting_rows = True
@@ -849,7 +849,7 @@ class ContinualTrainerMixin:
         self.optimizer, self.lr_scheduler = None, None
         try:
             with self._task_scope(task, num_epochs, suffix=f"-{phase}"):
-                self._drop_stale_ddp_wrapper()
+                self._drop_stale_wrapper()
                 output = self._task_train()
             self._check_finite()
             return output
@@ -869,8 +869,8 @@ class ContinualTrainerMixin:
         finally:
             self.args.output_dir, self.args.num_train_epochs = saved_dir, saved_epochs
 
-    def _drop_stale_ddp_wrapper(self) -> None:
-        """Let the next ``train()`` wrap the model in a new DDP instead of reusing the last task's.
+    def _drop_stale_wrapper(self) -> None:
+        """Let the next ``train()`` wrap the model anew (DDP, DeepSpeed) instead of reusing the last task's.
 
         DDP fixes the parameters it all-reduces when it is built, and the Trainer reuses its wrapper
         across ``train()`` calls. Strategies change that set between tasks (PNN adds a column or an

@@ -20,24 +20,32 @@ ROOT = Path(__file__).resolve().parent.parent
 IGNORED = ("rank", "world_size", "fisher_rows", "fsdp", "device")
 
 
+def launch(out: Path, name: str, runs: list[str], flags: list[str], *, processes: int,
+           env: dict[str, str] | None = None) -> Path:
+    """Run ``runs`` with ``flags`` into ``out/name``: under torchrun (batch 4 a rank) or in one process (batch 8)."""
+    if processes > 1:
+        if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+            pytest.skip("torch.distributed with gloo is not available")
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "tests.distributed_driver",
+                 str(out / name), "--batch", "4"]
+    else:
+        start = [sys.executable, "-m", "tests.distributed_driver", str(out / name), "--batch", "8"]
+    with open(out / f"{name}.log", "w") as log:
+        code = subprocess.run([*start, "--runs", ",".join(runs), *flags], cwd=ROOT, env={**_env(), **(env or {})},
+                              stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
+    if code != 0:
+        pytest.fail(f"the {name} launch failed with exit code {code}:\n{(out / f'{name}.log').read_text()[-6000:]}")
+    return out
+
+
 def launch_pair(out: Path, runs: list[str], flags: list[str], env: dict[str, str] | None = None) -> Path:
     """Run ``runs`` with ``flags`` under torchrun (2 ranks, batch 4) into ``out/two``, and plainly into ``out/one``.
 
     ``env`` adds environment variables to both launches (``CLM_DRIVER_SAVE=1``: write continual checkpoints).
     """
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    names = ",".join(runs)
-    sharded = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
-               "--runs", names, *flags]
-    single = [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", names]
-    for name, cmd in (("two", sharded), ("one", single)):
-        with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
-        if code != 0:
-            pytest.fail(f"the {name}-process launch failed with exit code {code}:\n{(out / f'{name}.log').read_text()[-6000:]}")
-    return out
+    launch(out, "two", runs, flags, processes=2, env=env)
+    return launch(out, "one", runs, [], processes=1, env=env)
 
 
 def assert_ranks_match_one_process(out: Path, run: str, *, tasks: tuple[int, ...] = (0, 1)) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._launch import launch_pair
+from tests._launch import launch, launch_pair
 from tests.test_distributed import ATOL, _env, _free_port, _load, _same
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -112,15 +112,8 @@ KEEP_UNSHARDED_RUNS = ["packnet", "pnn-3tasks", "pnn-lora", "olora"]
 
 @pytest.fixture(scope="module")
 def fsdp_keep_unsharded(fsdp_launches, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp-keep-unsharded")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
-           "--runs", ",".join(KEEP_UNSHARDED_RUNS), "--fsdp", "--keep-unsharded"]
-    with open(out / "two.log", "w") as log:
-        code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
-    if code != 0:
-        pytest.fail(f"the 2-process launch with --keep-unsharded failed with exit code {code}:\n"
-                    f"{(out / 'two.log').read_text()[-6000:]}")
+    out = launch(tmp_path_factory.mktemp("fsdp-keep-unsharded"), "two", KEEP_UNSHARDED_RUNS, ["--fsdp", "--keep-unsharded"],
+                 processes=2)
     (out / "one").symlink_to(fsdp_launches / "one")  # the unsharded reference runs of the main launch
     return out
 
