@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Driver runs per ZeRO stage: every strategy the trainer lets run on that stage.
 ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora"]
-ZERO3 = ["replay", "lwf-cached"]  # LwF with a live teacher copies whole weights: refused
+# LwF with a live teacher copies whole weights: refused. EWC: online ("ewc") and separate terms over 3 tasks.
+ZERO3 = ["replay", "lwf-cached", "ewc", "ewc-separate"]
 
 
 @pytest.fixture(scope="module")
