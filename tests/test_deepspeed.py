@@ -58,3 +58,20 @@ def test_zero3_continual_checkpoint_holds_the_whole_trained_model(zero3):
         assert saved and all(f"model/{k}" in trained for k in saved)
         for key, value in saved.items():
             assert value.numel() > 0 and torch.equal(value, trained[f"model/{key}"]), key
+
+
+def test_zero3_continual_checkpoint_holds_ewcs_whole_fisher_and_anchor(zero3):
+    """Rank 0 writes EWC's state while each rank holds only its slices: the file has the whole, gathered tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import _load
+
+    for task in (0, 1):
+        saved = load_file(zero3 / "two" / "ewc" / "run" / "continual" / f"task-{task:03d}" / "strategies" / "00-ewc"
+                          / "state.safetensors")
+        dumped = _load(zero3 / "two", "ewc", 0, task, "after")
+        assert {f"ewc/{k}" for k in saved} == {k for k in dumped if k.startswith("ewc/terms/")}
+        for key, value in saved.items():
+            assert value.shape == dumped[f"model/{key.split('/', 3)[3]}"].shape, key
+            assert torch.equal(value, dumped[f"ewc/{key}"]), key
