@@ -26,13 +26,23 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks", "is_zero3_param",
+__all__ = ["Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks", "is_zero3_param", "is_zero3_run",
            "partition_range", "slice_partition", "zero3_parameters"]
 
 
 def is_zero3_param(param: object) -> bool:
     """True when ``param`` is partitioned by DeepSpeed ZeRO-3 (it carries ``ds_id`` and ``ds_tensor``)."""
     return hasattr(param, "ds_id") and getattr(param, "ds_tensor", None) is not None
+
+
+def is_zero3_run(trainer: object) -> bool:
+    """True when ``trainer`` trains with DeepSpeed ZeRO-3 (from Accelerate's plugin or a ``--deepspeed`` JSON file).
+
+    Known when the trainer is built, before any parameter is partitioned.
+    """
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    ds_config = getattr(plugin, "hf_ds_config", None)
+    return getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)())
 
 
 def zero3_parameters(params: dict[str, torch.Tensor] | Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -102,3 +102,24 @@ def test_ewc_cuts_a_loaded_whole_state_into_its_partition_and_still_saves_it_who
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
         ewc.state_dict()  # training started: the whole copy is gone, rank 0 alone cannot gather
     del out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ewc_refuses_mid_task_continual_checkpoints_on_zero3_only(stage, tmp_path, make_model, tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    from tests.conftest import make_trainer
+
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [], save_strategy="steps", save_steps=1,
+                           save_continual_state=True)
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin",
+                        property(lambda self: SimpleNamespace(zero_stage=stage, hf_ds_config=None)))
+    if stage == 2:
+        EWC().setup(trainer)
+        return
+    with pytest.raises(NotImplementedError, match=r"'ewc' with save_strategy='steps'.*ZeRO-3"):
+        EWC().setup(trainer)
+    monkeypatch.setattr(trainer.args, "save_strategy", "no")
+    EWC().setup(trainer)  # end-of-task checkpoints only: starts

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..deepspeed_support import Zero3QuadraticPenalty, gather_partition, gathered_without_hooks, slice_partition, zero3_parameters
+from ..deepspeed_support import (Zero3QuadraticPenalty, gather_partition, gathered_without_hooks, is_zero3_run, slice_partition,
+                                 zero3_parameters)
 from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
 from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
@@ -142,6 +143,18 @@ class EWC(Strategy):
         self._offset: torch.Tensor | float = 0.0  # the constant part of a multi-term penalty
         self._zero3: Zero3QuadraticPenalty | None = None  # the forward hooks adding the penalty under ZeRO-3
         self._zero3_whole: list | None = None  # the gathered terms for state_dict, from after_task to the next step
+
+    def setup(self, trainer: ContinualTrainer) -> None:
+        super().setup(trainer)
+        save_strategy = getattr(trainer.args, "save_strategy", "no")
+        save_strategy = getattr(save_strategy, "value", save_strategy)
+        if is_zero3_run(trainer) and getattr(trainer.args, "save_continual_state", False) and save_strategy != "no":
+            # Mid-task checkpoints are written by rank 0 alone, while each rank holds only its slices of F and θ*.
+            raise NotImplementedError(
+                f"Strategy 'ewc' with save_strategy={save_strategy!r} and save_continual_state=True is not supported on "
+                "DeepSpeed ZeRO-3: its Fisher and anchor are partitioned across the ranks and gathered only at task ends, "
+                "so a mid-task checkpoint written by rank 0 would lack them. Set save_strategy='no' (end-of-task "
+                "continual checkpoints work) or use ZeRO-2.")
 
     # --- penalty ---------------------------------------------------------------------------
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
