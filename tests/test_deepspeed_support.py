@@ -123,3 +123,32 @@ def test_ewc_refuses_mid_task_continual_checkpoints_on_zero3_only(stage, tmp_pat
         EWC().setup(trainer)
     monkeypatch.setattr(trainer.args, "save_strategy", "no")
     EWC().setup(trainer)  # end-of-task checkpoints only: starts
+
+
+def test_ewc_resumed_before_zero3_partitions_the_model_binds_at_the_first_forward(monkeypatch, make_model):
+    """A resumed run loads the whole state while the model is still whole; the engine partitions it later."""
+    from types import SimpleNamespace
+
+    model = make_model("gpt2")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    whole = {"terms": [{"fisher": {n: torch.rand(p.shape) for n, p in params.items()},
+                        "anchor": {n: torch.randn(p.shape) for n, p in params.items()}}]}
+    ewc = EWC(ewc_lambda=2.0, mode="separate")
+    plugin = SimpleNamespace(zero_stage=3, hf_ds_config=None)
+    ewc.trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    ewc.load_state_dict(whole)  # binds the whole tensors: the parameters are not partitioned yet
+    assert ewc._zero3 is None
+    monkeypatch.setattr(ds, "_rank_world", lambda: (0, 2))
+    for p in params.values():  # what the DeepSpeed engine does when train() starts
+        _stand_in(p, world=2)
+    model.train()
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert ewc._zero3 is not None and ewc._zero3.hooked == len(params)
+    ewc._zero3.world = 1  # no process group here to sum the ranks' parts over: this rank's part alone
+    expected = 0.0
+    for n, p in params.items():
+        start, end = ds.partition_range(p)
+        f, a = (whole["terms"][0][k][n].reshape(-1)[start:end] for k in ("fisher", "anchor"))
+        expected = expected + (f * (p.detach().reshape(-1)[start:end] - a) ** 2).sum()
+        torch.testing.assert_close(ewc.terms[0][0][n], f)
+    torch.testing.assert_close(ewc.penalty(), 0.5 * 2.0 * expected)

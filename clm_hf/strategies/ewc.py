@@ -143,6 +143,7 @@ class EWC(Strategy):
         self._offset: torch.Tensor | float = 0.0  # the constant part of a multi-term penalty
         self._zero3: Zero3QuadraticPenalty | None = None  # the forward hooks adding the penalty under ZeRO-3
         self._zero3_whole: list | None = None  # the gathered terms for state_dict, from after_task to the next step
+        self._zero3_pending = None  # a hook binding on the first forward after ZeRO-3 partitioned the model
 
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
@@ -174,9 +175,23 @@ class EWC(Strategy):
         if self._zero3 is not None:
             self._zero3.remove()
             self._zero3 = None
+        if self._zero3_pending is not None:
+            self._zero3_pending.remove()
+            self._zero3_pending = None
         if not self.terms:
             return
         zero3 = bool(zero3_parameters(params))
+        if not zero3 and self.trainer is not None and is_zero3_run(self.trainer):
+            # ZeRO-3 partitions a model built whole when the task's train() builds the engine, after this
+            # (a run resumed from a checkpoint): bind again at the first forward, before any module runs,
+            # so that the per-module hooks exist for that very forward.
+            unwrapped = unwrap_model(model)
+
+            def bind_partitioned(module, args):
+                if zero3_parameters(trainable_parameters(unwrapped)):
+                    self._bind(unwrapped)
+
+            self._zero3_pending = unwrapped.register_forward_pre_hook(bind_partitioned, prepend=True)
         if zero3:  # whole tensors (loaded from a checkpoint) become this rank's slices of the partitions
             self.terms = [tuple({n: slice_partition(t, params[n]) if n in params and tuple(t.shape) == tuple(params[n].ds_shape)
                                  else t for n, t in part.items()} for part in term) for term in self.terms]
