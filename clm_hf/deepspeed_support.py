@@ -144,7 +144,8 @@ class _PartitionTerm(torch.autograd.Function):
         diff = theta - anchor.float()
         pull = diff * fisher.float()
         ctx.save_for_backward(pull)
-        ctx.start, ctx.factor, ctx.numel, ctx.shape, ctx.dtype = start, 2.0 * scale * world, param.numel(), param.shape, param.dtype
+        ctx.start, ctx.factor = start, 2.0 * scale * world
+        ctx.numel, ctx.shape, ctx.dtype = param.numel(), param.shape, param.dtype
         return torch.dot(diff, pull) * scale
 
     @staticmethod

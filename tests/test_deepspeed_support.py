@@ -94,10 +94,11 @@ def test_ewc_cuts_a_loaded_whole_state_into_its_partition_and_still_saves_it_who
     ewc._zero3.world = 1  # no process group here to sum the ranks' parts over: this rank's part alone
     out = model(input_ids=torch.tensor([[5, 6, 7]]))
     pen = ewc.penalty()  # this rank's half of the whole penalty (no other rank to sum with here)
-    expected = sum((whole["terms"][0]["fisher"][n].reshape(-1)[ds.partition_range(p)[0]:ds.partition_range(p)[1]]
-                    * (p.detach().reshape(-1)[ds.partition_range(p)[0]:ds.partition_range(p)[1]]
-                       - whole["terms"][0]["anchor"][n].reshape(-1)[ds.partition_range(p)[0]:ds.partition_range(p)[1]]) ** 2).sum()
-                   for n, p in params.items())
+    expected = 0.0
+    for n, p in params.items():
+        start, end = ds.partition_range(p)
+        f, a = (whole["terms"][0][k][n].reshape(-1)[start:end] for k in ("fisher", "anchor"))
+        expected = expected + (f * (p.detach().reshape(-1)[start:end] - a) ** 2).sum()
     torch.testing.assert_close(pen, 0.5 * 3.0 * expected)
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
         ewc.state_dict()  # training started: the whole copy is gone, rank 0 alone cannot gather

@@ -193,8 +193,11 @@ class EWC(Strategy):
 
             self._zero3_pending = unwrapped.register_forward_pre_hook(bind_partitioned, prepend=True)
         if zero3:  # whole tensors (loaded from a checkpoint) become this rank's slices of the partitions
-            self.terms = [tuple({n: slice_partition(t, params[n]) if n in params and tuple(t.shape) == tuple(params[n].ds_shape)
-                                 else t for n, t in part.items()} for part in term) for term in self.terms]
+            def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
+                whole = name in params and tuple(tensor.shape) == tuple(params[name].ds_shape)
+                return slice_partition(tensor, params[name]) if whole else tensor
+
+            self.terms = [tuple({n: cut(n, t) for n, t in part.items()} for part in term) for term in self.terms]
         # A parameter another strategy froze since (PackNet) cannot move, so its penalty term is a
         # constant: skipping it changes no gradient.
         offset = None
