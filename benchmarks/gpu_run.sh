@@ -125,7 +125,7 @@ if [ "$QUICK" != 1 ]; then
     {
         if $PY -c "import deepspeed" 2>/dev/null; then
             for STAGE in 2 3; do
-                if [ "$STAGE" = 2 ]; then DS_RUNS=${DS2_RUNS:-plain,replay,ewc,lwf,pnn,olora}; else DS_RUNS=${DS3_RUNS:-replay,lwf-cached}; fi
+                if [ "$STAGE" = 2 ]; then DS_RUNS=${DS2_RUNS:-plain,replay,ewc,lwf,pnn,olora}; else DS_RUNS=${DS3_RUNS:-replay,lwf-cached,ewc,ewc-separate}; fi
                 timeout ${DS_TIMEOUT:-120} $PY -m tests.distributed_driver "$WORK/ds$STAGE/plain" --batch 8 --runs "$DS_RUNS" --gpu
                 echo "plain exit $?"
                 timeout ${DS_TIMEOUT:-120} $PY -m torch.distributed.run --nproc_per_node 1 -m tests.distributed_driver \

@@ -8,6 +8,8 @@ per-device batch ``b`` trains the same model as a 1-process run with batch ``2 b
     python -m tests.distributed_driver OUT --batch 8 --runs ewc,replay
 
 With ``CLM_DRIVER_SAVE=1`` the runs also write their continual checkpoints (``OUT/<run>/run/continual``).
+With ``CLM_DRIVER_RESUME=PREV`` each run resumes from ``PREV/<run>/run/continual/task-000`` (a launch
+made with ``CLM_DRIVER_SAVE=1``) and trains the remaining tasks.
 
 Each run writes ``OUT/<run>/rank<r>/task<i>_<before|after>.pt`` (a flat ``{key: tensor or value}``
 dict). The settings make the two kinds of launch comparable: SGD (no per-coordinate scaling that
@@ -265,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         eval_rows = _count_scored_rows(trainer)
         stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
                             min_len=3, max_len=3, seed=0)
-        for index, (name, splits) in enumerate(stream.items()):
+        resume = os.environ.get("CLM_DRIVER_RESUME")
+        if resume:  # continue from another launch's checkpoint after task 0 (its --epochs for every task)
+            trainer.fit(stream, resume_from_checkpoint=str(Path(resume) / run / "run" / "continual" / "task-000"))
+        for index, (name, splits) in enumerate(stream.items() if not resume else ()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)
         # The per-task scores after every task (the results matrix), and how many eval rows this rank scored.

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Driver runs per ZeRO stage: every strategy the trainer lets run on that stage.
 ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora"]
-ZERO3 = ["replay", "lwf-cached"]  # LwF with a live teacher copies whole weights: refused
+# LwF with a live teacher copies whole weights: refused. EWC: online ("ewc") and separate terms over 3 tasks.
+ZERO3 = ["replay", "lwf-cached", "ewc", "ewc-separate"]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,37 @@ def test_zero3_continual_checkpoint_holds_the_whole_trained_model(zero3):
         assert saved and all(f"model/{k}" in trained for k in saved)
         for key, value in saved.items():
             assert value.numel() > 0 and torch.equal(value, trained[f"model/{key}"]), key
+
+
+def test_zero3_continual_checkpoint_holds_ewcs_whole_fisher_and_anchor(zero3):
+    """Rank 0 writes EWC's state while each rank holds only its slices: the file has the whole, gathered tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import _load
+
+    for task in (0, 1):
+        saved = load_file(zero3 / "two" / "ewc" / "run" / "continual" / f"task-{task:03d}" / "strategies" / "00-ewc"
+                          / "state.safetensors")
+        dumped = _load(zero3 / "two", "ewc", 0, task, "after")
+        assert {f"ewc/{k}" for k in saved} == {k for k in dumped if k.startswith("ewc/terms/")}
+        for key, value in saved.items():
+            assert value.shape == dumped[f"model/{key.split('/', 3)[3]}"].shape, key
+            assert torch.equal(value, dumped[f"ewc/{key}"]), key
+
+
+def test_zero3_ewc_resumed_after_task_0_ends_as_the_uninterrupted_run(zero3):
+    """The checkpoint's whole Fisher and anchor, loaded while the model is whole, are cut into the partitions
+    when DeepSpeed partitions the model, and task 1 then trains as in the run that never stopped."""
+    import torch
+
+    from tests._launch import launch
+    from tests.test_distributed import _load
+
+    launch(zero3, "resumed", ["ewc"], ["--deepspeed", "3"], processes=2, env={"CLM_DRIVER_RESUME": str(zero3 / "two")})
+    for rank in (0, 1):
+        resumed, straight = _load(zero3 / "resumed", "ewc", rank, 1, "after"), _load(zero3 / "two", "ewc", rank, 1, "after")
+        floats = [k for k, v in straight.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        assert any(k.startswith("ewc/terms/") for k in floats) and any(k.startswith("model/") for k in floats)
+        for key in floats:
+            torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..deepspeed_support import (Zero3QuadraticPenalty, gather_partition, gathered_without_hooks, is_zero3_run, slice_partition,
+                                 zero3_parameters)
 from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
 from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
@@ -124,6 +126,10 @@ class EWC(Strategy):
     # Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters, the penalty is
     # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-separate").
     supports_fsdp = True
+    # Under DeepSpeed ZeRO-3 the Fisher and anchor are this rank's flat slices of the partitioned
+    # parameters, and the penalty is added inside each module's forward while ZeRO-3 has gathered
+    # its weights (clm_hf/deepspeed_support.py; tests/test_deepspeed.py: "ewc", "ewc-separate").
+    supports_partitioned_parameters = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -135,6 +141,21 @@ class EWC(Strategy):
         self._fishers: list[torch.Tensor] = []
         self._anchors: list[torch.Tensor] = []
         self._offset: torch.Tensor | float = 0.0  # the constant part of a multi-term penalty
+        self._zero3: Zero3QuadraticPenalty | None = None  # the forward hooks adding the penalty under ZeRO-3
+        self._zero3_whole: list | None = None  # the gathered terms for state_dict, from after_task to the next step
+        self._zero3_pending = None  # a hook binding on the first forward after ZeRO-3 partitioned the model
+
+    def setup(self, trainer: ContinualTrainer) -> None:
+        super().setup(trainer)
+        save_strategy = getattr(trainer.args, "save_strategy", "no")
+        save_strategy = getattr(save_strategy, "value", save_strategy)
+        if is_zero3_run(trainer) and getattr(trainer.args, "save_continual_state", False) and save_strategy != "no":
+            # Mid-task checkpoints are written by rank 0 alone, while each rank holds only its slices of F and θ*.
+            raise NotImplementedError(
+                f"Strategy 'ewc' with save_strategy={save_strategy!r} and save_continual_state=True is not supported on "
+                "DeepSpeed ZeRO-3: its Fisher and anchor are partitioned across the ranks and gathered only at task ends, "
+                "so a mid-task checkpoint written by rank 0 would lack them. Set save_strategy='no' (end-of-task "
+                "continual checkpoints work) or use ZeRO-2.")
 
     # --- penalty ---------------------------------------------------------------------------
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
@@ -151,8 +172,32 @@ class EWC(Strategy):
         """
         params = trainable_parameters(reshard(model))  # FSDP2: the DTensor parameters, not the root's unsharded copies
         self._params, self._fishers, self._anchors, self._offset = [], [], [], 0.0
+        if self._zero3 is not None:
+            self._zero3.remove()
+            self._zero3 = None
+        if self._zero3_pending is not None:
+            self._zero3_pending.remove()
+            self._zero3_pending = None
         if not self.terms:
             return
+        zero3 = bool(zero3_parameters(params))
+        if not zero3 and self.trainer is not None and is_zero3_run(self.trainer):
+            # ZeRO-3 partitions a model built whole when the task's train() builds the engine, after this
+            # (a run resumed from a checkpoint): bind again at the first forward, before any module runs,
+            # so that the per-module hooks exist for that very forward.
+            unwrapped = unwrap_model(model)
+
+            def bind_partitioned(module, args):
+                if zero3_parameters(trainable_parameters(unwrapped)):
+                    self._bind(unwrapped)
+
+            self._zero3_pending = unwrapped.register_forward_pre_hook(bind_partitioned, prepend=True)
+        if zero3:  # whole tensors (loaded from a checkpoint) become this rank's slices of the partitions
+            def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
+                whole = name in params and tuple(tensor.shape) == tuple(params[name].ds_shape)
+                return slice_partition(tensor, params[name]) if whole else tensor
+
+            self.terms = [tuple({n: cut(n, t) for n, t in part.items()} for part in term) for term in self.terms]
         # A parameter another strategy froze since (PackNet) cannot move, so its penalty term is a
         # constant: skipping it changes no gradient.
         offset = None
@@ -179,6 +224,12 @@ class EWC(Strategy):
             self._anchors.append(anchor)
         if offset is not None:
             self._offset = all_reduce_sum_like(offset, self._params[0])
+            if zero3 and _world()[0] > 1:  # the slices' constants, summed over the ranks
+                import torch.distributed as dist
+
+                dist.all_reduce(self._offset, op=dist.ReduceOp.SUM)
+        if zero3:
+            self._zero3 = Zero3QuadraticPenalty(unwrap_model(model), self._params, self._fishers, self._anchors)
 
     def penalty(self) -> torch.Tensor:
         """λ/2 · Σ_terms Σ_params F · (θ − θ*)², differentiable in θ (0 before the first task ends);
@@ -192,6 +243,10 @@ class EWC(Strategy):
         strength = self.config.ewc_lambda
         if self.config.mode == "online":  # Schwarz et al. penalise with γ·F*, not F* itself
             strength = strength * self.config.gamma
+        if self._zero3 is not None:  # the terms the last training forward's hooks added (ZeRO-3)
+            self._zero3_whole = None  # training has started: the gathered copy for state_dict is stale
+            total = self._zero3.penalty(0.5 * strength)
+            return total + 0.5 * strength * self._offset if isinstance(self._offset, torch.Tensor) else total
         total = _QuadraticPenalty.apply(0.5 * strength, self._fishers, self._anchors, *self._params)
         if isinstance(self._offset, torch.Tensor):
             total = total + 0.5 * strength * self._offset
@@ -204,6 +259,23 @@ class EWC(Strategy):
 
     # --- Fisher ------------------------------------------------------------------------------
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
+        zero3 = bool(zero3_parameters(trainable_parameters(trainer.model)))
+        if not zero3:
+            self._after_task(trainer, task, zero3=False)
+            return
+        # ZeRO-3: the whole model is gathered on every rank, its hooks off, for the Fisher's vmapped
+        # per-row gradients (gathered_without_hooks says why whole); the Fisher and anchor are then
+        # cut to this rank's partition slices before the weights are re-partitioned.
+        with gathered_without_hooks(unwrap_model(trainer.model)):
+            self._after_task(trainer, task, zero3=True)
+        self._bind(trainer.model)
+        # The whole terms, gathered now (every rank runs after_task): the continual checkpoint that
+        # follows is written by rank 0 alone and must not wait for a collective.
+        params = trainable_parameters(trainer.model)
+        self._zero3_whole = [tuple({n: gather_partition(t, params[n]) for n, t in part.items()} for part in term)
+                             for term in self.terms]
+
+    def _after_task(self, trainer: ContinualTrainer, task: TaskInfo, *, zero3: bool) -> None:
         model = trainer.model
         rows = task.train_dataset
         count = min(self.config.fisher_samples, len(rows))
@@ -220,7 +292,9 @@ class EWC(Strategy):
             rows = rows.shard(num_shards=world, index=rank, contiguous=True)
         fisher = estimate_fisher(
             model, rows,
-            batch_size=self.config.fisher_batch_size, method=self.config.fisher_method,
+            batch_size=self.config.fisher_batch_size,
+            # ZeRO-3: never the loop's backward, which would run DeepSpeed's gradient hooks on the parameters.
+            method="vmap" if zero3 else self.config.fisher_method,
             sampled=self.config.fisher_type == "true",
             seed=self.config.seed + task.index + (0 if sharded else 1_000_003 * rank),
             device=trainer.args.device, disable_progress=trainer.args.disable_tqdm, reduction="sum",
@@ -239,6 +313,10 @@ class EWC(Strategy):
             name = list(fisher)[int(finite.logical_not().nonzero()[0])] if not bool(finite.all()) else "a shard on another rank"
             raise FloatingPointError(f"EWC's Fisher for '{name}' is not finite after task '{task.name}'.")
         anchor = {n: p.detach().to(self._anchor_dtype, copy=True) for n, p in trainable_parameters(model).items()}
+        if zero3:
+            params = trainable_parameters(model)
+            fisher = {n: slice_partition(f, params[n]) for n, f in fisher.items()}
+            anchor = {n: slice_partition(a, params[n]) for n, a in anchor.items()}
         online = self.config.mode == "online" and bool(self.terms)
         if online:
             old_fisher, _ = self.terms[0]
@@ -246,10 +324,18 @@ class EWC(Strategy):
             fisher = {n: self.config.gamma * old_fisher[n].to(f.device, torch.float32) + f for n, f in fisher.items()}
         fisher = {n: f.to(self._fisher_dtype) for n, f in fisher.items()}
         self.terms = [(fisher, anchor)] if online else [*self.terms, (fisher, anchor)]
-        self._bind(model)
+        if not zero3:  # ZeRO-3 binds once the parameters are partitioned again
+            self._bind(model)
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._zero3 is not None:  # ZeRO-3: the terms are slices; the whole ones were gathered after the task
+            if self._zero3_whole is None:
+                raise NotImplementedError(
+                    "EWC's Fisher and anchor are partitioned across the ranks under DeepSpeed ZeRO-3 and are "
+                    "gathered only at the end of a task: save the continual state at task ends (save_strategy='no'), "
+                    "not mid-task.")
+            return {"terms": [{"fisher": f, "anchor": a} for f, a in self._zero3_whole]}
         return {"terms": [{"fisher": f, "anchor": a} for f, a in self.terms]}
 
     @property
@@ -266,6 +352,7 @@ class EWC(Strategy):
         self.terms = [({n: f.to(fisher_dtype) for n, f in t["fisher"].items()},
                        {n: a.to(anchor_dtype) for n, a in t["anchor"].items()}) for t in state.get("terms", [])]
         self._params, self._fishers, self._anchors, self._offset = [], [], [], 0.0
+        self._zero3_whole = list(self.terms)  # whole tensors: what state_dict returns under ZeRO-3 until training
         if self.trainer is not None and self.terms:
             self._bind(self.trainer.model)
 

@@ -1,0 +1,235 @@
+"""Strategy state that lives where DeepSpeed ZeRO-3's partitioned parameters live.
+
+Under ZeRO-3 every parameter is partitioned across the ``W`` data-parallel ranks: outside a
+module's forward and backward, ``param.data`` is an empty placeholder, and rank ``r`` holds
+``param.ds_tensor``, the flat slice ``[r·P, (r+1)·P)`` of the flattened parameter (``P =
+param.ds_tensor.ds_numel``, the last partition padded). A strategy keeps its per-parameter state
+(EWC's Fisher and anchor) as the same flat slices, so each rank holds ``1/W`` of it, and
+reaches the whole parameter only where ZeRO-3 gathers it: inside the forward of the module that
+owns it (:class:`Zero3QuadraticPenalty`), or inside :func:`gathered_without_hooks`. Outside
+ZeRO-3 nothing here is used: :func:`zero3_parameters` is empty and the strategies keep their
+plain code paths.
+
+>>> import torch
+>>> from clm_hf.deepspeed_support import is_zero3_param, zero3_parameters
+>>> p = torch.nn.Parameter(torch.ones(3))
+>>> is_zero3_param(p), zero3_parameters({"w": p})
+(False, [])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks", "is_zero3_param", "is_zero3_run",
+           "partition_range", "slice_partition", "zero3_parameters"]
+
+
+def is_zero3_param(param: object) -> bool:
+    """True when ``param`` is partitioned by DeepSpeed ZeRO-3 (it carries ``ds_id`` and ``ds_tensor``)."""
+    return hasattr(param, "ds_id") and getattr(param, "ds_tensor", None) is not None
+
+
+def is_zero3_run(trainer: object) -> bool:
+    """True when ``trainer`` trains with DeepSpeed ZeRO-3 (from Accelerate's plugin or a ``--deepspeed`` JSON file).
+
+    Known when the trainer is built, before any parameter is partitioned.
+    """
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    ds_config = getattr(plugin, "hf_ds_config", None)
+    return getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)())
+
+
+def zero3_parameters(params: dict[str, torch.Tensor] | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The ZeRO-3 partitioned parameters among ``params`` (empty outside ZeRO-3)."""
+    values = params.values() if isinstance(params, dict) else params
+    return [p for p in values if is_zero3_param(p)]
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def partition_range(param: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)`` of this rank's partition in the flattened parameter, without the padding.
+
+    ZeRO-3 gives rank ``r`` the elements ``[r·P, (r+1)·P)`` (``P = param.ds_tensor.ds_numel``); the
+    last rank's partition may run past ``param.ds_numel`` (padding), and may even be all padding.
+    """
+    size = int(param.ds_tensor.ds_numel)
+    rank, _ = _rank_world()
+    start = min(rank * size, int(param.ds_numel))
+    return start, min(start + size, int(param.ds_numel))
+
+
+def slice_partition(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's flat slice (a copy) of ``whole``, a tensor shaped like the whole ``param``.
+
+    Raises:
+        ValueError: ``whole`` does not have the parameter's whole shape (``param.ds_shape``).
+    """
+    if tuple(whole.shape) != tuple(param.ds_shape):
+        raise ValueError(f"slice_partition: the tensor has shape {tuple(whole.shape)}, the ZeRO-3 parameter "
+                         f"{tuple(param.ds_shape)}.")
+    start, end = partition_range(param)
+    return whole.reshape(-1)[start:end].clone()
+
+
+def gather_partition(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, shaped like ``param``, from every rank's flat slice ``local`` (a collective).
+
+    Every rank must call it, for the same parameters in the same order.
+    """
+    import torch.distributed as dist
+
+    _, world = _rank_world()
+    size = int(param.ds_tensor.ds_numel)
+    padded = torch.zeros(size, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local.reshape(-1)
+    if world == 1:
+        parts = [padded]
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    return torch.cat(parts)[: int(param.ds_numel)].view(tuple(param.ds_shape))
+
+
+@contextlib.contextmanager
+def gathered_without_hooks(model: nn.Module) -> Iterator[nn.Module]:
+    """Gather every parameter of ``model`` whole on every rank, with the modules' forward hooks off.
+
+    Inside the block the model behaves as an ordinary unpartitioned module: ``torch.func`` can call
+    it with swapped weights (DeepSpeed's forward hooks would try to fetch and release those as
+    partitioned parameters), and nothing is re-partitioned after each module's forward. The whole
+    model is gathered at once (``deepspeed.zero.GatheredParameters`` over all parameters): simple,
+    and what a vmapped per-row gradient over the whole model needs, but it holds the whole model on
+    every rank for the duration. On exit the hooks are put back and the parameters re-partitioned
+    (modifier_rank None: changes made inside are dropped). A collective: every rank enters it.
+    """
+    import deepspeed
+
+    modules = list(model.modules())
+    saved = [(m._forward_pre_hooks, m._forward_hooks) for m in modules]
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for m in modules:
+            m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
+        try:
+            yield model
+        finally:
+            for m, (pre, post) in zip(modules, saved):
+                m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+class _PartitionTerm(torch.autograd.Function):
+    """``scale · Σ F (θ − θ*)²`` over this rank's slice of a gathered ZeRO-3 parameter.
+
+    The gradient is ``world · 2 · scale · F (θ − θ*)`` on the slice and 0 elsewhere: ZeRO-3
+    averages the ranks' gradients while reduce-scattering them into the partitions, and only
+    this rank contributes to its own slice, so the average is the penalty's exact gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, fisher: torch.Tensor, anchor: torch.Tensor, start: int, scale: float,
+                world: int) -> torch.Tensor:
+        theta = param.detach().reshape(-1)[start : start + fisher.numel()].float()
+        diff = theta - anchor.float()
+        pull = diff * fisher.float()
+        ctx.save_for_backward(pull)
+        ctx.start, ctx.factor = start, 2.0 * scale * world
+        ctx.numel, ctx.shape, ctx.dtype = param.numel(), param.shape, param.dtype
+        return torch.dot(diff, pull) * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (pull,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.numel, dtype=ctx.dtype, device=pull.device)
+        grad[ctx.start : ctx.start + pull.numel()] = (pull * (grad_output * ctx.factor)).to(ctx.dtype)
+        return grad.view(ctx.shape), None, None, None, None, None
+
+
+class Zero3QuadraticPenalty:
+    """``scale · Σ F (θ − θ*)²`` on ZeRO-3 partitioned parameters, with F and θ* held as this rank's slices.
+
+    Outside forward a rank has no weights to compare with θ*; inside a module's forward ZeRO-3 has
+    gathered that module's own parameters. So a forward hook on each module that owns a penalised
+    parameter (put before DeepSpeed's own post-forward hook, which re-partitions them) adds the
+    module's term from this rank's slice of the gathered weight, and :meth:`penalty` sums the
+    terms after the model's forward: every rank's loss carries the whole penalty (the local sums,
+    all-reduced), while its gradient reaches only this rank's slice, which ZeRO-3's reduce-scatter
+    then averages into the partition (:class:`_PartitionTerm`). Terms are collected only in a
+    training forward with gradients on (not in evaluation, not in a Fisher estimate).
+
+    Args:
+        model (`nn.Module`): The unwrapped model (the DeepSpeed engine's ``module``).
+        params (`list[nn.Parameter]`): The penalised ZeRO-3 parameters.
+        fishers (`list[torch.Tensor]`): This rank's flat slice of each parameter's F.
+        anchors (`list[torch.Tensor]`): This rank's flat slice of each parameter's θ*.
+
+    Example:
+
+    >>> import torch
+    >>> pen = Zero3QuadraticPenalty(torch.nn.Linear(2, 2), [], [], [])  # no ZeRO-3 parameter: nothing hooked
+    >>> float(pen.penalty(1.0)), pen.remove()
+    (0.0, None)
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], fishers: list[torch.Tensor],
+                 anchors: list[torch.Tensor]) -> None:
+        _, self.world = _rank_world()
+        by_id = {id(p): (p, f, a, partition_range(p)[0]) for p, f, a in zip(params, fishers, anchors)}
+        self._terms: list[torch.Tensor] = []
+        self._scale = 1.0
+        self._handles = []
+        owners: dict[int, list] = {}
+        seen: set[int] = set()
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and id(param) in by_id and id(param) not in seen:
+                    seen.add(id(param))
+                    owners.setdefault(id(module), [module, []])[1].append(by_id[id(param)])
+        self.hooked = len(seen)
+        # The root's pre-hook starts each forward with no terms: a forward that did not reach the loss
+        # (an aborted step, a recomputation) must not leave its terms to the next one.
+        self._handles.append(model.register_forward_pre_hook(lambda *_: self._terms.clear(), prepend=True))
+        for module, entries in owners.values():
+            self._handles.append(module.register_forward_hook(self._hook(entries), prepend=True))
+
+    def _hook(self, entries):
+        def hook(module, args, output):
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            for param, fisher, anchor, start in entries:
+                if fisher.numel():  # a partition of padding only has no term
+                    self._terms.append(_PartitionTerm.apply(param, fisher, anchor, start, 1.0, self.world))
+
+        return hook
+
+    def penalty(self, scale: float) -> torch.Tensor:
+        """``scale`` times the whole penalty of the last training forward (its gradient: this rank's slices)."""
+        if not self._terms:
+            local = torch.zeros(())
+        else:
+            local = torch.stack(self._terms).sum()
+        self._terms = []
+        total = local.detach().clone()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        # The value of the whole penalty, the gradient of this rank's part only.
+        return (local + (total - local.detach())) * scale
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

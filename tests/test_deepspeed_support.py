@@ -1,0 +1,155 @@
+"""ZeRO-3 partition arithmetic of ``clm_hf/deepspeed_support.py``, in one process, on stand-in parameters.
+
+A stand-in carries the attributes DeepSpeed ZeRO-3 gives a partitioned parameter (``ds_id``,
+``ds_tensor`` with ``ds_numel``, ``ds_numel``, ``ds_shape``) and keeps its whole data, as inside a
+module's forward where ZeRO-3 has gathered it; the rank and world size are patched. The real
+partitioned runs are tests/test_deepspeed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clm_hf.deepspeed_support as ds
+from clm_hf import EWC
+
+
+def _stand_in(param: torch.nn.Parameter, world: int) -> torch.nn.Parameter:
+    numel = param.numel()
+    size = -(-numel // world)  # ZeRO-3 pads the flattened parameter to a multiple of the world size
+    param.ds_id = id(param)
+    param.ds_tensor = torch.empty(size)
+    param.ds_tensor.ds_numel = size
+    param.ds_numel, param.ds_shape = numel, param.shape
+    return param
+
+
+def test_each_ranks_slice_is_its_partition_and_the_slices_cover_the_parameter(monkeypatch):
+    whole = torch.arange(10.0).view(2, 5)
+    param = _stand_in(torch.nn.Parameter(whole.clone()), world=3)  # partitions of 4: [0, 4), [4, 8), [8, 10) + padding
+    slices = []
+    for rank in range(3):
+        monkeypatch.setattr(ds, "_rank_world", lambda rank=rank: (rank, 3))
+        slices.append(ds.slice_partition(whole, param))
+    assert [ds.partition_range(param)] == [(8, 10)]
+    assert [s.numel() for s in slices] == [4, 4, 2]
+    assert torch.equal(torch.cat(slices).view(2, 5), whole)
+    with pytest.raises(ValueError, match=r"shape \(10,\).*\(2, 5\)"):
+        ds.slice_partition(whole.view(-1), param)
+
+
+def test_the_partition_terms_gradient_is_world_times_the_pull_on_the_slice_only(monkeypatch):
+    """ZeRO-3 averages the ranks' gradients: W x this rank's pull on its slice averages to the exact gradient."""
+    monkeypatch.setattr(ds, "_rank_world", lambda: (1, 2))
+    param = _stand_in(torch.nn.Parameter(torch.linspace(-1, 1, 6)), world=2)
+    fisher, anchor = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.0, -0.5])
+    term = ds._PartitionTerm.apply(param, fisher, anchor, 3, 0.5, 2)
+    theta = param.detach()[3:]
+    torch.testing.assert_close(term, 0.5 * (fisher * (theta - anchor) ** 2).sum())
+    term.backward()
+    expected = torch.zeros(6)
+    expected[3:] = 2 * (2 * 0.5) * fisher * (theta - anchor)
+    torch.testing.assert_close(param.grad, expected)
+
+
+def test_the_hooks_add_the_penalty_in_a_training_forward_only():
+    layer = torch.nn.Linear(3, 2)
+    weight = _stand_in(layer.weight, world=1)
+    fisher, anchor = torch.rand(6), torch.randn(6)
+    penalty = ds.Zero3QuadraticPenalty(layer, [weight], [fisher], [anchor])
+    assert penalty.hooked == 1
+    with torch.no_grad():
+        layer(torch.ones(1, 3))
+    assert float(penalty.penalty(1.0)) == 0.0  # no term from a forward without gradients
+    layer(torch.ones(1, 3))
+    value = penalty.penalty(0.5 * 4.0)
+    diff = weight.detach().view(-1) - anchor
+    torch.testing.assert_close(value, 0.5 * 4.0 * (fisher * diff**2).sum())
+    value.backward()
+    torch.testing.assert_close(weight.grad.view(-1), 4.0 * fisher * diff)
+    penalty.remove()
+    layer(torch.ones(1, 3))
+    assert float(penalty.penalty(1.0)) == 0.0
+
+
+def test_ewc_cuts_a_loaded_whole_state_into_its_partition_and_still_saves_it_whole(monkeypatch, make_model):
+    """A resumed ZeRO-3 run: the checkpoint's whole F and θ* become this rank's slices; state_dict gives the whole ones."""
+    monkeypatch.setattr(ds, "_rank_world", lambda: (1, 2))
+    model = make_model("gpt2")
+    params = {n: _stand_in(p, world=2) for n, p in model.named_parameters() if p.requires_grad}
+    whole = {"terms": [{"fisher": {n: torch.rand(p.shape) for n, p in params.items()},
+                        "anchor": {n: torch.randn(p.shape) for n, p in params.items()}}]}
+    ewc = EWC(ewc_lambda=3.0, mode="separate")
+    ewc.load_state_dict(whole)
+    ewc._bind(model)
+    assert ewc._zero3 is not None and ewc._zero3.hooked == len(params)
+    for name, param in params.items():
+        start, end = ds.partition_range(param)
+        torch.testing.assert_close(ewc.terms[0][0][name], whole["terms"][0]["fisher"][name].reshape(-1)[start:end])
+        torch.testing.assert_close(ewc.terms[0][1][name], whole["terms"][0]["anchor"][name].reshape(-1)[start:end])
+    saved = ewc.state_dict()["terms"][0]
+    assert all(torch.equal(saved["fisher"][n], whole["terms"][0]["fisher"][n]) for n in params)
+    model.train()
+    ewc._zero3.world = 1  # no process group here to sum the ranks' parts over: this rank's part alone
+    out = model(input_ids=torch.tensor([[5, 6, 7]]))
+    pen = ewc.penalty()  # this rank's half of the whole penalty (no other rank to sum with here)
+    expected = 0.0
+    for n, p in params.items():
+        start, end = ds.partition_range(p)
+        f, a = (whole["terms"][0][k][n].reshape(-1)[start:end] for k in ("fisher", "anchor"))
+        expected = expected + (f * (p.detach().reshape(-1)[start:end] - a) ** 2).sum()
+    torch.testing.assert_close(pen, 0.5 * 3.0 * expected)
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        ewc.state_dict()  # training started: the whole copy is gone, rank 0 alone cannot gather
+    del out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ewc_refuses_mid_task_continual_checkpoints_on_zero3_only(stage, tmp_path, make_model, tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    from tests.conftest import make_trainer
+
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [], save_strategy="steps", save_steps=1,
+                           save_continual_state=True)
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin",
+                        property(lambda self: SimpleNamespace(zero_stage=stage, hf_ds_config=None)))
+    if stage == 2:
+        EWC().setup(trainer)
+        return
+    with pytest.raises(NotImplementedError, match=r"'ewc' with save_strategy='steps'.*ZeRO-3"):
+        EWC().setup(trainer)
+    monkeypatch.setattr(trainer.args, "save_strategy", "no")
+    EWC().setup(trainer)  # end-of-task checkpoints only: starts
+
+
+def test_ewc_resumed_before_zero3_partitions_the_model_binds_at_the_first_forward(monkeypatch, make_model):
+    """A resumed run loads the whole state while the model is still whole; the engine partitions it later."""
+    from types import SimpleNamespace
+
+    model = make_model("gpt2")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    whole = {"terms": [{"fisher": {n: torch.rand(p.shape) for n, p in params.items()},
+                        "anchor": {n: torch.randn(p.shape) for n, p in params.items()}}]}
+    ewc = EWC(ewc_lambda=2.0, mode="separate")
+    plugin = SimpleNamespace(zero_stage=3, hf_ds_config=None)
+    ewc.trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    ewc.load_state_dict(whole)  # binds the whole tensors: the parameters are not partitioned yet
+    assert ewc._zero3 is None
+    monkeypatch.setattr(ds, "_rank_world", lambda: (0, 2))
+    for p in params.values():  # what the DeepSpeed engine does when train() starts
+        _stand_in(p, world=2)
+    model.train()
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert ewc._zero3 is not None and ewc._zero3.hooked == len(params)
+    ewc._zero3.world = 1  # no process group here to sum the ranks' parts over: this rank's part alone
+    expected = 0.0
+    for n, p in params.items():
+        start, end = ds.partition_range(p)
+        f, a = (whole["terms"][0][k][n].reshape(-1)[start:end] for k in ("fisher", "anchor"))
+        expected = expected + (f * (p.detach().reshape(-1)[start:end] - a) ** 2).sum()
+        torch.testing.assert_close(ewc.terms[0][0][n], f)
+    torch.testing.assert_close(ewc.penalty(), 0.5 * 2.0 * expected)
