@@ -199,16 +199,6 @@ class ContinualTrainerMixin:
                 "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
                 "docs/distributed.md lists the strategies that run on FSDP2.",
             )
-            save_strategy = getattr(getattr(self.args, "save_strategy", "no"), "value", getattr(self.args, "save_strategy", "no"))
-            if self._setting("save_continual_state") and save_strategy != "no":
-                # End-of-task checkpoints are sharded (torch.distributed.checkpoint); the continual state
-                # inside the Trainer's mid-task checkpoints is still written by rank 0 alone, from its shards.
-                raise NotImplementedError(
-                    f"save_strategy={save_strategy!r} with save_continual_state=True is not supported on "
-                    "FSDP yet: mid-task checkpoints would hold rank 0's shards of the strategies' state only. Set "
-                    "save_strategy='no' (end-of-task continual checkpoints are sharded and work); see "
-                    "docs/distributed.md, 'Continual checkpoints under FSDP2'."
-                )
             return
         if backend != DistributedType.DEEPSPEED:
             return
@@ -1366,6 +1356,9 @@ class ContinualTrainerMixin:
         a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
+        # Under FSDP2 the strategies' state is sharded like the parameters: every rank writes its shards
+        # (torch.distributed.checkpoint), rank 0 the JSON, RNG and manifest, as for end-of-task checkpoints.
+        sharded = self.current_task is not None and any_dtensor(reshard(unwrap_model(self.model)).parameters())
         writes_state = self.current_task is not None and self.args.should_save
         limit = self.args.save_total_limit
         if writes_state:
@@ -1382,12 +1375,16 @@ class ContinualTrainerMixin:
         # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
         # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
         self.accelerator.wait_for_everyone()
-        if not writes_state:
+        if not writes_state and not sharded:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
+        state = self._continual_state()
+        if writes_state:  # the Trainer's files (under FSDP2 its sharded model and optimizer folders too)
+            state["trainer_files"] = ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)
         ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
-                                       model=None, results=self.results)
+                                       model=None, results=self.results, sharded=sharded, writer=writes_state)
+        if not writes_state:
+            return
         rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
