@@ -36,6 +36,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SAVE_STEPS = 2
+SNAPSHOT_STEP = 3  # task 1's step after its checkpoint-2, the one every resume here starts from
 
 
 def _die() -> None:
@@ -81,11 +82,32 @@ def _install_kill(spec: str, live: dict) -> list:
     return [Killer()]
 
 
+def _MidTaskSnapshot(live: dict, into: dict):
+    """A callback that stores every strategy's state (gathered: a collective) at the end of step
+    ``SNAPSHOT_STEP`` of task 1, the first step after the resume: LwF drops its teacher at the end of
+    the task, so only a snapshot taken inside the task shows the teacher the resumed run restored."""
+    from transformers import TrainerCallback
+
+    from tests.distributed_driver import strategy_snapshot
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer = live["trainer"]
+            current = trainer.current_task
+            main_phase = not str(args.output_dir).endswith("-retrain")
+            if main_phase and current is not None and current.index == 1 and state.global_step == SNAPSHOT_STEP:
+                for strategy in trainer.strategies:
+                    into.update({f"step{SNAPSHOT_STEP}/{k}": v for k, v in strategy_snapshot(strategy).items()})
+
+    return Snapshot()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--runs", default="ewc,lwf")
     parser.add_argument("--resume", action="store_true", help="resume each run's folder (fit(resume_from_checkpoint=True))")
+    parser.add_argument("--reference", help="first train each run uninterrupted into this folder (one launch, not two)")
     options = parser.parse_args(argv)
     from tests.fsdp_cpu import enable_fsdp_on_cpu, fsdp2_arguments
 
@@ -102,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     live: dict = {}
     callbacks = _install_kill(os.environ["CLM_FSDP_KILL"], live) if os.environ.get("CLM_FSDP_KILL") else []
     tokenizer = build_tokenizer()
-    for run in options.runs.split(","):
+    jobs = [(options.reference, run, False) for run in options.runs.split(",")] if options.reference else []
+    jobs += [(options.out, run, options.resume) for run in options.runs.split(",")]
+    for out, run, resume in jobs:
         specs, arch = RUNS[run]
         model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=1, num_heads=2,
                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -110,15 +134,17 @@ def main(argv: list[str] | None = None) -> None:
         # Each rank writes its shards of the model and optimizer into the Trainer's checkpoints (DCP).
         sharding["fsdp_config"]["state_dict_type"] = "SHARDED_STATE_DICT"
         args = ContinualTrainingArguments(
-            output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1, num_train_epochs=2,
+            output_dir=str(Path(out) / run / "run"), optim="sgd", learning_rate=0.1, num_train_epochs=2,
             per_device_train_batch_size=2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=0.0, logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, report_to="none",
             seed=0, disable_tqdm=True, dataloader_pin_memory=False, eval_before_training=False,
             save_continual_state=True, continual_eval_batch_size=NUM_EVAL // 2, use_cpu=True,
             **sharding,
         )
+        mid_task: dict = {}
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer,
-                                           strategies=strategies_from_specs(specs), callbacks=list(callbacks))
+                                           strategies=strategies_from_specs(specs),
+                                           callbacks=[*callbacks, _MidTaskSnapshot(live, mid_task)])
         live["trainer"] = trainer
         resumed_from = []
         resume_stream = trainer.resume_stream
@@ -130,15 +156,15 @@ def main(argv: list[str] | None = None) -> None:
 
         trainer.resume_stream = recording
         stream = make_suite(["copy", "reverse"], num_train=NUM_TRAIN, num_eval=NUM_EVAL, min_len=3, max_len=3, seed=0)
-        trainer.fit(stream, resume_from_checkpoint=True if options.resume else None)
+        trainer.fit(stream, resume_from_checkpoint=True if resume else None)
         data = {"world_size": trainer.args.world_size, "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
-                "resumed_from": resumed_from[0] if resumed_from else None}
+                "resumed_from": resumed_from[0] if resumed_from else None, **mid_task}
         for strategy in trainer.strategies:
             data.update(strategy_snapshot(strategy))
         for key, value in reshard(unwrap_model(trainer.model)).state_dict().items():
             data[f"model/{key}"] = _whole(value)
-        (Path(options.out) / run).mkdir(parents=True, exist_ok=True)
-        torch.save(data, Path(options.out) / run / f"rank{rank}.pt")
+        (Path(out) / run).mkdir(parents=True, exist_ok=True)
+        torch.save(data, Path(out) / run / f"rank{rank}.pt")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
