@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="ewc,lwf")
     parser.add_argument("--resume", action="store_true", help="resume each run's folder (fit(resume_from_checkpoint=True))")
     parser.add_argument("--reference", help="first train each run uninterrupted into this folder (one launch, not two)")
+    parser.add_argument("--state-dict-type", default="SHARDED_STATE_DICT", help="the FSDP plugin's state_dict_type")
+    parser.add_argument("--no-continual-state", action="store_true", help="save_continual_state=False")
     options = parser.parse_args(argv)
     from tests.fsdp_cpu import enable_fsdp_on_cpu, fsdp2_arguments
 
@@ -132,13 +134,13 @@ def main(argv: list[str] | None = None) -> None:
                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         sharding = fsdp2_arguments(model)
         # Each rank writes its shards of the model and optimizer into the Trainer's checkpoints (DCP).
-        sharding["fsdp_config"]["state_dict_type"] = "SHARDED_STATE_DICT"
+        sharding["fsdp_config"]["state_dict_type"] = options.state_dict_type
         args = ContinualTrainingArguments(
             output_dir=str(Path(out) / run / "run"), optim="sgd", learning_rate=0.1, num_train_epochs=2,
             per_device_train_batch_size=2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=0.0, logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, report_to="none",
             seed=0, disable_tqdm=True, dataloader_pin_memory=False, eval_before_training=False,
-            save_continual_state=True, continual_eval_batch_size=NUM_EVAL // 2, use_cpu=True,
+            save_continual_state=not options.no_continual_state, continual_eval_batch_size=NUM_EVAL // 2, use_cpu=True,
             **sharding,
         )
         mid_task: dict = {}
