@@ -1396,6 +1396,8 @@ class ContinualTrainerMixin:
         state = self._continual_state()
         if writes_state:  # the Trainer's files (under FSDP2 its sharded model and optimizer folders too)
             state["trainer_files"] = ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)
+        if sharded:  # its per-rank files (data order, RNG, optimizer shards) resume on as many processes only
+            state["world_size"] = self.args.world_size
         ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
                                        model=None, results=self.results, sharded=sharded, writer=writes_state)
         if not writes_state:
@@ -1459,6 +1461,15 @@ class ContinualTrainerMixin:
                 logger.warning("Skipping unusable mid-task checkpoint %s: %s", candidate, err)
                 damaged.append((candidate, err))
                 continue
+            written_by = meta.get("world_size")
+            if written_by is not None and written_by != self.args.world_size:
+                raise ValueError(
+                    f"The mid-task checkpoint {candidate} was written by an FSDP2 run of {written_by} processes, but "
+                    f"this run has {self.args.world_size}: a mid-task checkpoint resumes on as many processes as wrote "
+                    f"it (the Trainer's data order, RNG and optimizer files are per rank). Resume with {written_by} "
+                    f"processes, or move the checkpoint-* folders of {task_dir} aside to resume from the end-of-task "
+                    "checkpoint before them, on any number of processes."
+                )
             self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False, force=force)
             return done, candidate
         if task_ckpt is None and damaged:

@@ -119,3 +119,28 @@ def test_fsdp2_mid_task_checkpoint_holds_every_ranks_strategy_shards_under_its_m
         assert not list((task / "checkpoint-4").glob(".tmp-*"))
         log = (launches["killed"].parent / "killed-ewc-lwf-packnet.log").read_text()
         assert "Skipping mid-task checkpoint" in log and "checkpoint-4" in log
+
+
+def test_a_sharded_mid_task_checkpoint_refuses_another_world_size_naming_both(tmp_path, make_model, tokenizer):
+    """A mid-task checkpoint of an FSDP2 run records its world size; resuming it on another number of
+    processes fails naming both and the way out, instead of mixing per-rank files (data order, RNG,
+    optimizer shards) of another layout."""
+    from clm_hf import state as ckpt
+    from clm_hf.strategies import build_strategy
+    from clm_hf.tasks import make_suite
+    from clm_hf.trainer import IN_TASK_STATE_DIR
+    from tests.conftest import make_trainer
+
+    stream = make_suite(["copy"], num_train=4, num_eval=2, seed=0)
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [build_strategy("ewc", fisher_samples=4)])
+    run = Path(trainer.args.output_dir)
+    checkpoint = run / "task-000" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    state = {**trainer._continual_state(), "trainer_files": ckpt.describe_files(checkpoint), "world_size": 2}
+    ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=trainer.strategies,
+                                   model=None, results=None)
+    assert trainer.args.world_size == 1
+    with pytest.raises(ValueError, match=r"checkpoint-2 was written by an FSDP2 run of 2 processes, but this run "
+                                         r"has 1.*Resume with 2 processes, or move the checkpoint-\* folders"):
+        trainer.fit(stream, resume_from_checkpoint=str(run))
