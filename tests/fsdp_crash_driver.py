@@ -3,7 +3,12 @@ SIGKILLing every rank at a chosen moment, or resuming; for ``tests/test_fsdp_cra
 
     torchrun --nproc_per_node 2 -m tests.fsdp_crash_driver OUT --runs ewc,lwf          # uninterrupted
     CLM_FSDP_KILL=step:1:3 torchrun --nproc_per_node 2 -m tests.fsdp_crash_driver OUT --runs ewc
-    torchrun --nproc_per_node 2 -m tests.fsdp_crash_driver OUT --runs ewc --resume      # fit(..., resume=True)
+    torchrun --nproc_per_node 2 -m tests.fsdp_crash_driver OUT --runs ewc --resume --reference REF
+
+``--resume`` continues each run's folder (``fit(stream, resume_from_checkpoint=True)``); ``--reference
+REF`` first trains the same runs uninterrupted into ``REF`` in the same launch (one start-up less).
+The Trainer's checkpoints are sharded (``fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"``,
+``--state-dict-type`` to try another).
 
 Each task has 4 optimizer steps (8 rows, a per-device batch of 2 on 2 ranks, 2 epochs) and a Trainer
 checkpoint every 2 steps (``save_strategy="steps"``), each with clm-hf's continual state. ``CLM_FSDP_KILL``
@@ -18,9 +23,13 @@ workers of torchrun each run in their own session, so each rank kills itself):
                        not renamed in (the Trainer's own files of that checkpoint are complete)
 =====================  ========================================================================
 
+With ``ckpt`` only rank 0 (the one that renames the folder in) is SIGKILLed; rank 1, waiting for
+rank 0's word, loses its peer and torchrun stops it.
+
 Every rank writes ``OUT/<run>/rank<r>.pt`` at the end: the gathered weights and strategy state, the
-world size and the mid-task checkpoint the run resumed from (``resumed_from``). The settings are those
-of ``tests/distributed_driver.py`` (SGD, no dropout, one row length).
+world size, the mid-task checkpoint the run resumed from (``resumed_from``) and every strategy's state
+at the end of task 1's step 3 (``step3/...``: LwF's teacher lives only inside a task). The settings
+are those of ``tests/distributed_driver.py`` (SGD, no dropout, one row length).
 """
 
 from __future__ import annotations

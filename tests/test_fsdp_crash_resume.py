@@ -9,17 +9,19 @@ strategy is SIGKILLed inside task 1, every rank at once:
 - LwF while the continual state of checkpoint-4 is written (the Trainer's files of checkpoint-4 and
   every rank's shards are on disk, the folder is not renamed in): the interrupted save is skipped
   and the resume starts from checkpoint-2 too;
-- PackNet right after step 3 (its ownership masks are sharded like the weights).
+- with ``CLM_FSDP_CRASH_PACKNET=1``, also PackNet right after step 3 (its ownership masks are sharded
+  like the weights; one launch more, so not by default).
 
 A last launch resumes every killed run (``fit(stream, resume_from_checkpoint=True)``) and, first,
 trains the same runs uninterrupted. The final weights and strategy state, and the strategy state one
 step after the resume point (LwF's teacher exists only inside the task), must equal the
-uninterrupted run's to 1e-5. The four launches take about 100 s on 2 shared cores: ``slow``.
+uninterrupted run's to 1e-5. The three launches are ``slow`` and ``distributed``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,9 @@ import torch
 from tests.test_distributed import ATOL, _env, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-KILLS = {"ewc": "step:1:3", "lwf": "ckpt:1:4", "packnet": "step:1:3"}
+KILLS = {"ewc": "step:1:3", "lwf": "ckpt:1:4"}
+if os.environ.get("CLM_FSDP_CRASH_PACKNET") == "1":  # one launch more (~30 s): opt-in, see the module docstring
+    KILLS["packnet"] = "step:1:3"
 
 
 def _torchrun(out: Path, runs: list[str], *extra: str, kill: str | None = None) -> int:
@@ -117,7 +121,7 @@ def test_fsdp2_mid_task_checkpoint_holds_every_ranks_strategy_shards_under_its_m
         # checkpoint-4 again, whole.
         assert (task / "checkpoint-4" / IN_TASK_STATE_DIR / ckpt.MANIFEST).is_file()
         assert not list((task / "checkpoint-4").glob(".tmp-*"))
-        log = (launches["killed"].parent / "killed-ewc-lwf-packnet.log").read_text()
+        log = (launches["killed"].parent / f"killed-{'-'.join(KILLS)}.log").read_text()
         assert "Skipping mid-task checkpoint" in log and "checkpoint-4" in log
 
 
