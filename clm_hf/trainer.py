@@ -1368,7 +1368,9 @@ class ContinualTrainerMixin:
         """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.
 
         The continual state is written last and lists the size and sha256 of the Trainer's files, so
-        a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
+        a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume. Under
+        FSDP2 it is a collective: every rank writes its strategy shards (DCP) into the folder rank 0
+        names, and rank 0 the JSON, the manifest and the rename (see ``save_sharded_continual_checkpoint``).
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
         # Under FSDP2 the strategies' state is sharded like the parameters: every rank writes its shards
