@@ -137,7 +137,7 @@ def _start(name, backend, make_model, tokenizer, monkeypatch, **options) -> str 
         if backend == "FSDP2":
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
             trainer.is_fsdp_enabled = True
-            patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 (tested in test_fsdp.py)
+            patch.setattr(trainer.args, "save_continual_state", False)  # mid-task state needs SHARDED_STATE_DICT (tested below)
         elif backend.startswith("DeepSpeed"):
             stage = int(backend[-1])
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
@@ -259,7 +259,7 @@ def test_pnn_starts_on_fsdp2_in_both_modes_and_refuses_columns_on_fsdp1_with_the
                 patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
                 patch.setattr(AcceleratorState, "fsdp_plugin", property(lambda self, v=version: SimpleNamespace(fsdp_version=v)),
                               raising=False)
-                patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 on its own
+                patch.setattr(trainer.args, "save_continual_state", False)  # without SHARDED_STATE_DICT: refused on its own
                 trainer.is_fsdp_enabled = True
                 try:
                     trainer._check_backend_support()
