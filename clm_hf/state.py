@@ -396,7 +396,7 @@ def save_sharded_continual_checkpoint(
     *,
     state: dict[str, Any],
     strategies: list[Any],
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     results: Any | None,
     extra_files: dict[str, str] | None = None,
     writer: bool = True,
@@ -416,7 +416,8 @@ def save_sharded_continual_checkpoint(
         final_dir: Where the checkpoint folder ends up.
         state (`dict`): JSON-able trainer progress.
         strategies: The strategies (every rank passes its own, in the same order).
-        model: The FSDP2-sharded model.
+        model: The FSDP2-sharded model; ``None`` for the continual state inside a mid-task Trainer
+            checkpoint, whose weights the Trainer (Accelerate's sharded FSDP save) already wrote.
         results: A :class:`~clm_hf.results.ContinualResults` or ``None``.
         extra_files (`dict[str, str]`, *optional*): More text files written by rank 0.
         writer (`bool`): True on the one rank that writes everything but the shards (rank 0).
@@ -432,7 +433,7 @@ def save_sharded_continual_checkpoint(
     from .strategies.base import _split, sharded_state_io
 
     def collect(tmp: Path | None) -> dict[str, torch.Tensor]:
-        tensors = _model_tensors(model)
+        tensors = _model_tensors(model) if model is not None else {}
         for i, strategy in enumerate(strategies):
             scope = _strategy_scope(i, strategy.name)
             with sharded_state_io(scope, collect=tensors):

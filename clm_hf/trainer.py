@@ -199,15 +199,20 @@ class ContinualTrainerMixin:
                 "copies or masks whole parameters or gradients. Use DDP (recipes/accelerate/multi_gpu.yaml); "
                 "docs/distributed.md lists the strategies that run on FSDP2.",
             )
-            save_strategy = getattr(getattr(self.args, "save_strategy", "no"), "value", getattr(self.args, "save_strategy", "no"))
-            if self._setting("save_continual_state") and save_strategy != "no":
-                # End-of-task checkpoints are sharded (torch.distributed.checkpoint); the continual state
-                # inside the Trainer's mid-task checkpoints is still written by rank 0 alone, from its shards.
+            save_strategy = getattr(self.args.save_strategy, "value", self.args.save_strategy)
+            plugin = getattr(getattr(self.accelerator, "state", None), "fsdp_plugin", None)
+            state_dict_type = str(getattr(plugin, "state_dict_type", None))
+            if self._setting("save_continual_state") and save_strategy != "no" and "SHARDED_STATE_DICT" not in state_dict_type:
+                # Mid-task checkpoints resume from the Trainer's sharded (DCP) model and optimizer files next
+                # to clm-hf's sharded continual state (tests/test_fsdp_crash_resume.py); the Trainer's
+                # FULL_STATE_DICT save failed at the first checkpoint of a 2-process FSDP2 run (gloo collective
+                # mismatch, transformers 5.25 / accelerate 1.16), so that path is neither working nor tested.
                 raise NotImplementedError(
-                    f"save_strategy={save_strategy!r} with save_continual_state=True is not supported on "
-                    "FSDP yet: mid-task checkpoints would hold rank 0's shards of the strategies' state only. Set "
-                    "save_strategy='no' (end-of-task continual checkpoints are sharded and work); see "
-                    "docs/distributed.md, 'Continual checkpoints under FSDP2'."
+                    f"save_strategy={save_strategy!r} with save_continual_state=True under FSDP needs "
+                    f"fsdp_config={{'state_dict_type': 'SHARDED_STATE_DICT'}} (accelerate: fsdp_state_dict_type: "
+                    f"SHARDED_STATE_DICT), got {state_dict_type.split('.')[-1]}: mid-task checkpoints resume from "
+                    "the Trainer's sharded model and optimizer files. Or set save_strategy='no' (end-of-task "
+                    "continual checkpoints are sharded whatever the setting); see docs/distributed.md."
                 )
             return
         if backend != DistributedType.DEEPSPEED:
@@ -1363,9 +1368,14 @@ class ContinualTrainerMixin:
         """The Trainer's own mid-task save, plus the continual state needed to resume inside the task.
 
         The continual state is written last and lists the size and sha256 of the Trainer's files, so
-        a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume.
+        a checkpoint whose save was interrupted, or a file damaged since, is skipped on resume. Under
+        FSDP2 it is a collective: every rank writes its strategy shards (DCP) into the folder rank 0
+        names, and rank 0 the JSON, the manifest and the rename (see ``save_sharded_continual_checkpoint``).
         """
         self._check_finite()  # never save weights a NaN/inf loss has already reached
+        # Under FSDP2 the strategies' state is sharded like the parameters: every rank writes its shards
+        # (torch.distributed.checkpoint), rank 0 the JSON, RNG and manifest, as for end-of-task checkpoints.
+        sharded = self.current_task is not None and any_dtensor(reshard(unwrap_model(self.model)).parameters())
         writes_state = self.current_task is not None and self.args.should_save
         limit = self.args.save_total_limit
         if writes_state:
@@ -1382,12 +1392,18 @@ class ContinualTrainerMixin:
         # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
         # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
         self.accelerator.wait_for_everyone()
-        if not writes_state:
+        if not writes_state and not sharded:
             return
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        state = {**self._continual_state(), "trainer_files": ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)}
+        state = self._continual_state()
+        if writes_state:  # the Trainer's files (under FSDP2 its sharded model and optimizer folders too)
+            state["trainer_files"] = ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)
+        if sharded:  # its per-rank files (data order, RNG, optimizer shards) resume on as many processes only
+            state["world_size"] = self.args.world_size
         ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
-                                       model=None, results=self.results)
+                                       model=None, results=self.results, sharded=sharded, writer=writes_state)
+        if not writes_state:
+            return
         rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
@@ -1447,6 +1463,15 @@ class ContinualTrainerMixin:
                 logger.warning("Skipping unusable mid-task checkpoint %s: %s", candidate, err)
                 damaged.append((candidate, err))
                 continue
+            written_by = meta.get("world_size")
+            if written_by is not None and written_by != self.args.world_size:
+                raise ValueError(
+                    f"The mid-task checkpoint {candidate} was written by an FSDP2 run of {written_by} processes, but "
+                    f"this run has {self.args.world_size}: a mid-task checkpoint resumes on as many processes as wrote "
+                    f"it (the Trainer's data order, RNG and optimizer files are per rank). Resume with {written_by} "
+                    f"processes, or move the checkpoint-* folders of {task_dir} aside to resume from the end-of-task "
+                    "checkpoint before them, on any number of processes."
+                )
             self._restore(candidate / IN_TASK_STATE_DIR, meta, specs, load_model=False, force=force)
             return done, candidate
         if task_ckpt is None and damaged:

@@ -137,7 +137,7 @@ def _start(name, backend, make_model, tokenizer, monkeypatch, **options) -> str 
         if backend == "FSDP2":
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
             trainer.is_fsdp_enabled = True
-            patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 (tested in test_fsdp.py)
+            patch.setattr(trainer.args, "save_continual_state", False)  # mid-task state needs SHARDED_STATE_DICT (tested below)
         elif backend.startswith("DeepSpeed"):
             stage = int(backend[-1])
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
@@ -213,21 +213,30 @@ def test_lwf_with_a_cached_teacher_starts_on_zero3_and_a_live_teacher_is_refused
     assert error is not None and "not supported on DeepSpeed ZeRO-3" in error and "cache_teacher=True" in error
 
 
-def test_fsdp2_refuses_mid_task_continual_state_written_from_shards(make_model, tokenizer, monkeypatch):
-    """End-of-task continual checkpoints are sharded under FSDP2 (tests/test_fsdp_checkpoint.py); the
-    continual state inside mid-task Trainer checkpoints is still written by rank 0 alone, so that
-    combination is refused at start-up, naming both settings, rather than saving half of it later."""
+def test_fsdp2_mid_task_continual_state_needs_the_sharded_trainer_checkpoint(make_model, tokenizer, monkeypatch):
+    """Mid-task continual checkpoints work under FSDP2 with the Trainer's SHARDED_STATE_DICT checkpoints
+    (tests/test_fsdp_crash_resume.py); with FULL_STATE_DICT that path is refused at start-up, naming both
+    settings and the fix, rather than failing at the first save."""
     import accelerate
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import StateDictType
 
     trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, strategies=[])
     trainer.strategies = [build_strategy("ewc")]
     monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    kind = {"type": StateDictType.FULL_STATE_DICT}
+    monkeypatch.setattr(AcceleratorState, "fsdp_plugin",
+                        property(lambda self: SimpleNamespace(fsdp_version=2, state_dict_type=kind["type"])), raising=False)
     trainer.is_fsdp_enabled = True
     assert trainer.args.save_continual_state
     monkeypatch.setattr(trainer.args, "save_strategy", "steps")
-    with pytest.raises(NotImplementedError, match="save_strategy='steps' with save_continual_state=True is not supported on FSDP"):
+    with pytest.raises(NotImplementedError, match="save_strategy='steps' with save_continual_state=True under FSDP needs "
+                       r"fsdp_config=\{'state_dict_type': 'SHARDED_STATE_DICT'\}.*got FULL_STATE_DICT"):
         trainer._check_backend_support()
+    kind["type"] = StateDictType.SHARDED_STATE_DICT
+    trainer._check_backend_support()  # sharded Trainer checkpoints: mid-task continual state supported
+    kind["type"] = StateDictType.FULL_STATE_DICT
     monkeypatch.setattr(trainer.args, "save_strategy", "no")
     trainer._check_backend_support()  # end-of-task checkpoints only: sharded, supported
     monkeypatch.setattr(trainer.args, "save_strategy", "steps")
@@ -252,7 +261,7 @@ def test_pnn_starts_on_fsdp2_in_both_modes_and_refuses_columns_on_fsdp1_with_the
                 patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
                 patch.setattr(AcceleratorState, "fsdp_plugin", property(lambda self, v=version: SimpleNamespace(fsdp_version=v)),
                               raising=False)
-                patch.setattr(trainer.args, "save_continual_state", False)  # refused under FSDP2 on its own
+                patch.setattr(trainer.args, "save_continual_state", False)  # without SHARDED_STATE_DICT: refused on its own
                 trainer.is_fsdp_enabled = True
                 try:
                     trainer._check_backend_support()
