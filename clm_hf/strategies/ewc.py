@@ -124,9 +124,16 @@ class EWC(Strategy):
     # Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters, the penalty is
     # the sum of the local parts, all-reduced (tests/test_fsdp.py: "ewc", "ewc-true", "ewc-separate").
     supports_fsdp = True
+    # The penalty's gradient goes straight into ``.grad`` (edit_gradients) where gradients can be
+    # edited; on DeepSpeed the penalty is a loss term instead (see setup).
+    adds_loss_gradient = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
+        # True once setup() found gradients this strategy may edit: the penalty's gradient is then
+        # added to ``.grad`` once per optimizer step instead of through every micro-batch's loss.
+        # False outside a trainer (a hand-written loop calling ``loss``) and on DeepSpeed.
+        self._direct = False
         # One (fisher, anchor) pair per term; online mode keeps a single term.
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         # Bound once per task (see _bind): the live parameters, and the Fisher and anchor they are
@@ -137,6 +144,14 @@ class EWC(Strategy):
         self._offset: torch.Tensor | float = 0.0  # the constant part of a multi-term penalty
 
     # --- penalty ---------------------------------------------------------------------------
+    def setup(self, trainer: ContinualTrainer) -> None:
+        super().setup(trainer)
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed steps its optimizer inside backward(), before any gradient edit could run.
+        backend = getattr(getattr(trainer, "accelerator", None), "distributed_type", None)
+        self._direct = backend != DistributedType.DEEPSPEED
+
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         self._bind(trainer.model)
 
@@ -189,18 +204,64 @@ class EWC(Strategy):
         """
         if not self._params:
             return torch.zeros(())
-        strength = self.config.ewc_lambda
-        if self.config.mode == "online":  # Schwarz et al. penalise with γ·F*, not F* itself
-            strength = strength * self.config.gamma
+        strength = self._strength()
         total = _QuadraticPenalty.apply(0.5 * strength, self._fishers, self._anchors, *self._params)
         if isinstance(self._offset, torch.Tensor):
             total = total + 0.5 * strength * self._offset
         return total
 
+    def _strength(self) -> float:
+        """λ, times γ in online mode (Schwarz et al. penalise with γ·F*, not F* itself)."""
+        if self.config.mode == "online":
+            return self.config.ewc_lambda * self.config.gamma
+        return self.config.ewc_lambda
+
     def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
-        if not self._params:
+        """The penalty as a loss term, where its gradient cannot be added in :meth:`edit_gradients`
+        (DeepSpeed, or outside a trainer); nothing otherwise.
+
+        So under a trainer on a plain, DDP or FSDP2 backend the logged ``loss`` is the model's loss
+        (plus other strategies' terms) without the penalty, and ``ewc_penalty`` is logged apart
+        (:meth:`logged_values`); on DeepSpeed ``loss`` includes it, as ``ewc_penalty`` is logged too.
+        """
+        if not self._params or self._direct:
             return {}
         return {"ewc_penalty": self.penalty()}
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        """Add the penalty's gradient ``λ F (θ − θ*)`` to ``.grad``, once per optimizer step.
+
+        The same gradient the autograd penalty gives (its share of each micro-batch's loss is
+        divided by the accumulation steps, so the shares sum to one penalty), without an autograd
+        node or any per-micro-batch work: two fused ``torch._foreach_*`` passes (θ − θ*, then
+        ``grad += λ F (θ − θ*)``). The trainer calls it after accumulation and the DDP all-reduce
+        (identical on every rank, so the all-reduce's mean would not change it), on unscaled fp16
+        gradients and before clipping, so the clip norm includes it. Under FSDP2 each rank adds its
+        shards' part to its gradient shards. A bf16 gradient gets the fp32 term, rounded once.
+        """
+        if not self._direct or not self._params:
+            return
+        for p in self._params:
+            if p.grad is None:  # no gradient reached it this step: the penalty's is the whole gradient
+                p.grad = torch.zeros_like(p)
+        grads = [local_part(p.grad) for p in self._params]
+        thetas = [local_part(p) for p in self._params]
+        thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
+        diffs = torch._foreach_sub(thetas, self._anchors)
+        if all(g.dtype == torch.float32 for g in grads) and all(f.dtype == torch.float32 for f in self._fishers):
+            torch._foreach_addcmul_(grads, diffs, self._fishers, value=self._strength())
+            return
+        pulls = torch._foreach_mul(diffs, self._fishers)
+        torch._foreach_mul_(pulls, self._strength())
+        for grad, pull in zip(grads, pulls):
+            grad.add_(pull)  # computed in fp32, rounded once to the gradient's dtype
+
+    def logged_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``ewc_penalty`` at the weights of the logging step, when it is not a loss term (``_direct``)."""
+        if not self._direct or not self._params:
+            return {}
+        with torch.no_grad():
+            return {"ewc_penalty": self.penalty()}
 
     # --- Fisher ------------------------------------------------------------------------------
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
