@@ -16,6 +16,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
 - ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
   (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
   one autograd backward), each as a multiple of one training pass over the same rows.
+- ``ewc-step``: a training step plain, with EWC's autograd penalty and with its gradient added in
+  ``edit_gradients``.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
   forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
 
@@ -279,6 +281,45 @@ def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str
                                                                for k in ("fisher_former", "fisher_current")}}
 
 
+def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
+    """A training step (AdamW, clipping at 1.0) plain, with EWC's autograd penalty in the loss (the
+    former path, still DeepSpeed's) and with its gradient added to ``.grad`` (``edit_gradients``)."""
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    data = C.task_rows(1, rows, 8)[0][1]
+    batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+    model = C.build_model(model_size).train()
+    params = trainable_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    ewc = EWC()
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
+    ewc._bind(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
+
+    def step(loss_of, edit=None):
+        def run() -> None:
+            loss_of().backward()
+            if edit is not None:
+                edit(model)
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    def direct(model) -> None:
+        ewc._direct = True
+        ewc.edit_gradients(model)
+
+    ms = alternated({"plain_step": step(lambda: model(**batch).loss),
+                     "ewc_autograd_penalty": step(lambda: model(**batch).loss + ewc.penalty()),
+                     "ewc_edit_gradients": step(lambda: model(**batch).loss, direct)}, repeats)
+    return {"rows": rows, "parameters": sum(p.numel() for p in params.values()), "ms": ms,
+            "ratio_to_plain_step": {k: round(ms[k] / ms["plain_step"], 3)
+                                    for k in ("ewc_autograd_penalty", "ewc_edit_gradients")}}
+
+
 def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
     """Where a PNN step with 3 columns goes: the two frozen columns' no-grad forwards (what
     ``ProgressiveModel`` runs before the trained column) against a plain training step."""
@@ -312,7 +353,7 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
          "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
-         "pnn-breakdown": pnn_breakdown}
+         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

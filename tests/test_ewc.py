@@ -389,3 +389,22 @@ def test_edit_gradients_on_bf16_parameters_accumulates_in_fp32(make_model):
         expected = (3.0 * fisher[name] * (p.detach().float() - anchor[name].float()) + 0.25).to(torch.bfloat16)
         assert p.grad.dtype == torch.bfloat16
         torch.testing.assert_close(p.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16_fisher", "bfloat16"])
+def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dtype):
+    model = make_model("gpt2")
+    ewc, fisher, anchor = _armed_ewc(model, lam=3.0)
+    ewc.config.state_dtype = state_dtype
+    ewc.load_state_dict(ewc.state_dict())  # the Fisher and anchor in the state dtype
+    ewc._bind(model)
+    params = trainable_parameters(model)
+    ewc.penalty().backward()
+    expected = {n: p.grad.clone() + 0.25 for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.full_like(p, 0.25)
+    ewc._direct = True
+    ewc.edit_gradients(model)
+    for name, p in params.items():
+        assert p.grad.grad_fn is None and not p.grad.requires_grad
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)

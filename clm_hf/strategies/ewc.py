@@ -134,6 +134,8 @@ class EWC(Strategy):
         # added to ``.grad`` once per optimizer step instead of through every micro-batch's loss.
         # False outside a trainer (a hand-written loop calling ``loss``) and on DeepSpeed.
         self._direct = False
+        self._scratch: list[torch.Tensor] | None = None
+        self._sharded = False
         # One (fisher, anchor) pair per term; online mode keeps a single term.
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         # Bound once per task (see _bind): the live parameters, and the Fisher and anchor they are
@@ -166,6 +168,8 @@ class EWC(Strategy):
         """
         params = trainable_parameters(reshard(model))  # FSDP2: the DTensor parameters, not the root's unsharded copies
         self._params, self._fishers, self._anchors, self._offset = [], [], [], 0.0
+        self._scratch = None  # edit_gradients' CPU buffer, shaped like this binding's tensors
+        self._sharded = any_dtensor(params.values())
         if not self.terms:
             return
         # A parameter another strategy froze since (PackNet) cannot move, so its penalty term is a
@@ -241,20 +245,41 @@ class EWC(Strategy):
         """
         if not self._direct or not self._params:
             return
-        for p in self._params:
-            if p.grad is None:  # no gradient reached it this step: the penalty's is the whole gradient
-                p.grad = torch.zeros_like(p)
-        grads = [local_part(p.grad) for p in self._params]
-        thetas = [local_part(p) for p in self._params]
-        thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
-        diffs = torch._foreach_sub(thetas, self._anchors)
-        if all(g.dtype == torch.float32 for g in grads) and all(f.dtype == torch.float32 for f in self._fishers):
-            torch._foreach_addcmul_(grads, diffs, self._fishers, value=self._strength())
-            return
-        pulls = torch._foreach_mul(diffs, self._fishers)
-        torch._foreach_mul_(pulls, self._strength())
-        for grad, pull in zip(grads, pulls):
-            grad.add_(pull)  # computed in fp32, rounded once to the gradient's dtype
+        strength = self._strength()
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            if any(g is None for g in grads):  # no gradient reached it this step: the penalty's is the whole gradient
+                for p in self._params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for p in self._params]
+            thetas = self._params
+            if self._sharded:
+                grads, thetas = [local_part(g) for g in grads], [local_part(p) for p in thetas]
+            if not thetas[0].is_cuda:
+                # On the CPU the _foreach ops are a loop over the tensors anyway: one tensor at a time
+                # through one reused fp32 scratch buffer (the largest tensor's size) allocates nothing
+                # and keeps each tensor in cache between the two passes (tiny model: 0.11 vs 0.19 ms,
+                # medium: 3.0 vs 3.8 ms, /tmp scratch timing at load 7).
+                if self._scratch is None:
+                    buffer = torch.empty(max(t.numel() for t in thetas), dtype=torch.float32, device=thetas[0].device)
+                    self._scratch = [buffer[: t.numel()].view(t.shape) for t in thetas]
+                for theta, anchor, fisher, grad, scratch in zip(thetas, self._anchors, self._fishers, grads, self._scratch):
+                    diff = torch.sub(theta, anchor, out=scratch)  # in fp32
+                    if grad.dtype == torch.float32:
+                        grad.addcmul_(diff, fisher, value=strength)
+                    else:  # computed in fp32, rounded once to the gradient's dtype
+                        grad.add_(diff.mul_(fisher).mul_(strength))
+                return
+            thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
+            diffs = torch._foreach_sub(thetas, self._anchors)
+            if all(g.dtype == torch.float32 for g in grads):
+                torch._foreach_addcmul_(grads, diffs, self._fishers, value=strength)
+                return
+            torch._foreach_mul_(diffs, self._fishers)
+            torch._foreach_mul_(diffs, strength)
+            for grad, pull in zip(grads, diffs):
+                grad.add_(pull)  # computed in fp32, rounded once to the gradient's dtype
 
     def logged_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """``ewc_penalty`` at the weights of the logging step, when it is not a loss term (``_direct``)."""
