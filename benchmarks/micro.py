@@ -18,6 +18,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   one autograd backward), each as a multiple of one training pass over the same rows.
 - ``ewc-step``: a training step plain, with EWC's autograd penalty and with its gradient added in
   ``edit_gradients``.
+- ``fisher-batch-size``: EWC's true Fisher at 16, 32 and 64 rows per vmapped pass against one
+  training pass.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
   forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
 
@@ -312,12 +314,30 @@ def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
         ewc._direct = True
         ewc.edit_gradients(model)
 
+    # A second plain variant, run in another slot of the rotation, shows the noise floor of the ratios.
     ms = alternated({"plain_step": step(lambda: model(**batch).loss),
                      "ewc_autograd_penalty": step(lambda: model(**batch).loss + ewc.penalty()),
+                     "plain_step_again": step(lambda: model(**batch).loss),
                      "ewc_edit_gradients": step(lambda: model(**batch).loss, direct)}, repeats)
     return {"rows": rows, "parameters": sum(p.numel() for p in params.values()), "ms": ms,
-            "ratio_to_plain_step": {k: round(ms[k] / ms["plain_step"], 3)
-                                    for k in ("ewc_autograd_penalty", "ewc_edit_gradients")}}
+            "ratio_to_plain_step": {k: round(2 * ms[k] / (ms["plain_step"] + ms["plain_step_again"]), 3)
+                                    for k in ("ewc_autograd_penalty", "ewc_edit_gradients", "plain_step_again")}}
+
+
+def fisher_batch_size(model_size: str, repeats: int, rows: int = 128) -> dict[str, Any]:
+    """EWC's true Fisher over 128 rows at 16 (the default), 32 and 64 rows per vmapped pass, each as a
+    multiple of one training pass over the same rows (batch 16). The Fisher is the same at any of them."""
+    import clm_hf.strategies.ewc as ewc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from between_tasks import training_pass
+
+    model = C.build_model(model_size)
+    data = C.task_rows(1, rows, 8)[0][1]
+    variants = {f"fisher_{b}_rows": (lambda b=b: ewc.estimate_fisher(model, data, batch_size=b, sampled=True))
+                for b in (16, 32, 64)}
+    ms = alternated({**variants, "training_pass": training_pass(model, data, 16)}, repeats)
+    return {"rows": rows, "ms": ms, "ratio_to_training_pass": {k: round(ms[k] / ms["training_pass"], 3) for k in variants}}
 
 
 def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
@@ -353,7 +373,8 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
          "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
-         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step}
+         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step,
+         "fisher-batch-size": fisher_batch_size}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
