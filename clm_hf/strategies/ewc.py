@@ -226,7 +226,12 @@ class EWC(Strategy):
 
         So under a trainer on a plain, DDP or FSDP2 backend the logged ``loss`` is the model's loss
         (plus other strategies' terms) without the penalty, and ``ewc_penalty`` is logged apart
-        (:meth:`logged_values`); on DeepSpeed ``loss`` includes it, as ``ewc_penalty`` is logged too.
+        (:meth:`logged_values`); on DeepSpeed ``loss`` includes the penalty, also logged as ``ewc_penalty``.
+
+        Example:
+
+        >>> EWC().loss(None, {}, None)  # no Fisher yet: no term
+        {}
         """
         if not self._params or self._direct:
             return {}
