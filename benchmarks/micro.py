@@ -16,6 +16,10 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
 - ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
   (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
   one autograd backward), each as a multiple of one training pass over the same rows.
+- ``ewc-step``: a training step plain, with EWC's autograd penalty and with its gradient added in
+  ``edit_gradients``.
+- ``fisher-batch-size``: EWC's true Fisher at 16, 32 and 64 rows per vmapped pass against one
+  training pass.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
   forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
 
@@ -279,6 +283,63 @@ def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str
                                                                for k in ("fisher_former", "fisher_current")}}
 
 
+def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
+    """A training step (AdamW, clipping at 1.0) plain, with EWC's autograd penalty in the loss (the
+    former path, still DeepSpeed's) and with its gradient added to ``.grad`` (``edit_gradients``)."""
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    data = C.task_rows(1, rows, 8)[0][1]
+    batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+    model = C.build_model(model_size).train()
+    params = trainable_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    ewc = EWC()
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
+    ewc._bind(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
+
+    def step(loss_of, edit=None):
+        def run() -> None:
+            loss_of().backward()
+            if edit is not None:
+                edit(model)
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    def direct(model) -> None:
+        ewc._direct = True
+        ewc.edit_gradients(model)
+
+    # A second plain variant, run in another slot of the rotation, shows the noise floor of the ratios.
+    ms = alternated({"plain_step": step(lambda: model(**batch).loss),
+                     "ewc_autograd_penalty": step(lambda: model(**batch).loss + ewc.penalty()),
+                     "plain_step_again": step(lambda: model(**batch).loss),
+                     "ewc_edit_gradients": step(lambda: model(**batch).loss, direct)}, repeats)
+    return {"rows": rows, "parameters": sum(p.numel() for p in params.values()), "ms": ms,
+            "ratio_to_plain_step": {k: round(2 * ms[k] / (ms["plain_step"] + ms["plain_step_again"]), 3)
+                                    for k in ("ewc_autograd_penalty", "ewc_edit_gradients", "plain_step_again")}}
+
+
+def fisher_batch_size(model_size: str, repeats: int, rows: int = 128) -> dict[str, Any]:
+    """EWC's true Fisher over 128 rows at 16 (the default), 32 and 64 rows per vmapped pass, each as a
+    multiple of one training pass over the same rows (batch 16). The Fisher is the same at any of them."""
+    import clm_hf.strategies.ewc as ewc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from between_tasks import training_pass
+
+    model = C.build_model(model_size)
+    data = C.task_rows(1, rows, 8)[0][1]
+    variants = {f"fisher_{b}_rows": (lambda b=b: ewc.estimate_fisher(model, data, batch_size=b, sampled=True))
+                for b in (16, 32, 64)}
+    ms = alternated({**variants, "training_pass": training_pass(model, data, 16)}, repeats)
+    return {"rows": rows, "ms": ms, "ratio_to_training_pass": {k: round(ms[k] / ms["training_pass"], 3) for k in variants}}
+
+
 def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
     """Where a PNN step with 3 columns goes: the two frozen columns' no-grad forwards (what
     ``ProgressiveModel`` runs before the trained column) against a plain training step."""
@@ -312,7 +373,8 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
          "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
-         "pnn-breakdown": pnn_breakdown}
+         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step,
+         "fisher-batch-size": fisher_batch_size}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

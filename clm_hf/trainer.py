@@ -218,7 +218,7 @@ class ContinualTrainerMixin:
         if backend != DistributedType.DEEPSPEED:
             return
         self._refuse(
-            lambda s: type(s).edit_gradients is not Strategy.edit_gradients
+            lambda s: (type(s).edit_gradients is not Strategy.edit_gradients and not s.adds_loss_gradient)
             or type(s).after_optimizer_step is not Strategy.after_optimizer_step,
             "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend: "
             "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost. "
@@ -291,7 +291,8 @@ class ContinualTrainerMixin:
         if self._gradients_edited:
             return
         self._gradients_edited = True
-        editors = self._strategies_overriding("edit_gradients")
+        # A loss term's gradient goes in first: the other edits must see the gradient of the whole loss.
+        editors = sorted(self._strategies_overriding("edit_gradients"), key=lambda s: not s.adds_loss_gradient)
         if not editors:
             return
         with self._unscaled_once():
@@ -465,6 +466,9 @@ class ContinualTrainerMixin:
         """Add the mean of every strategy loss term since the last log to training logs."""
         if "loss" in logs:
             self._check_finite()
+            for strategy in self.strategies:
+                for name, value in strategy.logged_values(self.model).items():
+                    self._loss_terms[name].append(value.detach())
         if "loss" in logs and self._loss_terms:
             for name, values in self._loss_terms.items():
                 value = torch.stack(values).mean().item()

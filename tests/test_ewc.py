@@ -319,3 +319,92 @@ def test_online_penalty_uses_gamma_times_running_fisher(make_model, tokenizer):
     separate._bind(model)
     expected = sum((fisher_b[n] * (p.detach() - anchor_b[n]) ** 2).sum() for n, p in params.items())
     torch.testing.assert_close(separate.penalty().detach(), 0.5 * 7.0 * expected)
+
+
+# --- the penalty's gradient added to .grad (edit_gradients) against the autograd penalty ----------
+def _train_with_armed_ewc(tmp_path, make_model, tokenizer, *, direct, accumulation=1, first=(), **options):
+    """Three optimizer steps of a trainer whose EWC holds a random Fisher and anchor (two terms in
+    ``mode="separate"``); ``direct=False`` forces the autograd penalty (what DeepSpeed gets)."""
+    from tests.conftest import make_trainer
+
+    model = make_model("gpt2")
+    gen = torch.Generator().manual_seed(0)
+    params = trainable_parameters(model)
+    ewc = EWC(ewc_lambda=50.0, **options)
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for n, p in params.items()})
+                 for _ in range(2 if options.get("mode") == "separate" else 1)]
+    # AdamW with clipping (max_grad_norm=1.0, far below the penalty's gradient norm here): the clip
+    # must see the penalty's gradient for the two paths to agree.
+    trainer = make_trainer(tmp_path / f"direct{direct}", model, tokenizer, [*first, ewc], max_steps=3,
+                           per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation,
+                           save_continual_state=False, max_grad_norm=1.0)
+    assert ewc._direct  # a plain CPU trainer can edit gradients
+    ewc._direct = direct
+    trainer.train_task(tokenize_for_causal_lm(make_task("reverse", 24, seed=5), tokenizer), task_id="t")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+@pytest.mark.parametrize("accumulation, options", [(1, {}), (2, {}), (1, {"mode": "online", "gamma": 0.5}),
+                                                   (1, {"mode": "separate"})],
+                         ids=["plain", "accumulation2", "online", "separate"])
+def test_gradient_added_in_edit_gradients_equals_autograd_penalty(tmp_path, make_model, tokenizer, accumulation, options):
+    direct, trainer = _train_with_armed_ewc(tmp_path, make_model, tokenizer, direct=True, accumulation=accumulation, **options)
+    autograd, _ = _train_with_armed_ewc(tmp_path, make_model, tokenizer, direct=False, accumulation=accumulation, **options)
+    for name in direct:
+        torch.testing.assert_close(direct[name], autograd[name], rtol=0, atol=1e-6)
+    # The penalty's value is still logged (computed at the logging steps), and is not in `loss`.
+    logged = [entry for entry in trainer.state.log_history if "ewc_penalty" in entry]
+    assert len(logged) == 3 and all(entry["ewc_penalty"] > 0 for entry in logged)
+
+
+def test_penalty_gradient_goes_in_before_other_strategies_edits(tmp_path, make_model, tokenizer):
+    """Listed after a gradient editor, EWC's gradient is still added first: the other edit sees the
+    gradient of the whole loss, as it did when the penalty was a loss term."""
+    from clm_hf.strategies.base import Strategy
+
+    class HalveGradients(Strategy):  # an edit that does not commute with adding a term afterwards
+        name = "halve_gradients_test"
+
+        def edit_gradients(self, model):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+
+    direct, _ = _train_with_armed_ewc(tmp_path, make_model, tokenizer, direct=True, first=[HalveGradients()])
+    autograd, _ = _train_with_armed_ewc(tmp_path, make_model, tokenizer, direct=False, first=[HalveGradients()])
+    for name in direct:
+        torch.testing.assert_close(direct[name], autograd[name], rtol=0, atol=1e-6)
+
+
+def test_edit_gradients_on_bf16_parameters_accumulates_in_fp32(make_model):
+    model = make_model("gpt2").to(torch.bfloat16)
+    ewc, fisher, anchor = _armed_ewc(model, lam=3.0)
+    ewc._direct = True
+    params = trainable_parameters(model)
+    for p in params.values():
+        p.grad = torch.full_like(p, 0.25)
+    ewc.edit_gradients(model)
+    for name, p in params.items():
+        expected = (3.0 * fisher[name] * (p.detach().float() - anchor[name].float()) + 0.25).to(torch.bfloat16)
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16_fisher", "bfloat16"])
+def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dtype):
+    model = make_model("gpt2")
+    ewc, fisher, anchor = _armed_ewc(model, lam=3.0)
+    ewc.config.state_dtype = state_dtype
+    ewc.load_state_dict(ewc.state_dict())  # the Fisher and anchor in the state dtype
+    ewc._bind(model)
+    params = trainable_parameters(model)
+    ewc.penalty().backward()
+    expected = {n: p.grad.clone() + 0.25 for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.full_like(p, 0.25)
+    ewc._direct = True
+    ewc.edit_gradients(model)
+    for name, p in params.items():
+        assert p.grad.grad_fn is None and not p.grad.requires_grad
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)

@@ -87,6 +87,12 @@ def test_penalty_only_in_training(tmp_path, make_model, tokenizer):
     model.eval()
     assert torch.allclose(trainer.compute_loss(model, batch), plain)
     model.train()
+    # Here the penalty's gradient is added in edit_gradients (training steps only), so the loss is the model's.
+    assert torch.allclose(trainer.compute_loss(model, batch), plain)
+    ewc._direct = False  # where gradients cannot be edited (DeepSpeed) the penalty is a loss term
+    model.eval()
+    assert torch.allclose(trainer.compute_loss(model, batch), plain)
+    model.train()
     assert trainer.compute_loss(model, batch) > plain + 1.0
     eval_loss = trainer.evaluate(eval_dataset=rows)["eval_loss"]
     assert eval_loss == pytest.approx(plain.item(), rel=1e-4)

@@ -17,6 +17,7 @@ hook                          called
 ``loss(model, in, out)``      every training micro-batch: extra loss terms, by name
 ``edit_gradients(model)``     after backward + accumulation, before clipping and ``step()``
 ``after_optimizer_step``      right after ``optimizer.step()`` (restore frozen weights)
+``logged_values(model)``      at each logging step: values to log that are not loss terms
 ``after_task(trainer, t)``    after training ``t`` (Fisher, pruning, fill a memory)
 ``use_task(model, t)``        context manager: behave as right after task ``t``
 ``state_dict`` / ``load``     checkpointing (tensors go to safetensors, the rest to JSON)
@@ -165,6 +166,12 @@ class Strategy:
     # False when the strategy needs one row per example in its batches (per-row side columns,
     # per-row memories): TRL's padding-free packing flattens a batch into one sequence.
     supports_packed_rows: ClassVar[bool] = True
+    # True when ``edit_gradients`` only adds the gradient of a loss term (EWC's penalty) that the
+    # strategy could equally return from ``loss``: the trainer runs such edits before every other
+    # strategy's (so a GEM projection or a PackNet mask sees the gradient of the whole loss, as with
+    # autograd), and does not refuse the strategy on a backend whose gradients cannot be edited
+    # (DeepSpeed), where the strategy must return the term from ``loss`` instead.
+    adds_loss_gradient: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -236,6 +243,14 @@ class Strategy:
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called right after ``optimizer.step()``."""
+
+    def logged_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Values to log, by name, at each logging step, computed then rather than at every step.
+
+        For a quantity that is not returned from ``loss`` (EWC's penalty when its gradient is added
+        in ``edit_gradients``): it is logged next to the loss terms and checked to be finite.
+        """
+        return {}
 
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         """Called after ``task`` has been trained (and before it is evaluated)."""

@@ -130,9 +130,18 @@ class EWC(Strategy):
     # parameters, and the penalty is added inside each module's forward while ZeRO-3 has gathered
     # its weights (clm_hf/deepspeed_support.py; tests/test_deepspeed.py: "ewc", "ewc-separate").
     supports_partitioned_parameters = True
+    # The penalty's gradient goes straight into ``.grad`` (edit_gradients) where gradients can be
+    # edited; on DeepSpeed the penalty is a loss term instead (see setup).
+    adds_loss_gradient = True
 
     def __init__(self, config: EWCConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
+        # True once setup() found gradients this strategy may edit: the penalty's gradient is then
+        # added to ``.grad`` once per optimizer step instead of through every micro-batch's loss.
+        # False outside a trainer (a hand-written loop calling ``loss``) and on DeepSpeed.
+        self._direct = False
+        self._scratch: list[torch.Tensor] | None = None
+        self._sharded = False
         # One (fisher, anchor) pair per term; online mode keeps a single term.
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         # Bound once per task (see _bind): the live parameters, and the Fisher and anchor they are
@@ -147,6 +156,11 @@ class EWC(Strategy):
 
     def setup(self, trainer: ContinualTrainer) -> None:
         super().setup(trainer)
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed steps its optimizer inside backward(), before any gradient edit could run.
+        backend = getattr(getattr(trainer, "accelerator", None), "distributed_type", None)
+        self._direct = backend != DistributedType.DEEPSPEED
         save_strategy = getattr(trainer.args, "save_strategy", "no")
         save_strategy = getattr(save_strategy, "value", save_strategy)
         if is_zero3_run(trainer) and getattr(trainer.args, "save_continual_state", False) and save_strategy != "no":
@@ -178,6 +192,8 @@ class EWC(Strategy):
         if self._zero3_pending is not None:
             self._zero3_pending.remove()
             self._zero3_pending = None
+        self._scratch = None  # edit_gradients' CPU buffer, shaped like this binding's tensors
+        self._sharded = any_dtensor(params.values())
         if not self.terms:
             return
         zero3 = bool(zero3_parameters(params))
@@ -240,9 +256,7 @@ class EWC(Strategy):
         """
         if not self._params:
             return torch.zeros(())
-        strength = self.config.ewc_lambda
-        if self.config.mode == "online":  # Schwarz et al. penalise with γ·F*, not F* itself
-            strength = strength * self.config.gamma
+        strength = self._strength()
         if self._zero3 is not None:  # the terms the last training forward's hooks added (ZeRO-3)
             self._zero3_whole = None  # training has started: the gathered copy for state_dict is stale
             total = self._zero3.penalty(0.5 * strength)
@@ -252,10 +266,84 @@ class EWC(Strategy):
             total = total + 0.5 * strength * self._offset
         return total
 
+    def _strength(self) -> float:
+        """λ, times γ in online mode (Schwarz et al. penalise with γ·F*, not F* itself)."""
+        if self.config.mode == "online":
+            return self.config.ewc_lambda * self.config.gamma
+        return self.config.ewc_lambda
+
     def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
-        if not self._params:
+        """The penalty as a loss term, where its gradient cannot be added in :meth:`edit_gradients`
+        (DeepSpeed, or outside a trainer); nothing otherwise.
+
+        So under a trainer on a plain, DDP or FSDP2 backend the logged ``loss`` is the model's loss
+        (plus other strategies' terms) without the penalty, and ``ewc_penalty`` is logged apart
+        (:meth:`logged_values`); on DeepSpeed ``loss`` includes the penalty, also logged as ``ewc_penalty``.
+
+        Example:
+
+        >>> EWC().loss(None, {}, None)  # no Fisher yet: no term
+        {}
+        """
+        if not self._params or self._direct:
             return {}
         return {"ewc_penalty": self.penalty()}
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        """Add the penalty's gradient ``λ F (θ − θ*)`` to ``.grad``, once per optimizer step.
+
+        The same gradient the autograd penalty gives (its share of each micro-batch's loss is
+        divided by the accumulation steps, so the shares sum to one penalty), without an autograd
+        node or any per-micro-batch work: two fused ``torch._foreach_*`` passes (θ − θ*, then
+        ``grad += λ F (θ − θ*)``). The trainer calls it after accumulation and the DDP all-reduce
+        (identical on every rank, so the all-reduce's mean would not change it), on unscaled fp16
+        gradients and before clipping, so the clip norm includes it. Under FSDP2 each rank adds its
+        shards' part to its gradient shards. A bf16 gradient gets the fp32 term, rounded once.
+        """
+        if not self._direct or not self._params:
+            return
+        strength = self._strength()
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            if any(g is None for g in grads):  # no gradient reached it this step: the penalty's is the whole gradient
+                for p in self._params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for p in self._params]
+            thetas = self._params
+            if self._sharded:
+                grads, thetas = [local_part(g) for g in grads], [local_part(p) for p in thetas]
+            if not thetas[0].is_cuda:
+                # On the CPU the _foreach ops are a loop over the tensors anyway: one tensor at a time
+                # through one reused fp32 scratch buffer (the largest tensor's size) allocates nothing
+                # and keeps each tensor in cache between the two passes (tiny model: 0.11 vs 0.19 ms,
+                # medium: 3.0 vs 3.8 ms, /tmp scratch timing at load 7).
+                if self._scratch is None:
+                    buffer = torch.empty(max(t.numel() for t in thetas), dtype=torch.float32, device=thetas[0].device)
+                    self._scratch = [buffer[: t.numel()].view(t.shape) for t in thetas]
+                for theta, anchor, fisher, grad, scratch in zip(thetas, self._anchors, self._fishers, grads, self._scratch):
+                    diff = torch.sub(theta, anchor, out=scratch)  # in fp32
+                    if grad.dtype == torch.float32:
+                        grad.addcmul_(diff, fisher, value=strength)
+                    else:  # computed in fp32, rounded once to the gradient's dtype
+                        grad.add_(diff.mul_(fisher).mul_(strength))
+                return
+            thetas = [t if t.dtype == torch.float32 else t.float() for t in thetas]
+            diffs = torch._foreach_sub(thetas, self._anchors)
+            if all(g.dtype == torch.float32 for g in grads):
+                torch._foreach_addcmul_(grads, diffs, self._fishers, value=strength)
+                return
+            torch._foreach_mul_(diffs, self._fishers)
+            torch._foreach_mul_(diffs, strength)
+            for grad, pull in zip(grads, diffs):
+                grad.add_(pull)  # computed in fp32, rounded once to the gradient's dtype
+
+    def logged_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``ewc_penalty`` at the weights of the logging step, when it is not a loss term (``_direct``)."""
+        if not self._direct or not self._params:
+            return {}
+        with torch.no_grad():
+            return {"ewc_penalty": self.penalty()}
 
     # --- Fisher ------------------------------------------------------------------------------
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
