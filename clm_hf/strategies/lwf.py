@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -105,9 +106,36 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     >>> float(distillation_kl(z, z, 2.0))
     0.0
     """
-    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return _DistillationKL.apply(student_logits, teacher_logits, float(temperature))
+
+
+class _DistillationKL(torch.autograd.Function):
+    """:func:`distillation_kl` as one autograd node, its gradient written by hand.
+
+    The composed form (two log-softmaxes, an exp, a product and a sum, each with its own backward
+    node) costs per-op overhead twice per step; here the backward is one expression,
+    ``d KL / d z_s = (p_s - p_t) / T`` per position, from the two distributions kept by the
+    forward. Same values as the composed form (float32 throughout); the teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_p_s)).sum(-1)
+        ctx.save_for_backward(log_p_s, p_t)
+        ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        log_p_s, p_t = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        # (p_s - p_t) / T; the saved tensors stay untouched (a retained graph may run backward again).
+        grad = log_p_s.exp().sub_(p_t).mul_(grad_kl.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.dtype), None, None
 
 
 def topk_distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -158,8 +186,13 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 
 def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
-                    seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None) -> torch.Tensor:
+                    seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None,
+                    logits_from: int = 0) -> torch.Tensor:
     """Logits of ``model`` with ``params`` swapped in (the live weights when None), no grad, dropout off.
+
+    ``logits_from > 0`` (causal LMs): only the logits of positions ``logits_from`` onwards, asked of
+    the model as ``logits_to_keep`` so that its LM head (on a real vocabulary a good part of a
+    forward pass) skips the prompt; a model that does not take it is run whole and sliced.
 
     ``functional_call`` swaps the tensors for the duration of the call without touching the live
     parameters in place, so the student's autograd graph stays valid. ``switch_to_eval=False``
@@ -174,14 +207,50 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
         inputs.pop("labels", None)  # the teacher's own loss is not needed; seq2seq needs labels for decoder inputs
     if getattr(getattr(bare, "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False
+    keep = 0
+    if logits_from > 0 and not seq2seq and bare not in _NO_LOGITS_TO_KEEP:
+        keep = inputs["input_ids"].shape[1] - logits_from
+        inputs["logits_to_keep"] = keep
     with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
-        if params is None:
-            return bare(**inputs).logits
-        if forward is not None:
-            return forward(params, **inputs).logits
-        from torch.func import functional_call
+        try:
+            logits = _call(bare, params, inputs, forward)
+        except TypeError as err:  # a forward without ``logits_to_keep`` (custom or older models)
+            if not keep or "logits_to_keep" not in str(err):
+                raise
+            _NO_LOGITS_TO_KEEP.add(bare)
+            inputs.pop("logits_to_keep")
+            logits = _call(bare, params, inputs, forward)
+    # A forward taking **kwargs may ignore ``logits_to_keep`` and return every position.
+    return logits[:, logits_from:] if logits_from > 0 and logits.shape[1] != keep else logits
 
-        return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
+
+def _call(bare: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
+          forward: FunctionalModel | None) -> torch.Tensor:
+    if params is None:
+        return bare(**inputs).logits
+    if forward is not None:
+        return forward(params, **inputs).logits
+    from torch.func import functional_call
+
+    return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
+
+
+# Models whose forward refused ``logits_to_keep``: not asked again.
+_NO_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def first_supervised_position(mask: torch.Tensor) -> int:
+    """The first position (column) where any row of ``mask`` is True, 0 when none is.
+
+    One host sync; the boolean indexing of the supervised positions synchronises anyway.
+
+    Example:
+
+    >>> first_supervised_position(torch.tensor([[False, False, True], [False, True, True]]))
+    1
+    """
+    supervised = mask.any(0).nonzero()
+    return int(supervised[0, 0]) if supervised.numel() else 0
 
 
 @contextlib.contextmanager
@@ -455,14 +524,18 @@ class LwF(Strategy):
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
             if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
                 self._dropout = (model, has_active_dropout(model))
+            # The teacher's head runs from the batch's first supervised position on (a causal LM's
+            # prompt needs no teacher logits); the student's logits are gathered before the KL too.
+            start = 0 if seq2seq else first_supervised_position(mask)
             if any_dtensor(self.teacher.values()):  # FSDP2: the sharded model runs on the teacher's shards
                 with fsdp_weights_swapped(model, self.teacher):
-                    logits = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1])
+                    logits = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
+                                             logits_from=start)
             else:
                 logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
-                                         forward=self._teacher_forward(model))
-            teacher, _ = supervised_mask(logits, labels, seq2seq)
-            kl = distillation_kl(student[mask], teacher[mask], temperature)
+                                         forward=self._teacher_forward(model), logits_from=start)
+            teacher = logits if seq2seq else logits[:, :-1]  # positions start .. L-2 predict labels start+1 .. L-1
+            kl = distillation_kl(student[mask], teacher[mask[:, start:]], temperature)
         # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
         # asking the device whether it has any (a host sync every step).
         return {"lwf_distillation": self.config.alpha * temperature**2 * kl.sum() / mask.sum().clamp_min(1)}
