@@ -415,9 +415,9 @@ def _former_live_loss(model, lwf, batch):
     return lwf.config.alpha * t**2 * kl.sum() / mask.sum()
 
 
-@pytest.mark.parametrize("vocab", [None, 500])
-def test_live_teacher_loss_and_gradient_match_the_composed_full_logits_form(vocab, tmp_path, make_model, tokenizer):
-    model = make_model("gpt2")
+@pytest.mark.parametrize("arch, vocab", [("gpt2", None), ("gpt2", 500), ("llama", 500)])
+def test_live_teacher_loss_and_gradient_match_the_composed_full_logits_form(arch, vocab, tmp_path, make_model, tokenizer):
+    model = make_model(arch)
     if vocab:
         model.resize_token_embeddings(vocab)
     trainer = _trainer(tmp_path, model, tokenizer, [])
@@ -442,7 +442,7 @@ def test_live_teacher_loss_and_gradient_match_the_composed_full_logits_form(voca
         torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_live_teacher_head_skips_the_prompt_and_models_without_logits_to_keep_still_work(tmp_path, make_model, tokenizer):
+def test_live_teacher_head_runs_on_supervised_positions_only_and_models_without_logits_to_keep_still_work(tmp_path, make_model, tokenizer):
     model = make_model("gpt2")
     trainer = _trainer(tmp_path, model, tokenizer, [])
     lwf = LwF()
@@ -451,14 +451,14 @@ def test_live_teacher_head_skips_the_prompt_and_models_without_logits_to_keep_st
     model.train()
     out = model(**batch)
     seen = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, o: seen.append(args[0].shape[1]))
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, o: seen.append(tuple(args[0].shape)))
     try:
         lwf.loss(model, batch, out)
     finally:
         handle.remove()
-    first = int((batch["labels"][:, 1:] != -100).any(0).nonzero()[0, 0])
-    assert first > 0 and seen == [batch["input_ids"].shape[1] - first]
-    # A model whose forward has no logits_to_keep: run whole, sliced, the same term.
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert supervised < batch["input_ids"].numel() and seen == [(supervised, model.config.n_embd)]
+    # A model whose forward has no logits_to_keep: run whole, gathered, the same term.
     z_s = torch.tensor([[[0.3, -1.2, 2.0], [1.0, 0.0, 0.5], [5.0, 5.0, 5.0]]])
     z_t = torch.tensor([[[9.0, 9.0, 9.0], [1.5, 0.2, -0.7], [-9.0, 0.0, 9.0]]])
     student = _Logits(z_s)

@@ -205,12 +205,8 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
                     seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None,
-                    logits_from: int = 0) -> torch.Tensor:
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``model`` with ``params`` swapped in (the live weights when None), no grad, dropout off.
-
-    ``logits_from > 0`` (causal LMs): only the logits of positions ``logits_from`` onwards, asked of
-    the model as ``logits_to_keep`` so that its LM head (on a real vocabulary a good part of a
-    forward pass) skips the prompt; a model that does not take it is run whole and sliced.
 
     ``functional_call`` swaps the tensors for the duration of the call without touching the live
     parameters in place, so the student's autograd graph stays valid. ``switch_to_eval=False``
@@ -218,6 +214,12 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
     dropout, where the two modes compute the same thing. ``forward``: a :class:`FunctionalModel` of
     ``model`` built once, which swaps ``params`` in without ``functional_call``'s per-call walk
     over every module (the live teacher calls this at every step).
+
+    ``rows`` (causal LMs; a boolean ``(batch, length)`` mask over the logits' positions): only
+    the logits at those positions, as ``(n_true, vocab)`` in row-major order. They are asked of
+    the model as a boolean ``logits_to_keep`` (transformers >= 5), so that its LM head (on a real
+    vocabulary a good part of a forward pass) runs on those positions only; a model that does
+    not take it is run whole and its logits gathered.
     """
     bare = unwrap_model(model)
     inputs = dict(inputs)
@@ -225,21 +227,21 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
         inputs.pop("labels", None)  # the teacher's own loss is not needed; seq2seq needs labels for decoder inputs
     if getattr(getattr(bare, "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False
-    keep = 0
-    if logits_from > 0 and not seq2seq and bare not in _NO_LOGITS_TO_KEEP:
-        keep = inputs["input_ids"].shape[1] - logits_from
-        inputs["logits_to_keep"] = keep
+    asked = rows is not None and not seq2seq and _MASK_LOGITS_TO_KEEP and bare not in _NO_LOGITS_TO_KEEP
+    if asked:
+        inputs["logits_to_keep"] = rows
     with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
         try:
             logits = _call(bare, params, inputs, forward)
         except TypeError as err:  # a forward without ``logits_to_keep`` (custom or older models)
-            if not keep or "logits_to_keep" not in str(err):
+            if not asked or "logits_to_keep" not in str(err):
                 raise
             _NO_LOGITS_TO_KEEP.add(bare)
             inputs.pop("logits_to_keep")
             logits = _call(bare, params, inputs, forward)
-    # A forward taking **kwargs may ignore ``logits_to_keep`` and return every position.
-    return logits[:, logits_from:] if logits_from > 0 and logits.shape[1] != keep else logits
+    if rows is None or logits.dim() == 2:  # (n_true, vocab): the model's head ran on the rows only
+        return logits
+    return supervised_rows(logits, rows)  # a forward taking **kwargs may ignore ``logits_to_keep``
 
 
 def _call(bare: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
@@ -253,22 +255,23 @@ def _call(bare: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[
     return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
 
 
+def _mask_logits_to_keep() -> bool:
+    """Whether transformers' causal LMs take a boolean ``(batch, length)`` ``logits_to_keep``
+    (its helper, shared by the generated models, returns the ``True`` positions flattened)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    try:
+        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except Exception:  # noqa: BLE001 - an older helper that cannot read a mask
+        return False
+    return tuple(kept.shape) == (2, 1)
+
+
+_MASK_LOGITS_TO_KEEP = _mask_logits_to_keep()
 # Models whose forward refused ``logits_to_keep``: not asked again.
 _NO_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def first_supervised_position(mask: torch.Tensor) -> int:
-    """The first position (column) where any row of ``mask`` is True, 0 when none is.
-
-    One host sync; the boolean indexing of the supervised positions synchronises anyway.
-
-    Example:
-
-    >>> first_supervised_position(torch.tensor([[False, False, True], [False, True, True]]))
-    1
-    """
-    supervised = mask.any(0).nonzero()
-    return int(supervised[0, 0]) if supervised.numel() else 0
 
 
 @contextlib.contextmanager
@@ -542,18 +545,18 @@ class LwF(Strategy):
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
             if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
                 self._dropout = (model, has_active_dropout(model))
-            # The teacher's head runs from the batch's first supervised position on (a causal LM's
-            # prompt needs no teacher logits); the student's logits are gathered before the KL too.
-            start = 0 if seq2seq else first_supervised_position(mask)
+            # The teacher's head runs on the supervised positions only (a causal LM's prompt needs no
+            # teacher logits), and the student's logits there are gathered before the KL.
+            rows = None if seq2seq else nn.functional.pad(mask, (0, 1))  # mask over the logits' positions
             if any_dtensor(self.teacher.values()):  # FSDP2: the sharded model runs on the teacher's shards
                 with fsdp_weights_swapped(model, self.teacher):
-                    logits = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
-                                             logits_from=start)
+                    teacher = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1], rows=rows)
             else:
-                logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
-                                         forward=self._teacher_forward(model), logits_from=start)
-            teacher = logits if seq2seq else logits[:, :-1]  # positions start .. L-2 predict labels start+1 .. L-1
-            kl = distillation_kl(supervised_rows(outputs.logits, mask), teacher[mask[:, start:]], temperature)
+                teacher = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
+                                          forward=self._teacher_forward(model), rows=rows)
+            if seq2seq:
+                teacher = teacher[mask]
+            kl = distillation_kl(supervised_rows(outputs.logits, mask), teacher, temperature)
         # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
         # asking the device whether it has any (a host sync every step).
         return {"lwf_distillation": self.config.alpha * temperature**2 * kl.sum() / mask.sum().clamp_min(1)}
