@@ -19,7 +19,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
   one autograd backward), each as a multiple of one training pass over the same rows.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
-  forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
+  forwards alone (the floor of PNN's overhead: issue 13's 1.6x target); and two no-grad backbone
+  passes against one over a doubled batch (the most a batched forward over the frozen columns saves).
 
     OMP_NUM_THREADS=1 python benchmarks/micro.py                  # every case, medium model
     OMP_NUM_THREADS=1 python benchmarks/micro.py --cases gem-breakdown --model tiny
@@ -325,10 +326,27 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
     def frozen_columns() -> None:
         pnn._run_old_columns(2, {"input_ids": ids})
 
-    ms = alternated({"plain_step": step(plain), "pnn_step": step(pnn), "frozen_columns": frozen_columns}, repeats)
+    # What one batched forward over the two frozen columns could save at best: two no-grad
+    # backbone passes over the rows against one over the rows twice (a stacked-weight batched
+    # forward does the same arithmetic as the doubled batch, with per-op costs paid once).
+    backbone = plain.base_model
+    doubled = torch.cat([ids, ids])
+
+    def two_backbones() -> None:
+        with torch.no_grad():
+            backbone(input_ids=ids), backbone(input_ids=ids)
+
+    def one_backbone_doubled_batch() -> None:
+        with torch.no_grad():
+            backbone(input_ids=doubled)
+
+    ms = alternated({"plain_step": step(plain), "pnn_step": step(pnn), "frozen_columns": frozen_columns,
+                     "two_backbones": two_backbones, "one_backbone_doubled_batch": one_backbone_doubled_batch}, repeats)
     return {"rows": rows, "ms": ms, "ratio_to_plain_step": {k: round(ms[k] / ms["plain_step"], 3)
-                                                            for k in ("pnn_step", "frozen_columns")},
-            "trained_column_and_laterals": round((ms["pnn_step"] - ms["frozen_columns"]) / ms["plain_step"], 3)}
+                                                            for k in ("pnn_step", "frozen_columns", "two_backbones",
+                                                                      "one_backbone_doubled_batch")},
+            "trained_column_and_laterals": round((ms["pnn_step"] - ms["frozen_columns"]) / ms["plain_step"], 3),
+            "batched_frozen_forward_saves_at_most": round(1 - ms["one_backbone_doubled_batch"] / ms["two_backbones"], 3)}
 
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
