@@ -383,7 +383,9 @@ class LwF(Strategy):
 
     - live teacher (default): one extra copy of the *trainable* weights (the adapter weights only
       for a PEFT model; the base is shared) and one extra no-grad forward pass per micro-batch
-      (a forward is roughly a third of a training step's compute).
+      (a forward is roughly a third of a training step's compute). For a causal LM the teacher's
+      LM head runs on the supervised (answer) positions only, and the KL over the vocabulary is
+      one autograd node (see :func:`distillation_kl`).
     - ``cache_teacher=True``: one no-grad pass over the task's rows before training, then no
       teacher at all. The rows carry ``n_supervised · k`` ids (int32) and log-probs (float32),
       i.e. ``n_supervised · k · 8`` bytes per row in the Arrow table (``· 12`` once collated into
