@@ -468,6 +468,14 @@ def test_live_teacher_head_runs_on_supervised_positions_only_and_models_without_
     term = toy.loss(student, inputs, student(**inputs))["lwf_distillation"]
     assert float(term.detach()) == pytest.approx(float(distillation_kl(z_s[0, 1:2], z_t[0, 1:2], 1.0)), rel=1e-6)
 
+    class _IntOnly(_Logits):  # takes logits_to_keep, but only as an int (slices with -logits_to_keep)
+        def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0):
+            return SimpleNamespace(logits=self.z[:, -logits_to_keep:])
+
+    int_only = _IntOnly(z_s)
+    term = toy.loss(int_only, inputs, int_only(**inputs))["lwf_distillation"]
+    assert float(term.detach()) == pytest.approx(float(distillation_kl(z_s[0, 1:2], z_t[0, 1:2], 1.0)), rel=1e-6)
+
 
 def test_distillation_kl_backward_is_the_composed_forms():
     gen = torch.Generator().manual_seed(0)

@@ -233,12 +233,16 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
     with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
         try:
             logits = _call(bare, params, inputs, forward)
-        except TypeError as err:  # a forward without ``logits_to_keep`` (custom or older models)
-            if not asked or "logits_to_keep" not in str(err):
+        except (TypeError, IndexError, RuntimeError, ValueError):
+            # A forward without ``logits_to_keep``, or one that only takes an int (custom or older
+            # models). A genuine error raises again from the call without it.
+            if not asked:
                 raise
-            _NO_LOGITS_TO_KEEP.add(bare)
             inputs.pop("logits_to_keep")
             logits = _call(bare, params, inputs, forward)
+            _NO_LOGITS_TO_KEEP.add(bare)
+            logger.debug("LwF: %s does not take a boolean logits_to_keep; its teacher computes every position's logits.",
+                         type(bare).__name__)
     if rows is None or logits.dim() == 2:  # (n_true, vocab): the model's head ran on the rows only
         return logits
     return supervised_rows(logits, rows)  # a forward taking **kwargs may ignore ``logits_to_keep``
