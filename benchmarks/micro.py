@@ -11,8 +11,10 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   without a new allocation.
 - ``gem-breakdown``: where GEM's ``edit_gradients`` spends its time (reference gradients, Gram
   product, flattening), K separate passes against one pass over the same rows and ``vmap`` over groups.
-- ``lwf-teacher``: a training step, the live teacher call (through ``functional_call`` and through
-  the precomputed parameter slots of ``FunctionalModel``) and a bare no-grad forward.
+- ``lwf-teacher``: a training step, with LwF's live teacher as now and as before issue 13's cuts
+  (teacher logits at every position, the KL composed of autograd ops), the live teacher call
+  (through ``functional_call`` and through the precomputed parameter slots of ``FunctionalModel``)
+  and a bare no-grad forward; ``--vocab 32000`` resizes the embeddings to a real vocabulary.
 - ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
   (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
   one autograd backward), each as a multiple of one training pass over the same rows.
@@ -21,7 +23,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
 - ``fisher-batch-size``: EWC's true Fisher at 16, 32 and 64 rows per vmapped pass against one
   training pass.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
-  forwards alone (the floor of PNN's overhead: issue 13's 1.6x target).
+  forwards alone (the floor of PNN's overhead: issue 13's 1.6x target); and two no-grad backbone
+  passes against one over a doubled batch (the most a batched forward over the frozen columns saves).
 
     OMP_NUM_THREADS=1 python benchmarks/micro.py                  # every case, medium model
     OMP_NUM_THREADS=1 python benchmarks/micro.py --cases gem-breakdown --model tiny
@@ -207,13 +210,15 @@ def gem_breakdown(model_size: str, repeats: int, past: int = 5, rows_per_task: i
     return {"past_tasks": past, "rows_per_task": rows_per_task, "ms": {**{k: round(v, 3) for k, v in parts.items()}, **passes}}
 
 
-def lwf_teacher(model_size: str, repeats: int) -> dict[str, Any]:
+def lwf_teacher(model_size: str, repeats: int, vocab: int = 0) -> dict[str, Any]:
     from clm_hf.strategies.lwf import LwF, _teacher_logits
 
     model = C.build_model(model_size)
+    if vocab:  # a real vocabulary: the LM head and the KL weigh as in a real model
+        model.resize_token_embeddings(vocab)
     lwf = LwF()
     lwf.teacher = lwf.snapshot(model)
-    rows = C.task_rows(1, 16, 8)[0][1]
+    rows = C.task_rows(1, 16, 8)[0][1]  # prompt (11 tokens) + completion (9): labels -100 on the prompt
     batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
@@ -229,17 +234,34 @@ def lwf_teacher(model_size: str, repeats: int) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
 
+    from clm_hf.strategies._functional import FunctionalModel
+
+    slots = FunctionalModel(model, {n: p for n, p in model.named_parameters() if p.requires_grad})
+
+    def step_with_lwf_former() -> None:  # before the cuts: teacher logits at every position, composed KL
+        out = model(**batch)
+        teacher = _teacher_logits(model, lwf.teacher, dict(batch), False, switch_to_eval=False, forward=slots)[:, :-1]
+        student, mask = out.logits[:, :-1], batch["labels"][:, 1:] != -100
+        t = lwf.config.temperature
+        log_p_s = torch.log_softmax(student[mask].float() / t, dim=-1)
+        log_p_t = torch.log_softmax(teacher[mask].float() / t, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+        (out.loss + lwf.config.alpha * t**2 * kl.sum() / mask.sum().clamp_min(1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
     def bare_forward() -> None:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    from clm_hf.strategies._functional import FunctionalModel
-
-    slots = FunctionalModel(model, {n: p for n, p in model.named_parameters() if p.requires_grad})
-    return {"ms": alternated({"train_step": step, "train_step_with_lwf": step_with_lwf,
-                              "teacher_call_functional_call": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False),
-                              "teacher_call_slots": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False, forward=slots),
-                              "bare_no_grad_forward": bare_forward}, repeats)}
+    ms = alternated({"train_step": step, "train_step_with_lwf": step_with_lwf,
+                     "train_step_with_lwf_former": step_with_lwf_former,
+                     "teacher_call_functional_call": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False),
+                     "teacher_call_slots": lambda: _teacher_logits(model, lwf.teacher, dict(batch), False, forward=slots),
+                     "bare_no_grad_forward": bare_forward}, repeats)
+    return {"vocab": model.get_output_embeddings().weight.shape[0], "ms": ms,
+            "ratio_to_train_step": {k: round(ms[k] / ms["train_step"], 3)
+                                    for k in ("train_step_with_lwf", "train_step_with_lwf_former", "bare_no_grad_forward")}}
 
 
 def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str, Any]:
@@ -365,16 +387,35 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
     def frozen_columns() -> None:
         pnn._run_old_columns(2, {"input_ids": ids})
 
-    ms = alternated({"plain_step": step(plain), "pnn_step": step(pnn), "frozen_columns": frozen_columns}, repeats)
+    # What one batched forward over the two frozen columns could save at best: two no-grad
+    # backbone passes over the rows against one over the rows twice (a stacked-weight batched
+    # forward does the same arithmetic as the doubled batch, with per-op costs paid once).
+    backbone = plain.base_model
+    doubled = torch.cat([ids, ids])
+
+    def two_backbones() -> None:
+        with torch.no_grad():
+            backbone(input_ids=ids), backbone(input_ids=ids)
+
+    def one_backbone_doubled_batch() -> None:
+        with torch.no_grad():
+            backbone(input_ids=doubled)
+
+    ms = alternated({"plain_step": step(plain), "pnn_step": step(pnn), "frozen_columns": frozen_columns,
+                     "two_backbones": two_backbones, "one_backbone_doubled_batch": one_backbone_doubled_batch}, repeats)
     return {"rows": rows, "ms": ms, "ratio_to_plain_step": {k: round(ms[k] / ms["plain_step"], 3)
-                                                            for k in ("pnn_step", "frozen_columns")},
-            "trained_column_and_laterals": round((ms["pnn_step"] - ms["frozen_columns"]) / ms["plain_step"], 3)}
+                                                            for k in ("pnn_step", "frozen_columns", "two_backbones",
+                                                                      "one_backbone_doubled_batch")},
+            "trained_column_and_laterals": round((ms["pnn_step"] - ms["frozen_columns"]) / ms["plain_step"], 3),
+            "batched_frozen_forward_saves_at_most": round(1 - ms["one_backbone_doubled_batch"] / ms["two_backbones"], 3)}
 
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
          "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
          "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step,
          "fisher-batch-size": fisher_batch_size}
+# Cases that take ``--vocab``.
+VOCAB_CASES = ("lwf-teacher",)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -384,13 +425,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--output", default="benchmarks/results/micro.json")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help=f"resize the embeddings to this many tokens (0: as built; cases {', '.join(VOCAB_CASES)})")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.repeats = "tiny", 2
     C.quiet()
     report: dict[str, Any] = {"machine": C.machine(), "model": args.model, "cases": {}}
     for name in args.cases.split(","):
-        result = CASES[name](args.model, args.repeats)
+        result = CASES[name](args.model, args.repeats, **({"vocab": args.vocab} if name in VOCAB_CASES else {}))
         result["load_avg"] = C.load_average()
         report["cases"][name] = result
         print(name, json.dumps(result), flush=True)

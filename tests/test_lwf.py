@@ -395,3 +395,95 @@ def test_distillation_gradient_does_not_depend_on_the_micro_batch_split(tmp_path
     assert float(lwf_grads[8].norm()) > 1e-3 * float(torch.cat([p.flatten() for p in plain.values()]).norm())
     for batch in (4, 2):
         torch.testing.assert_close(lwf_grads[batch], lwf_grads[8], rtol=1e-5, atol=1e-5 * float(lwf_grads[8].abs().max()))
+
+
+# --- the live teacher's cost cuts (issue 13): same loss and gradient as the composed form ---------
+def _former_live_loss(model, lwf, batch):
+    """The live-teacher loss as computed before the cuts: teacher logits at every position, the KL
+    composed of autograd ops (two log-softmaxes, exp, product, sum)."""
+    from torch.func import functional_call
+
+    out = model(**batch)
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        teacher = functional_call(model, lwf.teacher, args=(), kwargs=inputs, strict=False).logits[:, :-1]
+    student, mask = out.logits[:, :-1], batch["labels"][:, 1:] != -100
+    t = lwf.config.temperature
+    log_p_s = torch.log_softmax(student[mask].float() / t, dim=-1)
+    log_p_t = torch.log_softmax(teacher[mask].float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return lwf.config.alpha * t**2 * kl.sum() / mask.sum()
+
+
+@pytest.mark.parametrize("arch, vocab", [("gpt2", None), ("gpt2", 500), ("llama", 500)])
+def test_live_teacher_loss_and_gradient_match_the_composed_full_logits_form(arch, vocab, tmp_path, make_model, tokenizer):
+    model = make_model(arch)
+    if vocab:
+        model.resize_token_embeddings(vocab)
+    trainer = _trainer(tmp_path, model, tokenizer, [])
+    lwf = LwF(alpha=2.0, temperature=1.5)
+    lwf.teacher = lwf.snapshot(model)
+    _perturb(model, scale=0.2)
+    rows = make_task("reverse", 6, seed=5, min_len=2, max_len=7)  # prompts of several lengths, right padding
+    batch = _batch(trainer, tokenize_for_causal_lm(rows, tokenizer))
+    assert int((batch["labels"][:, 1:] != -100).any(0).nonzero()[0, 0]) > 0  # a prompt the teacher's head can skip
+    model.train()
+    grads = []
+    for compute in (lambda: lwf.loss(model, batch, model(**batch))["lwf_distillation"],
+                    lambda: _former_live_loss(model, lwf, batch)):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in trainable_parameters(model).items()}))
+    (new, new_grads), (old, old_grads) = grads
+    assert float(old) > 1e-3
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+    for name in old_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_live_teacher_head_runs_on_supervised_positions_only_and_models_without_logits_to_keep_still_work(tmp_path, make_model, tokenizer):
+    model = make_model("gpt2")
+    trainer = _trainer(tmp_path, model, tokenizer, [])
+    lwf = LwF()
+    lwf.teacher = lwf.snapshot(model)
+    batch = _batch(trainer, _rows(tokenizer))
+    model.train()
+    out = model(**batch)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, o: seen.append(tuple(args[0].shape)))
+    try:
+        lwf.loss(model, batch, out)
+    finally:
+        handle.remove()
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert supervised < batch["input_ids"].numel() and seen == [(supervised, model.config.n_embd)]
+    # A model whose forward has no logits_to_keep: run whole, gathered, the same term.
+    z_s = torch.tensor([[[0.3, -1.2, 2.0], [1.0, 0.0, 0.5], [5.0, 5.0, 5.0]]])
+    z_t = torch.tensor([[[9.0, 9.0, 9.0], [1.5, 0.2, -0.7], [-9.0, 0.0, 9.0]]])
+    student = _Logits(z_s)
+    toy = LwF(alpha=1.0, temperature=1.0)
+    toy.teacher = {"z": z_t.clone()}
+    inputs = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "labels": torch.tensor([[-100, -100, 1]])}
+    term = toy.loss(student, inputs, student(**inputs))["lwf_distillation"]
+    assert float(term.detach()) == pytest.approx(float(distillation_kl(z_s[0, 1:2], z_t[0, 1:2], 1.0)), rel=1e-6)
+
+    class _IntOnly(_Logits):  # takes logits_to_keep, but only as an int (slices with -logits_to_keep)
+        def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0):
+            return SimpleNamespace(logits=self.z[:, -logits_to_keep:])
+
+    int_only = _IntOnly(z_s)
+    term = toy.loss(int_only, inputs, int_only(**inputs))["lwf_distillation"]
+    assert float(term.detach()) == pytest.approx(float(distillation_kl(z_s[0, 1:2], z_t[0, 1:2], 1.0)), rel=1e-6)
+
+
+def test_distillation_kl_backward_is_the_composed_forms():
+    gen = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(7, 11, generator=gen, requires_grad=True), torch.randn(7, 11, generator=gen)
+    weights = torch.rand(7, generator=gen)
+    (distillation_kl(z_s, z_t, 2.0) * weights).sum().backward()
+    fused = z_s.grad.clone()
+    z_s.grad = None
+    log_p_s, log_p_t = torch.log_softmax(z_s / 2.0, -1), torch.log_softmax(z_t / 2.0, -1)
+    ((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(fused, z_s.grad, rtol=1e-6, atol=1e-7)

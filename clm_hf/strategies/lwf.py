@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -105,9 +106,36 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     >>> float(distillation_kl(z, z, 2.0))
     0.0
     """
-    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return _DistillationKL.apply(student_logits, teacher_logits, float(temperature))
+
+
+class _DistillationKL(torch.autograd.Function):
+    """:func:`distillation_kl` as one autograd node, its gradient written by hand.
+
+    The composed form (two log-softmaxes, an exp, a product and a sum, each with its own backward
+    node) costs per-op overhead twice per step; here the backward is one expression,
+    ``d KL / d z_s = (p_s - p_t) / T`` per position, from the two distributions kept by the
+    forward. Same values as the composed form (float32 throughout); the teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_p_s)).sum(-1)
+        ctx.save_for_backward(log_p_s, p_t)
+        ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        log_p_s, p_t = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        # (p_s - p_t) / T; the saved tensors stay untouched (a retained graph may run backward again).
+        grad = log_p_s.exp().sub_(p_t).mul_(grad_kl.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.dtype), None, None
 
 
 def topk_distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -138,6 +166,24 @@ def supervised_mask(logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -
     return logits, labels != -100
 
 
+def supervised_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logits[:, :mask.shape[1]][mask]`` (the logits at the supervised positions, in row-major
+    order), as one ``index_select`` on the flat positions.
+
+    Its backward writes one zero tensor of the logits' size and adds the rows in; the slice and
+    boolean index it replaces each wrote one (with a real vocabulary, tens of megabytes a step).
+
+    Example:
+
+    >>> z = torch.arange(12.0).view(1, 4, 3)
+    >>> supervised_rows(z, torch.tensor([[False, True, True]])).tolist()
+    [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    """
+    batch, length = logits.shape[:2]
+    flat = torch.arange(batch * length, device=logits.device).view(batch, length)[:, : mask.shape[1]][mask]
+    return logits.reshape(batch * length, -1).index_select(0, flat)
+
+
 def _is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(getattr(unwrap_model(model), "config", None), "is_encoder_decoder", False))
 
@@ -158,7 +204,8 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 
 def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
-                    seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None) -> torch.Tensor:
+                    seq2seq: bool, *, switch_to_eval: bool = True, forward: FunctionalModel | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``model`` with ``params`` swapped in (the live weights when None), no grad, dropout off.
 
     ``functional_call`` swaps the tensors for the duration of the call without touching the live
@@ -167,6 +214,12 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
     dropout, where the two modes compute the same thing. ``forward``: a :class:`FunctionalModel` of
     ``model`` built once, which swaps ``params`` in without ``functional_call``'s per-call walk
     over every module (the live teacher calls this at every step).
+
+    ``rows`` (causal LMs; a boolean ``(batch, length)`` mask over the logits' positions): only
+    the logits at those positions, as ``(n_true, vocab)`` in row-major order. They are asked of
+    the model as a boolean ``logits_to_keep`` (transformers >= 5), so that its LM head (on a real
+    vocabulary a good part of a forward pass) runs on those positions only; a model that does
+    not take it is run whole and its logits gathered.
     """
     bare = unwrap_model(model)
     inputs = dict(inputs)
@@ -174,14 +227,55 @@ def _teacher_logits(model: nn.Module, params: dict[str, torch.Tensor] | None, in
         inputs.pop("labels", None)  # the teacher's own loss is not needed; seq2seq needs labels for decoder inputs
     if getattr(getattr(bare, "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False
+    asked = rows is not None and not seq2seq and _MASK_LOGITS_TO_KEEP and bare not in _NO_LOGITS_TO_KEEP
+    if asked:
+        inputs["logits_to_keep"] = rows
     with torch.no_grad(), (eval_mode(bare) if switch_to_eval else contextlib.nullcontext()):
-        if params is None:
-            return bare(**inputs).logits
-        if forward is not None:
-            return forward(params, **inputs).logits
-        from torch.func import functional_call
+        try:
+            logits = _call(bare, params, inputs, forward)
+        except (TypeError, IndexError, RuntimeError, ValueError):
+            # A forward without ``logits_to_keep``, or one that only takes an int (custom or older
+            # models). A genuine error raises again from the call without it.
+            if not asked:
+                raise
+            inputs.pop("logits_to_keep")
+            logits = _call(bare, params, inputs, forward)
+            _NO_LOGITS_TO_KEEP.add(bare)
+            logger.debug("LwF: %s does not take a boolean logits_to_keep; its teacher computes every position's logits.",
+                         type(bare).__name__)
+    if rows is None or logits.dim() == 2:  # (n_true, vocab): the model's head ran on the rows only
+        return logits
+    return supervised_rows(logits, rows)  # a forward taking **kwargs may ignore ``logits_to_keep``
 
-        return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
+
+def _call(bare: nn.Module, params: dict[str, torch.Tensor] | None, inputs: dict[str, Any],
+          forward: FunctionalModel | None) -> torch.Tensor:
+    if params is None:
+        return bare(**inputs).logits
+    if forward is not None:
+        return forward(params, **inputs).logits
+    from torch.func import functional_call
+
+    return functional_call(bare, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
+
+
+def _mask_logits_to_keep() -> bool:
+    """Whether transformers' causal LMs take a boolean ``(batch, length)`` ``logits_to_keep``
+    (its helper, shared by the generated models, returns the ``True`` positions flattened)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    try:
+        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except Exception:  # noqa: BLE001 - an older helper that cannot read a mask
+        return False
+    return tuple(kept.shape) == (2, 1)
+
+
+_MASK_LOGITS_TO_KEEP = _mask_logits_to_keep()
+# Models whose forward refused ``logits_to_keep``: not asked again.
+_NO_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
@@ -293,7 +387,9 @@ class LwF(Strategy):
 
     - live teacher (default): one extra copy of the *trainable* weights (the adapter weights only
       for a PEFT model; the base is shared) and one extra no-grad forward pass per micro-batch
-      (a forward is roughly a third of a training step's compute).
+      (a forward is roughly a third of a training step's compute). For a causal LM the teacher's
+      LM head runs on the supervised (answer) positions only, and the KL over the vocabulary is
+      one autograd node (see :func:`distillation_kl`).
     - ``cache_teacher=True``: one no-grad pass over the task's rows before training, then no
       teacher at all. The rows carry ``n_supervised · k`` ids (int32) and log-probs (float32),
       i.e. ``n_supervised · k · 8`` bytes per row in the Arrow table (``· 12`` once collated into
@@ -455,14 +551,18 @@ class LwF(Strategy):
             teacher_inputs = {k: v for k, v in inputs.items() if k not in hidden}
             if self._dropout is None or self._dropout[0] is not model:  # once per model, not per step
                 self._dropout = (model, has_active_dropout(model))
+            # The teacher's head runs on the supervised positions only (a causal LM's prompt needs no
+            # teacher logits), and the student's logits there are gathered before the KL.
+            rows = None if seq2seq else nn.functional.pad(mask, (0, 1))  # mask over the logits' positions
             if any_dtensor(self.teacher.values()):  # FSDP2: the sharded model runs on the teacher's shards
                 with fsdp_weights_swapped(model, self.teacher):
-                    logits = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1])
+                    teacher = _teacher_logits(model, None, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1], rows=rows)
             else:
-                logits = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
-                                         forward=self._teacher_forward(model))
-            teacher, _ = supervised_mask(logits, labels, seq2seq)
-            kl = distillation_kl(student[mask], teacher[mask], temperature)
+                teacher = _teacher_logits(model, self.teacher, teacher_inputs, seq2seq, switch_to_eval=self._dropout[1],
+                                          forward=self._teacher_forward(model), rows=rows)
+            if seq2seq:
+                teacher = teacher[mask]
+            kl = distillation_kl(supervised_rows(outputs.logits, mask), teacher, temperature)
         # The mean over supervised tokens, and 0 (with a gradient path) when a batch has none, without
         # asking the device whether it has any (a host sync every step).
         return {"lwf_distillation": self.config.alpha * temperature**2 * kl.sum() / mask.sum().clamp_min(1)}
