@@ -42,17 +42,20 @@ def pytest_cmdline_main(config):
     """Run on :func:`default_workers` xdist workers, one test file per unit, unless told otherwise.
 
     Set here rather than as ``addopts = "-n 2"``, so that ``-p no:xdist`` and a checkout without
-    pytest-xdist still run (serially). ``-n N`` (``-n 0``: in-process), ``--dist`` and ``--pdb`` win.
+    pytest-xdist still run (serially). ``-n N`` (``-n 0``: in-process), ``--dist`` and ``--pdb`` win;
+    a bare ``-n N`` distributes by file too.
     ``--dist loadfile`` keeps each file on one worker: module fixtures (the crash chains, the
     torchrun launches, the quality runs) run once, and docs examples that share a folder run in order.
     Runs before xdist's own hook (``tryfirst``), which turns the count into worker processes.
     """
     option = config.option
     if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
-            or getattr(option, "numprocesses", None) is not None or config.getoption("usepdb", False)):
+            or config.getoption("usepdb", False)):
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    option.numprocesses = default_workers(cpus)
+    if option.numprocesses is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        option.numprocesses = default_workers(cpus)
+    # Also for a bare `-n N`, which xdist would spread test by test (`--dist load`).
     if option.numprocesses and option.dist == "no":
         option.dist = "loadfile"
     return None

@@ -1,20 +1,17 @@
-"""How the suite itself runs: on xdist workers by default (tests/conftest.py), serially on request."""
+"""How the suite itself runs: on xdist workers by default (tests/conftest.py), serially on request.
+
+The checks parse real pytest command lines in-process and run the two ``pytest_cmdline_main`` hooks
+that decide the workers (this suite's, then xdist's) in pytest's own order; no worker is started.
+"""
 
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _pytest.config import _prepareconfig
 
 from tests.conftest import MAX_DEFAULT_WORKERS, default_workers
-
-ROOT = Path(__file__).resolve().parent.parent
-# A fast test whose module imports nothing heavy: the point is how pytest starts, not what runs.
-PROBE = "tests/test_docs_examples.py::test_a_directive_without_a_reason_or_unknown_is_refused"
 
 
 def test_default_workers_are_one_per_core_capped_and_none_on_one_core():
@@ -22,26 +19,30 @@ def test_default_workers_are_one_per_core_capped_and_none_on_one_core():
     assert default_workers(64) == MAX_DEFAULT_WORKERS
 
 
-def _pytest(tmp_path: Path, *flags: str) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("PYTEST_ADDOPTS", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", PROBE, "-p", "no:cacheprovider", "--basetemp",
-                           str(tmp_path / f"base{len(flags)}"), *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"\b1 passed\b", done.stdout), done.stdout[-3000:]
-    return done.stdout
+def _workers(*args: str) -> tuple[object, object, list]:
+    """(numprocesses, dist, tx) once pytest's hooks turned ``args`` into workers."""
+    config = _prepareconfig(["tests/test_suite_setup.py", "-p", "no:cacheprovider", *args])
+    try:
+        hooks = list(reversed(config.hook.pytest_cmdline_main.get_hookimpls()))  # pluggy's call order
+        ours = [h for h in hooks if h.plugin_name.endswith("conftest.py")]
+        xdist = [h for h in hooks if h.plugin_name == "xdist"]
+        assert not xdist or hooks.index(ours[0]) < hooks.index(xdist[0]), "xdist would read -n before it is set"
+        for hook in ours + xdist:
+            hook.function(config=config)
+        option = config.option
+        return getattr(option, "numprocesses", None), getattr(option, "dist", None), list(getattr(option, "tx", []))
+    finally:
+        config._ensure_unconfigure()
 
 
-def test_plain_pytest_runs_on_one_worker_per_core_and_no_xdist_runs_serially(tmp_path):
+def test_plain_pytest_runs_one_file_per_worker_and_no_xdist_runs_in_process():
     pytest.importorskip("xdist")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     expected = default_workers(cpus)
-    default = _pytest(tmp_path)
-    if expected:
-        assert f"created: {expected}/{expected} workers" in default, default[-3000:]
-    else:
-        assert "workers" not in default, default[-3000:]
-    # Without the plugin (or with -n 0) the same command runs in-process: no unknown "-n" option.
-    for flags in (["-p", "no:xdist"], ["-n", "0"]):
-        assert "workers" not in _pytest(tmp_path, *flags)
+    assert _workers() == ((expected, "loadfile", ["popen"] * expected) if expected else (0, "no", []))
+    assert _workers("-n", "3") == (3, "loadfile", ["popen"] * 3)  # a bare -n keeps files whole too
+    assert _workers("-n", "3", "--dist", "load") == (3, "load", ["popen"] * 3)  # an explicit choice wins
+    assert _workers("-n", "0") == (0, "no", [])
+    assert _workers("--pdb")[1] == "no"  # the debugger needs one process
+    # Without the plugin the default command still parses (no unknown "-n" in addopts) and runs serially.
+    assert _workers("-p", "no:xdist") == (None, None, [])
