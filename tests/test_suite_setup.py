@@ -26,6 +26,7 @@ def _workers(*args: str) -> tuple[object, object, list]:
         hooks = list(reversed(config.hook.pytest_cmdline_main.get_hookimpls()))  # pluggy's call order
         ours = [h for h in hooks if h.plugin_name.endswith("conftest.py")]
         xdist = [h for h in hooks if h.plugin_name == "xdist"]
+        assert ours, "tests/conftest.py does not choose the workers (no pytest_cmdline_main)"
         assert not xdist or hooks.index(ours[0]) < hooks.index(xdist[0]), "xdist would read -n before it is set"
         for hook in ours + xdist:
             hook.function(config=config)
