@@ -54,6 +54,9 @@ TARGETS = {"ewc": ("state B/param", 8.0), "packnet": ("state B/prunable param", 
 
 
 # --- accounting ------------------------------------------------------------------------------------
+WORK_BUFFERS = ("_scratch",)
+
+
 def held_memory(strategy, model) -> dict[str, int]:
     """Tensor bytes and dataset rows/bytes reachable from ``strategy`` (not the model's own tensors)."""
     import torch
@@ -63,9 +66,9 @@ def held_memory(strategy, model) -> dict[str, int]:
     model_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen_storages: set[int] = set()
     seen_objects: set[int] = set()
-    totals = {"tensor_bytes": 0, "rows": 0, "row_bytes": 0}
+    totals = {"tensor_bytes": 0, "rows": 0, "row_bytes": 0, "work_bytes": 0}
 
-    def walk(obj: Any, depth: int) -> None:
+    def walk(obj: Any, depth: int, key_name: str = "tensor_bytes") -> None:
         if depth > 12 or id(obj) in seen_objects:
             return
         seen_objects.add(id(obj))
@@ -74,7 +77,7 @@ def held_memory(strategy, model) -> dict[str, int]:
             key = storage.data_ptr()
             if key and key not in model_storages and key not in seen_storages:
                 seen_storages.add(key)
-                totals["tensor_bytes"] += storage.nbytes()
+                totals[key_name] += storage.nbytes()
             return
         if isinstance(obj, Dataset):
             totals["rows"] += len(obj)
@@ -84,14 +87,16 @@ def held_memory(strategy, model) -> dict[str, int]:
             return  # the model (or a part of it): not strategy state
         if isinstance(obj, dict):
             for value in obj.values():
-                walk(value, depth + 1)
+                walk(value, depth + 1, key_name)
         elif isinstance(obj, (list, tuple, set)):
             for value in obj:
-                walk(value, depth + 1)
+                walk(value, depth + 1, key_name)
         elif type(obj).__module__.startswith("clm_hf") and hasattr(obj, "__dict__"):
             for name, value in vars(obj).items():
                 if name not in ("trainer", "config"):
-                    walk(value, depth + 1)
+                    # A reused work buffer (EWC's CPU scratch for edit_gradients: one fp32 tensor the size of
+                    # the largest parameter, not per parameter) is counted apart from the state.
+                    walk(value, depth + 1, "work_bytes" if name in WORK_BUFFERS else key_name)
 
     walk(strategy, 0)
     return totals

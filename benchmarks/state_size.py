@@ -109,11 +109,12 @@ def measure(config: str, setup: str, width: int, rows_per_task: int, seq_len: in
         class InTask(TrainerCallback):
             """At the end of a task's train(): what a mid-task checkpoint holds and writes."""
 
-            live, rows, row_bytes, persisted = 0, 0, 0, {"tensor_bytes": 0, "other_bytes": 0}
+            live, rows, row_bytes, work, persisted = 0, 0, 0, 0, {"tensor_bytes": 0, "other_bytes": 0}
 
             def on_train_end(self, args, state, control, **kwargs):
                 held = [held_memory(s, trainer.model) for s in trainer.strategies]
                 InTask.live = sum(h["tensor_bytes"] for h in held)
+                InTask.work = sum(h["work_bytes"] for h in held)  # reused work buffers, not per-parameter state
                 InTask.rows, InTask.row_bytes = sum(h["rows"] for h in held), sum(h["row_bytes"] for h in held)
                 InTask.persisted = _save(trainer, Path(tmp) / "mid")
 
@@ -131,6 +132,7 @@ def measure(config: str, setup: str, width: int, rows_per_task: int, seq_len: in
             trainable=trainable,
             live_between=sum(h["tensor_bytes"] for h in held),
             live_in_task=InTask.live,
+            work_in_task=InTask.work,
             rows_in_task=InTask.rows,
             row_bytes_in_task=InTask.row_bytes,
             rows=sum(h["rows"] for h in held),
