@@ -1396,16 +1396,24 @@ class ContinualTrainerMixin:
         # Every rank writes its own rng_state_{rank}.pth into the folder: all must be done before
         # rank 0 lists and hashes it, or a late file is missing from (or half-hashed in) the list.
         self.accelerator.wait_for_everyone()
-        if not writes_state and not sharded:
-            return
-        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        state = self._continual_state()
-        if writes_state:  # the Trainer's files (under FSDP2 its sharded model and optimizer folders too)
-            state["trainer_files"] = ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)
-        if sharded:  # its per-rank files (data order, RNG, optimizer shards) resume on as many processes only
-            state["world_size"] = self.args.world_size
-        ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
-                                       model=None, results=self.results, sharded=sharded, writer=writes_state)
+        # On every rank, before rank 0 reads the strategies' state: a strategy whose state is split across
+        # the ranks (EWC's slices of DeepSpeed ZeRO-3 partitions) gathers it here, and drops it after.
+        for strategy in self.strategies:
+            strategy.before_save(self)
+        try:
+            if not writes_state and not sharded:
+                return
+            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            state = self._continual_state()
+            if writes_state:  # the Trainer's files (under FSDP2 its sharded model and optimizer folders too)
+                state["trainer_files"] = ckpt.describe_files(checkpoint, exclude=IN_TASK_STATE_DIR)
+            if sharded:  # its per-rank files (data order, RNG, optimizer shards) resume on as many processes only
+                state["world_size"] = self.args.world_size
+            ckpt.save_continual_checkpoint(checkpoint / IN_TASK_STATE_DIR, state=state, strategies=self.strategies,
+                                           model=None, results=self.results, sharded=sharded, writer=writes_state)
+        finally:
+            for strategy in self.strategies:
+                strategy.after_save(self)
         if not writes_state:
             return
         rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,

@@ -9,7 +9,9 @@ per-device batch ``b`` trains the same model as a 1-process run with batch ``2 b
 
 With ``CLM_DRIVER_SAVE=1`` the runs also write their continual checkpoints (``OUT/<run>/run/continual``).
 With ``CLM_DRIVER_RESUME=PREV`` each run resumes from ``PREV/<run>/run/continual/task-000`` (a launch
-made with ``CLM_DRIVER_SAVE=1``) and trains the remaining tasks.
+made with ``CLM_DRIVER_SAVE=1``) and trains the remaining tasks; with ``CLM_DRIVER_RESUME_RUN=PREV``, from
+the latest checkpoint in ``PREV/<run>/run``, a mid-task one included. ``CLM_DRIVER_SAVE_STEPS=N`` writes a
+Trainer checkpoint (with its continual state) every ``N`` steps.
 
 Each run writes ``OUT/<run>/rank<r>/task<i>_<before|after>.pt`` (a flat ``{key: tensor or value}``
 dict). The settings make the two kinds of launch comparable: SGD (no per-coordinate scaling that
@@ -253,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch // ACCUMULATION.get(run, 1),
             gradient_accumulation_steps=ACCUMULATION.get(run, 1),
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-            logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
+            logging_steps=1, report_to="none", seed=0, disable_tqdm=True,
+            **({"save_strategy": "steps", "save_steps": int(os.environ["CLM_DRIVER_SAVE_STEPS"])}
+               if os.environ.get("CLM_DRIVER_SAVE_STEPS") else {"save_strategy": "no"}),
             dataloader_pin_memory=False, eval_before_training=False,
             save_continual_state=bool(os.environ.get("CLM_DRIVER_SAVE")),
             # Eval batches of 2 rows: each of 2 ranks scores its own 2 of the 4 eval rows (a batch larger than
@@ -267,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         eval_rows = _count_scored_rows(trainer)
         stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
                             min_len=3, max_len=3, seed=0)
-        resume = os.environ.get("CLM_DRIVER_RESUME")
-        if resume:  # continue from another launch's checkpoint after task 0 (its --epochs for every task)
+        resume = os.environ.get("CLM_DRIVER_RESUME") or os.environ.get("CLM_DRIVER_RESUME_RUN")
+        if os.environ.get("CLM_DRIVER_RESUME"):  # continue from another launch's checkpoint after task 0 (its --epochs for every task)
             trainer.fit(stream, resume_from_checkpoint=str(Path(resume) / run / "run" / "continual" / "task-000"))
+        elif resume:  # continue from the latest checkpoint (end-of-task or mid-task) of another launch's run folder
+            trainer.fit(stream, resume_from_checkpoint=str(Path(resume) / run / "run"))
         for index, (name, splits) in enumerate(stream.items() if not resume else ()):
             epochs = FIRST_EPOCHS.get(run, options.epochs) if index == 0 else options.epochs
             trainer.train_task(splits["train"], splits["eval"], task_id=name, num_epochs=epochs)

@@ -106,7 +106,9 @@ def test_ewc_cuts_a_loaded_whole_state_into_its_partition_and_still_saves_it_who
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_ewc_refuses_mid_task_continual_checkpoints_on_zero3_only(stage, tmp_path, make_model, tokenizer, monkeypatch):
+def test_ewc_starts_with_mid_task_continual_checkpoints_on_zero2_and_zero3(stage, tmp_path, make_model, tokenizer,
+                                                                            monkeypatch):
+    """Transformers' default save_strategy is "steps": a default EWC run on ZeRO-3 must start (before_save gathers)."""
     from types import SimpleNamespace
 
     from accelerate.state import AcceleratorState
@@ -117,13 +119,67 @@ def test_ewc_refuses_mid_task_continual_checkpoints_on_zero3_only(stage, tmp_pat
                            save_continual_state=True)
     monkeypatch.setattr(AcceleratorState, "deepspeed_plugin",
                         property(lambda self: SimpleNamespace(zero_stage=stage, hf_ds_config=None)))
-    if stage == 2:
-        EWC().setup(trainer)
-        return
-    with pytest.raises(NotImplementedError, match=r"'ewc' with save_strategy='steps'.*ZeRO-3"):
-        EWC().setup(trainer)
-    monkeypatch.setattr(trainer.args, "save_strategy", "no")
-    EWC().setup(trainer)  # end-of-task checkpoints only: starts
+    EWC().setup(trainer)
+
+
+def test_ewc_gathers_its_whole_zero3_state_for_a_save_and_drops_it_after(monkeypatch, make_model):
+    """Mid-task, each rank holds only its slices: before_save gathers the whole terms (on every rank), state_dict
+    then gives them to the writer, and after_save drops the copy so that training holds slices only."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ds, "_rank_world", lambda: (0, 1))  # one rank: the gather is the identity collective
+    model = make_model("gpt2")
+    params = {n: _stand_in(p, world=1) for n, p in model.named_parameters() if p.requires_grad}
+    whole = {"terms": [{"fisher": {n: torch.rand(p.shape) for n, p in params.items()},
+                        "anchor": {n: torch.randn(p.shape) for n, p in params.items()}}]}
+    ewc = EWC(ewc_lambda=3.0)
+    ewc.load_state_dict(whole)
+    ewc._bind(model)
+    model.train()
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    ewc.penalty()  # a training step: the whole copy loaded with the state is dropped
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        ewc.state_dict()
+    trainer = SimpleNamespace(model=model)
+    ewc.before_save(trainer)
+    saved = ewc.state_dict()["terms"][0]
+    assert saved["fisher"].keys() == saved["anchor"].keys() == params.keys()
+    for name, param in params.items():
+        assert saved["fisher"][name].shape == param.ds_shape  # whole, shaped like the parameter, not a flat slice
+        assert torch.equal(saved["fisher"][name], whole["terms"][0]["fisher"][name])
+        assert torch.equal(saved["anchor"][name], whole["terms"][0]["anchor"][name])
+    ewc.after_save(trainer)
+    assert ewc._zero3_whole is None  # memory: only the slices stay
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        ewc.state_dict()
+
+
+def test_the_trainer_calls_before_save_and_after_save_around_each_mid_task_continual_state(tmp_path, make_model,
+                                                                                          tokenizer, tiny_stream):
+    """Every rank runs the hooks (a rank that writes nothing too), rank 0 reads the state in between."""
+    from clm_hf import Strategy
+    from tests.conftest import make_trainer
+
+    events: list[str] = []
+
+    class Recorder(Strategy):
+        name = "recorder"
+
+        def before_save(self, trainer):
+            events.append("before_save")
+
+        def state_dict(self):
+            events.append("state_dict")
+            return {}
+
+        def after_save(self, trainer):
+            events.append("after_save")
+
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [Recorder()], save_strategy="steps", save_steps=2,
+                           max_steps=4, save_continual_state=False)
+    trainer.train_task(tiny_stream["copy"]["train"], task_id="copy")
+    assert sorted(p.name for p in (tmp_path / "run" / "task-000").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert events == ["before_save", "state_dict", "after_save"] * 2
 
 
 def test_ewc_resumed_before_zero3_partitions_the_model_binds_at_the_first_forward(monkeypatch, make_model):

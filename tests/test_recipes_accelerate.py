@@ -143,9 +143,7 @@ def _start(name, backend, make_model, tokenizer, monkeypatch, **options) -> str 
             patch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
             patch.setattr(AcceleratorState, "deepspeed_plugin",
                           property(lambda self: SimpleNamespace(zero_stage=stage, hf_ds_config=None)))
-            trainer.is_deepspeed_enabled = True
-            if stage == 3:  # EWC refuses mid-task continual checkpoints there (tests/test_deepspeed_support.py)
-                patch.setattr(trainer.args, "save_continual_state", False)
+            trainer.is_deepspeed_enabled = True  # default save settings: EWC's mid-task checkpoints run on ZeRO-3 too
         try:
             trainer._check_backend_support()
             strategy.setup(trainer)

@@ -259,6 +259,21 @@ class Strategy:
         """Context in which ``model`` behaves as it did for ``task``. A no-op by default."""
         return contextlib.nullcontext()
 
+    def before_save(self, trainer: ContinualTrainer) -> None:
+        """Called on every rank right before the trainer writes a mid-task continual checkpoint.
+
+        The state is then written by rank 0 (:meth:`state_dict`), or, under FSDP2, shard by shard by
+        every rank. A strategy whose state is split across the ranks in a way the writer cannot read
+        by itself (EWC's slices of DeepSpeed ZeRO-3 partitions) gathers it here: every rank calls
+        this hook, in the same order, so collectives may run. Pair it with :meth:`after_save`.
+
+        >>> Strategy().before_save(None)  # a no-op by default
+        """
+
+    def after_save(self, trainer: ContinualTrainer) -> None:
+        """Called on every rank once that checkpoint is written (also when writing it failed): drop
+        whatever :meth:`before_save` gathered, so it does not hold memory while training goes on."""
+
     def restore_model(self, model: nn.Module) -> nn.Module:
         """After ``load_state``: rebuild any architecture the method added before weights load."""
         return model

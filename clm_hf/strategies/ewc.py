@@ -161,15 +161,8 @@ class EWC(Strategy):
         # DeepSpeed steps its optimizer inside backward(), before any gradient edit could run.
         backend = getattr(getattr(trainer, "accelerator", None), "distributed_type", None)
         self._direct = backend != DistributedType.DEEPSPEED
-        save_strategy = getattr(trainer.args, "save_strategy", "no")
-        save_strategy = getattr(save_strategy, "value", save_strategy)
-        if is_zero3_run(trainer) and getattr(trainer.args, "save_continual_state", False) and save_strategy != "no":
-            # Mid-task checkpoints are written by rank 0 alone, while each rank holds only its slices of F and θ*.
-            raise NotImplementedError(
-                f"Strategy 'ewc' with save_strategy={save_strategy!r} and save_continual_state=True is not supported on "
-                "DeepSpeed ZeRO-3: its Fisher and anchor are partitioned across the ranks and gathered only at task ends, "
-                "so a mid-task checkpoint written by rank 0 would lack them. Set save_strategy='no' (end-of-task "
-                "continual checkpoints work) or use ZeRO-2.")
+        # Under ZeRO-3 each rank holds only its slices of F and θ*: mid-task checkpoints get the whole
+        # terms gathered by every rank in before_save, before rank 0 writes them.
 
     # --- penalty ---------------------------------------------------------------------------
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
@@ -421,10 +414,27 @@ class EWC(Strategy):
             if self._zero3_whole is None:
                 raise NotImplementedError(
                     "EWC's Fisher and anchor are partitioned across the ranks under DeepSpeed ZeRO-3 and are "
-                    "gathered only at the end of a task: save the continual state at task ends (save_strategy='no'), "
-                    "not mid-task.")
+                    "gathered only at the end of a task and in before_save, which every rank must call before the "
+                    "state is read (the trainer's checkpoints do).")
             return {"terms": [{"fisher": f, "anchor": a} for f, a in self._zero3_whole]}
         return {"terms": [{"fisher": f, "anchor": a} for f, a in self.terms]}
+
+    def before_save(self, trainer: ContinualTrainer) -> None:
+        """Under DeepSpeed ZeRO-3, gather the whole Fisher and anchor from every rank's slices (a collective:
+        the trainer calls it on every rank), for the mid-task checkpoint rank 0 then writes. Nothing otherwise.
+
+        >>> EWC().before_save(None)  # not on ZeRO-3: nothing to gather
+        """
+        if self._zero3 is None or self._zero3_whole is not None:
+            return
+        params = trainable_parameters(trainer.model)
+        self._zero3_whole = [tuple({n: gather_partition(t, params[n]) for n, t in part.items()} for part in term)
+                             for term in self.terms]
+
+    def after_save(self, trainer: ContinualTrainer) -> None:
+        """Drop the whole copy :meth:`before_save` gathered: training needs only this rank's slices."""
+        if self._zero3 is not None:
+            self._zero3_whole = None
 
     @property
     def _fisher_dtype(self) -> torch.dtype:
