@@ -15,7 +15,7 @@
 #   5. DeepSpeed ZeRO-2 and ZeRO-3 on one GPU against plain one-GPU training (tests/distributed_driver.py
 #      --deepspeed 2|3 under torchrun): the same weights and strategy state after each task, for every
 #      strategy the trainer allows on that stage; skipped, saying so, when DeepSpeed is not installed
-#      (its CPU runs are tests/test_deepspeed.py).
+#      (its CPU runs are tests/test_deepspeed.py and tests/test_deepspeed_zero3.py).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # on the GPU machine
 #   QUICK=1 OUT=/tmp/gpu bash benchmarks/gpu_run.sh    # tiny sizes, parts 1-2 only on a CPU: a smoke run

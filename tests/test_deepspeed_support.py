@@ -3,7 +3,7 @@
 A stand-in carries the attributes DeepSpeed ZeRO-3 gives a partitioned parameter (``ds_id``,
 ``ds_tensor`` with ``ds_numel``, ``ds_numel``, ``ds_shape``) and keeps its whole data, as inside a
 module's forward where ZeRO-3 has gathered it; the rank and world size are patched. The real
-partitioned runs are tests/test_deepspeed.py.
+partitioned runs are tests/test_deepspeed.py and tests/test_deepspeed_zero3.py.
 """
 
 from __future__ import annotations
