@@ -352,9 +352,13 @@ class EWC(Strategy):
         self._bind(trainer.model)
         # The whole terms, gathered now (every rank runs after_task): the continual checkpoint that
         # follows is written by rank 0 alone and must not wait for a collective.
-        params = trainable_parameters(trainer.model)
-        self._zero3_whole = [tuple({n: gather_partition(t, params[n]) for n, t in part.items()} for part in term)
-                             for term in self.terms]
+        self._zero3_whole = self._gathered_terms(trainer.model)
+
+    def _gathered_terms(self, model: nn.Module) -> list:
+        """The whole Fisher and anchor of every term, from every rank's ZeRO-3 slices (a collective)."""
+        params = trainable_parameters(model)
+        return [tuple({n: gather_partition(t, params[n]) for n, t in part.items()} for part in term)
+                for term in self.terms]
 
     def _after_task(self, trainer: ContinualTrainer, task: TaskInfo, *, zero3: bool) -> None:
         model = trainer.model
@@ -427,9 +431,7 @@ class EWC(Strategy):
         """
         if self._zero3 is None or self._zero3_whole is not None:
             return
-        params = trainable_parameters(trainer.model)
-        self._zero3_whole = [tuple({n: gather_partition(t, params[n]) for n, t in part.items()} for part in term)
-                             for term in self.terms]
+        self._zero3_whole = self._gathered_terms(trainer.model)
 
     def after_save(self, trainer: ContinualTrainer) -> None:
         """Drop the whole copy :meth:`before_save` gathered: training needs only this rank's slices."""
