@@ -34,11 +34,11 @@ def test_zero3_continual_checkpoint_holds_the_whole_trained_model(zero3):
     import torch
     from safetensors.torch import load_file
 
-    from tests.test_distributed import _load
+    from tests._launch import load_dump
 
     for task in (0, 1):
         saved = load_file(zero3 / "two" / "replay" / "run" / "continual" / f"task-{task:03d}" / "model.safetensors")
-        trained = _load(zero3 / "two", "replay", 0, task, "after")
+        trained = load_dump(zero3 / "two", "replay", 0, task, "after")
         assert saved and all(f"model/{k}" in trained for k in saved)
         for key, value in saved.items():
             assert value.numel() > 0 and torch.equal(value, trained[f"model/{key}"]), key
@@ -49,12 +49,12 @@ def test_zero3_continual_checkpoint_holds_ewcs_whole_fisher_and_anchor(zero3):
     import torch
     from safetensors.torch import load_file
 
-    from tests.test_distributed import _load
+    from tests._launch import load_dump
 
     for task in (0, 1):
         saved = load_file(zero3 / "two" / "ewc" / "run" / "continual" / f"task-{task:03d}" / "strategies" / "00-ewc"
                           / "state.safetensors")
-        dumped = _load(zero3 / "two", "ewc", 0, task, "after")
+        dumped = load_dump(zero3 / "two", "ewc", 0, task, "after")
         assert {f"ewc/{k}" for k in saved} == {k for k in dumped if k.startswith("ewc/terms/")}
         for key, value in saved.items():
             assert value.shape == dumped[f"model/{key.split('/', 3)[3]}"].shape, key
@@ -74,10 +74,10 @@ def zero3_resumed(zero3):
 def _assert_ewc_task1_as_uninterrupted(zero3, name: str) -> None:
     import torch
 
-    from tests.test_distributed import _load
+    from tests._launch import load_dump
 
     for rank in (0, 1):
-        resumed, straight = _load(zero3 / name, "ewc", rank, 1, "after"), _load(zero3 / "two", "ewc", rank, 1, "after")
+        resumed, straight = load_dump(zero3 / name, "ewc", rank, 1, "after"), load_dump(zero3 / "two", "ewc", rank, 1, "after")
         floats = [k for k, v in straight.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
         assert any(k.startswith("ewc/terms/") for k in floats) and any(k.startswith("model/") for k in floats)
         for key in floats:
@@ -96,9 +96,9 @@ def test_zero3_ewc_mid_task_checkpoint_holds_the_whole_fisher_and_anchor(zero3, 
     import torch
     from safetensors.torch import load_file
 
-    from tests.test_distributed import _load
+    from tests._launch import load_dump
 
-    dumped = _load(zero3 / "two", "ewc", 0, 0, "after")  # the terms task 1 trains against
+    dumped = load_dump(zero3 / "two", "ewc", 0, 0, "after")  # the terms task 1 trains against
     checkpoints = sorted((zero3_resumed / "resumed" / "ewc" / "run" / "task-001").glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
     for checkpoint in checkpoints:

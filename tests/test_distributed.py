@@ -21,60 +21,34 @@ Launched once per session (about a minute of wall time on 2 cores for both launc
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests._launch import ATOL, load_dump, same, start_logged, torchrun, wait_logged
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-ROOT = Path(__file__).resolve().parent.parent
 # Runs whose 1-process and 2-process results must agree. "ewc-true" samples the Fisher's answers
 # per rank (a different Monte-Carlo draw of the same Fisher), so only its ranks must agree.
 EQUIVALENT = ["plain", "replay", "ewc", "lwf", "gem", "agem", "packnet", "pnn", "pnn-lora", "olora", "replay+ewc"]
 RUNS = [*EQUIVALENT, "ewc-true"]
-ATOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    env.pop("LOCAL_RANK", None)
-    return env
 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("distributed")
     runs = ",".join(RUNS)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4",
-                "--runs", runs]
-    single = [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", runs]
-    logs = {name: open(out / f"{name}.log", "w") for name in ("two", "one")}
-    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=logs[name], stderr=subprocess.STDOUT)
-             for name, cmd in (("two", torchrun), ("one", single))}
+    commands = {"two": torchrun(2, "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4", "--runs", runs),
+                "one": [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", runs]}
+    processes = {name: start_logged(command, out / f"{name}.log") for name, command in commands.items()}
     try:
-        codes = {name: proc.wait(timeout=900) for name, proc in procs.items()}
+        codes = {name: wait_logged(process, out / f"{name}.log", timeout=900) for name, process in processes.items()}
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-        for handle in logs.values():
-            handle.close()
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
     for name, code in codes.items():
         if code != 0:
             tail = (out / f"{name}.log").read_text()[-6000:]
@@ -82,31 +56,21 @@ def launches(tmp_path_factory):
     return out
 
 
-def _load(root: Path, run: str, rank: int, task: int, when: str) -> dict:
-    return torch.load(root / run / f"rank{rank}" / f"task{task}_{when}.pt", weights_only=False)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
 @pytest.mark.parametrize("run", RUNS)
 def test_every_rank_holds_identical_state_after_each_task(launches, run):
     for task in (0, 1):
         for when in ("before", "after"):
-            r0, r1 = (_load(launches / "two", run, rank, task, when) for rank in (0, 1))
+            r0, r1 = (load_dump(launches / "two", run, rank, task, when) for rank in (0, 1))
             assert r0["world_size"] == r1["world_size"] == 2, "the launch did not run distributed"
             assert r0.keys() == r1.keys(), (run, task, when)
-            differ = [k for k in r0 if k != "rank" and not _same(r0[k], r1[k])]
+            differ = [k for k in r0 if k != "rank" and not same(r0[k], r1[k])]
             assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
 
 
 @pytest.mark.parametrize("run", EQUIVALENT)
 def test_two_processes_with_batch_b_match_one_process_with_batch_2b(launches, run):
     for task in (0, 1):
-        one, two = _load(launches / "one", run, 0, task, "after"), _load(launches / "two", run, 0, task, "after")
+        one, two = load_dump(launches / "one", run, 0, task, "after"), load_dump(launches / "two", run, 0, task, "after")
         assert one["world_size"] == 1 and two["world_size"] == 2
         assert one["global_step"] == two["global_step"], "the 2 ranks together took a different number of steps"
         assert one.keys() == two.keys()
@@ -118,18 +82,18 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(launches, ru
                 rtol = 1e-4 if "/fisher/" in key else 1e-5
                 torch.testing.assert_close(two[key], value, atol=ATOL, rtol=rtol, msg=lambda m, k=key: f"{run} {k}: {m}")
                 if key.startswith("model/"):
-                    start = _load(launches / "one", run, 0, 0, "before")[key] if task == 0 else None
+                    start = load_dump(launches / "one", run, 0, 0, "before")[key] if task == 0 else None
                     if start is not None and start.shape == value.shape:
                         moved = max(moved, float((value - start).abs().max()))
             elif key not in ("rank", "world_size", "fisher_rows"):
-                assert _same(value, two[key]), f"{run}: {key} differs between 1 and 2 processes"
+                assert same(value, two[key]), f"{run}: {key} differs between 1 and 2 processes"
         if task == 0:
             assert moved > 100 * ATOL, f"{run}: training barely moved the weights, so the comparison proves nothing"
 
 
 def test_ewc_fisher_is_estimated_on_shards_and_summed_before_averaging(launches, tokenizer):
-    one = _load(launches / "one", "ewc", 0, 0, "after")
-    ranks = [_load(launches / "two", "ewc", r, 0, "after") for r in (0, 1)]
+    one = load_dump(launches / "one", "ewc", 0, 0, "after")
+    ranks = [load_dump(launches / "two", "ewc", r, 0, "after") for r in (0, 1)]
     assert one["fisher_rows"] == [8] and [r["fisher_rows"] for r in ranks] == [[4], [4]], "rows were not split"
     fisher_keys = [k for k in one if k.startswith("ewc/terms/0/fisher/")]
     assert fisher_keys
@@ -159,7 +123,7 @@ def test_ewc_fisher_is_estimated_on_shards_and_summed_before_averaging(launches,
 
 
 def test_replay_buffer_is_the_same_on_every_rank_and_holds_each_row_once(launches):
-    ranks = [_load(launches / "two", "replay", r, 1, "after") for r in (0, 1)]
+    ranks = [load_dump(launches / "two", "replay", r, 1, "after") for r in (0, 1)]
     assert ranks[0]["replay/buffer_rows"] == ranks[1]["replay/buffer_rows"]
     assert ranks[0]["replay/buffer_seen"] == 16, "each task's 8 rows are offered to the reservoir once per rank"
     rows = ranks[0]["replay/buffer_rows"]
@@ -169,7 +133,7 @@ def test_replay_buffer_is_the_same_on_every_rank_and_holds_each_row_once(launche
 
 def test_gem_memories_and_projection_agree_across_ranks(launches):
     for run in ("gem", "agem"):
-        ranks = [_load(launches / "two", run, r, 1, "after") for r in (0, 1)]
+        ranks = [load_dump(launches / "two", run, r, 1, "after") for r in (0, 1)]
         memory = [k for k in ranks[0] if k.startswith(f"{run}/memory/")]
         assert memory and all(ranks[0][k] == ranks[1][k] for k in memory)
         assert ranks[0][f"{run}/steps"] == ranks[1][f"{run}/steps"] > 0
@@ -178,13 +142,13 @@ def test_gem_memories_and_projection_agree_across_ranks(launches):
 
 def test_packnet_ownership_pnn_columns_lwf_teacher_and_olora_adapters_are_real(launches):
     """The identical-state check above compares something: each of these holds non-trivial state."""
-    packnet = _load(launches / "two", "packnet", 0, 1, "after")
+    packnet = load_dump(launches / "two", "packnet", 0, 1, "after")
     owners = [v for k, v in packnet.items() if k.startswith("packnet/ownership/")]
     assert owners and {1, 2} <= set(torch.cat([o.flatten() for o in owners]).unique().tolist())
-    lwf = _load(launches / "two", "lwf", 0, 1, "before")
+    lwf = load_dump(launches / "two", "lwf", 0, 1, "before")
     assert any(k.startswith("lwf/teacher/") for k in lwf)
     for run, marker in (("pnn", "columns.1."), ("pnn-lora", "pnn_task_1"), ("olora", "olora_task_1")):
-        before, after = (_load(launches / "two", run, 0, 1, w) for w in ("before", "after"))
+        before, after = (load_dump(launches / "two", run, 0, 1, w) for w in ("before", "after"))
         new = [k for k in after if k.startswith("model/") and marker in k]
         assert new, f"{run}: no parameter of the second task's column/adapter"
         assert any(not torch.equal(before[k], after[k]) for k in new if k in before), f"{run}: the new column did not train"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests._launch import launch, launch_pair
-from tests.test_distributed import ATOL, _env, _free_port, _load, _same
+from tests._launch import ATOL, free_port, launch_env, load_dump, same
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -47,13 +47,13 @@ def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
     # "before" holds what a strategy prepared for the task (LwF's teacher cache, computed by the
     # sharded model's forward), "after" what it keeps from it (EWC's Fisher and anchor).
     for task, when in ((task, when) for task in tasks for when in ("before", "after")):
-        r0, r1 = (_load(fsdp_launches / "two", run, rank, task, when) for rank in (0, 1))
-        one = _load(fsdp_launches / "one", run, 0, task, when)
+        r0, r1 = (load_dump(fsdp_launches / "two", run, rank, task, when) for rank in (0, 1))
+        one = load_dump(fsdp_launches / "one", run, 0, task, when)
         assert r0["fsdp"] and r0["world_size"] == 2, "the launch did not shard with FSDP"
         assert not one["fsdp"] and one["world_size"] == 1
         assert r0["global_step"] == one["global_step"]
         assert r0.keys() == r1.keys() == one.keys() | {"fisher_row_losses"}, (run, set(r0) ^ set(one))
-        differ = [k for k in r0 if k not in ("rank", "fisher_row_losses") and not _same(r0[k], r1[k])]
+        differ = [k for k in r0 if k not in ("rank", "fisher_row_losses") and not same(r0[k], r1[k])]
         assert not differ, f"{run}: ranks differ {when} task {task} in {differ[:8]}"
         for key, value in one.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -64,14 +64,14 @@ def test_fsdp2_two_ranks_match_one_unsharded_process(fsdp_launches, run):
                     sharded = sharded[r0[key.replace("/frozen/", "/ownership/")] != 0]
                 torch.testing.assert_close(sharded, value, atol=ATOL, rtol=1e-5, msg=lambda m, k=key: f"{run} {k}: {m}")
             elif key not in ("rank", "world_size", "fisher_rows", "fisher_row_losses", "fsdp", "device"):
-                assert _same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
+                assert same(value, r0[key]), f"{run}: {key} differs between FSDP2 and one process"
 
 
 @pytest.mark.parametrize("run", [run for run, strategy in RUNS.items() if strategy == "ewc"])
 def test_fsdp2_ewc_splits_the_fisher_rows_between_the_ranks(fsdp_launches, run):
     """Each rank backpropagates half of the Fisher rows (one per-row loss each), as under DDP."""
     last = max(int(p.name[4:].split("_")[0]) for p in (fsdp_launches / "two" / run / "rank0").glob("task*_after.pt"))
-    r0, r1 = (_load(fsdp_launches / "two", run, rank, last, "after") for rank in (0, 1))
+    r0, r1 = (load_dump(fsdp_launches / "two", run, rank, last, "after") for rank in (0, 1))
     given = [-(-rows // 2) for rows in r0["fisher_rows"]]  # every rank is given all rows and takes its half
     assert r0["fisher_rows"] and r0["fisher_row_losses"] == r1["fisher_row_losses"] == sum(given), (
         run, r0["fisher_rows"], r0["fisher_row_losses"], r1["fisher_row_losses"])
@@ -128,7 +128,7 @@ def test_fsdp2_without_reshard_after_forward_matches_one_unsharded_process(fsdp_
 def test_fsdp2_packnet_keeps_the_first_tasks_weights_bit_identical(fsdp_launches, run):
     # Under FSDP2 the held weights are restored shard by shard after every optimizer step.
     for rank in (0, 1):
-        first, second = (_load(fsdp_launches / "two", run, rank, task, "after") for task in (0, 1))
+        first, second = (load_dump(fsdp_launches / "two", run, rank, task, "after") for task in (0, 1))
         owned = [k for k in second if k.startswith("packnet/ownership/")]
         assert owned
         for key in owned:
@@ -146,10 +146,10 @@ def test_fsdp2_pnn_columns_stay_frozen_and_score_their_tasks_unchanged(fsdp_laun
     last = max(int(p.name[4:].split("_")[0]) for p in (root / run / "rank0").glob("task*_after.pt"))
     assert last >= 1, run
     for rank in (0, 1):
-        final = _load(root, run, rank, last, "after")
+        final = load_dump(root, run, rank, last, "after")
         assert any(k.startswith(f"model/columns.{last}.") for k in final), f"{run}: no column {last} on rank {rank}"
         for task in range(last):
-            trained = _load(root, run, rank, task, "after")
+            trained = load_dump(root, run, rank, task, "after")
             mine = [k for k in trained if k.startswith(f"model/columns.{task}.") or k.startswith(f"model/laterals.{task}.")]
             assert mine, (run, task)
             moved = [k for k in mine if not torch.equal(trained[k], final[k])]
@@ -200,7 +200,7 @@ def test_fsdp2_pnn_new_column_takes_the_models_fsdp2_options():
     mixed precision (bf16 compute here) and reshard_after_forward, not FSDP2's defaults."""
     import ast
 
-    done = subprocess.run([sys.executable, "-c", _PNN_UNIT_OPTIONS, str(_free_port())], cwd=ROOT, env=_env(),
+    done = subprocess.run([sys.executable, "-c", _PNN_UNIT_OPTIONS, str(free_port())], cwd=ROOT, env=launch_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     seen = ast.literal_eval(done.stdout.strip().splitlines()[-1])

@@ -12,34 +12,26 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_distributed import ATOL, _env, _free_port
+from tests._launch import ATOL, run_logged, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNS = ("ewc", "packnet")
 
 
 def _launch(out: Path, *, ranks: int, resume: Path | None = None, export: bool = False) -> Path:
-    if ranks > 1 and not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    cmd = [sys.executable, "-m", "tests.fsdp_resume_driver", str(out), "--runs", ",".join(RUNS),
-           "--batch", str(8 // ranks)]
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), *cmd[1:], "--fsdp"]
+    cmd = ["-m", "tests.fsdp_resume_driver", str(out), "--runs", ",".join(RUNS), "--batch", str(8 // ranks)]
+    cmd = torchrun(ranks, *cmd, "--fsdp") if ranks > 1 else [sys.executable, *cmd]
     if resume is not None:
         cmd += ["--resume", str(resume)]
     if export:
         cmd.append("--export")
     log = out.with_suffix(".log")
-    with open(log, "w") as handle:
-        code = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=600).returncode
+    code = run_logged(cmd, log, timeout=600)
     if code != 0:
         pytest.fail(f"launch {out.name} failed with exit code {code}:\n{log.read_text()[-6000:]}")
     return out

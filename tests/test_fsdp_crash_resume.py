@@ -22,31 +22,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_distributed import ATOL, _env, _free_port
+from tests._launch import ATOL, launch_env, run_logged, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLS = {"ewc": "step:1:3", "lwf": "ckpt:1:4"}
 if os.environ.get("CLM_FSDP_CRASH_PACKNET") == "1":  # one launch more (~30 s): opt-in, see the module docstring
     KILLS["packnet"] = "step:1:3"
 
 
 def _torchrun(out: Path, runs: list[str], *extra: str, kill: str | None = None) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tests.fsdp_crash_driver", str(out), "--runs", ",".join(runs),
-           *extra]
-    env = {**_env(), **({"CLM_FSDP_KILL": kill} if kill else {})}
+    cmd = torchrun(2, "-m", "tests.fsdp_crash_driver", str(out), "--runs", ",".join(runs), *extra)
+    env = launch_env(**({"CLM_FSDP_KILL": kill} if kill else {}))
     log = out.parent / f"{out.name}-{'-'.join(runs)}{'-killed' if kill else ''}.log"
-    with open(log, "w") as handle:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=600).returncode
+    code = run_logged(cmd, log, timeout=600, env=env)
     if kill is None and code != 0:
         pytest.fail(f"launch {log.name} failed with exit code {code}:\n{log.read_text()[-6000:]}")
     if kill is not None and ("exitcode  : -9" not in log.read_text() or code == 0):

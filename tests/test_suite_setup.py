@@ -47,3 +47,27 @@ def test_plain_pytest_runs_one_file_per_worker_and_no_xdist_runs_in_process():
     assert _workers("--pdb")[1] == "no"  # the debugger needs one process
     # Without the plugin the default command still parses (no unknown "-n" in addopts) and runs serially.
     assert _workers("-p", "no:xdist") == (None, None, [])
+
+
+def test_a_hung_launch_is_killed_with_its_processes_stacks_in_its_log(tmp_path):
+    """tests/_launch.py: past its timeout a launch's group gets SIGUSR1 (each Python process writes its
+    stacks, tests/_stacks/sitecustomize.py) and is then killed, and the test fails with that log."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests._launch import run_logged
+
+    log = tmp_path / "hung.log"
+    # A parent that waits on a child, as torchrun waits on its ranks: both must leave stacks and die.
+    hang = ("import subprocess, sys\n"
+            "def wait_for_the_child():\n"
+            "    subprocess.run([sys.executable, '-c', 'import time\\ndef child_sleeps():\\n    time.sleep(120)\\nchild_sleeps()'])\n"
+            "wait_for_the_child()\n")
+    with pytest.raises(pytest.fail.Exception, match="hung for 3 s"):
+        run_logged([sys.executable, "-c", hang], log, timeout=3)
+    text = log.read_text()
+    assert "in wait_for_the_child" in text and "in child_sleeps" in text, text
+    if shutil.which("pgrep"):
+        alive = subprocess.run(["pgrep", "-f", "child_sleeps"], capture_output=True, text=True).stdout.split()
+        assert not alive, f"the launch's child outlived the kill: {alive}"

@@ -225,19 +225,13 @@ def test_scoring_runs_under_the_trainers_autocast(tmp_path, make_model, tokenize
 @pytest.mark.distributed
 def test_scoring_splits_rows_across_two_processes_and_gathers_them(tmp_path, make_model, tokenizer):
     """torchrun, 2 CPU processes: each forwards about half of 7 rows; both return all 7 rows' scores."""
-    import socket
+    from tests._launch import launch_env, run_logged, torchrun
 
-    from tests.test_distributed import _env
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "tests.scoring_driver", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = tmp_path / "two.log"
+    code = run_logged(torchrun(2, "-m", "tests.scoring_driver", str(tmp_path)), log, timeout=300)
+    assert code == 0, log.read_text()[-6000:]
     single = subprocess.run([sys.executable, "-m", "tests.scoring_driver", str(tmp_path / "one")], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+                            env=launch_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
