@@ -284,14 +284,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    dtype=torch.float64)
                   for metric, matrix in trainer.results.scores.items()}
         torch.save({**scores, "eval_rows": eval_rows[0]}, Path(options.out) / run / f"rank{rank}" / "results.pt")
-    # Leave together: a rank that exits while the other still uses the gloo group can abort
-    # ("terminate called without an active exception", seen once on a fresh clone).
-    import torch.distributed as dist
+    from tests._driver_exit import leave
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+    leave()
 
 if __name__ == "__main__":
     main()

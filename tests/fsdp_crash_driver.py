@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     from tests.fsdp_cpu import enable_fsdp_on_cpu, fsdp2_arguments
 
     enable_fsdp_on_cpu()
-    import torch.distributed as dist
-
     from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments
     from clm_hf.sharding import reshard
     from clm_hf.strategies.base import strategies_from_specs, unwrap_model
@@ -176,9 +174,9 @@ def main(argv: list[str] | None = None) -> None:
             data[f"model/{key}"] = _whole(value)
         (Path(out) / run).mkdir(parents=True, exist_ok=True)
         torch.save(data, Path(out) / run / f"rank{rank}.pt")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from tests._driver_exit import leave
+
+    leave()
 
 
 if __name__ == "__main__":

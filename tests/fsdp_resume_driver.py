@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> None:
         from tests.fsdp_cpu import enable_fsdp_on_cpu
 
         enable_fsdp_on_cpu()
-    import torch.distributed as dist
-
     from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments
     from clm_hf.sharding import reshard
     from clm_hf.strategies.base import strategies_from_specs, unwrap_model
@@ -76,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             trainer.export_model(Path(options.out) / run / "export")
         (Path(options.out) / run).mkdir(parents=True, exist_ok=True)
         torch.save(data, Path(options.out) / run / f"rank{rank}.pt")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from tests._driver_exit import leave
+
+    leave()
 
 
 if __name__ == "__main__":
