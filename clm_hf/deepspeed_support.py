@@ -254,16 +254,26 @@ class Zero2GradientPartition:
     Args:
         optimizer: The engine's ``DeepSpeedZeroOptimizer`` (stage 2, no CPU offload).
 
-    Example:
+    Example (the attributes of a one-rank ZeRO-2 optimizer holding a 2 x 2 weight and a bias of 2):
 
-    >>> from clm_hf.deepspeed_support import Zero2GradientPartition
-    >>> Zero2GradientPartition.slice_rows.__doc__.split(".")[0]
-    '``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition'
+    >>> from types import SimpleNamespace
+    >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    >>> ids = {id(w): 0, id(b): 1}
+    >>> opt = SimpleNamespace(params_in_partition=[[w, b]], partition_size=[6], real_dp_process_group=[None],
+    ...                       grad_start_offset=[{0: {0: 0, 1: 0}}], grad_partition_insertion_offset=[{0: {0: 0, 1: 4}}],
+    ...                       get_param_id=lambda p: ids[id(p)], loss_scale=1.0,
+    ...                       averaged_gradients={0: [torch.arange(4.0).view(2, 2), torch.tensor([4.0, 5.0])]})
+    >>> part = Zero2GradientPartition(opt)
+    >>> part.read().tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    >>> part.write(torch.zeros(6)); opt.averaged_gradients[0][1].tolist()
+    [0.0, 0.0]
     """
 
     def __init__(self, optimizer) -> None:
         import torch.distributed as dist
 
+        distributed = dist.is_available() and dist.is_initialized()
         self.optimizer = optimizer
         self.group = getattr(optimizer, "dp_process_group", None)
         self.scale = float(getattr(optimizer, "loss_scale", 1.0))
@@ -273,7 +283,7 @@ class Zero2GradientPartition:
         offset = 0
         for i, params in enumerate(optimizer.params_in_partition):
             size = int(optimizer.partition_size[i])
-            rank = dist.get_rank(group=optimizer.real_dp_process_group[i])
+            rank = dist.get_rank(group=optimizer.real_dp_process_group[i]) if distributed else 0
             starts = optimizer.grad_start_offset[i][rank]
             inserts = optimizer.grad_partition_insertion_offset[i][rank]
             for param in params:

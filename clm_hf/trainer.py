@@ -223,18 +223,20 @@ class ContinualTrainerMixin:
         plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
         ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
         zero3 = getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)())
+        stage = ds_config.get_value("zero_optimization.stage") if hasattr(ds_config, "get_value") else None
+        stage = getattr(plugin, "zero_stage", None) if stage is None else stage
         # A strategy that edits ZeRO-2's gradient partition inside its optimizer step (edit_zero_gradients,
         # run by _hook_zero_optimizer) runs on ZeRO-2; on ZeRO-3 its references would need the partitioned weights.
-        zero_editor = lambda s: type(s).edit_zero_gradients is not Strategy.edit_zero_gradients and not zero3  # noqa: E731
+        zero_editor = lambda s: type(s).edit_zero_gradients is not Strategy.edit_zero_gradients and stage == 2  # noqa: E731
         self._refuse(
             lambda s: ((type(s).edit_gradients is not Strategy.edit_gradients and not s.adds_loss_gradient
                         and not zero_editor(s))
                        or type(s).after_optimizer_step is not Strategy.after_optimizer_step),
             "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend"
-            + (" with ZeRO-3" if zero3 else "") + ": "
+            + (f" with ZeRO-{stage}" if stage != 2 else "") + ": "
             "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost"
-            + (" (GEM and A-GEM edit ZeRO-2's gradient partitions, but ZeRO-3 also partitions the weights their "
-               "reference gradients need; use ZeRO-2)" if zero3 else "") + ". "
+            + (" (GEM and A-GEM edit ZeRO-2's gradient partitions inside its step; ZeRO-3 also partitions the weights "
+               "their reference gradients are computed from; use ZeRO-2)" if stage != 2 else "") + ". "
             "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
             "data (replay, EWC, LwF).",
         )
