@@ -308,3 +308,17 @@ def test_zero2_projection_on_partitions_with_summed_products_equals_the_whole_pr
         parts[rank].write(flats[rank])
     projected = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(projected, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gem", "agem"])
+def test_gem_and_agem_start_on_zero2_only_and_zero3_says_why(name, make_model, tokenizer, monkeypatch):
+    from tests.test_recipes_accelerate import _start
+
+    assert _start(name, "DeepSpeed ZeRO-2", make_model, tokenizer, monkeypatch) is None
+    for stage in (1, 3):  # ZeRO-1 does not partition gradients the way the step hook reads them
+        error = _start(name, f"DeepSpeed ZeRO-{stage}", make_model, tokenizer, monkeypatch)
+        assert error is not None and repr(name) in error and f"DeepSpeed backend with ZeRO-{stage}" in error, error
+    assert "reference gradients" in error and "use ZeRO-2" in error
+    # PackNet still edits weights after the step: refused on ZeRO-2 as before.
+    assert "not supported on the DeepSpeed backend" in _start("packnet", "DeepSpeed ZeRO-2", make_model, tokenizer,
+                                                              monkeypatch)
