@@ -233,7 +233,7 @@ class ContinualTrainerMixin:
                         and not zero_editor(s))
                        or type(s).after_optimizer_step is not Strategy.after_optimizer_step),
             "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend"
-            + (f" with ZeRO-{stage}" if stage != 2 else "") + ": "
+            + (f" with ZeRO-{stage}" if stage not in (2, None) else "") + ": "
             "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost"
             + (" (GEM and A-GEM edit ZeRO-2's gradient partitions inside its step; ZeRO-3 also partitions the weights "
                "their reference gradients are computed from; use ZeRO-2)" if stage != 2 else "") + ". "
