@@ -26,8 +26,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Zero2GradientPartition", "Zero3QuadraticPenalty", "gather_partition", "hook_zero2_step", "gathered_without_hooks", "is_zero3_param", "is_zero3_run",
-           "partition_range", "slice_partition", "zero3_parameters"]
+__all__ = ["Zero2GradientPartition", "Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks",
+           "hook_zero2_step", "is_zero3_param", "is_zero3_run", "partition_range", "slice_partition", "zero3_parameters"]
 
 
 def is_zero3_param(param: object) -> bool:
@@ -295,7 +295,7 @@ class Zero2GradientPartition:
             tensors = optimizer.averaged_gradients.get(i)
             if tensors is None:
                 raise RuntimeError(f"DeepSpeed ZeRO-2 holds no reduced gradient for parameter group {i} at its "
-                                   "optimizer step (averaged_gradients[{i}] is None); cannot edit it.")
+                                   f"optimizer step (averaged_gradients[{i}] is None); cannot edit it.")
             self._tensors.append((list(tensors), offset, size))
             offset += size
         self.numel = offset
