@@ -1,4 +1,6 @@
-"""Strategy state that lives where DeepSpeed ZeRO-3's partitioned parameters live.
+"""Strategy state that lives where DeepSpeed ZeRO-3's partitioned parameters live, and ZeRO-2's
+partitioned gradients as gradient-editing strategies see them (:class:`Zero2GradientPartition`,
+:func:`hook_zero2_step`, at the end of this module).
 
 Under ZeRO-3 every parameter is partitioned across the ``W`` data-parallel ranks: outside a
 module's forward and backward, ``param.data`` is an empty placeholder, and rank ``r`` holds
