@@ -1,4 +1,6 @@
-"""Strategy state that lives where DeepSpeed ZeRO-3's partitioned parameters live.
+"""Strategy state that lives where DeepSpeed ZeRO-3's partitioned parameters live, and ZeRO-2's
+partitioned gradients as gradient-editing strategies see them (:class:`Zero2GradientPartition`,
+:func:`hook_zero2_step`, at the end of this module).
 
 Under ZeRO-3 every parameter is partitioned across the ``W`` data-parallel ranks: outside a
 module's forward and backward, ``param.data`` is an empty placeholder, and rank ``r`` holds
@@ -26,8 +28,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks", "is_zero3_param", "is_zero3_run",
-           "partition_range", "slice_partition", "zero3_parameters"]
+__all__ = ["Zero2GradientPartition", "Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks",
+           "hook_zero2_step", "is_zero3_param", "is_zero3_run", "partition_range", "slice_partition", "zero3_parameters"]
 
 
 def is_zero3_param(param: object) -> bool:
@@ -233,3 +235,167 @@ class Zero3QuadraticPenalty:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+# --- ZeRO-2: this rank's partition of the reduced gradient, inside the optimizer step -------------
+class Zero2GradientPartition:
+    """This rank's partition of the reduced gradient, at the start of DeepSpeed ZeRO-2's optimizer step.
+
+    ZeRO-2 keeps whole parameters on every rank but reduce-scatters the gradients during backward:
+    rank ``r`` ends the backward holding only its partition of each parameter group's flattened
+    gradient, as the list ``optimizer.averaged_gradients[i]`` (pieces of parameters, and zero
+    padding, which concatenated give the flat partition). ``step()`` then takes the global norm of
+    those pieces, clips (and unscales) them, flattens them into the fp32 master partition and
+    steps. An edit of the pieces made before ``step()`` starts (:func:`hook_zero2_step`) is
+    therefore what the optimizer uses, and clipping bounds the edited gradient, as the trainer
+    orders it without DeepSpeed (edits first, then clipping).
+
+    The partition is seen as one flat vector: the parameter groups' partitions one after the other
+    (:attr:`numel` numbers). :attr:`pieces` says where each parameter's slice lies in it.
+
+    Args:
+        optimizer: The engine's ``DeepSpeedZeroOptimizer`` (stage 2, no CPU offload).
+
+    Example (the attributes of a one-rank ZeRO-2 optimizer holding a 2 x 2 weight and a bias of 2):
+
+    >>> from types import SimpleNamespace
+    >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    >>> ids = {id(w): 0, id(b): 1}
+    >>> opt = SimpleNamespace(params_in_partition=[[w, b]], partition_size=[6], real_dp_process_group=[None],
+    ...                       grad_start_offset=[{0: {0: 0, 1: 0}}], grad_partition_insertion_offset=[{0: {0: 0, 1: 4}}],
+    ...                       get_param_id=lambda p: ids[id(p)], loss_scale=1.0,
+    ...                       averaged_gradients={0: [torch.arange(4.0).view(2, 2), torch.tensor([4.0, 5.0])]})
+    >>> part = Zero2GradientPartition(opt)
+    >>> part.read().tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    >>> part.write(torch.zeros(6)); opt.averaged_gradients[0][1].tolist()
+    [0.0, 0.0]
+    """
+
+    def __init__(self, optimizer) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.optimizer = optimizer
+        self.group = getattr(optimizer, "dp_process_group", None)
+        self.scale = float(getattr(optimizer, "loss_scale", 1.0))
+        # (param, first element of its slice in the flattened param, first element in the flat vector, length)
+        self.pieces: list[tuple[torch.Tensor, int, int, int]] = []
+        self._tensors: list[tuple[list[torch.Tensor], int, int]] = []  # (pieces of a group, its offset, its size)
+        offset = 0
+        for i, params in enumerate(optimizer.params_in_partition):
+            size = int(optimizer.partition_size[i])
+            rank = dist.get_rank(group=optimizer.real_dp_process_group[i]) if distributed else 0
+            starts = optimizer.grad_start_offset[i][rank]
+            inserts = optimizer.grad_partition_insertion_offset[i][rank]
+            for param in params:
+                key = optimizer.get_param_id(param)
+                source, dest = int(starts[key]), int(inserts[key])
+                count = min(param.numel() - source, size - dest)
+                if count > 0:
+                    self.pieces.append((param, source, offset + dest, count))
+            tensors = optimizer.averaged_gradients.get(i)
+            if tensors is None:
+                raise RuntimeError(f"DeepSpeed ZeRO-2 holds no reduced gradient for parameter group {i} at its "
+                                   f"optimizer step (averaged_gradients[{i}] is None); cannot edit it.")
+            self._tensors.append((list(tensors), offset, size))
+            offset += size
+        self.numel = offset
+
+    def read(self) -> torch.Tensor:
+        """The flat partition as a new float32 vector, divided by the loss scale (fp16): the true gradient."""
+        device = self._tensors[0][0][0].device if self._tensors and self._tensors[0][0] else torch.device("cpu")
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        for tensors, offset, size in self._tensors:
+            at = offset
+            for tensor in tensors:
+                n = min(tensor.numel(), offset + size - at)
+                flat[at : at + n] = tensor.reshape(-1)[:n]
+                at += n
+        if self.scale != 1.0:
+            flat.div_(self.scale)
+        return flat
+
+    def write(self, flat: torch.Tensor) -> None:
+        """Put ``flat`` (a vector like :meth:`read`'s) back into DeepSpeed's pieces, in place, scaled again."""
+        if self.scale != 1.0:
+            flat = flat * self.scale
+        for tensors, offset, size in self._tensors:
+            at = offset
+            for tensor in tensors:
+                n = min(tensor.numel(), offset + size - at)
+                if n > 0:
+                    tensor.view(-1)[:n].copy_(flat[at : at + n].to(tensor.dtype))
+                at += n
+
+    def slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition.
+
+        ``whole[j]`` belongs to ``params[j]``; ``out`` is ``K x numel`` and is zeroed first (padding
+        and parameters that are not trained stay 0). Returns ``out``.
+        """
+        index = {id(p): j for j, p in enumerate(params)}
+        out.zero_()
+        for param, source, dest, count in self.pieces:
+            j = index.get(id(param))
+            if j is not None:
+                rows = whole[j].reshape(whole[j].shape[0], -1)
+                out[:, dest : dest + count] = rows[:, source : source + count]
+        return out
+
+    def all_reduce_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the data-parallel ranks of ``partial`` (a collective; a new tensor)."""
+        import torch.distributed as dist
+
+        total = partial.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group=self.group) > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
+    def overflowed(self) -> bool:
+        """Whether some rank's scaled fp16 gradient is not finite (DeepSpeed will skip this step).
+
+        Only fp16 runs (a loss scale) can overflow; elsewhere False without communication.
+        """
+        if getattr(self.optimizer, "dtype", None) != torch.float16:
+            return False
+        bad = torch.zeros((), dtype=torch.float32)
+        for tensors, _, _ in self._tensors:
+            for tensor in tensors:
+                if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                    bad += 1
+        return bool(self.all_reduce_sum(bad.to(self._tensors[0][0][0].device)) > 0)
+
+
+def hook_zero2_step(optimizer, edit) -> None:
+    """Make ``optimizer.step()`` (DeepSpeed ZeRO-2's) call ``edit(Zero2GradientPartition(optimizer))`` first.
+
+    DeepSpeed runs its optimizer step inside ``engine.step()``, right after the backward of the
+    last micro-batch of an optimizer step, before the Trainer's own step events; this is the one
+    moment this rank's reduced gradient partition exists before the update. The hook is put on the
+    instance (a new engine, with a new optimizer, is built for each task), so hooking twice
+    replaces the first hook.
+
+    Args:
+        optimizer: The engine's optimizer.
+        edit (`Callable`): Called with the partition at every optimizer step, on every rank.
+
+    Raises:
+        NotImplementedError: The optimizer is not ZeRO-2's ``DeepSpeedZeroOptimizer``, or offloads
+            its state to the CPU (the gradient then goes straight into the offloaded fp32 copy).
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not getattr(optimizer, "partition_gradients", False):
+        raise NotImplementedError(f"Editing gradients under DeepSpeed needs ZeRO stage 2 (DeepSpeedZeroOptimizer with "
+                                  f"partitioned gradients); the engine's optimizer is {type(optimizer).__name__}.")
+    if getattr(optimizer, "cpu_offload", False):
+        raise NotImplementedError("Editing gradients under DeepSpeed ZeRO-2 is not supported with offload_optimizer: "
+                                  "the reduced gradient goes straight into the CPU copy. Turn the offload off.")
+    step = type(optimizer).step
+
+    def hooked(closure=None):
+        edit(Zero2GradientPartition(optimizer))
+        return step(optimizer, closure)
+
+    optimizer.step = hooked

@@ -73,6 +73,9 @@ class _StrategyStepHooks(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._gradients_edited = False  # also after a step an exception cut short
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._hook_zero_optimizer()  # the task's DeepSpeed engine exists from here on
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._edit_gradients(self.trainer.model)
         self.trainer._restore_unscale()
@@ -217,17 +220,27 @@ class ContinualTrainerMixin:
             return
         if backend != DistributedType.DEEPSPEED:
             return
+        plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
+        ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
+        zero3 = getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)())
+        stage = ds_config.get_value("zero_optimization.stage") if hasattr(ds_config, "get_value") else None
+        stage = getattr(plugin, "zero_stage", None) if stage is None else stage
+        # A strategy that edits ZeRO-2's gradient partition inside its optimizer step (edit_zero_gradients,
+        # run by _hook_zero_optimizer) runs on ZeRO-2; on ZeRO-3 its references would need the partitioned weights.
+        zero_editor = lambda s: type(s).edit_zero_gradients is not Strategy.edit_zero_gradients and stage == 2  # noqa: E731
         self._refuse(
-            lambda s: (type(s).edit_gradients is not Strategy.edit_gradients and not s.adds_loss_gradient)
-            or type(s).after_optimizer_step is not Strategy.after_optimizer_step,
-            "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend: "
-            "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost. "
+            lambda s: ((type(s).edit_gradients is not Strategy.edit_gradients and not s.adds_loss_gradient
+                        and not zero_editor(s))
+                       or type(s).after_optimizer_step is not Strategy.after_optimizer_step),
+            "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend"
+            + (f" with ZeRO-{stage}" if stage not in (2, None) else "") + ": "
+            "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost"
+            + (" (GEM and A-GEM edit ZeRO-2's gradient partitions inside its step; ZeRO-3 also partitions the weights "
+               "their reference gradients are computed from; use ZeRO-2)" if stage != 2 else "") + ". "
             "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
             "data (replay, EWC, LwF).",
         )
-        plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
-        ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
-        if getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)()):
+        if zero3:
             # ZeRO-3 leaves each rank an empty placeholder of every parameter outside forward/backward.
             self._refuse(
                 lambda s: not s.supports_partitioned_parameters,
@@ -293,11 +306,38 @@ class ContinualTrainerMixin:
         self._gradients_edited = True
         # A loss term's gradient goes in first: the other edits must see the gradient of the whole loss.
         editors = sorted(self._strategies_overriding("edit_gradients"), key=lambda s: not s.adds_loss_gradient)
+        if getattr(self, "is_deepspeed_enabled", False):
+            # DeepSpeed has stepped already (inside backward): these edited ZeRO's partition in its step.
+            editors = [s for s in editors if s not in self._strategies_overriding("edit_zero_gradients")]
         if not editors:
             return
         with self._unscaled_once():
             for strategy in editors:
                 strategy.edit_gradients(model)
+
+    def _hook_zero_optimizer(self) -> None:
+        """Under DeepSpeed ZeRO-2, run the strategies' ``edit_zero_gradients`` at the start of ZeRO's optimizer step.
+
+        DeepSpeed steps inside ``backward()``, before the Trainer's step events, on a gradient each
+        rank holds only its partition of: :func:`~clm_hf.deepspeed_support.hook_zero2_step` wraps the
+        step of this task's engine (each task gets a new one) so the edits come first, before
+        DeepSpeed's clipping. On an fp16 step that overflowed (DeepSpeed skips it) nothing is edited.
+        """
+        editors = self._strategies_overriding("edit_zero_gradients")
+        engine = getattr(self, "model_wrapped", None)
+        if not editors or not getattr(self, "is_deepspeed_enabled", False) or engine is None:
+            return
+        from .deepspeed_support import hook_zero2_step
+
+        model = self.model
+
+        def edit(gradients) -> None:
+            if gradients.overflowed():
+                return
+            for strategy in editors:
+                strategy.edit_zero_gradients(model, gradients)
+
+        hook_zero2_step(engine.optimizer, edit)
 
     @contextlib.contextmanager
     def _unscaled_once(self) -> Iterator[None]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests._launch import assert_ranks_match_one_process, launch_pair
+from tests._launch import assert_ranks_match_one_process, launch_pair, load_dump
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Driver runs per ZeRO stage: every strategy the trainer lets run on that stage.
-ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora"]
+ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora", "gem", "gem-nomargin", "agem"]
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +31,14 @@ def zero2(tmp_path_factory):
 @pytest.mark.parametrize("run", ZERO2)
 def test_zero2_two_ranks_match_one_process(zero2, run):
     assert_ranks_match_one_process(zero2, run)
+
+
+@pytest.mark.parametrize("run", ["gem", "gem-nomargin", "agem"])
+def test_zero2_gem_and_agem_project_the_reduced_gradient_as_one_process(zero2, run):
+    # The projection runs inside ZeRO-2's optimizer step (clm_hf.deepspeed_support.hook_zero2_step): a
+    # projection skipped, or taken on the ranks' own partial sums, leaves the counts or the weights apart.
+    name = run.split("-")[0]
+    for rank in (0, 1):
+        two, one = (load_dump(zero2 / kind, run, rank if kind == "two" else 0, 1, "after") for kind in ("two", "one"))
+        assert two[f"{name}/steps"] == one[f"{name}/steps"] > 0, run
+        assert two[f"{name}/projected_steps"] == one[f"{name}/projected_steps"] > 0, run

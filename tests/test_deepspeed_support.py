@@ -209,3 +209,116 @@ def test_ewc_resumed_before_zero3_partitions_the_model_binds_at_the_first_forwar
         expected = expected + (f * (p.detach().reshape(-1)[start:end] - a) ** 2).sum()
         torch.testing.assert_close(ewc.terms[0][0][n], f)
     torch.testing.assert_close(ewc.penalty(), 0.5 * 2.0 * expected)
+
+
+# --- ZeRO-2: this rank's partition of the reduced gradient (Zero2GradientPartition) ----------------
+def _zero2_optimizer(params: list[torch.nn.Parameter], world: int, rank: int, scale: float = 1.0):
+    """The attributes of DeepSpeed ZeRO-2's optimizer for one parameter group of ``params`` on ``rank``.
+
+    Laid out as DeepSpeed does: the group's parameters flattened one after the other, padded to a
+    multiple of ``world``, rank ``r`` owning ``[r·S, (r+1)·S)``. ``averaged_gradients`` holds, as
+    after a backward, the pieces of each parameter's gradient in the partition (views of ``p.grad``)
+    and the zero padding; the gradients are multiplied by ``scale`` (fp16's loss scale).
+    """
+    from types import SimpleNamespace
+
+    total = sum(p.numel() for p in params)
+    size = -(-total // world)
+    start, end = rank * size, (rank + 1) * size
+    inside, starts, inserts, pieces, at = [], {}, {}, [], 0
+    for key, p in enumerate(params):
+        lo, hi = max(at, start), min(at + p.numel(), end)
+        if lo < hi:
+            inside.append(p)
+            starts[key], inserts[key] = lo - at, lo - start
+            pieces.append(p.grad.view(-1)[lo - at : hi - at])
+        at += p.numel()
+    used = sum(t.numel() for t in pieces)
+    if used < size:
+        pieces.append(torch.zeros(size - used))
+    ids = {id(p): key for key, p in enumerate(params)}
+    return SimpleNamespace(params_in_partition=[inside], partition_size=[size], real_dp_process_group=[None],
+                           grad_start_offset=[{0: starts}], grad_partition_insertion_offset=[{0: inserts}],
+                           get_param_id=lambda p: ids[id(p)], loss_scale=scale, averaged_gradients={0: pieces})
+
+
+def _params_with_grads(scale: float = 1.0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3))]  # 9 numbers
+    for p in params:
+        p.grad = torch.randn(p.shape) * scale
+    return params
+
+
+def test_zero2_partitions_of_the_ranks_read_the_whole_gradient_unscaled_and_cut_references_alike():
+    params = _params_with_grads(scale=8.0)
+    whole = torch.cat([p.grad.reshape(-1) for p in params]) / 8.0
+    refs = [torch.randn(2, *p.shape) for p in params]  # K = 2 reference gradients, whole
+    whole_refs = torch.cat([r.reshape(2, -1) for r in refs], 1)
+    read, cut = [], []
+    for rank in range(2):  # partitions of 5: the weight's last element and the bias on rank 1, one padding zero
+        part = ds.Zero2GradientPartition(_zero2_optimizer(params, world=2, rank=rank, scale=8.0))
+        assert part.numel == 5
+        read.append(part.read())
+        cut.append(part.slice_rows(refs, params, torch.full((2, part.numel), float("nan"))))
+    torch.testing.assert_close(torch.cat(read)[:9], whole, rtol=0, atol=0)
+    assert float(read[1][-1]) == 0.0  # the padding
+    torch.testing.assert_close(torch.cat(cut, 1)[:, :9], whole_refs, rtol=0, atol=0)
+    assert torch.equal(cut[1][:, -1], torch.zeros(2))
+
+
+def test_zero2_write_puts_the_edited_partition_back_into_deepspeeds_pieces_scaled():
+    params = _params_with_grads(scale=4.0)
+    before = [p.grad.clone() for p in params]
+    part = ds.Zero2GradientPartition(_zero2_optimizer(params, world=2, rank=1, scale=4.0))
+    edited = part.read()
+    edited[:4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    part.write(edited)
+    # Rank 1 owns flat elements 5..8: the weight's last element and the bias (views of p.grad here).
+    assert params[0].grad.view(-1)[-1] == 4.0 and params[1].grad.tolist() == [8.0, 12.0, 16.0]
+    assert torch.equal(params[0].grad.view(-1)[:5], before[0].view(-1)[:5])  # rank 0's part is not this rank's
+
+
+def test_zero2_projection_on_partitions_with_summed_products_equals_the_whole_projection():
+    # What GEM's edit_zero_gradients does on each rank, the all-reduce played by summing over two partitions.
+    from clm_hf.strategies.gem import project_gem_
+
+    params = _params_with_grads()
+    refs = [torch.randn(2, *p.shape) for p in params]
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    G = torch.cat([r.reshape(2, -1) for r in refs], 1)
+    G[0] = -g + 0.1 * G[0]  # the first constraint is violated
+    refs = [view.view(2, *p.shape) for view, p in zip(G.split([p.numel() for p in params], 1), params)]
+    expected = g.clone()
+    assert project_gem_(expected, G, 0.0)
+    parts = [ds.Zero2GradientPartition(_zero2_optimizer(params, world=2, rank=r)) for r in range(2)]
+    flats = [p.read() for p in parts]
+    cuts = [p.slice_rows(refs, params, torch.empty(2, p.numel)) for p in parts]
+    unprojected = [f.clone() for f in flats]
+
+    def reduce_for(rank):
+        def reduce(partial):  # this rank's partial sum plus the other's: what all_reduce_sum returns
+            other = 1 - rank
+            theirs = cuts[other] @ unprojected[other] if partial.dim() == 1 else cuts[other] @ cuts[other].T
+            return partial + theirs
+        return reduce
+
+    for rank in range(2):
+        assert project_gem_(flats[rank], cuts[rank], 0.0, reduce=reduce_for(rank))
+        parts[rank].write(flats[rank])
+    projected = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(projected, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gem", "agem"])
+def test_gem_and_agem_start_on_zero2_only_and_zero3_says_why(name, make_model, tokenizer, monkeypatch):
+    from tests.test_recipes_accelerate import _start
+
+    assert _start(name, "DeepSpeed ZeRO-2", make_model, tokenizer, monkeypatch) is None
+    for stage in (1, 3):  # ZeRO-1 does not partition gradients the way the step hook reads them
+        error = _start(name, f"DeepSpeed ZeRO-{stage}", make_model, tokenizer, monkeypatch)
+        assert error is not None and repr(name) in error and f"DeepSpeed backend with ZeRO-{stage}" in error, error
+    assert "reference gradients" in error and "use ZeRO-2" in error
+    # PackNet still edits weights after the step: refused on ZeRO-2 as before.
+    assert "not supported on the DeepSpeed backend" in _start("packnet", "DeepSpeed ZeRO-2", make_model, tokenizer,
+                                                              monkeypatch)

@@ -241,6 +241,19 @@ class Strategy:
         of the edited gradient (the one the optimizer uses).
         """
 
+    def edit_zero_gradients(self, model: nn.Module, gradients: Any) -> None:
+        """Under DeepSpeed ZeRO-2: edit this rank's partition of the reduced gradient, in place.
+
+        DeepSpeed steps its optimizer inside ``backward()``, before :meth:`edit_gradients` could
+        run, and by then each rank holds only its partition of the reduced gradient. A strategy
+        that implements this hook is called at the start of ZeRO-2's optimizer step instead (before
+        its clipping), on every rank, with a
+        :class:`~clm_hf.deepspeed_support.Zero2GradientPartition` (``read()`` / ``write()`` the
+        flat partition, ``slice_rows`` to cut whole tensors like it, ``all_reduce_sum`` for sums
+        over all coordinates); its :meth:`edit_gradients` is then not called. Implementing it is
+        what lets the trainer run the strategy on ZeRO-2 (ZeRO-3 stays refused).
+        """
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called right after ``optimizer.step()``."""
 

@@ -554,7 +554,9 @@ class EpisodicGradientStrategy(Strategy):
     """
 
     config_class = EpisodicMemoryConfig
-    needs_whole_gradients = True  # DeepSpeed runs the step in backward, before the projection could run
+    # DeepSpeed runs the step in backward, before edit_gradients could run: on ZeRO-2 the projection runs
+    # inside the step instead (edit_zero_gradients), on this rank's partition of the reduced gradient.
+    needs_whole_gradients = True
     # Under FSDP2 the gradients, references and dot products stay sharded; only K and K x K numbers are reduced.
     supports_fsdp = True
     supports_packed_rows = False  # the memory batches are padded rows, not one flattened sequence
@@ -661,6 +663,33 @@ class EpisodicGradientStrategy(Strategy):
                 p.grad = like_param(view.to(p.dtype).clone(), p)
             else:
                 local_part(p.grad).copy_(view)
+
+    def edit_zero_gradients(self, model: nn.Module, gradients: Any) -> None:
+        """Under DeepSpeed ZeRO-2: project this rank's partition of the reduced gradient (see
+        :class:`~clm_hf.deepspeed_support.Zero2GradientPartition`).
+
+        ZeRO-2 keeps whole weights, so the ``K`` reference gradients are computed as without
+        DeepSpeed, by the hook-free functional paths (``torch.func`` / detached aliases: a backward
+        through the parameters themselves would fire DeepSpeed's reduction hooks into the task's
+        gradient buckets), then cut like this rank's partition. As under FSDP2, the dot products
+        and the Gram matrix are partial sums all-reduced over the ranks, every rank solves the same
+        QP, and each projects its own partition.
+        """
+        if not self.memories:
+            return
+        bare = unwrap_model(model)
+        params = self._bind(bare, self.num_references())
+        bank = self.memory_bank(params[0].device)
+        selections = self.draw(bank, self._draw_seed())
+        self._fill_references(bare, params, None, bank=bank, selections=selections)
+        g = gradients.read()
+        refs = gradients.slice_rows(self._ref_views, params, self._refs.new_empty(self._refs.shape[0], g.numel()))
+        projected = self.project(g, refs, reduce=gradients.all_reduce_sum)
+        self.steps += 1
+        if projected is False:
+            return
+        self._projected = self._projected + projected
+        gradients.write(g)
 
     def _sharded_references(self, model: nn.Module, params: list[nn.Parameter], bank: _MemoryBank,
                             selections: list[slice | torch.Tensor]) -> None:
