@@ -26,14 +26,17 @@ both unclipped, and the clipping threshold bounds the edited ``g̃``, the step a
 
 Cost per optimizer step: the reference gradients, then ``K`` dot products ``G g`` and their copy to
 the host (for GEM; A-GEM needs no synchronisation) and, only when a constraint is violated, the
-``K x K`` Gram matrix ``G Gᵀ`` and a second small copy. With the default ``reference_method="auto"``
-on a causal LM, GEM's ``K > 1`` reference gradients take ONE vmapped forward and ONE backward over the
-``K`` memory batches stacked together (``[K, g, L]``): the work of one pass over those rows, in a
-number of kernel calls that does not grow with ``K``; with a fixed total of memory rows per step
-(``memory_batch_size ≈ rows / K``) the cost is about constant in ``K``. On CPU it measured 1.2-1.4
-times one plain forward/backward over the same rows (the ``K`` weight gradients, ``K x P`` numbers
-written instead of ``P``, are the difference). Seq2seq models use one forward/backward per past
-task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
+``K x K`` Gram matrix ``G Gᵀ`` and a second small copy. With the default ``reference_method="auto"``,
+GEM's ``K > 1`` reference gradients take ONE plain forward and ONE backward over all the ``K``
+memory batches (``"hooks"``), where every trainable weight is that of an ``nn.Linear``, GPT-2's
+``Conv1D``, an ``nn.LayerNorm`` or an ``nn.Embedding`` (GPT-2, and LoRA adapters on such layers):
+hooks record each layer's input and output gradient, and each group's weight gradient is rebuilt
+from them (``Σ dYᵀX`` over the group, one batched product per layer). With a fixed total of memory
+rows per step (``memory_batch_size ≈ rows / K``) the step at ``K = 8`` then costs about 1.03-1.04
+times the step at ``K = 1`` on CPU (docs/benchmarks.md). Other causal LMs (Llama's RMSNorm) take ONE
+vmapped forward and ONE backward over the ``K`` batches stacked together (``[K, g, L]``), 1.2-1.4
+times a plain pass over the same rows (vmap's dispatch); seq2seq models, one forward/backward per
+past task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
 ``P``-vector and the references into one ``K x P`` matrix, both allocated once per task and reused
 at every step. The reference gradients are computed on the unwrapped model (``torch.autograd`` or
 ``torch.func``), so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back; every
@@ -291,6 +294,12 @@ def reference_gradients_(
       gradients (``torch.autograd.grad(losses, grad_outputs=I_K, is_grads_batched=True)``). Fewer,
       larger kernels, but each of the ``K`` backward lanes runs over all ``K`` batches' rows (the
       others' get zero gradient), so the backward work grows as ``K²``.
+    - ``"hooks"``: the batches are stacked into ``[K, g, L]`` tensors as for ``"vmap"``, and the
+      ``K g`` rows run as ONE ordinary batch (attention mask kept) through one forward and one
+      backward that computes only the activations' gradients; the ``K`` weight gradients are
+      rebuilt from each layer's input and output gradient (:func:`_hook_reference_gradients_`).
+      Every trainable weight must belong to a layer of a known type (:func:`row_gradient_modules`,
+      else ``ValueError``).
     - ``"vmap"``: the batches are stacked into ``[K, g, L]`` tensors (``g`` the most rows of a
       batch, ``L`` the longest row; missing rows are filled with dummy rows labelled ``-100``, which
       count nothing) and ONE ``torch.func.vmap``-ped forward over the ``K`` groups, each with its
@@ -1071,6 +1080,12 @@ class GEMConfig(EpisodicMemoryConfig):
         reference_method (`str`): How the ``K`` reference gradients are computed (see
             :func:`reference_gradients_`):
 
+            - ``"hooks"``: ONE plain forward and ONE backward over all the memory rows of the step;
+              each past task's weight gradient is rebuilt from the layers' inputs and output
+              gradients. Every trainable weight must be that of an ``nn.Linear``, ``Conv1D``,
+              ``nn.LayerNorm`` or ``nn.Embedding`` (GPT-2; not Llama's RMSNorm). The first step
+              after each binding compares the result with ``"per_task"``'s, which catches a model
+              that reads one of those weights outside its layer.
             - ``"vmap"``: the ``K`` memory batches stacked into ``[K, g, L]`` tensors and ONE
               ``torch.func.vmap``-ped forward and ONE backward over them: the work of one pass
               over ``K x g`` rows in one call, so with a fixed total of memory rows per step the
@@ -1080,8 +1095,9 @@ class GEMConfig(EpisodicMemoryConfig):
               work, but ``K`` calls, whose fixed costs dominate when each has few rows.
             - ``"batched"``: one forward over all memories and one ``is_grads_batched`` backward
               (few calls, but backward work that grows as ``K²``).
-            - ``"auto"`` (default): ``"vmap"`` where it applies, else (one past task, seq2seq
-              models, left padding, or once a vmapped pass failed) ``"per_task"``.
+            - ``"auto"`` (default): from two past tasks on, ``"hooks"`` where it applies, else
+              ``"vmap"`` where it applies, else (one past task, seq2seq models, left padding, or once
+              both failed) ``"per_task"``.
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
@@ -1092,7 +1108,8 @@ class GEMConfig(EpisodicMemoryConfig):
         default=AUTO, metadata={"help": "Memory rows per task per step ('auto': half a micro-batch split over the tasks; None: all)."}
     )
     reference_method: str = field(
-        default="auto", metadata={"help": "'auto' (vmap where it applies, else per_task), 'vmap', 'per_task' or 'batched'."}
+        default="auto", metadata={"help": "'auto' (hooks, else vmap, where they apply, else per_task), 'hooks', 'vmap', "
+                                          "'per_task' or 'batched'."}
     )
 
     def validate(self) -> None:
