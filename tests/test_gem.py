@@ -89,6 +89,15 @@ def test_gem_projection_satisfies_every_constraint_and_is_closest():
     assert not project_gem_(g, G, margin=0.5) and g.tolist() == [1.0, 2.0, 0.0]
 
 
+def test_gram_matrix_in_column_blocks_equals_the_exact_product():
+    from clm_hf.strategies.gem import gram_matrix
+
+    G = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    exact = G.double() @ G.double().T
+    for block in (64, 999, 1000, 4096):  # several blocks with a short last one, one block, wider than G
+        torch.testing.assert_close(gram_matrix(G, block=block).double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_gem_margin_pushes_towards_the_memory():
     G = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([-1.0, 1.0])
