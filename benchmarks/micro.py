@@ -260,8 +260,20 @@ def gem_k_steps(model_size: str, repeats: int, many: int = 8, rows: int = 16, ba
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
+    # The projection when every constraint is violated (g = -Σ g_k), the Gram matrix formed as
+    # before (one G @ G.T) and now (gram_matrix), on the K x P references of the last pass.
+    from clm_hf.strategies.gem import gram_matrix, project_gem_
+
+    projections = {}
+    for k in (1, many):
+        refs = torch.randn(k, C.count_parameters(model, trainable_only=True), generator=torch.Generator().manual_seed(k))
+        g = -refs.sum(0)
+        projections[f"projection_violated_K{k}"] = lambda refs=refs, g=g: project_gem_(g.clone(), refs, 0.5)
+        if k == many:
+            projections[f"gram_one_product_K{k}"] = lambda refs=refs: refs @ refs.T
+            projections[f"gram_blocks_K{k}"] = lambda refs=refs: gram_matrix(refs)
     ms = alternated({"plain_step": plain, **{f"step_{n}": f for n, f in steps.items()},
-                     **{f"references_{n}": f for n, f in passes.items()}}, repeats)
+                     **{f"references_{n}": f for n, f in passes.items()}, **projections}, repeats)
     base = ms["step_K1_per_task"]
     return {"rows_per_step": rows, "many": many, "ms": ms,
             "step_vs_K1": {n: round(ms[f"step_{n}"] / base, 3) for n in steps},
