@@ -32,8 +32,9 @@ memory batches (``"hooks"``), where every trainable weight is that of an ``nn.Li
 ``Conv1D``, an ``nn.LayerNorm`` or an ``nn.Embedding`` (GPT-2, and LoRA adapters on such layers):
 hooks record each layer's input and output gradient, and each group's weight gradient is rebuilt
 from them (``Σ dYᵀX`` over the group, one batched product per layer). With a fixed total of memory
-rows per step (``memory_batch_size ≈ rows / K``) the step at ``K = 8`` then costs about 1.03-1.04
-times the step at ``K = 1`` on CPU (docs/benchmarks.md). Other causal LMs (Llama's RMSNorm) take ONE
+rows per step (``memory_batch_size ≈ rows / K``) the step at ``K = 8`` then costs about 1.0 times
+the step at ``K = 1`` on CPU without a violated constraint; with one, the projection's passes over
+the ``K x P`` references bring it to 1.2-1.3 times (docs/benchmarks.md, section 1). Other causal LMs (Llama's RMSNorm) take ONE
 vmapped forward and ONE backward over the ``K`` batches stacked together (``[K, g, L]``), 1.2-1.4
 times a plain pass over the same rows (vmap's dispatch); seq2seq models, one forward/backward per
 past task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
