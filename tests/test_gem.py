@@ -371,6 +371,16 @@ def test_hook_reference_gradients_equal_per_task_ones(count, make_model, tokeniz
         _references(make_model("llama"), batches, "hooks")
 
 
+def test_hook_reference_gradients_with_bf16_weights(make_model, tokenizer):
+    # bf16 activations and output gradients: the per-group products in bf16, written into the fp32 buffer.
+    model = make_model("gpt2").to(torch.bfloat16)
+    batches = _unequal_batches(tokenizer, 2)
+    hooked, looped = _references(model, batches, "hooks"), _references(model, batches, "per_task")
+    for a, b in zip(hooked, looped):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()) + 1e-6)
+
+
 def test_auto_hooked_references_and_projection_equal_the_vmapped_ones(conflicted):
     # GEM's default path on GPT-2 from 2 past tasks on: the references and the projected gradient
     # are those of the vmapped pass (the default before), on the same draws of memory rows.
