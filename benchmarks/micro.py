@@ -11,6 +11,9 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   without a new allocation.
 - ``gem-breakdown``: where GEM's ``edit_gradients`` spends its time (reference gradients, Gram
   product, flattening), K separate passes against one pass over the same rows and ``vmap`` over groups.
+- ``gem-k-steps``: a whole training step with GEM at K = 1 and K = 8 past tasks and 16 memory rows
+  per step split over them, the former vmapped references against the current ``"auto"`` (hooked)
+  ones, alternated, with the reference pass alone: issue 13's "K = 8 no more than 1.2x K = 1".
 - ``lwf-teacher``: a training step, with LwF's live teacher as now and as before issue 13's cuts
   (teacher logits at every position, the KL composed of autograd ops), the live teacher call
   (through ``functional_call`` and through the precomputed parameter slots of ``FunctionalModel``)
@@ -208,6 +211,73 @@ def gem_breakdown(model_size: str, repeats: int, past: int = 5, rows_per_task: i
         "flatten_gradient": timed(lambda: [v.copy_(p.grad) for v, p in zip(gem._flat_views, params)], repeats),
     }
     return {"past_tasks": past, "rows_per_task": rows_per_task, "ms": {**{k: round(v, 3) for k, v in parts.items()}, **passes}}
+
+
+def gem_k_steps(model_size: str, repeats: int, many: int = 8, rows: int = 16, batch: int = 16) -> dict[str, Any]:
+    """A whole training step with GEM at K = 1 and K = ``many`` past tasks, ``rows`` memory rows per step
+    split over them, each K with the former ``"vmap"`` references and the current ``"auto"`` ones
+    (``"hooks"`` on GPT-2), all alternated in one process; and the reference pass alone."""
+    from clm_hf.data import ContinualDataCollator
+    from clm_hf.strategies.gem import GEM
+
+    tasks = C.task_rows(many + 1, 64, 8)
+    train = tasks[-1][1]
+    train_batch = {k: torch.tensor(train[k][:batch]) for k in ("input_ids", "attention_mask", "labels")}
+
+    class _Trainer:  # what GEM reads from its trainer
+        data_collator = ContinualDataCollator(pad_token_id=C.tokenizer().pad_token_id)
+        state = None
+
+    steps, passes = {}, {}
+    for k in (1, many):
+        for method in ("vmap", "auto"):
+            if k == 1 and method == "vmap":
+                continue  # at K = 1 "auto" was and is one plain backward
+            model = C.build_model(model_size)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            gem = GEM(memory_per_task=64, memory_batch_size=max(1, rows // k), reference_method=method)
+            gem.memories = {tid: r.select_columns(["input_ids", "attention_mask", "labels"]) for tid, r in tasks[:k]}
+            gem.trainer = _Trainer()
+
+            def step(model=model, gem=gem, optimizer=optimizer) -> None:
+                model(**train_batch).loss.backward()
+                gem.edit_gradients(model)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+
+            def references(model=model, gem=gem) -> None:
+                params = gem._bind(model, k)
+                bank = gem.memory_bank(params[0].device)
+                gem._fill_references(model, params, None, bank=bank, selections=gem.draw(bank, 0))
+
+            name = f"K{k}_{gem._reference_method(model, None, k)}"
+            steps[name], passes[name] = step, references
+    model = C.build_model(model_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def plain() -> None:
+        model(**train_batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    # The projection when every constraint is violated (g = -Σ g_k), the Gram matrix formed as
+    # before (one G @ G.T) and now (gram_matrix), on the K x P references of the last pass.
+    from clm_hf.strategies.gem import gram_matrix, project_gem_
+
+    projections = {}
+    for k in (1, many):
+        refs = torch.randn(k, C.count_parameters(model, trainable_only=True), generator=torch.Generator().manual_seed(k))
+        g = -refs.sum(0)
+        projections[f"projection_violated_K{k}"] = lambda refs=refs, g=g: project_gem_(g.clone(), refs, 0.5)
+        if k == many:
+            projections[f"gram_one_product_K{k}"] = lambda refs=refs: refs @ refs.T
+            projections[f"gram_blocks_K{k}"] = lambda refs=refs: gram_matrix(refs)
+    ms = alternated({"plain_step": plain, **{f"step_{n}": f for n, f in steps.items()},
+                     **{f"references_{n}": f for n, f in passes.items()}, **projections}, repeats)
+    base = ms["step_K1_per_task"]
+    return {"rows_per_step": rows, "many": many, "ms": ms,
+            "step_vs_K1": {n: round(ms[f"step_{n}"] / base, 3) for n in steps},
+            "references_vs_K1": {n: round(ms[f"references_{n}"] / ms["references_K1_per_task"], 3) for n in steps}}
 
 
 def lwf_teacher(model_size: str, repeats: int, vocab: int = 0) -> dict[str, Any]:
@@ -411,7 +481,7 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
 
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
-         "gem-breakdown": gem_breakdown, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
+         "gem-breakdown": gem_breakdown, "gem-k-steps": gem_k_steps, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
          "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step,
          "fisher-batch-size": fisher_batch_size}
 # Cases that take ``--vocab``.

@@ -186,15 +186,23 @@ def measure_pair(
     rows_per_task: int,
     workdir: Path,
     bf16: bool = False,
+    baseline: tuple[Callable[[], list], int] | None = None,
 ) -> dict[str, Any]:
-    """Alternate plain and strategy steps on a new task after ``past`` tasks; return both step series."""
+    """Alternate plain and strategy steps on a new task after ``past`` tasks; return both step series.
+
+    ``baseline`` ``(build, past)`` replaces the plain side by that strategy after that many of the
+    same past tasks (the "plain" series are then its steps): GEM at K past tasks against GEM at 1,
+    side by side."""
     tasks = C.task_rows(past + 1, rows_per_task, seq_len)
     precision = {"bf16": True} if bf16 else {}
     strategy_trainer = C.make_trainer(C.build_model(size), build(), workdir / "strategy", batch_size=batch_size, **precision)
-    plain_trainer = C.make_trainer(C.build_model(size), [], workdir / "plain", batch_size=batch_size, **precision)
+    plain_trainer = C.make_trainer(C.build_model(size), baseline[0]() if baseline else [], workdir / "plain",
+                                   batch_size=batch_size, **precision)
     setup_start = time.perf_counter()
     for task_id, rows in tasks[:past]:
         strategy_trainer.train_task(rows, task_id=task_id)
+    for task_id, rows in tasks[: baseline[1] if baseline else 0]:
+        plain_trainer.train_task(rows, task_id=task_id)
     setup_seconds = time.perf_counter() - setup_start
     total = blocks * block_steps
     baton = Baton("strategy")  # the strategy side prepares its task (LwF cache, replay mix) first
@@ -272,7 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"Unknown strategy case(s) {unknown}; choose from {list(cases)}.")
     options = _parse_options(args.option)
-    report: dict[str, Any] = {"machine": C.machine(), "settings": vars(args).copy(), "rows": [], "gem_scaling": []}
+    report: dict[str, Any] = {"machine": C.machine(), "settings": vars(args).copy(), "rows": [], "gem_scaling": [],
+                              "gem_direct": []}
     measure = dict(blocks=args.blocks, block_steps=args.block_steps, batch_size=args.batch_size,
                    seq_len=args.seq_len, rows_per_task=args.rows_per_task, bf16=args.bf16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,6 +311,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            **summarize(pair, args.block_steps), "load_avg": C.load_average()}
                     report["gem_scaling"].append(row)
                     print(_line(row), flush=True)
+                counts = args.gem_scaling.get(size, args.gem_scaling.get("*", []))
+                for k in counts[1:] if args.gem_direct else []:
+                    # GEM at K past tasks against GEM at the first count, side by side in blocks.
+                    base_k = counts[0]
+                    sides = []
+                    for count in (k, base_k):
+                        per_task = int(rows) if kind == "per_task" else _share(int(rows), count)
+                        sides.append({"memory_batch_size": per_task, **options.get("gem", {})})
+                    pair = measure_pair(size, lambda o=sides[0]: cases["gem"]["build"](o), k,
+                                        workdir=Path(tmp) / f"{size}-gem-direct-{curve}-{k}",
+                                        baseline=(lambda o=sides[1]: cases["gem"]["build"](o), base_k), **measure)
+                    row = {"model": size, "strategy": "gem", "curve": curve, "past_tasks": k, "baseline_past_tasks": base_k,
+                           "options": sides[0], "baseline_options": sides[1], **summarize(pair, args.block_steps),
+                           "load_avg": C.load_average()}
+                    report["gem_direct"].append(row)
+                    print(f"  {size} gem K={k} vs K={base_k} ({curve}) side by side: step x{row['ratio_step']:.3f} "
+                          f"[{row['ratio_step_range'][0]:.2f}-{row['ratio_step_range'][1]:.2f}]", flush=True)
     report["machine"]["load_avg_end"] = C.load_average()
     return report
 
@@ -332,6 +358,12 @@ def to_markdown(report: dict[str, Any]) -> str:
             for r in rows:
                 lines.append(f"| {size} | {curve} | {r['past_tasks']} | {r['ratio_step']:.3f} | {r['ratio_step'] / base['ratio_step']:.3f} | "
                              f"{(r['ratio_step'] - 1) / max(base['ratio_step'] - 1, 1e-9):.3f} | {r['load_avg'][0]} |")
+    if report.get("gem_direct"):
+        lines += ["", "| model | memory rows per step | GEM past tasks K | against K | step time vs that K, side by side | "
+                      "IQR of block ratios | load avg |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["gem_direct"]:
+            lines.append(f"| {r['model']} | {r['curve']} | {r['past_tasks']} | {r['baseline_past_tasks']} | {r['ratio_step']:.3f} | "
+                         f"{r['ratio_step_range'][0]:.2f}-{r['ratio_step_range'][1]:.2f} | {r['load_avg'][0]} |")
     return "\n".join(lines)
 
 
@@ -385,6 +417,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gem-curves", default="per_task:4,total:16",
                         help="memory rows per step of each scaling curve: per_task:M (M rows of every past task) "
                              "or total:N (N rows split over the past tasks)")
+    parser.add_argument("--gem-direct", action="store_true",
+                        help="also time GEM at every later count of --gem-scaling against GEM at the first one, "
+                             "side by side in alternating blocks (not each against plain fine-tuning)")
     parser.add_argument("--option", action="append", default=[], help="strategy option, e.g. gem.memory_batch_size=8")
     parser.add_argument("--output", default="benchmarks/results/step_overhead.json")
     parser.add_argument("--plot", default="docs/gem_scaling.png")

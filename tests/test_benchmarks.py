@@ -31,7 +31,7 @@ def _load(name: str):
 def step_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("steps")
     module = _load("step_overhead")
-    report = module.main(["--quick", "--strategies", "ewc,replay", "--gem-scaling", "1,2", "--gem-curves", "per_task:1",
+    report = module.main(["--quick", "--strategies", "ewc,replay", "--gem-scaling", "1,2", "--gem-curves", "per_task:1", "--gem-direct",
                           "--output", str(tmp / "steps.json"), "--plot", str(tmp / "gem.png")])
     return report, tmp
 
@@ -43,6 +43,9 @@ def test_step_overhead_alternates_both_sides_and_plots_gem_scaling(step_report):
         assert row["ratio_step"] > 0 and row["ratio_token"] > 0 and row["blocks"] >= 1
         assert row["tokens_per_step"]["plain"] > 0 and row["tokens_per_step"]["strategy"] > 0
     assert [r["past_tasks"] for r in report["gem_scaling"]] == [1, 2]
+    # --gem-direct: K = 2 against K = 1, both GEM, side by side
+    assert [(r["past_tasks"], r["baseline_past_tasks"]) for r in report["gem_direct"]] == [(2, 1)]
+    assert report["gem_direct"][0]["ratio_step"] > 0
     assert (tmp / "gem.png").stat().st_size > 0
     assert json.loads((tmp / "steps.json").read_text())["rows"][0]["target"] == 1.03  # issue 13: EWC <= 1.03x
 

@@ -89,6 +89,15 @@ def test_gem_projection_satisfies_every_constraint_and_is_closest():
     assert not project_gem_(g, G, margin=0.5) and g.tolist() == [1.0, 2.0, 0.0]
 
 
+def test_gram_matrix_in_column_blocks_equals_the_exact_product():
+    from clm_hf.strategies.gem import gram_matrix
+
+    G = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    exact = G.double() @ G.double().T
+    for block in (64, 999, 1000, 4096):  # several blocks with a short last one, one block, wider than G
+        torch.testing.assert_close(gram_matrix(G, block=block).double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_gem_margin_pushes_towards_the_memory():
     G = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([-1.0, 1.0])
@@ -348,6 +357,71 @@ def test_vmap_references_through_the_memory_bank_equal_per_task_ones(make_model,
     torch.testing.assert_close(refs["vmap"], refs["per_task"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_hook_reference_gradients_equal_per_task_ones(count, make_model, tokenizer):
+    # One plain pass over all the groups: dummy rows, padded widths, GPT-2's broadcast position ids
+    # and its tied embedding / LM head all go through the hooks.
+    model = make_model("gpt2").train()
+    batches = _unequal_batches(tokenizer, count)
+    hooked, looped = _references(model, batches, "hooks"), _references(model, batches, "per_task")
+    for a, b in zip(hooked, looped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert model.training and not any(m._forward_hooks for m in model.modules())  # nothing left behind
+    with pytest.raises(ValueError, match="LlamaRMSNorm"):  # a layer whose gradient the hooks do not know
+        _references(make_model("llama"), batches, "hooks")
+
+
+def test_hook_reference_gradients_with_bf16_weights(make_model, tokenizer):
+    # bf16 activations and output gradients: the per-group products in bf16, written into the fp32 buffer.
+    model = make_model("gpt2").to(torch.bfloat16)
+    batches = _unequal_batches(tokenizer, 2)
+    hooked, looped = _references(model, batches, "hooks"), _references(model, batches, "per_task")
+    for a, b in zip(hooked, looped):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()) + 1e-6)
+
+
+def test_auto_hooked_references_and_projection_equal_the_vmapped_ones(conflicted):
+    # GEM's default path on GPT-2 from 2 past tasks on: the references and the projected gradient
+    # are those of the vmapped pass (the default before), on the same draws of memory rows.
+    model, memories, current = conflicted
+    results = {}
+    for method in ("vmap", "auto"):
+        gem = _armed(GEM(memory_batch_size=5), memories)
+        gem.config.reference_method = method
+        for _ in range(2):  # the second step runs without the once-per-task check
+            _set_grad(model, current)
+            gem.edit_gradients(model)
+        g = torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()])
+        results[method] = (gem._refs.clone(), g, gem.projected_steps)
+    assert gem._reference_method(model, gem._bank) == "hooks" and gem._hooks_checked
+    torch.testing.assert_close(results["auto"][0], results["vmap"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["auto"][1], results["vmap"][1], rtol=1e-5, atol=1e-7)
+    assert results["auto"][2] == results["vmap"][2] >= 1  # a projected step among them
+
+
+def test_a_weight_used_outside_its_module_is_caught_and_auto_falls_back(conflicted, caplog):
+    model, memories, current = conflicted
+    wte = model.transformer.wte
+    # The embedding matrix read directly, outside nn.Embedding's forward: the hooks cannot see that use.
+    handle = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out + wte.weight[0])
+    try:
+        refs = {}
+        for method in ("per_task", "auto"):
+            gem = _armed(GEM(reference_method=method), memories)
+            _set_grad(model, current)
+            gem.edit_gradients(model)
+            refs[method] = gem._refs.clone()
+        assert "outside its module" in caplog.text and gem._reference_method(model, gem._bank) == "vmap"
+        torch.testing.assert_close(refs["auto"], refs["per_task"], rtol=1e-5, atol=1e-5)
+        explicit = _armed(GEM(reference_method="hooks"), memories)
+        _set_grad(model, current)
+        with pytest.raises(ValueError, match="'transformer.wte.weight' differ from autograd's"):
+            explicit.edit_gradients(model)
+    finally:
+        handle.remove()
+
+
 def test_vmap_refuses_left_padding_and_auto_does_not_use_it(make_model, tokenizer):
     from clm_hf.strategies.gem import _MemoryBank
 
@@ -359,10 +433,13 @@ def test_vmap_refuses_left_padding_and_auto_does_not_use_it(make_model, tokenize
     rows = _rows(tokenizer, "reverse", 4, 1)
     with pytest.raises(ValueError, match="right-padded"):
         _references(model, [left_padded(_batch(rows))], "vmap")
-    gem = GEM()
-    assert gem._reference_method(model, _MemoryBank([rows], ContinualDataCollator(pad_token_id=0), "cpu")) == "vmap"
+    right = _MemoryBank([rows], ContinualDataCollator(pad_token_id=0), "cpu")
     bank = _MemoryBank([rows], lambda features: left_padded(_batch(features)), "cpu")
-    assert not bank.right_padded and gem._reference_method(model, bank) == "per_task"
+    llama = make_model("llama")  # its RMSNorm weights are not hookable: "auto" is vmap or per_task
+    assert GEM()._reference_method(llama, right) == "vmap"
+    assert not bank.right_padded and GEM()._reference_method(llama, bank) == "per_task"
+    gem = GEM()  # GPT-2: every trainable weight in a hookable module; the mask is kept, either side
+    assert gem._reference_method(model, right) == "hooks" and gem._reference_method(model, bank) == "hooks"
     assert gem._reference_method(model, None, 1) == "per_task"  # one past task: one plain pass
 
 
@@ -393,7 +470,8 @@ def test_auto_falls_back_to_per_task_when_vmap_fails(conflicted, monkeypatch, ca
     refs = {}
     for method in ("per_task", "auto"):
         gem = _armed(GEM(reference_method=method), memories)
-        if method == "auto":
+        if method == "auto":  # the hooked pass, then the vmapped one, fail: one backward per task
+            monkeypatch.setattr(gem_module, "_hook_reference_gradients_", broken)
             monkeypatch.setattr(gem_module, "_vmap_reference_gradients_", broken)
         _set_grad(model, current)
         gem.edit_gradients(model)

@@ -26,14 +26,18 @@ both unclipped, and the clipping threshold bounds the edited ``g̃``, the step a
 
 Cost per optimizer step: the reference gradients, then ``K`` dot products ``G g`` and their copy to
 the host (for GEM; A-GEM needs no synchronisation) and, only when a constraint is violated, the
-``K x K`` Gram matrix ``G Gᵀ`` and a second small copy. With the default ``reference_method="auto"``
-on a causal LM, GEM's ``K > 1`` reference gradients take ONE vmapped forward and ONE backward over the
-``K`` memory batches stacked together (``[K, g, L]``): the work of one pass over those rows, in a
-number of kernel calls that does not grow with ``K``; with a fixed total of memory rows per step
-(``memory_batch_size ≈ rows / K``) the cost is about constant in ``K``. On CPU it measured 1.2-1.4
-times one plain forward/backward over the same rows (the ``K`` weight gradients, ``K x P`` numbers
-written instead of ``P``, are the difference). Seq2seq models use one forward/backward per past
-task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
+``K x K`` Gram matrix ``G Gᵀ`` and a second small copy. With the default ``reference_method="auto"``,
+GEM's ``K > 1`` reference gradients take ONE plain forward and ONE backward over all the ``K``
+memory batches (``"hooks"``), where every trainable weight is that of an ``nn.Linear``, GPT-2's
+``Conv1D``, an ``nn.LayerNorm`` or an ``nn.Embedding`` (GPT-2, and LoRA adapters on such layers):
+hooks record each layer's input and output gradient, and each group's weight gradient is rebuilt
+from them (``Σ dYᵀX`` over the group, one batched product per layer). With a fixed total of memory
+rows per step (``memory_batch_size ≈ rows / K``) the step at ``K = 8`` then costs about 1.0 times
+the step at ``K = 1`` on CPU without a violated constraint; with one, the projection's passes over
+the ``K x P`` references bring it to 1.2-1.3 times (docs/benchmarks.md, section 1). Other causal LMs (Llama's RMSNorm) take ONE
+vmapped forward and ONE backward over the ``K`` batches stacked together (``[K, g, L]``), 1.2-1.4
+times a plain pass over the same rows (vmap's dispatch); seq2seq models, one forward/backward per
+past task (``"per_task"``: the same total work, in ``K`` calls). The gradient is flattened into one
 ``P``-vector and the references into one ``K x P`` matrix, both allocated once per task and reused
 at every step. The reference gradients are computed on the unwrapped model (``torch.autograd`` or
 ``torch.func``), so ``p.grad`` and DDP's hooks are left alone until ``g̃`` is written back; every
@@ -57,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
@@ -87,7 +92,7 @@ logger = logging.getLogger(__name__)
 # Row columns the memory keeps: what the model reads, nothing else (no side columns, no raw text).
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
 _MEMORY_DIR = "memory"
-REFERENCE_METHODS = ("auto", "vmap", "per_task", "batched")
+REFERENCE_METHODS = ("auto", "hooks", "vmap", "per_task", "batched")
 
 
 # --- the projections, as plain tensor functions ---------------------------------------------------
@@ -120,25 +125,29 @@ def solve_nonnegative_qp(P: torch.Tensor, q: torch.Tensor, lower: float = 0.0, *
     P = 0.5 * (P + P.T)
     if lower:
         q = q + lower * P.sum(1)
-    scale = max(float(P.abs().max()), float(q.abs().max()), 1e-300)
+    # The loop runs on NumPy arrays: on K numbers, each torch call's fixed cost (~5-10 µs, some 30
+    # per active-set change) made the solve take milliseconds at K = 8 with every constraint
+    # violated; NumPy's is a fraction of that, and LAPACK's gelsd is the same solver.
+    P_, q_ = P.numpy(), q.numpy()
+    scale = max(float(np.abs(P_).max()), float(np.abs(q_).max()), 1e-300)
     tol = 1e-12 * K * scale
     max_iter = max_iter if max_iter is not None else 10 * K + 20
-    x = torch.zeros(K, dtype=torch.float64)
-    passive = torch.zeros(K, dtype=torch.bool)
-    excluded = torch.zeros(K, dtype=torch.bool)  # numerically degenerate directions, skipped
-    w = -q  # negative gradient of the objective at x = 0
+    x = np.zeros(K)
+    passive = np.zeros(K, dtype=bool)
+    excluded = np.zeros(K, dtype=bool)  # numerically degenerate directions, skipped
+    w = -q_  # negative gradient of the objective at x = 0
     for _ in range(max_iter):
         candidates = ~passive & ~excluded & (w > tol)
-        if not bool(candidates.any()):
+        if not candidates.any():
             break
-        j = int(torch.where(candidates, w, torch.full_like(w, -torch.inf)).argmax())
+        j = int(np.where(candidates, w, -np.inf).argmax())
         passive[j] = True
         for _ in range(max_iter):
-            z = _solve_on(P, q, passive)
-            if bool((z[passive] > 0).all()):
+            z = _solve_on(P_, q_, passive)
+            if (z[passive] > 0).all():
                 x = z
                 break
-            if not bool(x[j] > 0) and not bool(z[j] > 0):
+            if not x[j] > 0 and not z[j] > 0:
                 # j cannot enter (rounding in a nearly singular P): drop it and look elsewhere.
                 passive[j], excluded[j] = False, True
                 break
@@ -146,19 +155,52 @@ def solve_nonnegative_qp(P: torch.Tensor, q: torch.Tensor, lower: float = 0.0, *
             alpha = float((x[blocking] / (x[blocking] - z[blocking])).min())
             x = x + alpha * (z - x)
             passive &= x > tol
-            x = torch.where(passive, x, torch.zeros_like(x))
-        w = -(q + P @ x)
-    return x + lower
+            x = np.where(passive, x, 0.0)
+        w = -(q_ + P_ @ x)
+    return torch.from_numpy(x + lower)
 
 
-def _solve_on(P: torch.Tensor, q: torch.Tensor, passive: torch.Tensor) -> torch.Tensor:
+def _solve_on(P: np.ndarray, q: np.ndarray, passive: np.ndarray) -> np.ndarray:
     """Unconstrained minimiser over the passive variables, the others held at 0 (least squares)."""
-    index = passive.nonzero().squeeze(1)
-    z = torch.zeros_like(q)
-    if index.numel():
-        sub = P[index][:, index]
-        z[index] = torch.linalg.lstsq(sub, -q[index].unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    index = np.flatnonzero(passive)
+    z = np.zeros_like(q)
+    if index.size:
+        z[index] = np.linalg.lstsq(P[np.ix_(index, index)], -q[index], rcond=None)[0]
     return z
+
+
+_GRAM_BLOCK = 1 << 15  # columns of G per block on CPU: 8 rows of 32768 floats (1 MiB) stay in cache
+
+
+def gram_matrix(G: torch.Tensor, block: int = _GRAM_BLOCK) -> torch.Tensor:
+    """``G Gᵀ`` for a wide ``K x P`` matrix, summed over blocks of columns on the CPU.
+
+    One ``G @ G.T`` on the CPU with ``P`` in the millions streams ``G`` from memory several times
+    and accumulates each ``P``-long dot product in float32 in a way that loses digits: on a
+    ``8 x 5M`` matrix it measured 168 ms and a relative error of 7.5e-4 (against float64), the
+    blocked sum 61 ms and 5.8e-7 (``OMP_NUM_THREADS=1``, docs/benchmarks.md section 1). On other
+    devices it is the one product (one kernel).
+
+    Args:
+        G (`torch.Tensor`): The ``K x P`` matrix.
+        block (`int`): Columns per block on the CPU.
+
+    Returns:
+        `torch.Tensor`: The ``K x K`` Gram matrix.
+
+    Example:
+
+    >>> G = torch.arange(6.0).view(2, 3)
+    >>> gram_matrix(G, block=2).tolist()
+    [[5.0, 14.0], [14.0, 50.0]]
+    """
+    if G.device.type != "cpu" or G.shape[1] <= block:
+        return G @ G.T
+    gram = G[:, :block] @ G[:, :block].T
+    for start in range(block, G.shape[1], block):
+        part = G[:, start : start + block]
+        gram.addmm_(part, part.T)
+    return gram
 
 
 def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduce: Callable[[torch.Tensor], Any] | None = None) -> bool:
@@ -196,7 +238,7 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     dots = dots.to("cpu", torch.float64)  # the first sync: K numbers
     if not bool((dots < 0).any()):
         return False
-    gram = G @ G.T
+    gram = gram_matrix(G)
     if reduce is not None:
         gram = reduce(gram)
     v = solve_nonnegative_qp(gram.to("cpu", torch.float64), dots, margin)
@@ -291,6 +333,12 @@ def reference_gradients_(
       gradients (``torch.autograd.grad(losses, grad_outputs=I_K, is_grads_batched=True)``). Fewer,
       larger kernels, but each of the ``K`` backward lanes runs over all ``K`` batches' rows (the
       others' get zero gradient), so the backward work grows as ``K²``.
+    - ``"hooks"``: the batches are stacked into ``[K, g, L]`` tensors as for ``"vmap"``, and the
+      ``K g`` rows run as ONE ordinary batch (attention mask kept) through one forward and one
+      backward that computes only the activations' gradients; the ``K`` weight gradients are
+      rebuilt from each layer's input and output gradient (:func:`_hook_reference_gradients_`).
+      Every trainable weight must belong to a layer of a known type (:func:`row_gradient_modules`,
+      else ``ValueError``).
     - ``"vmap"``: the batches are stacked into ``[K, g, L]`` tensors (``g`` the most rows of a
       batch, ``L`` the longest row; missing rows are filled with dummy rows labelled ``-100``, which
       count nothing) and ONE ``torch.func.vmap``-ped forward over the ``K`` groups, each with its
@@ -304,6 +352,9 @@ def reference_gradients_(
     All give the same gradients (up to float rounding).
     """
     with eval_mode(model), torch.enable_grad():
+        if method == "hooks":
+            modules = row_gradient_modules(model, _named(model, params))
+            return _hook_reference_gradients_(model, modules, _stack_groups(batches), out)
         if method == "vmap":
             _check_vmappable(model, _all_right_padded(batches))
             forward = FunctionalModel(model, _named(model, params))
@@ -317,7 +368,7 @@ def reference_gradients_(
                 view.zero_() if grad is None else view.copy_(grad)
             return
         if method not in ("per_task", "batched"):
-            raise ValueError(f"method must be 'per_task', 'batched' or 'vmap', got {method!r}.")
+            raise ValueError(f"method must be 'per_task', 'batched', 'vmap' or 'hooks', got {method!r}.")
         for k, batch in enumerate(batches):
             grads = torch.autograd.grad(memory_losses(model, batch)[0], params, allow_unused=True)
             for view, grad in zip(out, grads):
@@ -369,6 +420,172 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
     for copy, view in zip(copies, out):
         if copy.grad is not view:  # not accumulated in place
             view.zero_() if copy.grad is None else view.copy_(copy.grad)
+
+
+# --- reference gradients from one plain pass, grouped from the layers' inputs and output gradients --
+def _hookable_types() -> dict[type, str]:
+    """The exact module types whose weight gradient is rebuilt from the layer's input and output gradient."""
+    types: dict[type, str] = {nn.Linear: "linear", nn.Embedding: "embedding", nn.LayerNorm: "layer_norm"}
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+    except ImportError:  # pragma: no cover - transformers always has it
+        return types
+    types[Conv1D] = "conv1d"
+    return types
+
+
+def row_gradient_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module, dict[str, int]]:
+    """The modules holding the trainable ``params``, as ``{module: {"weight" | "bias": index in params}}``.
+
+    Every slot of every trainable parameter must be the ``weight`` or ``bias`` of a module of exactly
+    one of the types :func:`_hook_reference_gradients_` knows (``nn.Linear``, GPT-2's ``Conv1D``,
+    ``nn.LayerNorm``, a dense ``nn.Embedding``): their forward is known, so the gradient of the
+    weights of each group of rows can be rebuilt from the layer's input and the gradient of its output.
+
+    Args:
+        model (`nn.Module`): The (unwrapped) model.
+        params (`dict[str, nn.Parameter]`): The trainable parameters by name, in buffer order.
+
+    Returns:
+        `dict`: The modules to hook, each with the trainable parameters it holds.
+
+    Raises:
+        ValueError: Naming the first parameter held by a module of another type (a subclass too:
+            its forward may differ), or an embedding whose backward is not a plain scatter.
+
+    Example:
+
+    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model
+    >>> model = build_tiny_model("gpt2", build_tokenizer())
+    >>> named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    >>> len(row_gradient_modules(model, named)) > 0
+    True
+    """
+    types = _hookable_types()
+    index = {id(p): i for i, p in enumerate(params.values())}
+    names = list(params)
+    modules: dict[nn.Module, dict[str, int]] = {}
+    for module_name, module in unwrap_model(model).named_modules():
+        for attr, value in module._parameters.items():  # noqa: SLF001 - every slot, tied ones included
+            if value is None or id(value) not in index:
+                continue
+            where = f"{names[index[id(value)]]!r} (slot {module_name}.{attr}, a {type(module).__name__})"
+            if type(module) not in types or attr not in ("weight", "bias"):
+                raise ValueError(f"The trainable parameter {where} is not the weight or bias of an nn.Linear, Conv1D, "
+                                 "nn.LayerNorm or nn.Embedding.")
+            if type(module) is nn.Embedding and (module.max_norm is not None or module.sparse or module.scale_grad_by_freq):
+                raise ValueError(f"The embedding {where} uses max_norm, sparse or scale_grad_by_freq.")
+            modules.setdefault(module, {})[attr] = index[id(value)]
+    covered = {i for slots in modules.values() for i in slots.values()}
+    if len(covered) != len(params):
+        missing = [names[i] for i in range(len(names)) if i not in covered]
+        raise ValueError(f"The trainable parameters {missing[:3]} are not held by any module.")
+    return modules
+
+
+def _hook_reference_gradients_(model: nn.Module, modules: dict[nn.Module, dict[str, int]], stacked: dict[str, torch.Tensor],
+                               out: list[torch.Tensor], *, switch_to_eval: bool = True) -> None:
+    """The ``K`` group gradients from ONE plain forward and ONE backward over all the rows, into ``out``.
+
+    ``stacked`` holds ``[K, g, L]`` padded groups (filler rows labelled -100, as from
+    :meth:`_MemoryBank.stacked`); ``modules`` is :func:`row_gradient_modules`'s answer, whose
+    indices point into ``out``. The ``K g`` rows run through the model as one ordinary batch with
+    their attention mask (so any padding side and seq2seq models work), the loss being the sum of
+    the ``K`` group means. A forward hook records the input and the output of every call of a
+    hooked module, and the backward asks autograd for the gradients of those outputs only, not of
+    the weights: it runs the activation half of an ordinary backward. Because every group's loss
+    depends only on its own rows, group ``k``'s weight gradient is then the sum over its rows of
+    the per-layer products: for a linear layer ``Σ dYᵀX`` over the group (one batched matmul over
+    the ``K`` groups, written into the ``K x P`` buffer), for a layer norm ``Σ dY · x̂``, for an
+    embedding a scatter-add of ``dY`` at the group's token ids. The work is that of one
+    forward/backward over the ``K g`` rows whatever ``K`` is, in the same kernels as a plain pass
+    (no vmap dispatch); only the weight gradients are ``K`` times larger.
+    """
+    types = _hookable_types()
+    groups, rows = stacked["labels"].shape[:2]
+    batch = {key: value.flatten(0, 1) for key, value in stacked.items()}
+    for key in ("attention_mask", "decoder_attention_mask"):
+        if key in batch:  # filler rows count nothing, but a fully masked row may give NaN attention: unmask them
+            mask = batch[key]
+            batch[key] = torch.where(mask.bool().any(1, keepdim=True), mask, torch.ones_like(mask))
+    device = batch["labels"].device
+    group_of_row = torch.arange(groups, device=device).repeat_interleave(rows)
+    records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, int]] = []
+
+    total = groups * rows
+
+    def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        x = args[0]
+        if isinstance(output, torch.Tensor) and x.shape[0] == 1 and output.shape[0] == 1 and total > 1:
+            # One row broadcast over the batch (GPT-2's position ids): the model gets it expanded
+            # instead (the same numbers), so that its gradient comes back row by row.
+            x, output = x.expand(total, *x.shape[1:]), output.expand(total, *output.shape[1:])
+            records.append((module, x, output, x._version, output._version))
+            return output
+        records.append((module, x, output, x._version, getattr(output, "_version", 0)))
+        return None
+
+    handles = [module.register_forward_hook(record) for module in modules]
+    try:
+        with _maybe_eval(model, switch_to_eval), torch.enable_grad():
+            losses = memory_losses(model, batch, group_of_row, groups)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module, x, y, x_version, y_version in records:
+        if not isinstance(y, torch.Tensor) or x.shape[0] != total or y.shape[0] != total or not y.requires_grad:
+            raise ValueError(f"A {type(module).__name__} was called on tensors that are not [rows, ...] batches.")
+        if x._version != x_version or y._version != y_version:
+            raise ValueError(f"The input or output of a {type(module).__name__} was changed in place.")
+    grads = torch.autograd.grad(losses.sum(), [r[2] for r in records], allow_unused=True)
+    written = [False] * len(out)
+
+    def put(i: int, value: torch.Tensor) -> None:
+        if written[i]:  # a tied weight: its second use adds
+            out[i].add_(value)
+        else:
+            out[i].copy_(value)
+            written[i] = True
+
+    with torch.no_grad():  # the inputs are activations of the graph: no graph for the products
+        for (module, x, _, _, _), dy in zip(records, grads):
+            if dy is None:
+                continue
+            slots, kind = modules[module], types[type(module)]
+            if kind == "embedding":
+                if "weight" not in slots:
+                    continue
+                i = slots["weight"]
+                if not written[i]:
+                    out[i].zero_()
+                    written[i] = True
+                ids = x.reshape(groups, -1)
+                dy = dy.reshape(groups, ids.shape[1], -1)
+                if module.padding_idx is not None:  # F.embedding gives the padding row no gradient
+                    dy = dy.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+                lanes = torch.arange(groups, device=ids.device).unsqueeze(1).expand_as(ids)
+                out[i].index_put_((lanes.flatten(), ids.flatten()), dy.flatten(0, 1).to(out[i].dtype), accumulate=True)
+                continue
+            if x.dtype != dy.dtype:  # autocast: the product in float32
+                x, dy = x.float(), dy.float()
+            dy = dy.reshape(groups, -1, dy.shape[-1])
+            if kind == "layer_norm":
+                shape = tuple(module.normalized_shape)
+                if "weight" in slots:
+                    normalized = F.layer_norm(x, shape, None, None, module.eps).reshape(groups, -1, *shape)
+                    put(slots["weight"], (dy.view(groups, -1, *shape) * normalized).sum(1))
+                if "bias" in slots:
+                    put(slots["bias"], dy.view(groups, -1, *shape).sum(1))
+                continue
+            if "weight" in slots:
+                x = x.reshape(groups, -1, x.shape[-1])
+                # nn.Linear's weight is [out, in] (dYᵀX), Conv1D's [in, out] (XᵀdY).
+                put(slots["weight"], torch.bmm(dy.transpose(1, 2), x) if kind == "linear" else torch.bmm(x.transpose(1, 2), dy))
+            if "bias" in slots:
+                put(slots["bias"], dy.sum(1))
+    for i, done in enumerate(written):
+        if not done:  # no path from the loss: zero, as autograd's allow_unused gives
+            out[i].zero_()
 
 
 def _maybe_eval(model: nn.Module, switch: bool):
@@ -574,6 +791,10 @@ class EpisodicGradientStrategy(Strategy):
         self._ref_views: list[torch.Tensor] = []
         self._batched = True
         self._vmap = True  # False once a vmapped pass failed ("auto" then uses "per_task")
+        # "hooks": (model, the modules to hook or the reason they cannot be) and whether the pass
+        # was checked against autograd's gradients once since the last binding.
+        self._hook_plan: tuple[nn.Module, dict[nn.Module, dict[str, int]] | str] | None = None
+        self._hooks_checked = False
         self._forward: FunctionalModel | None = None  # the model as a function, for "vmap" and "per_task"
         # Detached aliases of the trainable parameters (leaves sharing their storage) whose ``.grad``
         # are the reference buffers' views: a backward through them writes the reference gradients
@@ -628,6 +849,7 @@ class EpisodicGradientStrategy(Strategy):
             offset += n
         self._binding = (model, params, num_refs)
         self._forward = None
+        self._hook_plan, self._hooks_checked = None, False
         self._sharded = any(is_dtensor(p) for p in params)
         self._aliases = [] if self._sharded else [p.detach().requires_grad_() for p in params]
         # A model that checkpoints activations in training mode keeps the switch too: eval mode
@@ -723,7 +945,9 @@ class EpisodicGradientStrategy(Strategy):
         """The method the configured ``reference_method`` resolves to for this model and memory."""
         method = getattr(self.config, "reference_method", "per_task")
         if method == "auto":
-            # One group is one plain pass either way, without vmap's dispatch overhead.
+            # One group is one plain pass either way, without the grouping's overhead.
+            if num_groups > 1 and isinstance(self._row_modules(model), dict):
+                return "hooks"
             usable = num_groups > 1 and self._vmap and not is_seq2seq(model) and (bank is None or bank.right_padded)
             return "vmap" if usable else "per_task"
         if method == "batched" and not self._batched:
@@ -741,6 +965,22 @@ class EpisodicGradientStrategy(Strategy):
     ) -> None:
         """Fill the ``K x P`` references from ``batches``, or from ``selections`` of ``bank``."""
         method = self._reference_method(model, bank, len(batches if batches is not None else selections))
+        if method == "hooks":
+            try:
+                modules = self._row_modules(model, params)
+                if isinstance(modules, str):
+                    raise ValueError(modules)
+                stacked = bank.stacked(selections) if bank is not None else _stack_groups(batches)
+                _hook_reference_gradients_(model, modules, stacked, self._ref_views, switch_to_eval=self._dropout)
+                if not self._hooks_checked:
+                    self._check_hook_references(model, params, batches, bank, selections)
+                return None
+            except Exception as err:  # noqa: BLE001 - any model the hooks do not fit falls back
+                if getattr(self.config, "reference_method", None) == "hooks":
+                    raise
+                logger.warning("%s: the hooked reference pass failed (%s); using the vmapped or per-task one.", self.name, err)
+                self._hook_plan = (model, str(err))
+                method = self._reference_method(model, bank, len(batches if batches is not None else selections))
         if method == "vmap":
             try:
                 _check_vmappable(model, bank.right_padded if bank is not None else _all_right_padded(batches))
@@ -763,6 +1003,38 @@ class EpisodicGradientStrategy(Strategy):
                 logger.warning("%s: the batched backward failed (%s); using one backward per task.", self.name, err)
                 self._batched = False
         reference_gradients_(model, params, batches, self._ref_views, method="per_task")
+
+    def _row_modules(self, model: nn.Module, params: list[nn.Parameter] | None = None) -> dict[nn.Module, dict[str, int]] | str:
+        """:func:`row_gradient_modules` of ``model`` (cached), or why it does not apply, as a string."""
+        if self._hook_plan is None or self._hook_plan[0] is not model:
+            named = _named(model, params) if params is not None else trainable_parameters(model)
+            try:
+                self._hook_plan = (model, row_gradient_modules(model, named))
+            except ValueError as err:
+                self._hook_plan = (model, str(err))
+        return self._hook_plan[1]
+
+    def _check_hook_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]] | None,
+                               bank: _MemoryBank | None, selections: list[slice | torch.Tensor] | None) -> None:
+        """Compare the hooked references with autograd's own (one backward per task), once per binding.
+
+        The hooks see a weight only where its module's forward uses it: a model that also reads a
+        hooked weight directly (``hidden @ module.weight.T`` outside the module) would lose that
+        part of the gradient without notice. This comparison at the first step of every task turns
+        that into a ``ValueError`` (and ``"auto"`` into the vmapped or per-task pass)."""
+        if batches is None:
+            batches = [bank.batch(rows) for rows in selections]
+        expected = [torch.empty_like(view) for view in self._ref_views]
+        reference_gradients_(model, params, batches, expected, method="per_task")
+        exact = all(p.dtype in (torch.float32, torch.float64) for p in params)
+        tolerance = 1e-3 if exact else 5e-2  # float32 rounding, or that of 16-bit weights and activations
+        names = list(_named(model, params))
+        for name, got, want in zip(names, self._ref_views, expected):
+            error = float((got - want).norm())
+            if not error <= tolerance * float(want.norm()) + 1e-7:
+                raise ValueError(f"the hooked reference gradients of {name!r} differ from autograd's (error {error:.3g}, "
+                                 f"norm {float(want.norm()):.3g}): the model uses it outside its module.")
+        self._hooks_checked = True
 
     def _functional(self, model: nn.Module, params: list[nn.Parameter]) -> FunctionalModel:
         if self._forward is None or self._forward.model is not model:
@@ -876,6 +1148,12 @@ class GEMConfig(EpisodicMemoryConfig):
         reference_method (`str`): How the ``K`` reference gradients are computed (see
             :func:`reference_gradients_`):
 
+            - ``"hooks"``: ONE plain forward and ONE backward over all the memory rows of the step;
+              each past task's weight gradient is rebuilt from the layers' inputs and output
+              gradients. Every trainable weight must be that of an ``nn.Linear``, ``Conv1D``,
+              ``nn.LayerNorm`` or ``nn.Embedding`` (GPT-2; not Llama's RMSNorm). The first step
+              after each binding compares the result with ``"per_task"``'s, which catches a model
+              that reads one of those weights outside its layer.
             - ``"vmap"``: the ``K`` memory batches stacked into ``[K, g, L]`` tensors and ONE
               ``torch.func.vmap``-ped forward and ONE backward over them: the work of one pass
               over ``K x g`` rows in one call, so with a fixed total of memory rows per step the
@@ -885,8 +1163,9 @@ class GEMConfig(EpisodicMemoryConfig):
               work, but ``K`` calls, whose fixed costs dominate when each has few rows.
             - ``"batched"``: one forward over all memories and one ``is_grads_batched`` backward
               (few calls, but backward work that grows as ``K²``).
-            - ``"auto"`` (default): ``"vmap"`` where it applies, else (one past task, seq2seq
-              models, left padding, or once a vmapped pass failed) ``"per_task"``.
+            - ``"auto"`` (default): from two past tasks on, ``"hooks"`` where it applies, else
+              ``"vmap"`` where it applies, else (one past task, seq2seq models, left padding, or once
+              both failed) ``"per_task"``.
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
     """
 
@@ -897,7 +1176,8 @@ class GEMConfig(EpisodicMemoryConfig):
         default=AUTO, metadata={"help": "Memory rows per task per step ('auto': half a micro-batch split over the tasks; None: all)."}
     )
     reference_method: str = field(
-        default="auto", metadata={"help": "'auto' (vmap where it applies, else per_task), 'vmap', 'per_task' or 'batched'."}
+        default="auto", metadata={"help": "'auto' (hooks, else vmap, where they apply, else per_task), 'hooks', 'vmap', "
+                                          "'per_task' or 'batched'."}
     )
 
     def validate(self) -> None:
