@@ -57,6 +57,8 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     # No margin: the dual variable is -g·g_ref / |g_ref|², so the projection depends on both reduced
     # sums (with the margin 0.5 the bound is active here and only the decision depends on them).
     "gem-nomargin": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
+    # Two past tasks at the third: GEM's "auto" references take the hooked pass (one batch over both groups).
+    "gem-3tasks": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
     "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
     "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
     "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
@@ -75,9 +77,9 @@ NUM_TRAIN = 8  # rows per task: one optimizer step per epoch with a global batch
 NUM_EVAL = 4  # eval rows per task: 2 per rank when 2 ranks split them
 # Epochs of the first task, where the default (--epochs) is not enough: GEM and A-GEM only project
 # once the first task is learned well enough for the second one's gradient to conflict with it.
-FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "agem": 20}
+FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "gem-3tasks": 20, "agem": 20}
 # Runs that need more than the --tasks stream.
-TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort"}
+TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort", "gem-3tasks": "copy,reverse,sort"}
 # Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
 ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 
