@@ -62,23 +62,39 @@ def pytest_cmdline_main(config):
     return None
 
 
-# Seconds each long file takes on one worker (a full run on 2 cores, 2 workers), so that xdist
+# Seconds each long file took (its tests' setup + call + teardown) in a full run on 2 cores with
+# 2 workers while other jobs kept the load at 6-8 (slower than on an idle machine), so that xdist
 # starts the longest files first and the short ones fill in at the end (longest-first scheduling):
 # by default xdist orders files by their number of tests, which put the files of a few long tests
 # (one fixture that trains for minutes) last, on one worker while the other had nothing left to run.
 # Only the order matters; a file missing here runs after these (a test checks that each one exists).
 FILE_SECONDS: dict[str, float] = {
-    "tests/test_forgetting.py": 270,  # the quality runs: two processes of their own
-    "tests/test_docs_examples.py": 170,
-    "tests/test_deepspeed_zero3.py": 130,
-    "tests/test_crash_resume.py": 110,
-    "tests/test_fsdp.py": 100,
-    "tests/test_fsdp_checkpoint.py": 75,
-    "tests/test_crash_soak.py": 65,
-    "tests/test_nl_stream.py": 50,
-    "tests/test_fsdp_crash_resume.py": 50,
-    "tests/test_deepspeed.py": 40,
-    "tests/test_distributed.py": 40,
+    "tests/test_docs_examples.py": 1116,
+    "tests/test_forgetting.py": 621,  # the quality runs, on two processes of their own
+    "tests/test_layouts.py": 320,
+    "tests/test_crash_resume.py": 238,
+    "tests/test_nl_stream.py": 236,
+    "tests/test_fsdp.py": 232,
+    "tests/test_trl.py": 215,
+    "tests/test_strategies_common.py": 204,
+    "tests/test_crash_soak.py": 201,
+    "tests/test_compat_matrix.py": 177,
+    "tests/test_gem.py": 140,
+    "tests/test_cli.py": 130,
+    "tests/test_distributed.py": 94,
+    "tests/test_trainer.py": 88,
+    "tests/test_lwf.py": 87,
+    "tests/test_run_folder.py": 83,
+    "tests/test_deepspeed_zero3.py": 82,
+    "tests/test_pnn.py": 80,
+    "tests/test_trainer_evaluate.py": 79,
+    "tests/test_packnet.py": 68,
+    "tests/test_fsdp_checkpoint.py": 62,
+    "tests/test_fsdp_crash_resume.py": 53,
+    "tests/test_generation_eval.py": 46,
+    "tests/test_benchmarks.py": 41,
+    "tests/test_peft.py": 41,
+    "tests/test_reference_sets.py": 41,
 }
 
 
