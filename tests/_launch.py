@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,13 +113,91 @@ def launch(out: Path, name: str, runs: list[str], flags: list[str], *, processes
     return out
 
 
-def launch_pair(out: Path, runs: list[str], flags: list[str], env: dict[str, str] | None = None) -> Path:
+def launch_pair(out: Path, runs: list[str], flags: list[str], env: dict[str, str] | None = None, *,
+                shared: pytest.TempPathFactory | None = None) -> Path:
     """Run ``runs`` with ``flags`` under torchrun (2 ranks, batch 4) into ``out/two``, and plainly into ``out/one``.
 
     ``env`` adds environment variables to both launches (``CLM_DRIVER_SAVE=1``: write continual checkpoints).
+    With ``shared`` (the session's ``tmp_path_factory``) and no ``env``, ``out/one`` links to the session's
+    one-process runs (:func:`one_process_reference`), computed once for every file that needs them.
     """
     launch(out, "two", runs, flags, processes=2, env=env)
+    if shared is not None and not env:
+        (out / "one").symlink_to(one_process_reference(shared, runs))
+        return out
     return launch(out, "one", runs, [], processes=1, env=env)
+
+
+def _session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every pytest-xdist worker of this session sees: the parent of a worker's base temp folder
+    (``<session>/popen-gwN``), or the base temp folder itself in one process."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def one_process_reference(tmp_path_factory: pytest.TempPathFactory, runs: list[str], *, timeout: float = 900) -> Path:
+    """The unsharded reference of ``runs`` (``tests/distributed_driver.py --batch 8``, one process, no flags, no
+    extra environment), computed once per test session and shared by the files and xdist workers that need it.
+
+    ``tests/test_distributed.py``, ``test_fsdp.py`` and ``test_deepspeed.py`` compare their sharded launches with
+    the same one-process runs; each run builds its own seeded model and stream, so a run's dumps do not depend
+    on the other runs of its launch (checked: identical bit for bit whatever the launch's list). A run is
+    computed under a file lock of its own (pytest-xdist's documented pattern for session-wide data), in a
+    staging folder renamed into place once its launch succeeded: a worker launches the missing runs it can
+    lock, in one process, and waits for the runs another worker is computing (and computes them itself if
+    that launch failed).
+
+    Args:
+        tmp_path_factory: the session's ``tmp_path_factory``.
+        runs: names of ``tests/distributed_driver.py`` RUNS.
+        timeout: seconds to wait, in all, for runs another worker computes.
+
+    Returns:
+        A folder holding ``<run>/rank0/task<i>_<before|after>.pt`` and ``<run>/rank0/results.pt`` for each run.
+
+    Example:
+
+    >>> one = one_process_reference(tmp_path_factory, ["plain", "ewc"])  # doctest: +SKIP
+    >>> load_dump(one, "ewc", 0, 1, "after")["world_size"]  # doctest: +SKIP
+    1
+    """
+    from filelock import FileLock, Timeout  # a dependency of datasets and huggingface_hub
+
+    root = _session_folder(tmp_path_factory) / "one-process-reference"
+    (root / "one").mkdir(parents=True, exist_ok=True)
+
+    def missing() -> list[str]:
+        return [run for run in dict.fromkeys(runs) if not (root / "one" / run).is_dir()]
+
+    deadline = time.monotonic() + timeout
+    while todo := missing():
+        held, mine = [], []
+        try:
+            for run in todo:
+                lock = FileLock(str(root / f"{run}.lock"))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # another worker is running it
+                held.append(lock)
+                if not (root / "one" / run).is_dir():  # it may have been finished since todo was listed
+                    mine.append(run)
+            if mine:
+                staging = Path(tempfile.mkdtemp(prefix="staging-", dir=root))
+                launch(staging, "one", mine, [], processes=1)
+                for run in mine:
+                    os.replace(staging / "one" / run, root / "one" / run)
+        finally:
+            for lock in held:
+                lock.release()
+        if not mine and (todo := missing()):
+            left = deadline - time.monotonic()
+            try:  # the first run another worker holds: returns once that launch ended, done or failed
+                with FileLock(str(root / f"{todo[0]}.lock"), timeout=max(left, 0)):
+                    pass
+            except Timeout:
+                pytest.fail(f"the one-process runs {todo} of another worker did not finish in {timeout:.0f} s")
+    return root / "one"
 
 
 def assert_ranks_match_one_process(out: Path, run: str, *, tasks: tuple[int, ...] = (0, 1)) -> None:

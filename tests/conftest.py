@@ -62,6 +62,82 @@ def pytest_cmdline_main(config):
     return None
 
 
+# Seconds each long file took (its tests' setup + call + teardown) in a full run on 2 cores with
+# 2 workers while other jobs kept the load at 6-8 (slower than on an idle machine), so that xdist
+# starts the longest files first and the short ones fill in at the end (longest-first scheduling):
+# by default xdist orders files by their number of tests, which put the files of a few long tests
+# (one fixture that trains for minutes) last, on one worker while the other had nothing left to run.
+# Only the order matters; a file missing here runs after these (a test checks that each one exists).
+FILE_SECONDS: dict[str, float] = {
+    "tests/test_docs_examples.py": 1116,
+    "tests/test_forgetting.py": 621,  # the quality runs, on two processes of their own
+    "tests/test_layouts.py": 320,
+    "tests/test_crash_resume.py": 238,
+    "tests/test_nl_stream.py": 236,
+    "tests/test_fsdp.py": 232,
+    "tests/test_trl.py": 215,
+    "tests/test_strategies_common.py": 204,
+    "tests/test_crash_soak.py": 201,
+    "tests/test_compat_matrix.py": 177,
+    "tests/test_gem.py": 140,
+    "tests/test_cli.py": 130,
+    "tests/test_distributed.py": 94,
+    "tests/test_trainer.py": 88,
+    "tests/test_lwf.py": 87,
+    "tests/test_run_folder.py": 83,
+    "tests/test_deepspeed_zero3.py": 82,
+    "tests/test_pnn.py": 80,
+    "tests/test_trainer_evaluate.py": 79,
+    "tests/test_packnet.py": 68,
+    "tests/test_fsdp_checkpoint.py": 62,
+    "tests/test_fsdp_crash_resume.py": 53,
+    "tests/test_generation_eval.py": 46,
+    "tests/test_benchmarks.py": 41,
+    "tests/test_peft.py": 41,
+    "tests/test_reference_sets.py": 41,
+}
+
+
+def heaviest_first(files: dict[str, dict[str, bool]]) -> list[str]:
+    """The order in which xdist hands out whole files: the longest of :data:`FILE_SECONDS` first, then
+    the rest by number of tests (xdist's own order), each group in collection order.
+
+    Args:
+        files: ``{file: {test node id: done}}``, xdist's work queue of one file per unit.
+
+    Example:
+
+    >>> heaviest_first({"tests/a.py": {"a1": False}, "tests/test_forgetting.py": {"f1": False},
+    ...                 "tests/b.py": {"b1": False, "b2": False}})[:1]
+    ['tests/test_forgetting.py']
+    """
+    return sorted(files, key=lambda name: (-FILE_SECONDS.get(name, 0.0), -len(files[name])))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (this suite's default, see :func:`pytest_cmdline_main`) with the files in
+    :func:`heaviest_first` order; any other ``--dist`` is xdist's own."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class HeaviestFirst(LoadFileScheduling):
+        _ordered = False
+
+        def _assign_work_unit(self, node):
+            # schedule() fills the queue, then assigns the first files: reorder it once, right there.
+            if not self._ordered:
+                self._ordered = True
+                order = heaviest_first(self.workqueue)
+                queue = [(name, self.workqueue[name]) for name in order]
+                self.workqueue.clear()
+                self.workqueue.update(queue)
+            super()._assign_work_unit(node)
+
+    return HeaviestFirst(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _logging_enabled_again():
     """Benchmarks run in-process call ``logging.disable`` and quiet transformers (and turn off the

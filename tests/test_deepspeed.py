@@ -25,7 +25,7 @@ ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora", "gem", "gem-nomargin",
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
-    return launch_pair(tmp_path_factory.mktemp("zero2"), ZERO2, ["--deepspeed", "2"])
+    return launch_pair(tmp_path_factory.mktemp("zero2"), ZERO2, ["--deepspeed", "2"], shared=tmp_path_factory)
 
 
 @pytest.mark.parametrize("run", ZERO2)

@@ -16,17 +16,16 @@ The checks:
   gradients: the 2-rank Fisher equals the 1-process Fisher on the same rows, and differs from
   the square of the rank-averaged gradient.
 
-Launched once per session (about a minute of wall time on 2 cores for both launches together).
+Launched once per session (about a minute of wall time on 2 cores for both launches together); the one-process
+runs are shared with test_fsdp.py and test_deepspeed.py (``tests._launch.one_process_reference``).
 """
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-from tests._launch import ATOL, load_dump, same, start_logged, torchrun, wait_logged
+from tests._launch import ATOL, load_dump, one_process_reference, same, start_logged, torchrun, wait_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -39,20 +38,17 @@ RUNS = [*EQUIVALENT, "ewc-true"]
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    runs = ",".join(RUNS)
-    commands = {"two": torchrun(2, "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4", "--runs", runs),
-                "one": [sys.executable, "-m", "tests.distributed_driver", str(out / "one"), "--batch", "8", "--runs", runs]}
-    processes = {name: start_logged(command, out / f"{name}.log") for name, command in commands.items()}
+    command = torchrun(2, "-m", "tests.distributed_driver", str(out / "two"), "--batch", "4", "--runs", ",".join(RUNS))
+    two = start_logged(command, out / "two.log")
     try:
-        codes = {name: wait_logged(process, out / f"{name}.log", timeout=900) for name, process in processes.items()}
+        # Meanwhile the one-process runs, shared with test_fsdp.py and test_deepspeed.py (computed once a session).
+        (out / "one").symlink_to(one_process_reference(tmp_path_factory, RUNS))
+        code = wait_logged(two, out / "two.log", timeout=900)
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-    for name, code in codes.items():
-        if code != 0:
-            tail = (out / f"{name}.log").read_text()[-6000:]
-            pytest.fail(f"the {name}-process launch failed with exit code {code}:\n{tail}")
+        if two.poll() is None:
+            two.kill()
+    if code != 0:
+        pytest.fail(f"the two-process launch failed with exit code {code}:\n{(out / 'two.log').read_text()[-6000:]}")
     return out
 
 

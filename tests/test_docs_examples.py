@@ -238,6 +238,35 @@ def shell_commands(example: Example) -> list[list[str] | dict[str, str]]:
     return commands
 
 
+def distinct_commands(commands: list[list[str] | dict[str, str]]) -> list[list[str] | dict[str, str]]:
+    """``commands`` without a command that parses (``clm-hf``'s own parser) to one already listed before it
+    under the same ``export`` lines: run in the same folder, it would repeat that run (quickstart.md lists
+    ``clm-hf demo`` and the same demo with its default options spelt out).
+
+    Args:
+        commands: what :func:`shell_commands` returns for one block.
+
+    Example:
+
+    >>> distinct_commands([["demo", "--quick"], ["demo", "--strategies", "plain,replay,ewc", "--quick"]])
+    [['demo', '--quick']]
+    """
+    from clm_hf.cli import _parser
+
+    seen, kept, exported = set(), [], {}
+    for command in commands:
+        if isinstance(command, dict):
+            exported = {**exported, **command}
+        else:
+            args, extra = _parser().parse_known_args(command)
+            key = (repr(sorted(vars(args).items())), tuple(extra), repr(sorted(exported.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(command)
+    return kept
+
+
 def _shell_params() -> list[Any]:
     return [pytest.param(e, id=e.name, marks=[pytest.mark.skip(reason=f"fragment: {e.fragment}")] if e.fragment else [])
             for e in EXAMPLES if e.lang == "bash"]
@@ -256,7 +285,7 @@ def test_shell_example_runs(example: Example, tmp_path_factory, monkeypatch):
         (_folders[example.path] / "recipes").symlink_to(ROOT / "recipes")
     offline = _enter(_folders[example.path], monkeypatch)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for argv in commands:
+    for argv in distinct_commands(commands):
         if isinstance(argv, dict):  # an `export` line: $PWD is the page's folder
             env.update({k: v.replace("$PWD", str(offline)) for k, v in argv.items()})
             continue
@@ -265,3 +294,14 @@ def test_shell_example_runs(example: Example, tmp_path_factory, monkeypatch):
         assert done.returncode == 0, f"clm-hf {' '.join(argv)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     if any(isinstance(argv, list) and argv[0] == "train" for argv in commands):
         assert list(offline.glob("runs/*/results.json")), "clm-hf train wrote no results.json"
+
+
+def test_a_shell_block_runs_a_command_once_however_it_is_spelt():
+    """quickstart.md's demo block: ``clm-hf demo`` and the same demo with its defaults spelt out run once;
+    another option (``--strategy ewc``) and a different export still run."""
+    block = next(e for e in EXAMPLES if e.path.name == "quickstart.md" and e.lang == "bash" and "clm-hf demo" in e.code)
+    commands = shell_commands(block)
+    assert [c[:1] + [a for a in c[1:] if a.startswith("--strateg")] for c in distinct_commands(commands)] == [
+        ["demo"], ["demo", "--strategy"]], commands
+    again = [["demo", "--quick"], {"MLFLOW_EXPERIMENT_NAME": "x"}, ["demo", "--quick"], ["demo", "--quick", "--strategy", "ewc"]]
+    assert distinct_commands(again) == again

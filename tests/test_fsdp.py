@@ -37,7 +37,7 @@ RUNS = {"plain": None, "replay": "replay", "ewc": "ewc", "ewc-true": "ewc", "ewc
 
 @pytest.fixture(scope="module")
 def fsdp_launches(tmp_path_factory):
-    return launch_pair(tmp_path_factory.mktemp("fsdp"), list(RUNS), ["--fsdp"])
+    return launch_pair(tmp_path_factory.mktemp("fsdp"), list(RUNS), ["--fsdp"], shared=tmp_path_factory)
 
 
 @pytest.mark.parametrize("run", list(RUNS))

@@ -7,6 +7,7 @@ that decide the workers (this suite's, then xdist's) in pytest's own order; no w
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from _pytest.config import _prepareconfig
@@ -71,3 +72,109 @@ def test_a_hung_launch_is_killed_with_its_processes_stacks_in_its_log(tmp_path):
     if shutil.which("pgrep"):
         alive = subprocess.run(["pgrep", "-f", "child_sleeps"], capture_output=True, text=True).stdout.split()
         assert not alive, f"the launch's child outlived the kill: {alive}"
+
+
+class _Worker:
+    """What xdist's scheduler uses of a worker: an id, it receives test indexes and may be shut down."""
+
+    shutting_down = False
+
+    def __init__(self, name: str) -> None:
+        self.gateway = type("Gateway", (), {"id": name})()
+
+    def send_runtest_some(self, indexes):
+        pass
+
+    def shutdown(self):
+        self.shutting_down = True
+
+
+def test_xdist_hands_out_the_longest_files_first(monkeypatch):
+    """The files of a few long tests start first, one per worker, instead of last (xdist's own order goes
+    by number of tests); files without a measured time follow in xdist's order."""
+    pytest.importorskip("xdist")
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "FILE_SECONDS", {"tests/long.py": 300.0, "tests/mid.py": 60.0})
+    collection = ["tests/short.py::a", "tests/short.py::b", "tests/short.py::c", "tests/mid.py::m", "tests/long.py::l",
+                  *(f"tests/many.py::t{i}" for i in range(4))]
+    config = _prepareconfig(["tests/test_suite_setup.py", "-p", "no:cacheprovider", "-n", "2"])
+    try:
+        for hook in reversed(config.hook.pytest_cmdline_main.get_hookimpls()):
+            if hook.plugin_name.endswith("conftest.py") or hook.plugin_name == "xdist":
+                hook.function(config=config)
+        assert config.option.dist == "loadfile"
+        scheduler = conftest.pytest_xdist_make_scheduler(config, None)
+        workers = [_Worker("gw0"), _Worker("gw1")]
+        for worker in workers:
+            scheduler.add_node(worker)
+        for worker in workers:
+            scheduler.add_node_collection(worker, collection)
+        scheduler.schedule()
+        assigned = [list(scheduler.assigned_work[worker]) for worker in workers]
+        assert assigned == [["tests/long.py", "tests/many.py"], ["tests/mid.py", "tests/short.py"]], assigned
+        config.option.dist = "load"
+        assert conftest.pytest_xdist_make_scheduler(config, None) is None  # an explicit --dist is xdist's own
+    finally:
+        config._ensure_unconfigure()
+
+
+def test_every_file_with_a_measured_time_exists():
+    """A renamed or removed file in FILE_SECONDS would silently lose its place at the front."""
+    from tests.conftest import FILE_SECONDS
+
+    root = Path(__file__).resolve().parents[1]
+    assert FILE_SECONDS, "no measured file times: xdist would order the files by their number of tests"
+    missing = [name for name in FILE_SECONDS if not (root / name).is_file()]
+    assert not missing, f"tests/conftest.py FILE_SECONDS names files that do not exist: {missing}"
+
+
+def test_one_process_reference_runs_each_run_once_per_session(tmp_path, monkeypatch):
+    """tests/_launch.one_process_reference: a run is launched once, whichever file asks first; a run another
+    worker holds (its lock) is waited for, not launched again; a run whose launch failed is launched anew."""
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    import tests._launch as launching
+
+    launched: list[list[str]] = []
+
+    def fake_launch(out, name, runs, flags, *, processes, env=None):
+        assert (name, flags, processes, env) == ("one", [], 1, None)
+        launched.append(list(runs))
+        if "broken" in runs and launched.count(list(runs)) == 1:
+            pytest.fail("the launch failed")
+        for run in runs:
+            (out / name / run / "rank0").mkdir(parents=True)
+        return out
+
+    monkeypatch.setattr(launching, "launch", fake_launch)
+    # Not the session's folder: the real reference runs of test_distributed.py and the like live there.
+    monkeypatch.setattr(launching, "_session_folder", lambda factory: tmp_path)
+    tmp_path_factory = None
+    one = launching.one_process_reference(tmp_path_factory, ["plain", "ewc"])
+    assert launching.one_process_reference(tmp_path_factory, ["ewc", "gem", "plain"]) == one
+    assert launched == [["plain", "ewc"], ["gem"]]
+    assert sorted(p.name for p in one.iterdir()) == ["ewc", "gem", "plain"]
+
+    # "lwf" is being computed by another worker: this one launches "pnn" and waits for "lwf".
+    other = FileLock(str(one.parent / "lwf.lock"))
+    other.acquire()
+    done: list[Path] = []
+    waiting = threading.Thread(target=lambda: done.append(launching.one_process_reference(tmp_path_factory, ["pnn", "lwf"])))
+    waiting.start()
+    for _ in range(300):
+        if launched[-1] == ["pnn"]:
+            break
+        time.sleep(0.1)
+    assert waiting.is_alive() and launched[-1] == ["pnn"], launched  # it waits on the lock of "lwf"
+    (one / "lwf" / "rank0").mkdir(parents=True)  # the other worker's launch succeeded
+    other.release()
+    waiting.join(timeout=30)
+    assert done == [one] and launched[-1] == ["pnn"]
+
+    with pytest.raises(pytest.fail.Exception, match="the launch failed"):
+        launching.one_process_reference(tmp_path_factory, ["broken"])
+    assert launching.one_process_reference(tmp_path_factory, ["broken"]) == one and launched[-1] == ["broken"]
