@@ -332,12 +332,14 @@ def test_vmap_reference_gradients_equal_per_task_ones(arch, count, make_model, t
     assert model.training  # eval mode only while computing
 
 
-def test_vmap_reference_gradients_with_bf16_weights(make_model, tokenizer):
-    # Gradients in the weights' dtype cannot accumulate into the fp32 buffer: copied after.
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+def test_reference_gradients_with_bf16_weights(make_model, tokenizer, method):
+    # vmap: gradients in the weights' dtype cannot accumulate into the fp32 buffer, so they are copied after;
+    # hooks: bf16 activations and output gradients, the per-group products in bf16 written into the fp32 buffer.
     model = make_model("gpt2").to(torch.bfloat16)
     batches = _unequal_batches(tokenizer, 2)
-    vmapped, looped = _references(model, batches, "vmap"), _references(model, batches, "per_task")
-    for a, b in zip(vmapped, looped):
+    computed, looped = _references(model, batches, method), _references(model, batches, "per_task")
+    for a, b in zip(computed, looped):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()) + 1e-6)
 
@@ -369,16 +371,6 @@ def test_hook_reference_gradients_equal_per_task_ones(count, make_model, tokeniz
     assert model.training and not any(m._forward_hooks for m in model.modules())  # nothing left behind
     with pytest.raises(ValueError, match="LlamaRMSNorm"):  # a layer whose gradient the hooks do not know
         _references(make_model("llama"), batches, "hooks")
-
-
-def test_hook_reference_gradients_with_bf16_weights(make_model, tokenizer):
-    # bf16 activations and output gradients: the per-group products in bf16, written into the fp32 buffer.
-    model = make_model("gpt2").to(torch.bfloat16)
-    batches = _unequal_batches(tokenizer, 2)
-    hooked, looped = _references(model, batches, "hooks"), _references(model, batches, "per_task")
-    for a, b in zip(hooked, looped):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()) + 1e-6)
 
 
 def test_auto_hooked_references_and_projection_equal_the_vmapped_ones(conflicted):

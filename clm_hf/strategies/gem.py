@@ -858,13 +858,17 @@ class EpisodicGradientStrategy(Strategy):
                                                          for m in model.modules())
         return params
 
-    def edit_gradients(self, model: nn.Module) -> None:
-        if not self.memories:
-            return
+    def _this_steps_memory(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter], _MemoryBank, list]:
+        """The bare model, its parameters bound to the flat buffers, the memory bank and this step's draw from it."""
         bare = unwrap_model(model)
         params = self._bind(bare, self.num_references())
         bank = self.memory_bank(params[0].device)
-        selections = self.draw(bank, self._draw_seed())
+        return bare, params, bank, self.draw(bank, self._draw_seed())
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        if not self.memories:
+            return
+        bare, params, bank, selections = self._this_steps_memory(model)
         for view, p in zip(self._flat_views, params):
             view.zero_() if p.grad is None else view.copy_(local_part(p.grad))
         reduce = None
@@ -899,10 +903,7 @@ class EpisodicGradientStrategy(Strategy):
         """
         if not self.memories:
             return
-        bare = unwrap_model(model)
-        params = self._bind(bare, self.num_references())
-        bank = self.memory_bank(params[0].device)
-        selections = self.draw(bank, self._draw_seed())
+        bare, params, bank, selections = self._this_steps_memory(model)
         self._fill_references(bare, params, None, bank=bank, selections=selections)
         g = gradients.read()
         refs = gradients.slice_rows(self._ref_views, params, self._refs.new_empty(self._refs.shape[0], g.numel()))
