@@ -153,13 +153,13 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused_on_every_rank(tmp_path):
         "ContinualCausalLMTrainer(model=build_tiny_model('gpt2', tok), args=args, processing_class=tok)\n"
         "print('NOT REFUSED', flush=True)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", "29533", str(script), str(tmp_path / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode != 0 and "NOT REFUSED" not in out
+    from tests._launch import launch_env, run_logged, torchrun
+
+    log = tmp_path / "two.log"
+    code = run_logged(torchrun(2, str(script), str(tmp_path / "run")), log, timeout=300,
+                      env=launch_env(CUDA_VISIBLE_DEVICES=""))
+    out = log.read_text()
+    assert code != 0 and "NOT REFUSED" not in out
     assert "WORLD_SIZE=2" in out and "use_cpu=True" in out
     assert not (tmp_path / "run" / "continual").exists()
 
