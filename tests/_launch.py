@@ -68,12 +68,31 @@ def wait_logged(process: subprocess.Popen, log: Path, *, timeout: float) -> int:
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_group(process, signal.SIGUSR1)  # every process writes its stacks into the log
-        time.sleep(5)
+        # Every process writes its stacks into the log, one after the other (at once, their lines interleave).
+        for pid in _group_members(process.pid):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            time.sleep(1)
+        time.sleep(2)
         _signal_group(process, signal.SIGKILL)
         process.wait()
         pytest.fail(f"{log.name}: the launch hung for {timeout:.0f} s and was killed; the stacks of its processes "
                     f"are at the end of its log:\n{log.read_text(errors='replace')[-12000:]}")
+
+
+def _group_members(group: int) -> list[int]:
+    """The processes of process group ``group``, from ``/proc`` (only the leader where there is none)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == group:
+            members.append(int(stat.parent.name))
+    return sorted(members) or [group]
 
 
 def _signal_group(process: subprocess.Popen, number: int) -> None:

@@ -69,6 +69,13 @@ def test_a_hung_launch_is_killed_with_its_processes_stacks_in_its_log(tmp_path):
         run_logged([sys.executable, "-c", hang], log, timeout=3)
     text = log.read_text()
     assert "in wait_for_the_child" in text and "in child_sleeps" in text, text
+    # One process at a time: the two dumps do not interleave (each header and frame line is whole).
+    import re
+
+    headers = [line for line in text.splitlines() if "Current thread" in line]
+    assert len(headers) == 2 and all(re.fullmatch(r"Current thread 0x[0-9a-f]+ \(most recent call first\):", h)
+                                     for h in headers), text
+    assert re.search(r'File "<string>", line \d+ in child_sleeps\n', text), text
     if shutil.which("pgrep"):
         alive = subprocess.run(["pgrep", "-f", "child_sleeps"], capture_output=True, text=True).stdout.split()
         assert not alive, f"the launch's child outlived the kill: {alive}"
