@@ -306,12 +306,8 @@ class Zero2GradientPartition:
         """The flat partition as a new float32 vector, divided by the loss scale (fp16): the true gradient."""
         device = self._tensors[0][0][0].device if self._tensors and self._tensors[0][0] else torch.device("cpu")
         flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        for tensors, offset, size in self._tensors:
-            at = offset
-            for tensor in tensors:
-                n = min(tensor.numel(), offset + size - at)
-                flat[at : at + n] = tensor.reshape(-1)[:n]
-                at += n
+        for piece, at in self._segments():
+            flat[at : at + piece.numel()] = piece
         if self.scale != 1.0:
             flat.div_(self.scale)
         return flat
@@ -320,12 +316,17 @@ class Zero2GradientPartition:
         """Put ``flat`` (a vector like :meth:`read`'s) back into DeepSpeed's pieces, in place, scaled again."""
         if self.scale != 1.0:
             flat = flat * self.scale
+        for piece, at in self._segments():
+            piece.copy_(flat[at : at + piece.numel()].to(piece.dtype))
+
+    def _segments(self):
+        """``(flat view of the part of a DeepSpeed piece inside the partition, its start in the flat vector)``."""
         for tensors, offset, size in self._tensors:
             at = offset
             for tensor in tensors:
                 n = min(tensor.numel(), offset + size - at)
                 if n > 0:
-                    tensor.view(-1)[:n].copy_(flat[at : at + n].to(tensor.dtype))
+                    yield tensor.view(-1)[:n], at
                 at += n
 
     def slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,6 @@ class ContinualTrainerMixin:
             return
         plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
         ds_config = getattr(plugin, "hf_ds_config", None)  # a --deepspeed JSON file, when given
-        zero3 = getattr(plugin, "zero_stage", None) == 3 or bool(getattr(ds_config, "is_zero3", lambda: False)())
         stage = ds_config.get_value("zero_optimization.stage") if hasattr(ds_config, "get_value") else None
         stage = getattr(plugin, "zero_stage", None) if stage is None else stage
         # A strategy that edits ZeRO-2's gradient partition inside its optimizer step (edit_zero_gradients,
@@ -240,7 +239,7 @@ class ContinualTrainerMixin:
             "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
             "data (replay, EWC, LwF).",
         )
-        if zero3:
+        if stage == 3:
             # ZeRO-3 leaves each rank an empty placeholder of every parameter outside forward/backward.
             self._refuse(
                 lambda s: not s.supports_partitioned_parameters,

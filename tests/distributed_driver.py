@@ -290,5 +290,6 @@ def main(argv: list[str] | None = None) -> None:
 
     leave()
 
+
 if __name__ == "__main__":
     main()

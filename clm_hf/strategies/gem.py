@@ -965,7 +965,8 @@ class EpisodicGradientStrategy(Strategy):
         selections: list[slice | torch.Tensor] | None = None,
     ) -> None:
         """Fill the ``K x P`` references from ``batches``, or from ``selections`` of ``bank``."""
-        method = self._reference_method(model, bank, len(batches if batches is not None else selections))
+        groups = len(batches if batches is not None else selections)
+        method = self._reference_method(model, bank, groups)
         if method == "hooks":
             try:
                 modules = self._row_modules(model, params)
@@ -981,7 +982,7 @@ class EpisodicGradientStrategy(Strategy):
                     raise
                 logger.warning("%s: the hooked reference pass failed (%s); using the vmapped or per-task one.", self.name, err)
                 self._hook_plan = (model, str(err))
-                method = self._reference_method(model, bank, len(batches if batches is not None else selections))
+                method = self._reference_method(model, bank, groups)
         if method == "vmap":
             try:
                 _check_vmappable(model, bank.right_padded if bank is not None else _all_right_padded(batches))
