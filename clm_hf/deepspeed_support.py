@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Zero2GradientPartition", "Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks",
+__all__ = ["Zero2GradientPartition", "Zero2MasterPartition", "Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks",
            "hook_zero2_step", "is_zero3_param", "is_zero3_run", "partition_range", "slice_partition", "zero3_parameters"]
 
 
@@ -238,6 +238,52 @@ class Zero3QuadraticPenalty:
 
 
 # --- ZeRO-2: this rank's partition of the reduced gradient, inside the optimizer step -------------
+def _partition_pieces(optimizer) -> tuple[list[tuple[torch.Tensor, int, int, int]], list[tuple[int, int]]]:
+    """Where each parameter's slice lies in this rank's ZeRO-2 partition, the groups' partitions end to end.
+
+    Returns ``(pieces, spans)``: a piece is ``(param, first element of its slice in the flattened
+    param, first element in the flat vector, length)`` (ZeRO's ``grad_start_offset`` /
+    ``grad_partition_insertion_offset``), a span ``(offset, size)`` is a parameter group's partition
+    in the flat vector. The same layout holds for the reduced gradient and the fp32 master weights.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    pieces: list[tuple[torch.Tensor, int, int, int]] = []
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for i, params in enumerate(optimizer.params_in_partition):
+        size = int(optimizer.partition_size[i])
+        rank = dist.get_rank(group=optimizer.real_dp_process_group[i]) if distributed else 0
+        starts = optimizer.grad_start_offset[i][rank]
+        inserts = optimizer.grad_partition_insertion_offset[i][rank]
+        for param in params:
+            key = optimizer.get_param_id(param)
+            source, dest = int(starts[key]), int(inserts[key])
+            count = min(param.numel() - source, size - dest)
+            if count > 0:
+                pieces.append((param, source, offset + dest, count))
+        spans.append((offset, size))
+        offset += size
+    return pieces, spans
+
+
+def _slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition.
+
+    ``whole[j]`` belongs to ``params[j]``; ``out`` is ``K x numel`` and is zeroed first (padding
+    and parameters that are not trained stay 0). Returns ``out``.
+    """
+    index = {id(p): j for j, p in enumerate(params)}
+    out.zero_()
+    for param, source, dest, count in self.pieces:
+        j = index.get(id(param))
+        if j is not None:
+            rows = whole[j].reshape(whole[j].shape[0], -1)
+            out[:, dest : dest + count] = rows[:, source : source + count]
+    return out
+
+
 class Zero2GradientPartition:
     """This rank's partition of the reduced gradient, at the start of DeepSpeed ZeRO-2's optimizer step.
 
@@ -273,34 +319,20 @@ class Zero2GradientPartition:
     """
 
     def __init__(self, optimizer) -> None:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
         self.optimizer = optimizer
         self.group = getattr(optimizer, "dp_process_group", None)
         self.scale = float(getattr(optimizer, "loss_scale", 1.0))
         # (param, first element of its slice in the flattened param, first element in the flat vector, length)
-        self.pieces: list[tuple[torch.Tensor, int, int, int]] = []
+        self.pieces: list[tuple[torch.Tensor, int, int, int]]
+        self.pieces, spans = _partition_pieces(optimizer)
         self._tensors: list[tuple[list[torch.Tensor], int, int]] = []  # (pieces of a group, its offset, its size)
-        offset = 0
-        for i, params in enumerate(optimizer.params_in_partition):
-            size = int(optimizer.partition_size[i])
-            rank = dist.get_rank(group=optimizer.real_dp_process_group[i]) if distributed else 0
-            starts = optimizer.grad_start_offset[i][rank]
-            inserts = optimizer.grad_partition_insertion_offset[i][rank]
-            for param in params:
-                key = optimizer.get_param_id(param)
-                source, dest = int(starts[key]), int(inserts[key])
-                count = min(param.numel() - source, size - dest)
-                if count > 0:
-                    self.pieces.append((param, source, offset + dest, count))
+        for i, (offset, size) in enumerate(spans):
             tensors = optimizer.averaged_gradients.get(i)
             if tensors is None:
                 raise RuntimeError(f"DeepSpeed ZeRO-2 holds no reduced gradient for parameter group {i} at its "
                                    f"optimizer step (averaged_gradients[{i}] is None); cannot edit it.")
             self._tensors.append((list(tensors), offset, size))
-            offset += size
-        self.numel = offset
+        self.numel = sum(size for _, size in spans)
 
     def read(self) -> torch.Tensor:
         """The flat partition as a new float32 vector, divided by the loss scale (fp16): the true gradient."""
@@ -329,20 +361,7 @@ class Zero2GradientPartition:
                     yield tensor.view(-1)[:n], at
                 at += n
 
-    def slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition.
-
-        ``whole[j]`` belongs to ``params[j]``; ``out`` is ``K x numel`` and is zeroed first (padding
-        and parameters that are not trained stay 0). Returns ``out``.
-        """
-        index = {id(p): j for j, p in enumerate(params)}
-        out.zero_()
-        for param, source, dest, count in self.pieces:
-            j = index.get(id(param))
-            if j is not None:
-                rows = whole[j].reshape(whole[j].shape[0], -1)
-                out[:, dest : dest + count] = rows[:, source : source + count]
-        return out
+    slice_rows = _slice_rows
 
     def all_reduce_sum(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over the data-parallel ranks of ``partial`` (a collective; a new tensor)."""
@@ -368,18 +387,74 @@ class Zero2GradientPartition:
         return bool(self.all_reduce_sum(bad.to(self._tensors[0][0][0].device)) > 0)
 
 
-def hook_zero2_step(optimizer, edit) -> None:
-    """Make ``optimizer.step()`` (DeepSpeed ZeRO-2's) call ``edit(Zero2GradientPartition(optimizer))`` first.
+class Zero2MasterPartition:
+    """This rank's fp32 master weights of one parameter group, right after ZeRO-2's inner optimizer stepped them.
+
+    The model's weights are not what DeepSpeed ZeRO-2 updates: each rank keeps the fp32 master copy
+    of its partition of every parameter group (``optimizer.single_partition_of_fp32_groups[i]``,
+    the inner optimizer's one flat parameter), steps it, copies it into its partition of the
+    model's weights and all-gathers the partitions into the whole weights. A value written into
+    the model's weights after the step is overwritten by the next step's copy; a strategy that holds
+    weights at fixed values (PackNet) writes them here instead (:func:`hook_zero2_step`'s
+    ``after_step``), and the copy and all-gather then bring them into every rank's model.
+
+    Attributes:
+        weights (`torch.Tensor`): The flat master partition of the group (``numel`` elements, fp32),
+            to edit in place.
+        pieces: ``(param, first element of its slice in the flattened param, first element in
+            weights, length)`` for each parameter of the group in this partition, as
+            :class:`Zero2GradientPartition`'s; :meth:`slice_rows` cuts whole tensors like it.
+
+    Args:
+        optimizer: The engine's ``DeepSpeedZeroOptimizer`` (stage 2, no CPU offload).
+        group_no (`int`): The parameter group the inner optimizer just stepped.
+
+    Example (the attributes of a one-rank ZeRO-2 optimizer holding a 2 x 2 weight and a bias of 2):
+
+    >>> from types import SimpleNamespace
+    >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    >>> ids = {id(w): 0, id(b): 1}
+    >>> opt = SimpleNamespace(params_in_partition=[[w, b]], partition_size=[6], real_dp_process_group=[None],
+    ...                       grad_start_offset=[{0: {0: 0, 1: 0}}], grad_partition_insertion_offset=[{0: {0: 0, 1: 4}}],
+    ...                       get_param_id=lambda p: ids[id(p)], single_partition_of_fp32_groups=[torch.zeros(6)])
+    >>> master = Zero2MasterPartition(opt, 0)
+    >>> held = master.slice_rows([torch.eye(2).bool()[None], torch.zeros(1, 2, dtype=torch.bool)], [w, b],
+    ...                          torch.empty(1, master.numel, dtype=torch.bool))[0]
+    >>> _ = master.weights.masked_fill_(held, 7.0); opt.single_partition_of_fp32_groups[0].tolist()
+    [7.0, 0.0, 0.0, 7.0, 0.0, 0.0]
+    """
+
+    def __init__(self, optimizer, group_no: int) -> None:
+        self.optimizer = optimizer
+        self.group_no = group_no
+        pieces, spans = _partition_pieces(optimizer)
+        offset, self.numel = spans[group_no]
+        self.weights: torch.Tensor = optimizer.single_partition_of_fp32_groups[group_no].detach().view(-1)
+        self.pieces = [(param, source, dest - offset, count) for param, source, dest, count in pieces
+                       if offset <= dest < offset + self.numel]
+
+    slice_rows = _slice_rows
+
+
+def hook_zero2_step(optimizer, edit=None, after_step=None) -> None:
+    """Make DeepSpeed ZeRO-2's ``optimizer.step()`` call ``edit`` first, and ``after_step`` after each group's update.
 
     DeepSpeed runs its optimizer step inside ``engine.step()``, right after the backward of the
-    last micro-batch of an optimizer step, before the Trainer's own step events; this is the one
-    moment this rank's reduced gradient partition exists before the update. The hook is put on the
+    last micro-batch of an optimizer step, before the Trainer's own step events; its start is the
+    one moment this rank's reduced gradient partition exists before the update, and it is given to
+    ``edit`` as a :class:`Zero2GradientPartition`. Inside the step, for each parameter group, the
+    inner optimizer updates the fp32 master partition, which DeepSpeed then copies into the model's
+    weights (and all-gathers after the last group): ``after_step`` is called in between, with
+    that group's :class:`Zero2MasterPartition`, under ``torch.no_grad()``. A step DeepSpeed skips
+    (an fp16 overflow) updates nothing and calls no ``after_step``. The hooks are put on the
     instance (a new engine, with a new optimizer, is built for each task), so hooking twice
-    replaces the first hook.
+    replaces the first hooks.
 
     Args:
         optimizer: The engine's optimizer.
-        edit (`Callable`): Called with the partition at every optimizer step, on every rank.
+        edit (`Callable`, *optional*): Called with the gradient partition at every optimizer step, on every rank.
+        after_step (`Callable`, *optional*): Called with each group's master partition after its
+            update, on every rank.
 
     Raises:
         NotImplementedError: The optimizer is not ZeRO-2's ``DeepSpeedZeroOptimizer``, or offloads
@@ -393,10 +468,22 @@ def hook_zero2_step(optimizer, edit) -> None:
     if getattr(optimizer, "cpu_offload", False):
         raise NotImplementedError("Editing gradients under DeepSpeed ZeRO-2 is not supported with offload_optimizer: "
                                   "the reduced gradient goes straight into the CPU copy. Turn the offload off.")
-    step = type(optimizer).step
+    if edit is not None:
+        step = type(optimizer).step
 
-    def hooked(closure=None):
-        edit(Zero2GradientPartition(optimizer))
-        return step(optimizer, closure)
+        def hooked(closure=None):
+            edit(Zero2GradientPartition(optimizer))
+            return step(optimizer, closure)
 
-    optimizer.step = hooked
+        optimizer.step = hooked
+    if after_step is not None:
+        # step() runs self._optimizer_step(i) for each group, then copies the group's fp32 master
+        # partition into the model's partition: the one point between the update and that copy.
+        group_step = type(optimizer)._optimizer_step
+
+        def stepped(group_no):
+            group_step(optimizer, group_no)
+            with torch.no_grad():
+                after_step(Zero2MasterPartition(optimizer, group_no))
+
+        optimizer._optimizer_step = stepped

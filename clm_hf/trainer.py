@@ -83,8 +83,12 @@ class _StrategyStepHooks(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = self.trainer.model
+        # Under DeepSpeed these wrote ZeRO-2's master weights inside its step (_hook_zero_optimizer).
+        skipped = self.trainer._strategies_overriding("edit_zero_master_weights") \
+            if getattr(self.trainer, "is_deepspeed_enabled", False) else []
         for strategy in self.trainer.strategies:
-            strategy.after_optimizer_step(model)
+            if strategy not in skipped:
+                strategy.after_optimizer_step(model)
 
 
 class ContinualTrainerMixin:
@@ -225,17 +229,21 @@ class ContinualTrainerMixin:
         stage = ds_config.get_value("zero_optimization.stage") if hasattr(ds_config, "get_value") else None
         stage = getattr(plugin, "zero_stage", None) if stage is None else stage
         # A strategy that edits ZeRO-2's gradient partition inside its optimizer step (edit_zero_gradients,
-        # run by _hook_zero_optimizer) runs on ZeRO-2; on ZeRO-3 its references would need the partitioned weights.
-        zero_editor = lambda s: type(s).edit_zero_gradients is not Strategy.edit_zero_gradients and stage == 2  # noqa: E731
+        # run by _hook_zero_optimizer), and writes weights after the step into ZeRO-2's master partition
+        # (edit_zero_master_weights), runs on ZeRO-2; on ZeRO-3 the weights it reads whole are partitioned.
+        zero_hook = lambda s, hook: getattr(type(s), hook) is not getattr(Strategy, hook) and stage == 2  # noqa: E731
         self._refuse(
             lambda s: ((type(s).edit_gradients is not Strategy.edit_gradients and not s.adds_loss_gradient
-                        and not zero_editor(s))
-                       or type(s).after_optimizer_step is not Strategy.after_optimizer_step),
+                        and not zero_hook(s, "edit_zero_gradients"))
+                       or (type(s).after_optimizer_step is not Strategy.after_optimizer_step
+                           and not zero_hook(s, "edit_zero_master_weights"))),
             "edits gradients or weights around the optimizer step, which is not supported on the DeepSpeed backend"
             + (f" with ZeRO-{stage}" if stage not in (2, None) else "") + ": "
             "DeepSpeed steps its optimizer inside backward(), before that hook runs, so the edit would be silently lost"
-            + (" (GEM and A-GEM edit ZeRO-2's gradient partitions inside its step; ZeRO-3 also partitions the weights "
-               "their reference gradients are computed from; use ZeRO-2)" if stage != 2 else "") + ". "
+            + (" (GEM, A-GEM and PackNet edit ZeRO-2's gradient partitions inside its step, PackNet also its fp32 master "
+               "partitions; ZeRO-1 does not partition the gradients, and ZeRO-3 also partitions the weights GEM's "
+               "reference gradients are computed from and PackNet masks and prunes whole; use ZeRO-2)"
+               if stage != 2 else "") + ". "
             "Train without DeepSpeed (plain DDP, one process per GPU) or use a strategy that only adds loss terms or "
             "data (replay, EWC, LwF).",
         )
@@ -315,16 +323,19 @@ class ContinualTrainerMixin:
                 strategy.edit_gradients(model)
 
     def _hook_zero_optimizer(self) -> None:
-        """Under DeepSpeed ZeRO-2, run the strategies' ``edit_zero_gradients`` at the start of ZeRO's optimizer step.
+        """Under DeepSpeed ZeRO-2, run the strategies' ZeRO hooks inside ZeRO's optimizer step.
 
         DeepSpeed steps inside ``backward()``, before the Trainer's step events, on a gradient each
         rank holds only its partition of: :func:`~clm_hf.deepspeed_support.hook_zero2_step` wraps the
-        step of this task's engine (each task gets a new one) so the edits come first, before
-        DeepSpeed's clipping. On an fp16 step that overflowed (DeepSpeed skips it) nothing is edited.
+        step of this task's engine (each task gets a new one) so the ``edit_zero_gradients`` edits come
+        first, before DeepSpeed's clipping, and ``edit_zero_master_weights`` edits each group's fp32
+        master partition between its update and DeepSpeed's copy of it into the model's weights. On
+        an fp16 step that overflowed (DeepSpeed skips it) nothing is edited.
         """
         editors = self._strategies_overriding("edit_zero_gradients")
+        holders = self._strategies_overriding("edit_zero_master_weights")
         engine = getattr(self, "model_wrapped", None)
-        if not editors or not getattr(self, "is_deepspeed_enabled", False) or engine is None:
+        if not (editors or holders) or not getattr(self, "is_deepspeed_enabled", False) or engine is None:
             return
         from .deepspeed_support import hook_zero2_step
 
@@ -336,7 +347,11 @@ class ContinualTrainerMixin:
             for strategy in editors:
                 strategy.edit_zero_gradients(model, gradients)
 
-        hook_zero2_step(engine.optimizer, edit)
+        def hold(master) -> None:
+            for strategy in holders:
+                strategy.edit_zero_master_weights(model, master)
+
+        hook_zero2_step(engine.optimizer, edit if editors else None, hold if holders else None)
 
     @contextlib.contextmanager
     def _unscaled_once(self) -> Iterator[None]:

@@ -61,6 +61,9 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     "gem-3tasks": ([{"name": "gem", "memory_per_task": 4, "memory_batch_size": None, "margin": 0.0}], "gpt2"),
     "agem": ([{"name": "agem", "memory_per_task": 4, "sample_size": 3}], "gpt2"),
     "packnet": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
+    # Weight decay moves the held weights despite their zero gradient: only the restore after each step keeps
+    # them (under DeepSpeed ZeRO-2, into its fp32 master partition: tests/test_deepspeed.py).
+    "packnet-decay": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
     "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
                          "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
@@ -82,6 +85,8 @@ FIRST_EPOCHS = {"gem": 20, "gem-nomargin": 20, "gem-3tasks": 20, "agem": 20}
 TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort", "gem-3tasks": "copy,reverse,sort"}
 # Runs with gradient accumulation: --batch is then split into this many micro-batches per step.
 ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
+# Runs with weight decay (SGD's, added to the gradient); the others train without.
+WEIGHT_DECAY = {"packnet-decay": 0.5}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -236,6 +241,25 @@ def main(argv: list[str] | None = None) -> None:
 
         def after_task(self, trainer, task) -> None:
             self._dump(trainer, task, "after")
+            if options.deepspeed == 2:
+                self._dump_zero2_master(trainer, task)
+
+        def _dump_zero2_master(self, trainer, task) -> None:
+            """This rank's fp32 master partitions of the last engine, and its partitions of the model's weights.
+
+            ZeRO-2 copies the masters over the model's weights at every step (and DeepSpeed's checkpoints save
+            them): a weight a strategy writes must be in both (PackNet's holds, tests/test_deepspeed.py).
+            """
+            import torch.distributed as dist
+
+            zero = getattr(trainer.model_wrapped, "optimizer", None)
+            masters = getattr(zero, "single_partition_of_fp32_groups", None)
+            if masters is None:
+                return
+            model = [parts[dist.get_rank(group=zero.real_dp_process_group[i])]
+                     for i, parts in enumerate(zero.parallel_partitioned_bit16_groups)]
+            torch.save({"master": [_whole(m) for m in masters], "model": [_whole(m).float() for m in model]},
+                       self.folder / f"task{task.index}_zero2_master.pt")
 
     tokenizer = build_tokenizer()
     no_dropout = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch // ACCUMULATION.get(run, 1),
             gradient_accumulation_steps=ACCUMULATION.get(run, 1),
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY.get(run, 0.0), max_grad_norm=0.0,
             logging_steps=1, report_to="none", seed=0, disable_tqdm=True,
             **({"save_strategy": "steps", "save_steps": int(os.environ["CLM_DRIVER_SAVE_STEPS"])}
                if os.environ.get("CLM_DRIVER_SAVE_STEPS") else {"save_strategy": "no"}),

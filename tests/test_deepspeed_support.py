@@ -237,9 +237,18 @@ def _zero2_optimizer(params: list[torch.nn.Parameter], world: int, rank: int, sc
     if used < size:
         pieces.append(torch.zeros(size - used))
     ids = {id(p): key for key, p in enumerate(params)}
-    return SimpleNamespace(params_in_partition=[inside], partition_size=[size], real_dp_process_group=[None],
-                           grad_start_offset=[{0: starts}], grad_partition_insertion_offset=[{0: inserts}],
-                           get_param_id=lambda p: ids[id(p)], loss_scale=scale, averaged_gradients={0: pieces})
+    # The fp32 master partition, as after the inner optimizer's update: the weights plus 1 (0 in the padding).
+    whole = torch.cat([p.detach().reshape(-1) + 1.0 for p in params])
+    master = torch.zeros(size)
+    master[: max(0, min(end, total) - start)] = whole[start:end]
+
+    class Optimizer(SimpleNamespace):  # weak-referenceable, as DeepSpeed's optimizer is
+        pass
+
+    return Optimizer(params_in_partition=[inside], partition_size=[size], real_dp_process_group=[None],
+                     grad_start_offset=[{0: starts}], grad_partition_insertion_offset=[{0: inserts}],
+                     get_param_id=lambda p: ids[id(p)], loss_scale=scale, averaged_gradients={0: pieces},
+                     single_partition_of_fp32_groups=[master])
 
 
 def _params_with_grads(scale: float = 1.0) -> list[torch.nn.Parameter]:
@@ -310,15 +319,44 @@ def test_zero2_projection_on_partitions_with_summed_products_equals_the_whole_pr
     torch.testing.assert_close(projected, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["gem", "agem"])
-def test_gem_and_agem_start_on_zero2_only_and_zero3_says_why(name, make_model, tokenizer, monkeypatch):
+@pytest.mark.parametrize("share", [0.25, 0.75])  # held by index, and by a full copy (PackNet._hold)
+def test_packnet_masks_and_holds_zero2_partitions_as_it_does_the_whole_weights(share):
+    # What PackNet's ZeRO-2 hooks do on each of 2 ranks, put together, equals its one-process edit and restore.
+    from clm_hf.strategies.packnet import PackNet
+
+    params = _params_with_grads(scale=2.0)
+    packnet = PackNet()
+    generator = torch.Generator().manual_seed(1)
+    fixed = [torch.rand(p.shape, generator=generator) < share for p in params]
+    for i, (p, f) in enumerate(zip(params, fixed)):
+        packnet._hold(f"p{i}", p, f)  # held at the weights' current values
+    optimizers = [_zero2_optimizer(params, world=2, rank=rank, scale=2.0) for rank in range(2)]
+    for opt in optimizers:
+        packnet.edit_zero_gradients(None, ds.Zero2GradientPartition(opt))
+        packnet.edit_zero_master_weights(None, ds.Zero2MasterPartition(opt, 0))
+    # The gradient partitions are views of p.grad here: the two ranks' edits make the whole edited gradient.
+    edited = torch.cat([p.grad.reshape(-1) for p in params])
+    expected = torch.cat([torch.where(f, 0.0, p.grad).reshape(-1) for p, f in zip(params, fixed)])
+    assert torch.equal(edited, expected) and bool(torch.cat([f.reshape(-1) for f in fixed]).any())
+    # The master partitions moved every weight by 1 (a stand-in for the update); the held ones are back, exactly.
+    master = torch.cat([opt.single_partition_of_fp32_groups[0] for opt in optimizers])[:9]
+    flat_fixed = torch.cat([f.reshape(-1) for f in fixed])
+    weights = torch.cat([p.detach().reshape(-1) for p in params])
+    assert torch.equal(master[flat_fixed], weights[flat_fixed])
+    assert torch.equal(master[~flat_fixed], weights[~flat_fixed] + 1.0)
+    # The cuts are kept for the phase (one per optimizer and kind) and dropped with its hold.
+    assert len(packnet._zero_cuts) == 4
+    packnet.load_state_dict(packnet.state_dict())
+    assert packnet._zero_cuts == {}
+
+
+@pytest.mark.parametrize("name", ["gem", "agem", "packnet"])
+def test_gem_agem_and_packnet_start_on_zero2_only_and_zero1_zero3_say_why(name, make_model, tokenizer, monkeypatch):
     from tests.test_recipes_accelerate import _start
 
     assert _start(name, "DeepSpeed ZeRO-2", make_model, tokenizer, monkeypatch) is None
     for stage in (1, 3):  # ZeRO-1 does not partition gradients the way the step hook reads them
         error = _start(name, f"DeepSpeed ZeRO-{stage}", make_model, tokenizer, monkeypatch)
         assert error is not None and repr(name) in error and f"DeepSpeed backend with ZeRO-{stage}" in error, error
-    assert "reference gradients" in error and "use ZeRO-2" in error
-    # PackNet still edits weights after the step: refused on ZeRO-2 as before.
-    assert "not supported on the DeepSpeed backend" in _start("packnet", "DeepSpeed ZeRO-2", make_model, tokenizer,
-                                                              monkeypatch)
+        assert "ZeRO-1 does not partition the gradients" in error and "use ZeRO-2" in error
+        assert ("reference gradients" if name != "packnet" else "PackNet masks and prunes whole") in error

@@ -254,6 +254,21 @@ class Strategy:
         what lets the trainer run the strategy on ZeRO-2 (ZeRO-3 stays refused).
         """
 
+    def edit_zero_master_weights(self, model: nn.Module, master: Any) -> None:
+        """Under DeepSpeed ZeRO-2: edit this rank's fp32 master weights of one parameter group, right after their update.
+
+        ZeRO-2's optimizer updates each rank's fp32 master partition, not the model's weights, and
+        copies it over them at every step (inside ``backward()``), so a weight written in
+        :meth:`after_optimizer_step` would be overwritten by the next step. A strategy that
+        implements this hook is called inside ZeRO-2's step, for each parameter group, between the
+        inner optimizer's update and that copy, on every rank, with a
+        :class:`~clm_hf.deepspeed_support.Zero2MasterPartition` (``weights``, the flat master
+        partition to edit in place, and ``slice_rows`` to cut whole tensors like it); its
+        :meth:`after_optimizer_step` is then not called. Implementing it (with
+        :meth:`edit_zero_gradients` if the strategy also edits gradients) is what lets the trainer
+        run a strategy that writes weights after the step on ZeRO-2.
+        """
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called right after ``optimizer.step()``."""
 

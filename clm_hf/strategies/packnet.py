@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -132,6 +133,8 @@ class PackNet(Strategy):
     # Under FSDP2 the ownership tensors are DTensors sharded like their weights; every mask, hold
     # and restore works on the local shard, and pruning thresholds are found over the whole weight.
     supports_fsdp = True
+    # Under DeepSpeed ZeRO-2 the masks and held values are cut like the partitions (edit_zero_gradients,
+    # edit_zero_master_weights); ZeRO-3 stays refused (it partitions the weights PackNet prunes whole).
 
     def __init__(self, config: PackNetConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -147,6 +150,9 @@ class PackNet(Strategy):
         self._indexed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (flat indices, values)
         self._pruned: dict[str, torch.Tensor] = {}  # during retraining: the weights held at 0
         self.phase: str | None = None  # "train" or "retrain" while a task is in progress
+        # Under DeepSpeed ZeRO-2: (kind, id(optimizer), group) -> (weak ref to the optimizer, the fixed mask, or
+        # the mask and held values, cut like that partition), for the phase's _guard; emptied with it.
+        self._zero_cuts: dict[tuple, tuple] = {}
         self._pending_frozen: dict[str, torch.Tensor] | None = None
 
     # --- which weights ------------------------------------------------------------------------
@@ -230,7 +236,7 @@ class PackNet(Strategy):
     def before_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         params = self._parameters(trainer.model)
         pending, self._pending_frozen = self._pending_frozen, None
-        self._guard, self._indexed = {}, {}
+        self._guard, self._indexed, self._zero_cuts = {}, {}, {}
         with torch.no_grad():
             for name, p in params.items():
                 fixed = local_part(self.ownership[name]) != 0
@@ -295,6 +301,48 @@ class PackNet(Strategy):
                 else:
                     torch.where(fixed, values, weight, out=weight)
 
+    # --- DeepSpeed ZeRO-2: the same mask and hold, on this rank's partitions -------------------------
+    def edit_zero_gradients(self, model: nn.Module, gradients: Any) -> None:
+        # edit_gradients on this rank's partition of the reduced gradient, before DeepSpeed's clipping.
+        cut = self._zero_cut(gradients, with_values=False)
+        if cut is not None:
+            flat = gradients.read()
+            gradients.write(flat.masked_fill_(cut[0], 0.0))
+
+    def edit_zero_master_weights(self, model: nn.Module, master: Any) -> None:
+        # after_optimizer_step on the fp32 master partition: DeepSpeed copies it over the model's weights
+        # after every step, so a hold written into the model alone would be undone at the next step.
+        cut = self._zero_cut(master, with_values=True)
+        if cut is not None:
+            torch.where(cut[0], cut[1], master.weights, out=master.weights)
+
+    def _zero_cut(self, partition: Any, with_values: bool) -> tuple[torch.Tensor, ...] | None:
+        """The held weights' mask (and, ``with_values``, their held values) cut like ``partition``.
+
+        ``partition`` is a ZeRO-2 :class:`~clm_hf.deepspeed_support.Zero2GradientPartition` or
+        :class:`~clm_hf.deepspeed_support.Zero2MasterPartition`; the cut is kept for the phase (the
+        engine's layout and the held values do not change inside it). ``None`` when nothing is held.
+        """
+        if not self._guard:
+            return None
+        optimizer = partition.optimizer
+        key = (with_values, id(optimizer), getattr(partition, "group_no", None))
+        hit = self._zero_cuts.get(key)
+        if hit is not None and hit[0]() is optimizer:
+            return hit[1]
+        names = list(self._guard)
+        params = [self._guard[n][0] for n in names]
+        device = params[0].device
+        mask = partition.slice_rows([self._guard[n][1].unsqueeze(0) for n in names], params,
+                                    torch.empty(1, partition.numel, dtype=torch.bool, device=device))[0]
+        cut: tuple[torch.Tensor, ...] = (mask,)
+        if with_values:
+            values = partition.slice_rows([self._held_values(n).unsqueeze(0) for n in names], params,
+                                          torch.empty(1, partition.numel, dtype=partition.weights.dtype, device=device))
+            cut = (mask, values[0])
+        self._zero_cuts[key] = (weakref.ref(optimizer), cut)
+        return cut
+
     def after_task(self, trainer: ContinualTrainer, task: TaskInfo) -> None:
         params = self._parameters(trainer.model)
         owner = task.index + 1
@@ -308,7 +356,7 @@ class PackNet(Strategy):
                 pruned[name], kept[name] = mask, candidates & ~mask
         if self.config.retrain_epochs > 0 and any(bool(k.any()) for k in kept.values()):
             # Retrain the survivors with both the earlier tasks' weights and the pruned ones held.
-            self._guard, self._indexed = {}, {}
+            self._guard, self._indexed, self._zero_cuts = {}, {}, {}
             with torch.no_grad():
                 for name, p in params.items():
                     fixed = (local_part(self.ownership[name]) != 0) | pruned[name]
@@ -323,7 +371,7 @@ class PackNet(Strategy):
         for name, own in self.ownership.items():
             local_part(own).masked_fill_(kept[name], owner)
         self.packed.append({"index": task.index, "task_id": task.task_id, "name": task.name})
-        self._guard, self._indexed, self.phase = {}, {}, None
+        self._guard, self._indexed, self._zero_cuts, self.phase = {}, {}, {}, None
         usage = self.parameter_usage()
         logger.info("clm-hf PackNet: after task '%s', parameter usage %s", task.name,
                     {k: round(v, 4) for k, v in usage.items()})
@@ -441,7 +489,7 @@ class PackNet(Strategy):
         self.shared_names = list(state.get("shared_names", []))
         self.packed = [dict(t) for t in state.get("packed", [])]
         self._pending_frozen = dict(state["frozen"]) if state.get("frozen") else None
-        self._guard, self._indexed, self._pruned, self.phase = {}, {}, {}, None
+        self._guard, self._indexed, self._pruned, self._zero_cuts, self.phase = {}, {}, {}, {}, None
 
 
 def _smallest_over_shards(scores: torch.Tensor, candidates: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
