@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
 from tests._launch import assert_ranks_match_one_process, launch_pair, load_dump
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Driver runs per ZeRO stage: every strategy the trainer lets run on that stage.
-ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora", "gem", "gem-nomargin", "gem-3tasks", "agem"]
+ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora", "gem", "gem-nomargin", "gem-3tasks", "agem", "packnet",
+         "packnet-decay"]
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +46,24 @@ def test_zero2_gem_and_agem_project_the_reduced_gradient_as_one_process(zero2, r
         two, one = (load_dump(zero2 / kind, run, rank if kind == "two" else 0, 1, "after") for kind in ("two", "one"))
         assert two[f"{name}/steps"] == one[f"{name}/steps"] > 0, run
         assert two[f"{name}/projected_steps"] == one[f"{name}/projected_steps"] > 0, run
+
+
+@pytest.mark.parametrize("run", ["packnet", "packnet-decay"])
+def test_zero2_packnet_keeps_the_first_tasks_weights_bit_identical_in_the_model_and_zero2_master(zero2, run):
+    # The gradient is masked on ZeRO-2's reduced partition and the held weights are written into its fp32 master
+    # partition inside the step (clm_hf.deepspeed_support.hook_zero2_step): held in the model's weights only, they
+    # would move in the master (weight decay, packnet-decay), which the next step copies over the model.
+    for rank in (0, 1):
+        first, second = (load_dump(zero2 / "two", run, rank, task, "after") for task in (0, 1))
+        owned = [k for k in second if k.startswith("packnet/ownership/")]
+        assert owned
+        for key in owned:
+            mine = second[key] == 1  # owned by the first task
+            weight = "model/" + key.removeprefix("packnet/ownership/")
+            assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
+            assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
+        for task in (0, 1):  # the last engine's master partitions are the model's weights, exactly
+            zero = torch.load(zero2 / "two" / run / f"rank{rank}" / f"task{task}_zero2_master.pt")
+            assert len(zero["master"]) == len(zero["model"]) > 0
+            for master, model in zip(zero["master"], zero["model"]):
+                assert torch.equal(master, model), f"{run}: ZeRO-2's master differs from the model on rank {rank}"
