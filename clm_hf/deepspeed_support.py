@@ -28,8 +28,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Zero2GradientPartition", "Zero2MasterPartition", "Zero3QuadraticPenalty", "gather_partition", "gathered_without_hooks",
-           "hook_zero2_step", "is_zero3_param", "is_zero3_run", "partition_range", "slice_partition", "zero3_parameters"]
+__all__ = ["Zero2GradientPartition", "Zero2MasterPartition", "Zero3QuadraticPenalty", "gather_partition",
+           "gathered_without_hooks", "hook_zero2_step", "is_zero3_param", "is_zero3_run", "partition_range",
+           "slice_partition", "zero3_parameters"]
 
 
 def is_zero3_param(param: object) -> bool:

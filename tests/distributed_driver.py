@@ -64,6 +64,8 @@ RUNS: dict[str, tuple[list[dict[str, Any]], str]] = {
     # Weight decay moves the held weights despite their zero gradient: only the restore after each step keeps
     # them (under DeepSpeed ZeRO-2, into its fp32 master partition: tests/test_deepspeed.py).
     "packnet-decay": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
+    # Clipped: the clip norm must be that of the masked gradient (under ZeRO-2, masked before DeepSpeed clips).
+    "packnet-clip": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1}], "gpt2"),
     "packnet-random": ([{"name": "packnet", "prune_percentage": 0.5, "retrain_epochs": 1,
                          "use_magnitude_pruning": False}], "gpt2"),
     "pnn": ([{"name": "pnn", "lateral_rank": 4}], "gpt2"),
@@ -87,6 +89,10 @@ TASKS = {"ewc-separate": "copy,reverse,sort", "pnn-3tasks": "copy,reverse,sort",
 ACCUMULATION = {"ewc-accum": 2, "lwf-accum": 2}
 # Runs with weight decay (SGD's, added to the gradient); the others train without.
 WEIGHT_DECAY = {"packnet-decay": 0.5}
+# Runs with gradient clipping (--max-grad-norm for the others, 0 by default). A few clipped steps match one
+# process to rounding; over many (20 epochs here) this tiny model's clipped trajectory amplifies rounding
+# about 2x per step (docs/distributed.md, "Clipping under ZeRO-2").
+MAX_GRAD_NORM = {"packnet-clip": 0.5}
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (the lent-GPU checks: DDP/FSDP2 there)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on CPU processes through tests.fsdp_cpu)")
     parser.add_argument("--deepspeed", type=int, choices=(2, 3), help="train with DeepSpeed ZeRO of this stage")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0,
+                        help="clip gradients to this norm (0: no clipping, the tests' setting)")
     parser.add_argument("--keep-unsharded", action="store_true",
                         help="FSDP2 with reshard_after_forward=False: unsharded copies outlive an evaluation's forward")
     options = parser.parse_args(argv)
@@ -280,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
             output_dir=str(Path(options.out) / run / "run"), optim="sgd", learning_rate=0.1,
             num_train_epochs=options.epochs, per_device_train_batch_size=options.batch // ACCUMULATION.get(run, 1),
             gradient_accumulation_steps=ACCUMULATION.get(run, 1),
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY.get(run, 0.0), max_grad_norm=0.0,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY.get(run, 0.0),
+            max_grad_norm=MAX_GRAD_NORM.get(run, options.max_grad_norm),
             logging_steps=1, report_to="none", seed=0, disable_tqdm=True,
             **({"save_strategy": "steps", "save_steps": int(os.environ["CLM_DRIVER_SAVE_STEPS"])}
                if os.environ.get("CLM_DRIVER_SAVE_STEPS") else {"save_strategy": "no"}),

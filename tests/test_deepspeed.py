@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 # Driver runs per ZeRO stage: every strategy the trainer lets run on that stage.
 ZERO2 = ["plain", "replay", "ewc", "lwf", "pnn", "olora", "gem", "gem-nomargin", "gem-3tasks", "agem", "packnet",
-         "packnet-decay"]
+         "packnet-decay", "packnet-clip"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_zero2_gem_and_agem_project_the_reduced_gradient_as_one_process(zero2, r
         assert two[f"{name}/projected_steps"] == one[f"{name}/projected_steps"] > 0, run
 
 
-@pytest.mark.parametrize("run", ["packnet", "packnet-decay"])
+@pytest.mark.parametrize("run", ["packnet", "packnet-decay", "packnet-clip"])
 def test_zero2_packnet_keeps_the_first_tasks_weights_bit_identical_in_the_model_and_zero2_master(zero2, run):
     # The gradient is masked on ZeRO-2's reduced partition and the held weights are written into its fp32 master
     # partition inside the step (clm_hf.deepspeed_support.hook_zero2_step): held in the model's weights only, they

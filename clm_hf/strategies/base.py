@@ -255,7 +255,7 @@ class Strategy:
         """
 
     def edit_zero_master_weights(self, model: nn.Module, master: Any) -> None:
-        """Under DeepSpeed ZeRO-2: edit this rank's fp32 master weights of one parameter group, right after their update.
+        """Under DeepSpeed ZeRO-2: edit this rank's fp32 master weights of one parameter group after their update.
 
         ZeRO-2's optimizer updates each rank's fp32 master partition, not the model's weights, and
         copies it over them at every step (inside ``backward()``), so a weight written in
