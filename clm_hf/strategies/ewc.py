@@ -611,7 +611,7 @@ def estimate_fisher(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     forward = FunctionalModel(model, params)  # built once: the frozen weights, the pure call
     seq2seq = is_seq2seq(model)
-    per_row = _vmapped_row_grads(forward, seq2seq) if use_vmap else None
+    per_row = None  # the vmapped pass, built where it runs
     modules = None
     if method in ("hooks", "auto"):
         try:
@@ -652,6 +652,7 @@ def estimate_fisher(
                         squared = reference  # the loop's squares of these rows where the check got them, else None
                 if squared is None and use_vmap:
                     try:
+                        per_row = per_row or _vmapped_row_grads(forward, seq2seq)
                         grads = per_row(forward.detached(), *part)
                         squared = [_square_sum_rows(grads[n]) for n in names]
                     except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
