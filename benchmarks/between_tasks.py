@@ -256,6 +256,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         met = "" if target is None else (f"<= {target} ({'met' if r['ratio'] <= target else '**missed**'})")
         lines.append(f"| {r['model']} | {r['what']} | {r['rows']} | {r['seconds']:.3f} | {r['pass_seconds']:.3f} | "
                      f"{r['ratio']:.2f}x | {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f} | {met} | {r['load_avg'][0]} |")
+    if not report["packnet"] and not report["replay"]:  # --fisher-only
+        return "\n".join(lines)
     lines += ["", "| model | prunable params | prune ms / M params | use_task masking ms / M params | load avg |",
               "| --- | --- | --- | --- | --- |"]
     for r in report["packnet"]:

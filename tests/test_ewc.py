@@ -505,3 +505,14 @@ def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dty
     for name, p in params.items():
         assert p.grad.grad_fn is None and not p.grad.requires_grad
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_row_gradients_docstring_examples_run():
+    # The shared hooked pass's examples (row_gradient_modules; hooked_group_gradients summed over the
+    # groups equals an ordinary backward's gradient) are executed here.
+    import doctest
+
+    import clm_hf.strategies._row_gradients as row_gradients
+
+    results = doctest.testmod(row_gradients, optionflags=doctest.ELLIPSIS)
+    assert results.attempted >= 10 and results.failed == 0
