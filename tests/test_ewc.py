@@ -184,15 +184,17 @@ def test_hooked_fisher_squares_each_rows_gradient_not_the_batch_gradient(make_mo
 
 
 def test_hooked_fisher_falls_back_where_the_hooks_do_not_apply(make_model, tokenizer, caplog, monkeypatch):
-    # Llama's RMSNorm weights are no layer type the hooks know: "auto" is the vmapped Fisher, unchecked.
-    llama = make_model("llama")
-    rows = _rows_for("llama", tokenizer, n=8)
+    # Llama's RMSNorm and T5's layer norm weights are no layer type the hooks know: "auto" is the
+    # vmapped Fisher, unchecked.
     hooked_calls = _calls_of(monkeypatch, "_hooked_squared_grads")
-    vmapped = estimate_fisher(llama, rows, method="vmap", batch_size=3, sampled=True, seed=2)
-    auto = estimate_fisher(llama, rows, method="auto", batch_size=3, sampled=True, seed=2)
-    assert not hooked_calls and all(torch.equal(auto[n], vmapped[n]) for n in vmapped)
-    with pytest.raises(ValueError, match="LlamaRMSNorm"):
-        estimate_fisher(llama, rows, method="hooks", batch_size=3)
+    for arch, norm in (("llama", "LlamaRMSNorm"), ("t5", "T5LayerNorm")):
+        other = make_model(arch)
+        rows = _rows_for(arch, tokenizer, n=8)
+        vmapped = estimate_fisher(other, rows, method="vmap", batch_size=3, sampled=True, seed=2)
+        auto = estimate_fisher(other, rows, method="auto", batch_size=3, sampled=True, seed=2)
+        assert not hooked_calls and all(torch.equal(auto[n], vmapped[n]) for n in vmapped)
+        with pytest.raises(ValueError, match=norm):
+            estimate_fisher(other, rows, method="hooks", batch_size=3)
     # GPT-2 with its embedding matrix also read outside nn.Embedding's forward: the hooks cannot see
     # that use; the check on the first rows catches it and "auto" gives the vmapped Fisher.
     model = make_model("gpt2")
