@@ -1,9 +1,11 @@
 """Between-task cost: the work strategies do after (or before) a task, next to what training costs.
 
-- EWC: the Fisher over ``N`` rows (vectorised per-sample gradients, ``torch.func``), as a multiple
-  of one training pass (forward, backward, AdamW step at the same batch size) over the same ``N``
-  rows. Both alternate in one process (Fisher, pass, Fisher, pass, ...); the figure is the median
-  of the per-repeat ratios. Also the one-backward-per-row loop and the empirical Fisher.
+- EWC: the Fisher over ``N`` rows, as a multiple of one training pass (forward, backward, AdamW
+  step at the same batch size) over the same ``N`` rows, by ``--fisher-methods``: ``auto`` (the
+  default: the hooked per-layer pass where it applies, with its once-per-call check), ``vmap``
+  (vectorised per-sample gradients) and ``loop`` (one backward per row); true Fisher, and empirical
+  for ``auto``/``vmap``/``hooks``. Both alternate in one process (Fisher, pass, Fisher, pass, ...);
+  the figure is the median of the per-repeat ratios. ``--fisher-only`` measures nothing else.
 - LwF (``cache_teacher=True``): filling the top-k teacher cache over the same rows, same multiple.
 - PackNet: pruning after a task (magnitude top-k per layer and ownership update, retraining
   excluded), in milliseconds per million prunable parameters, and the masking of ``use_task``;
@@ -16,6 +18,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/between_tasks.py
     OMP_NUM_THREADS=1 python benchmarks/between_tasks.py --quick
+    OMP_NUM_THREADS=1 python benchmarks/between_tasks.py --fisher-only --models tiny,medium --rows 128 --repeats 3
 """
 
 from __future__ import annotations
@@ -68,18 +71,19 @@ def alternate(first: Callable[[], None], second: Callable[[], None], repeats: in
             "ratio_range": [min(ratios), max(ratios)], "load_avg": C.load_average()}
 
 
-def fisher_cost(size: str, num_rows: int, batch_size: int, seq_len: int, repeats: int) -> list[dict[str, Any]]:
+def fisher_cost(size: str, num_rows: int, batch_size: int, seq_len: int, repeats: int,
+                methods: tuple[str, ...] = ("auto", "vmap", "loop")) -> list[dict[str, Any]]:
     from clm_hf.strategies.ewc import estimate_fisher
 
     model = C.build_model(size)
     rows = C.task_rows(1, num_rows, seq_len)[0][1]
     train = training_pass(model, rows, batch_size)
     out = []
-    for method, sampled in (("vmap", True), ("vmap", False), ("loop", True)):
+    for method, sampled in [(m, s) for m in methods for s in ((True, False) if m != "loop" else (True,))]:
         fisher = lambda m=method, s=sampled: estimate_fisher(model, rows, batch_size=batch_size, method=m, sampled=s)  # noqa: E731
-        result = alternate(fisher, train, repeats if method == "vmap" else max(1, repeats // 2))
+        result = alternate(fisher, train, repeats if method != "loop" else max(1, repeats // 2))
         out.append({"model": size, "what": f"EWC Fisher ({'true' if sampled else 'empirical'}, {method})", "rows": num_rows,
-                    "batch_size": batch_size, **result, "target": 1.3 if (method, sampled) == ("vmap", True) else None})
+                    "batch_size": batch_size, **result, "target": 1.3 if (method, sampled) == ("auto", True) else None})
     return out
 
 
@@ -214,9 +218,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "packnet": [], "replay": []}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.models.split(","):
-            for row in fisher_cost(size, args.rows, args.batch_size, args.seq_len, args.repeats):
+            for row in fisher_cost(size, args.rows, args.batch_size, args.seq_len, args.repeats,
+                                   tuple(args.fisher_methods.split(","))):
                 report["fisher"].append(row)
                 print(row, flush=True)
+            if args.fisher_only:
+                continue
             row = lwf_cache_cost(size, args.rows, args.batch_size, args.seq_len, args.repeats)
             report["lwf"].append(row)
             print(row, flush=True)
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = measure(size, args.rows, args.batch_size, args.seq_len, args.repeats, Path(tmp))
                 report["ratios"].append(row)
                 print(row, flush=True)
-        for size in args.packnet_models.split(","):
+        for size in [] if args.fisher_only else args.packnet_models.split(","):
             spec: str | dict = size
             if size not in C.MODELS:  # e.g. 512x8: width x layers
                 width, layers = (int(x) for x in size.split("x"))
@@ -233,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["model"] = size
             report["packnet"].append(row)
             print(row, flush=True)
-        for capacity in (int(c) for c in args.capacities.split(",")):
+        for capacity in [] if args.fisher_only else (int(c) for c in args.capacities.split(",")):
             row = replay_cost(args.replay_rows, capacity, args.seq_len, args.repeats)
             report["replay"].append(row)
             print(row, flush=True)
@@ -249,6 +256,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         met = "" if target is None else (f"<= {target} ({'met' if r['ratio'] <= target else '**missed**'})")
         lines.append(f"| {r['model']} | {r['what']} | {r['rows']} | {r['seconds']:.3f} | {r['pass_seconds']:.3f} | "
                      f"{r['ratio']:.2f}x | {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f} | {met} | {r['load_avg'][0]} |")
+    if not report["packnet"] and not report["replay"]:  # --fisher-only
+        return "\n".join(lines)
     lines += ["", "| model | prunable params | prune ms / M params | use_task masking ms / M params | load avg |",
               "| --- | --- | --- | --- | --- |"]
     for r in report["packnet"]:
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--replay-rows", type=int, default=10_000)
     parser.add_argument("--capacities", default="500,10000")
     parser.add_argument("--output", default="benchmarks/results/between_tasks.json")
+    parser.add_argument("--fisher-methods", default="auto,vmap,loop", help="estimate_fisher methods to time")
+    parser.add_argument("--fisher-only", action="store_true", help="time the EWC Fisher rows only")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -19,8 +19,10 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   (through ``functional_call`` and through the precomputed parameter slots of ``FunctionalModel``)
   and a bare no-grad forward; ``--vocab 32000`` resizes the embeddings to a real vocabulary.
 - ``fisher-row-grads``: EWC's true Fisher over 128 rows with the former per-row gradients
-  (``vmap(grad(row_loss))``) and the current ones (one vmapped forward over stride-0 weight copies,
-  one autograd backward), each as a multiple of one training pass over the same rows.
+  (``vmap(grad(row_loss))``), the vmapped ones (one vmapped forward over stride-0 weight copies,
+  one autograd backward: ``fisher_current``, the default before the hooks) and the default
+  ``"auto"`` ones (one plain pass, per-layer per-row gradients squared into the Fisher:
+  ``fisher_hooked``), each as a multiple of one training pass over the same rows.
 - ``ewc-step``: a training step plain, with EWC's autograd penalty and with its gradient added in
   ``edit_gradients``.
 - ``fisher-batch-size``: EWC's true Fisher at 16, 32 and 64 rows per vmapped pass against one
@@ -360,19 +362,20 @@ def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str
     model = C.build_model(model_size)
     data = C.task_rows(1, rows, 8)[0][1]
 
-    def fisher_with(impl):
+    def fisher_with(impl, method="vmap"):
         def run():
             ewc._vmapped_row_grads = impl
             try:
-                return ewc.estimate_fisher(model, data, batch_size=16, sampled=True)
+                return ewc.estimate_fisher(model, data, batch_size=16, sampled=True, method=method)
             finally:
                 ewc._vmapped_row_grads = current
         return run
 
     ms = alternated({"fisher_former": fisher_with(former), "fisher_current": fisher_with(current),
-                     "training_pass": training_pass(model, data, 16)}, repeats)
+                     "fisher_hooked": fisher_with(current, "auto"), "training_pass": training_pass(model, data, 16)}, repeats)
     return {"rows": rows, "ms": ms, "ratio_to_training_pass": {k: round(ms[k] / ms["training_pass"], 3)
-                                                               for k in ("fisher_former", "fisher_current")}}
+                                                               for k in ("fisher_former", "fisher_current", "fisher_hooked")},
+            "load_avg": C.load_average()}
 
 
 def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
@@ -426,7 +429,7 @@ def fisher_batch_size(model_size: str, repeats: int, rows: int = 128) -> dict[st
 
     model = C.build_model(model_size)
     data = C.task_rows(1, rows, 8)[0][1]
-    variants = {f"fisher_{b}_rows": (lambda b=b: ewc.estimate_fisher(model, data, batch_size=b, sampled=True))
+    variants = {f"fisher_{b}_rows": (lambda b=b: ewc.estimate_fisher(model, data, batch_size=b, sampled=True, method="vmap"))
                 for b in (16, 32, 64)}
     ms = alternated({**variants, "training_pass": training_pass(model, data, 16)}, repeats)
     return {"rows": rows, "ms": ms, "ratio_to_training_pass": {k: round(ms[k] / ms["training_pass"], 3) for k in variants}}

@@ -73,7 +73,7 @@ def test_baton_alternates_strictly():
 
 def test_between_tasks_smoke(tmp_path):
     report = _load("between_tasks").main(["--quick", "--output", str(tmp_path / "between.json")])
-    assert {r["what"] for r in report["fisher"]} >= {"EWC Fisher (true, vmap)", "EWC Fisher (true, loop)"}
+    assert {r["what"] for r in report["fisher"]} >= {"EWC Fisher (true, auto)", "EWC Fisher (true, vmap)", "EWC Fisher (true, loop)"}
     assert all(r["ratio"] > 0 for r in report["fisher"] + report["lwf"] + report["ratios"])
     # issue 13 item 4: PackNet's pruning and GEM's memory fill as multiples of a training pass
     assert {r["what"].split(" (")[0] for r in report["ratios"]} == {"PackNet prune", "GEM memory fill"}

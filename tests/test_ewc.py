@@ -114,6 +114,104 @@ def test_fisher_vmap_equals_loop_and_is_per_sample(arch, sampled, make_model, to
     assert sum(float(r.sum()) for r in reference.values()) > 0
 
 
+def _calls_of(monkeypatch, name):
+    """Count the calls of ``clm_hf.strategies.ewc.<name>`` (still running it)."""
+    import clm_hf.strategies.ewc as ewc_module
+
+    calls, original = [], getattr(ewc_module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ewc_module, name, counted)
+    return calls
+
+
+def _assert_fisher_close(got, want, rtol=1e-5):
+    """Every tensor within ``rtol`` of ``want``, relative to that tensor's largest entry."""
+    assert list(got) == list(want)
+    for name in want:
+        scale = float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["empirical", "true"])
+def test_hooked_fisher_equals_the_per_row_fisher(sampled, tied, make_model, tokenizer, monkeypatch):
+    # Rows of 4 lengths in batches of 3 (some batches short), GPT-2's broadcast position ids, its
+    # embedding tied to the LM head (both uses of one weight add up per row before the square) or
+    # not (token ids repeated in a row add up before the square).
+    model = make_model("gpt2", tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    rows = _rows_for("gpt2", tokenizer, n=14)
+    assert len(set(map(len, rows["input_ids"]))) >= 3
+    vmapped = estimate_fisher(model, rows, method="vmap", batch_size=3, sampled=sampled, seed=7)
+    hooked = estimate_fisher(model, rows, method="hooks", batch_size=3, sampled=sampled, seed=7)
+    _assert_fisher_close(hooked, vmapped)
+    hooked_calls, vmap_calls = _calls_of(monkeypatch, "_hooked_squared_grads"), _calls_of(monkeypatch, "_vmapped_row_grads")
+    auto = estimate_fisher(model, rows, method="auto", batch_size=3, sampled=sampled, seed=7)
+    assert hooked_calls and not vmap_calls  # "auto" took the hooks (checked on the first rows)
+    _assert_fisher_close(auto, vmapped)
+    assert sum(float(f.sum()) for f in vmapped.values()) > 0
+
+
+def test_hooked_fisher_squares_each_rows_gradient_not_the_batch_gradient(make_model, tokenizer):
+    # Equal-length rows in one batch: the hooked Fisher is the sum of the rows' own squared gradients,
+    # far from the square of their summed (batch) gradient, which the hooks' products would give if
+    # they summed over the rows before squaring.
+    from clm_hf.strategies._row_gradients import row_gradient_modules
+    from clm_hf.strategies.ewc import _hooked_squared_grads, _row_loss, _unpadded_batches
+
+    model = make_model("gpt2").eval()
+    params = trainable_parameters(model)
+    rows = tokenize_for_causal_lm(make_task("reverse", 6, seed=1, min_len=4, max_len=4), tokenizer)
+    (batch,) = _unpadded_batches(rows, 6, "cpu")
+    labels = batch.pop("labels")
+    modules = row_gradient_modules(model, params)
+    hooked = _hooked_squared_grads(model, modules, params, batch, labels, None, False)
+    one_by_one = [torch.zeros_like(t) for t in hooked]
+    for i in range(labels.shape[0]):
+        row = _hooked_squared_grads(model, modules, params, {k: v[i : i + 1] for k, v in batch.items()}, labels[i : i + 1],
+                                    None, False)
+        torch._foreach_add_(one_by_one, row)
+    batch_grads = torch.autograd.grad(_row_loss(model(**batch).logits, labels, None, False), list(params.values()))
+    for name, got, want, g in zip(params, hooked, one_by_one, batch_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+    total = sum(float(t.sum()) for t in hooked)
+    squared_batch = sum(float(g.square().sum()) for g in batch_grads)
+    assert abs(squared_batch - total) > 0.1 * total
+
+
+def test_hooked_fisher_falls_back_where_the_hooks_do_not_apply(make_model, tokenizer, caplog, monkeypatch):
+    # Llama's RMSNorm and T5's layer norm weights are no layer type the hooks know: "auto" is the
+    # vmapped Fisher, unchecked.
+    hooked_calls = _calls_of(monkeypatch, "_hooked_squared_grads")
+    for arch, norm in (("llama", "LlamaRMSNorm"), ("t5", "T5LayerNorm")):
+        other = make_model(arch)
+        rows = _rows_for(arch, tokenizer, n=8)
+        vmapped = estimate_fisher(other, rows, method="vmap", batch_size=3, sampled=True, seed=2)
+        auto = estimate_fisher(other, rows, method="auto", batch_size=3, sampled=True, seed=2)
+        assert not hooked_calls and all(torch.equal(auto[n], vmapped[n]) for n in vmapped)
+        with pytest.raises(ValueError, match=norm):
+            estimate_fisher(other, rows, method="hooks", batch_size=3)
+    # GPT-2 with its embedding matrix also read outside nn.Embedding's forward: the hooks cannot see
+    # that use; the check on the first rows catches it and "auto" gives the vmapped Fisher.
+    model = make_model("gpt2")
+    rows = _rows_for("gpt2", tokenizer, n=8)
+    wte = model.transformer.wte
+    handle = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out + wte.weight[0])
+    try:
+        vmapped = estimate_fisher(model, rows, method="vmap", batch_size=3, sampled=True, seed=2)
+        auto = estimate_fisher(model, rows, method="auto", batch_size=3, sampled=True, seed=2)
+        assert "outside its module" in caplog.text
+        _assert_fisher_close(auto, vmapped)
+        with pytest.raises(ValueError, match="'transformer.wte.weight' differs from the per-row loop's"):
+            estimate_fisher(model, rows, method="hooks", batch_size=3, sampled=True, seed=2)
+    finally:
+        handle.remove()
+
+
 def test_fisher_is_of_the_answer_log_likelihood_whatever_its_length(make_model, tokenizer):
     """Rows whose answers have 3 and 7 tokens: each row's Fisher is the square of the gradient of
     its own ``log p(answer | prompt)`` (computed here from log-softmax, one row at a time), not
@@ -261,6 +359,7 @@ def test_online_mode_keeps_one_decayed_term_and_separate_keeps_all(make_model, t
         ({"mode": "both"}, "mode"),
         ({"gamma": 1.5}, "gamma"),
         ({"fisher_samples": 0}, "fisher_samples"),
+        ({"fisher_method": "hook"}, "'auto', 'hooks', 'vmap' or 'loop'"),
         ({"lamda": 3}, "Did you mean 'lambda'"),
     ],
 )
@@ -408,3 +507,14 @@ def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dty
     for name, p in params.items():
         assert p.grad.grad_fn is None and not p.grad.requires_grad
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_row_gradients_docstring_examples_run():
+    # The shared hooked pass's examples (row_gradient_modules; hooked_group_gradients summed over the
+    # groups equals an ordinary backward's gradient) are executed here.
+    import doctest
+
+    import clm_hf.strategies._row_gradients as row_gradients
+
+    results = doctest.testmod(row_gradients, optionflags=doctest.ELLIPSIS)
+    assert results.attempted >= 10 and results.failed == 0

@@ -27,6 +27,7 @@ from ..deepspeed_support import (Zero3QuadraticPenalty, gather_partition, gather
 from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
 from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
+from ._row_gradients import SquareSumSink, hooked_group_gradients, row_gradient_modules
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,9 +62,13 @@ class EWCConfig(StrategyConfig):
             the dataset's own answers. The empirical Fisher vanishes on rows the model already
             fits, so it underestimates what matters (Kunstner et al. 2019,
             https://arxiv.org/abs/1905.12558).
-        fisher_method (`str`): ``"vmap"`` (torch.func per-sample gradients), ``"loop"`` (one
-            backward per row) or ``"auto"`` (vmap, falling back to the loop if the model cannot
-            be vmapped).
+        fisher_method (`str`): ``"hooks"`` (one plain forward and backward per batch, each layer's
+            per-row gradients rebuilt from its input and output gradient and squared into the
+            Fisher; models whose trainable weights are all in ``nn.Linear``, ``Conv1D``,
+            ``nn.LayerNorm`` or ``nn.Embedding`` layers, e.g. GPT-2), ``"vmap"`` (torch.func
+            per-sample gradients), ``"loop"`` (one backward per row) or ``"auto"`` (the hooks where
+            they apply, checked once per task against the loop on two rows, else vmap, falling back
+            to the loop if the model cannot be vmapped; see :func:`estimate_fisher`).
         seed (`int`): Seed of the choice of Fisher rows and of the answers the true Fisher samples
             (inverse-CDF draws from the model's own next-token distribution, taken from the same
             forward pass that gives the gradient: one forward per row).
@@ -86,7 +91,7 @@ class EWCConfig(StrategyConfig):
     fisher_samples: int = field(default=256, metadata={"help": "Max rows used to estimate the Fisher."})
     fisher_batch_size: int = field(default=16, metadata={"help": "Rows per per-sample-gradient pass."})
     fisher_type: str = field(default="true", metadata={"help": "'true' (sampled answers) or 'empirical'."})
-    fisher_method: str = field(default="auto", metadata={"help": "'vmap', 'loop' or 'auto'."})
+    fisher_method: str = field(default="auto", metadata={"help": "'hooks', 'vmap', 'loop' or 'auto'."})
     seed: int = field(default=0, metadata={"help": "Seed of the Fisher rows and of the sampled answers."})
     state_dtype: str = field(default="float32",
                              metadata={"help": "'float32', 'bfloat16_fisher' or 'bfloat16': dtype of the Fisher and anchor."})
@@ -100,8 +105,8 @@ class EWCConfig(StrategyConfig):
         check_range("fisher_batch_size", self.fisher_batch_size, low=1)
         if self.fisher_type not in ("true", "empirical"):
             raise ValueError(f"fisher_type must be 'true' or 'empirical', got {self.fisher_type!r}.")
-        if self.fisher_method not in ("auto", "vmap", "loop"):
-            raise ValueError(f"fisher_method must be 'auto', 'vmap' or 'loop', got {self.fisher_method!r}.")
+        if self.fisher_method not in ("auto", "hooks", "vmap", "loop"):
+            raise ValueError(f"fisher_method must be 'auto', 'hooks', 'vmap' or 'loop', got {self.fisher_method!r}.")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"EWC state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}.")
 
@@ -556,9 +561,20 @@ def estimate_fisher(
         model (`nn.Module`): The model (dropout is switched off while estimating).
         rows (`datasets.Dataset`): Tokenized rows (``input_ids``, ``labels``).
         batch_size (`int`): Rows per vectorised pass.
-        method (`str`): ``"vmap"``, ``"loop"`` or ``"auto"``. A model sharded with FSDP2 (DTensor
-            parameters) always takes a per-row backward through the sharded model, its rows split
-            between the ranks (:func:`_estimate_fisher_sharded`).
+        method (`str`): ``"hooks"``, ``"vmap"``, ``"loop"`` or ``"auto"``. ``"hooks"``: one plain
+            forward and one backward per batch that computes only the activations' gradients; each
+            layer's per-row weight gradients are rebuilt from its input and output gradient (one
+            batched product per layer) and squared and summed over the rows straight into the Fisher
+            (:func:`_hooked_squared_grads`). Every trainable weight must be that of an
+            ``nn.Linear``, GPT-2's ``Conv1D``, an ``nn.LayerNorm`` or an ``nn.Embedding``
+            (:func:`~clm_hf.strategies._row_gradients.row_gradient_modules`, else ``ValueError``).
+            ``"vmap"``: per-row gradients of the whole model at once (:func:`_vmapped_row_grads`);
+            ``"loop"``: one backward per row. ``"auto"`` takes the hooks where every trainable
+            weight is hookable, after comparing their squares on the first rows with the loop's
+            once per call (a weight also used outside its module, which the hooks cannot see, is
+            caught there), and the vmapped pass otherwise or if that fails, then the loop. A model
+            sharded with FSDP2 (DTensor parameters) always takes a per-row backward through the
+            sharded model, its rows split between the ranks (:func:`_estimate_fisher_sharded`).
         sampled (`bool`): Score each row's answer positions against tokens sampled from the
             model's own teacher-forced prediction there (the true Fisher) instead of the
             dataset's tokens (the empirical Fisher).
@@ -595,7 +611,15 @@ def estimate_fisher(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     forward = FunctionalModel(model, params)  # built once: the frozen weights, the pure call
     seq2seq = is_seq2seq(model)
-    per_row = _vmapped_row_grads(forward, seq2seq) if use_vmap else None
+    per_row = None  # the vmapped pass, built where it runs
+    modules = None
+    if method in ("hooks", "auto"):
+        try:
+            modules = row_gradient_modules(forward.model, params)
+        except ValueError:  # a weight of a layer type the hooks do not know (Llama's RMSNorm): vmap
+            if method == "hooks":
+                raise
+    checked = False  # the hooked squares are compared with the loop's on the first rows, once
     with eval_mode(model), no_padding_warning(forward.model):
         for batch in tqdm(batches, desc="EWC Fisher", disable=disable_progress, leave=False):
             labels = batch.pop("labels")
@@ -604,24 +628,87 @@ def estimate_fisher(
             inputs = {**batch, **decoder_inputs(forward.model, {**batch, "labels": labels}, seq2seq)}
             # The sampler's randomness: one uniform per label position, drawn here from the seeded
             # generator (on the CPU, so a seed gives the same draws on any device) and shared by
-            # the vmap and loop paths.
+            # the hooked, vmap and loop paths.
             uniforms = torch.rand(labels.shape, generator=generator).to(device) if sampled else None
-            squared = None
-            if use_vmap:
-                try:
-                    grads = per_row(forward.detached(), inputs, labels, uniforms)
-                    squared = [_square_sum_rows(grads[n]) for n in names]
-                except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
-                    if method == "vmap":
-                        raise
-                    logger.warning("EWC: per-sample gradients with torch.func failed (%s); using a loop.", err)
-                    use_vmap = False
-            if squared is None:
-                squared = _squared_grads_loop(model, params, names, inputs, labels, uniforms, seq2seq)
-            torch._foreach_add_(totals, squared)
+            # Before the first hooked pass, its first rows alone go through the check (then the rest).
+            pieces = [slice(None)] if modules is None or checked else [slice(0, _CHECK_ROWS), slice(_CHECK_ROWS, None)]
+            for piece in pieces:
+                part = ({k: v[piece] for k, v in inputs.items()}, labels[piece], None if uniforms is None else uniforms[piece])
+                if part[1].shape[0] == 0:
+                    continue
+                squared = reference = None
+                if modules is not None:
+                    try:
+                        squared = _hooked_squared_grads(forward.model, modules, params, *part, seq2seq)
+                        if not checked:
+                            reference = _squared_grads_loop(model, params, names, *part, seq2seq)
+                            _check_hooked_fisher(names, squared, reference, params)
+                            checked = True
+                    except Exception as err:  # noqa: BLE001 - any model the hooks do not fit falls back
+                        if method == "hooks":
+                            raise
+                        logger.warning("EWC: the hooked per-row gradients failed (%s); using the vmapped ones.", err)
+                        modules = None
+                        squared = reference  # the loop's squares of these rows where the check got them, else None
+                if squared is None and use_vmap:
+                    try:
+                        per_row = per_row or _vmapped_row_grads(forward, seq2seq)
+                        grads = per_row(forward.detached(), *part)
+                        squared = [_square_sum_rows(grads[n]) for n in names]
+                    except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
+                        if method == "vmap":
+                            raise
+                        logger.warning("EWC: per-sample gradients with torch.func failed (%s); using a loop.", err)
+                        use_vmap = False
+                if squared is None:
+                    squared = _squared_grads_loop(model, params, names, *part, seq2seq)
+                torch._foreach_add_(totals, squared)
     if reduction == "mean":
         torch._foreach_div_(totals, float(len(rows)))
     return dict(zip(names, totals))
+
+
+# Rows of the first batch whose hooked squares are checked against the loop's (one backward per row).
+_CHECK_ROWS = 2
+
+
+def _hooked_squared_grads(model: nn.Module, modules: dict[nn.Module, dict[str, int]], params: dict[str, nn.Parameter],
+                          inputs: dict[str, torch.Tensor], labels: torch.Tensor, uniforms: torch.Tensor | None,
+                          seq2seq: bool) -> list[torch.Tensor]:
+    """The sum over the rows of each row's squared gradient, in the order of ``params``, from ONE plain
+    forward and ONE backward over the batch (:func:`~clm_hf.strategies._row_gradients.hooked_group_gradients`
+    with one group per row).
+
+    The loss is the sum of the rows' :func:`_row_loss`, and row ``b``'s depends on row ``b`` alone
+    (equal-length rows, no mask, eval mode), so each layer's per-row weight gradients are its
+    ``(rows, out, in)`` products ``dY_bᵀ X_b``: they are squared and summed over the rows there and
+    then (:class:`~clm_hf.strategies._row_gradients.SquareSumSink`), never held for the whole model.
+    """
+    totals = [torch.zeros_like(p, dtype=torch.float32) for p in params.values()]
+    rows = labels.shape[0]
+    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+    def loss_of() -> torch.Tensor:
+        return _row_loss(model(**inputs, **extra).logits, labels, uniforms, seq2seq)
+
+    hooked_group_gradients(model, modules, loss_of, rows, rows, SquareSumSink(totals), switch_to_eval=False)
+    return totals
+
+
+def _check_hooked_fisher(names: list[str], hooked: list[torch.Tensor], reference: list[torch.Tensor],
+                         params: dict[str, nn.Parameter]) -> None:
+    """``ValueError`` naming the first parameter whose hooked squares differ from the loop's.
+
+    The hooks see a weight only where its module's forward uses it: a model that also reads a hooked
+    weight directly (``hidden @ module.weight.T`` outside the module) would lose that part of the
+    gradient without notice (as GEM's ``_check_hook_references``)."""
+    exact = all(p.dtype in (torch.float32, torch.float64) for p in params.values())
+    tolerance = 1e-3 if exact else 5e-2  # float32 rounding, or that of 16-bit weights and activations
+    for name, got, want in zip(names, hooked, reference):
+        error = float((got - want).norm())
+        if not error <= tolerance * float(want.norm()) + 1e-12:
+            raise ValueError(f"the hooked Fisher of {name!r} differs from the per-row loop's (error {error:.3g}, "
+                             f"norm {float(want.norm()):.3g}): the model uses it outside its module.")
 
 
 def _world() -> tuple[int, int]:

@@ -53,7 +53,6 @@ memory gradients whenever a constraint is violated) is what keeps the effect und
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
@@ -70,6 +69,7 @@ from torch import nn
 from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
 from .lwf import has_active_dropout
+from ._row_gradients import GroupBufferSink, _maybe_eval, hooked_group_gradients, row_gradient_modules
 from ..sharding import all_reduce_sum_like, is_dtensor, like_param, local_part
 from .base import (
     Strategy,
@@ -423,66 +423,6 @@ def _vmap_reference_gradients_(forward: FunctionalModel, stacked: dict[str, torc
 
 
 # --- reference gradients from one plain pass, grouped from the layers' inputs and output gradients --
-def _hookable_types() -> dict[type, str]:
-    """The exact module types whose weight gradient is rebuilt from the layer's input and output gradient."""
-    types: dict[type, str] = {nn.Linear: "linear", nn.Embedding: "embedding", nn.LayerNorm: "layer_norm"}
-    try:
-        from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
-    except ImportError:  # pragma: no cover - transformers always has it
-        return types
-    types[Conv1D] = "conv1d"
-    return types
-
-
-def row_gradient_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module, dict[str, int]]:
-    """The modules holding the trainable ``params``, as ``{module: {"weight" | "bias": index in params}}``.
-
-    Every slot of every trainable parameter must be the ``weight`` or ``bias`` of a module of exactly
-    one of the types :func:`_hook_reference_gradients_` knows (``nn.Linear``, GPT-2's ``Conv1D``,
-    ``nn.LayerNorm``, a dense ``nn.Embedding``): their forward is known, so the gradient of the
-    weights of each group of rows can be rebuilt from the layer's input and the gradient of its output.
-
-    Args:
-        model (`nn.Module`): The (unwrapped) model.
-        params (`dict[str, nn.Parameter]`): The trainable parameters by name, in buffer order.
-
-    Returns:
-        `dict`: The modules to hook, each with the trainable parameters it holds.
-
-    Raises:
-        ValueError: Naming the first parameter held by a module of another type (a subclass too:
-            its forward may differ), or an embedding whose backward is not a plain scatter.
-
-    Example:
-
-    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model
-    >>> model = build_tiny_model("gpt2", build_tokenizer())
-    >>> named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    >>> len(row_gradient_modules(model, named)) > 0
-    True
-    """
-    types = _hookable_types()
-    index = {id(p): i for i, p in enumerate(params.values())}
-    names = list(params)
-    modules: dict[nn.Module, dict[str, int]] = {}
-    for module_name, module in unwrap_model(model).named_modules():
-        for attr, value in module._parameters.items():  # noqa: SLF001 - every slot, tied ones included
-            if value is None or id(value) not in index:
-                continue
-            where = f"{names[index[id(value)]]!r} (slot {module_name}.{attr}, a {type(module).__name__})"
-            if type(module) not in types or attr not in ("weight", "bias"):
-                raise ValueError(f"The trainable parameter {where} is not the weight or bias of an nn.Linear, Conv1D, "
-                                 "nn.LayerNorm or nn.Embedding.")
-            if type(module) is nn.Embedding and (module.max_norm is not None or module.sparse or module.scale_grad_by_freq):
-                raise ValueError(f"The embedding {where} uses max_norm, sparse or scale_grad_by_freq.")
-            modules.setdefault(module, {})[attr] = index[id(value)]
-    covered = {i for slots in modules.values() for i in slots.values()}
-    if len(covered) != len(params):
-        missing = [names[i] for i in range(len(names)) if i not in covered]
-        raise ValueError(f"The trainable parameters {missing[:3]} are not held by any module.")
-    return modules
-
-
 def _hook_reference_gradients_(model: nn.Module, modules: dict[nn.Module, dict[str, int]], stacked: dict[str, torch.Tensor],
                                out: list[torch.Tensor], *, switch_to_eval: bool = True) -> None:
     """The ``K`` group gradients from ONE plain forward and ONE backward over all the rows, into ``out``.
@@ -499,100 +439,19 @@ def _hook_reference_gradients_(model: nn.Module, modules: dict[nn.Module, dict[s
     the ``K`` groups, written into the ``K x P`` buffer), for a layer norm ``Σ dY · x̂``, for an
     embedding a scatter-add of ``dY`` at the group's token ids. The work is that of one
     forward/backward over the ``K g`` rows whatever ``K`` is, in the same kernels as a plain pass
-    (no vmap dispatch); only the weight gradients are ``K`` times larger.
+    (no vmap dispatch); only the weight gradients are ``K`` times larger. The pass is
+    :func:`~clm_hf.strategies._row_gradients.hooked_group_gradients`, shared with EWC's Fisher (one
+    group per row there).
     """
-    types = _hookable_types()
     groups, rows = stacked["labels"].shape[:2]
     batch = {key: value.flatten(0, 1) for key, value in stacked.items()}
     for key in ("attention_mask", "decoder_attention_mask"):
         if key in batch:  # filler rows count nothing, but a fully masked row may give NaN attention: unmask them
             mask = batch[key]
             batch[key] = torch.where(mask.bool().any(1, keepdim=True), mask, torch.ones_like(mask))
-    device = batch["labels"].device
-    group_of_row = torch.arange(groups, device=device).repeat_interleave(rows)
-    records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, int]] = []
-
-    total = groups * rows
-
-    def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-        x = args[0]
-        if isinstance(output, torch.Tensor) and x.shape[0] == 1 and output.shape[0] == 1 and total > 1:
-            # One row broadcast over the batch (GPT-2's position ids): the model gets it expanded
-            # instead (the same numbers), so that its gradient comes back row by row.
-            x, output = x.expand(total, *x.shape[1:]), output.expand(total, *output.shape[1:])
-            records.append((module, x, output, x._version, output._version))
-            return output
-        records.append((module, x, output, x._version, getattr(output, "_version", 0)))
-        return None
-
-    handles = [module.register_forward_hook(record) for module in modules]
-    try:
-        with _maybe_eval(model, switch_to_eval), torch.enable_grad():
-            losses = memory_losses(model, batch, group_of_row, groups)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for module, x, y, x_version, y_version in records:
-        if not isinstance(y, torch.Tensor) or x.shape[0] != total or y.shape[0] != total or not y.requires_grad:
-            raise ValueError(f"A {type(module).__name__} was called on tensors that are not [rows, ...] batches.")
-        if x._version != x_version or y._version != y_version:
-            raise ValueError(f"The input or output of a {type(module).__name__} was changed in place.")
-    grads = torch.autograd.grad(losses.sum(), [r[2] for r in records], allow_unused=True)
-    written = [False] * len(out)
-
-    def put(i: int, value: torch.Tensor) -> None:
-        if written[i]:  # a tied weight: its second use adds
-            out[i].add_(value)
-        else:
-            out[i].copy_(value)
-            written[i] = True
-
-    with torch.no_grad():  # the inputs are activations of the graph: no graph for the products
-        for (module, x, _, _, _), dy in zip(records, grads):
-            if dy is None:
-                continue
-            slots, kind = modules[module], types[type(module)]
-            if kind == "embedding":
-                if "weight" not in slots:
-                    continue
-                i = slots["weight"]
-                if not written[i]:
-                    out[i].zero_()
-                    written[i] = True
-                ids = x.reshape(groups, -1)
-                dy = dy.reshape(groups, ids.shape[1], -1)
-                if module.padding_idx is not None:  # F.embedding gives the padding row no gradient
-                    dy = dy.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
-                lanes = torch.arange(groups, device=ids.device).unsqueeze(1).expand_as(ids)
-                out[i].index_put_((lanes.flatten(), ids.flatten()), dy.flatten(0, 1).to(out[i].dtype), accumulate=True)
-                continue
-            if x.dtype != dy.dtype:  # autocast: the product in float32
-                x, dy = x.float(), dy.float()
-            dy = dy.reshape(groups, -1, dy.shape[-1])
-            if kind == "layer_norm":
-                shape = tuple(module.normalized_shape)
-                if "weight" in slots:
-                    normalized = F.layer_norm(x, shape, None, None, module.eps).reshape(groups, -1, *shape)
-                    put(slots["weight"], (dy.view(groups, -1, *shape) * normalized).sum(1))
-                if "bias" in slots:
-                    put(slots["bias"], dy.view(groups, -1, *shape).sum(1))
-                continue
-            if "weight" in slots:
-                x = x.reshape(groups, -1, x.shape[-1])
-                # nn.Linear's weight is [out, in] (dYᵀX), Conv1D's [in, out] (XᵀdY).
-                put(slots["weight"], torch.bmm(dy.transpose(1, 2), x) if kind == "linear" else torch.bmm(x.transpose(1, 2), dy))
-            if "bias" in slots:
-                put(slots["bias"], dy.sum(1))
-    for i, done in enumerate(written):
-        if not done:  # no path from the loss: zero, as autograd's allow_unused gives
-            out[i].zero_()
-
-
-def _maybe_eval(model: nn.Module, switch: bool):
-    """``eval_mode(model)``, or nothing when ``switch`` is False: for a model without active dropout
-    (:func:`~clm_hf.strategies.lwf.has_active_dropout`) the two modes compute the same thing, and
-    the switch walks every module twice (half a millisecond per step on the tiny GPT-2)."""
-    return eval_mode(model) if switch else contextlib.nullcontext()
+    group_of_row = torch.arange(groups, device=batch["labels"].device).repeat_interleave(rows)
+    hooked_group_gradients(model, modules, lambda: memory_losses(model, batch, group_of_row, groups).sum(), groups,
+                           groups * rows, GroupBufferSink(out), switch_to_eval=switch_to_eval)
 
 
 def _no_cache(model: nn.Module) -> dict[str, bool]:
