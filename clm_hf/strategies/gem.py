@@ -234,11 +234,11 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     Nothing changes unless some ``g · g_k < 0``; then ``g <- g + Gᵀv`` with ``v`` the solution of the
     dual QP (bounded below by ``margin``), so that ``G g̃ >= 0``.
 
-    On the CPU the ``K`` products ``G g`` and the ``K x K`` Gram matrix ``G Gᵀ`` come from one pass
-    over ``G`` (:func:`dots_and_gram`): reading ``G`` is what costs, and from a few past tasks on
-    most steps violate a constraint and need both. Elsewhere a device-to-host copy of ``G g``
-    decides whether to project, and only then is ``G Gᵀ`` computed (one more kernel) and copied to
-    the host for the dual problem. A projected step makes one more pass over ``G``, for ``Gᵀv``.
+    On the CPU with ``K > 1`` the ``K`` products ``G g`` and the ``K x K`` Gram matrix ``G Gᵀ`` come
+    from one pass over ``G`` (:func:`dots_and_gram`): reading ``G`` is what costs, and from a few
+    past tasks on most steps violate a constraint and need both. Otherwise a device-to-host copy of
+    ``G g`` decides whether to project, and only then is ``G Gᵀ`` computed and copied to the host
+    for the dual problem. A projected step makes one more pass over ``G``, for ``Gᵀv``.
 
     Args:
         g (`torch.Tensor`): The gradient, a ``P`` vector (edited in place).
@@ -258,9 +258,8 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     >>> project_gem_(g, G), g.tolist()
     (True, [1.0, 0.0])
     """
-    gram = None
-    if G.device.type == "cpu":
-        k = G.shape[0]
+    gram, k = None, G.shape[0]
+    if G.device.type == "cpu" and k > 1:
         dots, gram = dots_and_gram(G, g)
         if reduce is not None:  # one collective for both
             both = reduce(torch.cat([dots, gram.flatten()]))
