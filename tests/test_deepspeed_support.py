@@ -291,6 +291,7 @@ def test_zero2_write_puts_the_edited_partition_back_into_deepspeeds_pieces_scale
 def test_zero2_projection_on_partitions_with_summed_products_equals_the_whole_projection():
     # What GEM's edit_zero_gradients does on each rank, the all-reduce played by summing over two partitions.
     from clm_hf.strategies.gem import project_gem_
+    from tests.test_gem import _shard_reduce
 
     params = _params_with_grads()
     refs = [torch.randn(2, *p.shape) for p in params]
@@ -305,15 +306,9 @@ def test_zero2_projection_on_partitions_with_summed_products_equals_the_whole_pr
     cuts = [p.slice_rows(refs, params, torch.empty(2, p.numel)) for p in parts]
     unprojected = [f.clone() for f in flats]
 
-    def reduce_for(rank):
-        def reduce(partial):  # this rank's partial sum plus the other's: what all_reduce_sum returns
-            other = 1 - rank
-            theirs = cuts[other] @ unprojected[other] if partial.dim() == 1 else cuts[other] @ cuts[other].T
-            return partial + theirs
-        return reduce
-
-    for rank in range(2):
-        assert project_gem_(flats[rank], cuts[rank], 0.0, reduce=reduce_for(rank))
+    for rank in range(2):  # each rank's partial sums plus the other's: what all_reduce_sum returns
+        reduce = _shard_reduce(unprojected[1 - rank], cuts[1 - rank])
+        assert project_gem_(flats[rank], cuts[rank], 0.0, reduce=reduce)
         parts[rank].write(flats[rank])
     projected = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(projected, expected, rtol=1e-6, atol=1e-6)
