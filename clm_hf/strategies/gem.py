@@ -194,38 +194,13 @@ def gram_matrix(G: torch.Tensor, block: int = _GRAM_BLOCK) -> torch.Tensor:
     >>> gram_matrix(G, block=2).tolist()
     [[5.0, 14.0], [14.0, 50.0]]
     """
-    return dots_and_gram(G, None, block)[1]
-
-
-def dots_and_gram(G: torch.Tensor, g: torch.Tensor | None, block: int = _GRAM_BLOCK) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``G g`` and ``G Gᵀ`` in one pass over ``G``'s columns on the CPU (each block is read from memory
-    once and used for both while it is in cache); on other devices the two products.
-
-    Args:
-        G (`torch.Tensor`): The ``K x P`` matrix.
-        g (`torch.Tensor`, *optional*): A ``P`` vector; ``None`` computes the Gram matrix only.
-        block (`int`): Columns per block on the CPU.
-
-    Returns:
-        `tuple`: ``(G g or None, G Gᵀ)``.
-
-    Example:
-
-    >>> G = torch.arange(6.0).view(2, 3)
-    >>> dots, gram = dots_and_gram(G, torch.ones(3), block=2)
-    >>> dots.tolist(), gram.tolist()
-    ([3.0, 12.0], [[5.0, 14.0], [14.0, 50.0]])
-    """
     if G.device.type != "cpu" or G.shape[1] <= block:
-        return (None if g is None else G @ g), G @ G.T
-    gram = G.new_zeros(G.shape[0], G.shape[0])
-    dots = None if g is None else G.new_zeros(G.shape[0])
-    for start in range(0, G.shape[1], block):
+        return G @ G.T
+    gram = G[:, :block] @ G[:, :block].T
+    for start in range(block, G.shape[1], block):
         part = G[:, start : start + block]
         gram.addmm_(part, part.T)
-        if dots is not None:
-            dots += part @ g[start : start + block]
-    return dots, gram
+    return gram
 
 
 def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduce: Callable[[torch.Tensor], Any] | None = None) -> bool:
@@ -234,20 +209,19 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     Nothing changes unless some ``g · g_k < 0``; then ``g <- g + Gᵀv`` with ``v`` the solution of the
     dual QP (bounded below by ``margin``), so that ``G g̃ >= 0``.
 
-    On the CPU with ``K > 1`` the ``K`` products ``G g`` and the ``K x K`` Gram matrix ``G Gᵀ`` come
-    from one pass over ``G`` (:func:`dots_and_gram`): reading ``G`` is what costs, and from a few
-    past tasks on most steps violate a constraint and need both. Otherwise a device-to-host copy of
-    ``G g`` decides whether to project, and only then is ``G Gᵀ`` computed and copied to the host
-    for the dual problem. A projected step makes one more pass over ``G``, for ``Gᵀv``.
+    A device-to-host copy of the ``K`` products ``G g`` decides whether to project; only then is the
+    ``K x K`` Gram matrix ``G Gᵀ`` computed (the larger product: ``K²P`` against ``KP``) and copied
+    to the host for the dual problem. So a step that violates no constraint costs one matrix-vector
+    product and one small synchronisation, and one that does, two.
 
     Args:
         g (`torch.Tensor`): The gradient, a ``P`` vector (edited in place).
         G (`torch.Tensor`): The ``K x P`` reference gradients.
         margin (`float`): Lower bound ``γ`` of the dual variables.
-        reduce (`Callable`, *optional*): Under sharding (FSDP2, ZeRO-2), ``g`` and ``G`` hold this
-            rank's coordinates only: ``reduce`` returns the sum of a tensor of local partial results
-            over the ranks (:func:`~clm_hf.sharding.all_reduce_sum_like`). It is applied to ``G g``
-            and ``G Gᵀ``, so every rank solves the same QP and projects its own coordinates.
+        reduce (`Callable`, *optional*): Under sharding (FSDP2), ``g`` and ``G`` hold this rank's
+            coordinates only: ``reduce`` returns the sum of a tensor of local partial results over
+            the ranks (:func:`~clm_hf.sharding.all_reduce_sum_like`). It is applied to ``G g`` and
+            ``G Gᵀ``, so every rank solves the same QP and projects its own coordinates.
 
     Returns:
         `bool`: Whether ``g`` was projected.
@@ -258,23 +232,15 @@ def project_gem_(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0, *, reduc
     >>> project_gem_(g, G), g.tolist()
     (True, [1.0, 0.0])
     """
-    gram, k = None, G.shape[0]
-    if G.device.type == "cpu" and k > 1:
-        dots, gram = dots_and_gram(G, g)
-        if reduce is not None:  # one collective for both
-            both = reduce(torch.cat([dots, gram.flatten()]))
-            dots, gram = both[:k], both[k:].view(k, k)
-    else:
-        dots = G @ g
-        if reduce is not None:
-            dots = reduce(dots)
+    dots = G @ g
+    if reduce is not None:
+        dots = reduce(dots)
     dots = dots.to("cpu", torch.float64)  # the first sync: K numbers
     if not bool((dots < 0).any()):
         return False
-    if gram is None:
-        gram = gram_matrix(G)
-        if reduce is not None:
-            gram = reduce(gram)
+    gram = gram_matrix(G)
+    if reduce is not None:
+        gram = reduce(gram)
     v = solve_nonnegative_qp(gram.to("cpu", torch.float64), dots, margin)
     g.addmv_(G.T, v.to(device=G.device, dtype=G.dtype))
     return True
