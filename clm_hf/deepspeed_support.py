@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -437,7 +437,8 @@ class Zero2MasterPartition:
     slice_rows = _slice_rows
 
 
-def hook_zero2_step(optimizer, edit=None, after_step=None) -> None:
+def hook_zero2_step(optimizer: Any, edit: Callable[[Zero2GradientPartition], None] | None = None,
+                    after_step: Callable[[Zero2MasterPartition], None] | None = None) -> None:
     """Make DeepSpeed ZeRO-2's ``optimizer.step()`` call ``edit`` first, and ``after_step`` after each group's update.
 
     DeepSpeed runs its optimizer step inside ``engine.step()``, right after the backward of the
@@ -460,23 +461,34 @@ def hook_zero2_step(optimizer, edit=None, after_step=None) -> None:
     Raises:
         NotImplementedError: The optimizer is not ZeRO-2's ``DeepSpeedZeroOptimizer``, or offloads
             its state to the CPU (the gradient then goes straight into the offloaded fp32 copy).
+        RuntimeError: At a step (not skipped) whose groups did not all pass through ``after_step``.
     """
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not getattr(optimizer, "partition_gradients", False):
-        raise NotImplementedError(f"Editing gradients under DeepSpeed needs ZeRO stage 2 (DeepSpeedZeroOptimizer with "
+        raise NotImplementedError(f"Editing gradients or master weights under DeepSpeed needs ZeRO stage 2 (DeepSpeedZeroOptimizer with "
                                   f"partitioned gradients); the engine's optimizer is {type(optimizer).__name__}.")
     if getattr(optimizer, "cpu_offload", False):
-        raise NotImplementedError("Editing gradients under DeepSpeed ZeRO-2 is not supported with offload_optimizer: "
+        raise NotImplementedError("Editing gradients or master weights under DeepSpeed ZeRO-2 is not supported with "
+                                  "offload_optimizer: "
                                   "the reduced gradient goes straight into the CPU copy. Turn the offload off.")
-    if edit is not None:
-        step = type(optimizer).step
+    step = type(optimizer).step
+    held: list[int] = []  # the groups whose master partition after_step saw during this step
 
-        def hooked(closure=None):
+    def hooked(closure=None):
+        if edit is not None:
             edit(Zero2GradientPartition(optimizer))
-            return step(optimizer, closure)
+        held.clear()
+        result = step(optimizer, closure)
+        if after_step is not None and not getattr(optimizer, "overflow", False) and len(held) != len(optimizer.bit16_groups):
+            # _optimizer_step is DeepSpeed's private per-group update: a release that stops calling it
+            # from step() would otherwise lose the edit of the master weights without a word.
+            raise RuntimeError(f"DeepSpeed ZeRO-2's step updated {len(optimizer.bit16_groups)} parameter group(s) but "
+                               f"_optimizer_step ran for {len(held)}: this DeepSpeed version no longer updates each group "
+                               "there, so the strategy's edit of the fp32 master weights would be lost.")
+        return result
 
-        optimizer.step = hooked
+    optimizer.step = hooked
     if after_step is not None:
         # step() runs self._optimizer_step(i) for each group, then copies the group's fp32 master
         # partition into the model's partition: the one point between the update and that copy.
@@ -486,5 +498,6 @@ def hook_zero2_step(optimizer, edit=None, after_step=None) -> None:
             group_step(optimizer, group_no)
             with torch.no_grad():
                 after_step(Zero2MasterPartition(optimizer, group_no))
+            held.append(group_no)
 
         optimizer._optimizer_step = stepped

@@ -334,9 +334,15 @@ class ContinualTrainerMixin:
         """
         editors = self._strategies_overriding("edit_zero_gradients")
         holders = self._strategies_overriding("edit_zero_master_weights")
-        engine = getattr(self, "model_wrapped", None)
-        if not (editors or holders) or not getattr(self, "is_deepspeed_enabled", False) or engine is None:
+        if not (editors or holders) or not getattr(self, "is_deepspeed_enabled", False):
             return
+        engine = getattr(self, "model_wrapped", None)
+        if engine is None or getattr(engine, "optimizer", None) is None:
+            # These strategies' own step hooks are skipped under DeepSpeed: without the engine's step
+            # to hook, their edits would be lost silently.
+            names = ", ".join(dict.fromkeys(type(s).__name__ for s in [*editors, *holders]))
+            raise RuntimeError(f"{names} edit(s) the gradient or the weights inside DeepSpeed ZeRO-2's optimizer step, "
+                               "but at the start of training the Trainer holds no DeepSpeed engine with an optimizer.")
         from .deepspeed_support import hook_zero2_step
 
         model = self.model

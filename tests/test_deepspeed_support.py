@@ -355,3 +355,56 @@ def test_gem_agem_and_packnet_start_on_zero2_only_and_zero1_zero3_say_why(name, 
         assert error is not None and repr(name) in error and f"DeepSpeed backend with ZeRO-{stage}" in error, error
         assert "ZeRO-1 does not partition the gradients" in error and "use ZeRO-2" in error
         assert ("reference gradients" if name != "packnet" else "PackNet masks and prunes whole") in error
+
+
+def _fake_zero2(per_group: bool, overflow: bool = False):
+    """A ``DeepSpeedZeroOptimizer`` with only what :func:`hook_zero2_step` reads: two parameter groups, and a
+    ``step`` that updates each through ``_optimizer_step`` (as DeepSpeed 0.19 does) or, like a release
+    that would not, elsewhere."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    class FakeZero2(DeepSpeedZeroOptimizer):
+        def __init__(self) -> None:  # noqa: D107 - none of DeepSpeed's set-up
+            self.partition_gradients, self.cpu_offload, self.overflow = True, False, overflow
+            self.bit16_groups, self.updated = [[0], [1]], []
+
+        def step(self, closure=None):
+            for group_no in range(len(self.bit16_groups)):
+                if per_group:
+                    self._optimizer_step(group_no)
+                else:
+                    self.updated.append(group_no)
+
+        def _optimizer_step(self, group_no):
+            self.updated.append(group_no)
+
+    return FakeZero2()
+
+
+def test_hook_zero2_step_holds_after_every_groups_update_and_refuses_a_step_that_bypasses_it(monkeypatch):
+    monkeypatch.setattr(ds, "Zero2GradientPartition", lambda optimizer: optimizer)
+    monkeypatch.setattr(ds, "Zero2MasterPartition", lambda optimizer, group_no: group_no)
+    held, edited = [], []
+    optimizer = _fake_zero2(per_group=True)
+    ds.hook_zero2_step(optimizer, lambda partition: edited.append(len(optimizer.updated)), held.append)
+    optimizer.step()
+    assert edited == [0] and held == [0, 1] and optimizer.updated == [0, 1]  # the edit first, a hold after each update
+    # A DeepSpeed whose step no longer runs the per-group update would lose the hold: the step says so.
+    bypass = _fake_zero2(per_group=False)
+    ds.hook_zero2_step(bypass, None, held.append)
+    with pytest.raises(RuntimeError, match=r"updated 2 parameter group\(s\) but _optimizer_step ran for 0"):
+        bypass.step()
+    skipped = _fake_zero2(per_group=False, overflow=True)  # a step DeepSpeed skips (fp16 overflow) holds nothing
+    ds.hook_zero2_step(skipped, None, held.append)
+    skipped.step()
+    assert held == [0, 1]
+
+
+def test_zero2_hooks_without_a_deepspeed_engine_are_an_error_not_a_silent_skip(tmp_path, make_model, tokenizer):
+    from clm_hf.strategies.packnet import PackNet
+    from tests.conftest import make_trainer
+
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [PackNet()])
+    trainer.is_deepspeed_enabled = True  # as if under DeepSpeed, but model_wrapped is the bare model
+    with pytest.raises(RuntimeError, match="PackNet edit.*no DeepSpeed engine with an optimizer"):
+        trainer._hook_zero_optimizer()

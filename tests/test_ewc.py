@@ -509,12 +509,14 @@ def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dty
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7)
 
 
-def test_row_gradients_docstring_examples_run():
-    # The shared hooked pass's examples (row_gradient_modules; hooked_group_gradients summed over the
-    # groups equals an ordinary backward's gradient) are executed here.
-    import doctest
+def test_hooked_fisher_out_of_memory_is_raised_not_retried_with_the_larger_vmapped_pass(make_model, tokenizer, monkeypatch):
+    import clm_hf.strategies.ewc as ewc_module
 
-    import clm_hf.strategies._row_gradients as row_gradients
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    results = doctest.testmod(row_gradients, optionflags=doctest.ELLIPSIS)
-    assert results.attempted >= 10 and results.failed == 0
+    monkeypatch.setattr(ewc_module, "_hooked_squared_grads", out_of_memory)
+    vmapped = _calls_of(monkeypatch, "_vmapped_row_grads")
+    with pytest.raises(torch.OutOfMemoryError):
+        estimate_fisher(make_model("gpt2"), _rows_for("gpt2", tokenizer, n=4), method="auto", batch_size=2)
+    assert not vmapped

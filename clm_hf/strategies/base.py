@@ -252,6 +252,11 @@ class Strategy:
         flat partition, ``slice_rows`` to cut whole tensors like it, ``all_reduce_sum`` for sums
         over all coordinates); its :meth:`edit_gradients` is then not called. Implementing it is
         what lets the trainer run the strategy on ZeRO-2 (ZeRO-3 stays refused).
+
+        Args:
+            model (`nn.Module`): The model being trained (whole weights on every rank under ZeRO-2).
+            gradients (:class:`~clm_hf.deepspeed_support.Zero2GradientPartition`): This rank's
+                partition of the reduced gradient of every parameter group.
         """
 
     def edit_zero_master_weights(self, model: nn.Module, master: Any) -> None:
@@ -267,6 +272,11 @@ class Strategy:
         :meth:`after_optimizer_step` is then not called. Implementing it (with
         :meth:`edit_zero_gradients` if the strategy also edits gradients) is what lets the trainer
         run a strategy that writes weights after the step on ZeRO-2.
+
+        Args:
+            model (`nn.Module`): The model being trained (whole weights on every rank under ZeRO-2).
+            master (:class:`~clm_hf.deepspeed_support.Zero2MasterPartition`): This rank's fp32 master
+                partition of the group just updated.
         """
 
     def after_optimizer_step(self, model: nn.Module) -> None:

@@ -645,7 +645,8 @@ def estimate_fisher(
                             _check_hooked_fisher(names, squared, reference, params)
                             checked = True
                     except Exception as err:  # noqa: BLE001 - any model the hooks do not fit falls back
-                        if method == "hooks":
+                        # Not out of memory: the vmapped pass needs more memory than the hooked one.
+                        if method == "hooks" or isinstance(err, torch.OutOfMemoryError):
                             raise
                         logger.warning("EWC: the hooked per-row gradients failed (%s); using the vmapped ones.", err)
                         modules = None
