@@ -93,6 +93,40 @@ def _maybe_eval(model: nn.Module, switch: bool):
     return eval_mode(model) if switch else contextlib.nullcontext()
 
 
+def check_hooked(names: list[str], hooked: list[torch.Tensor], reference: list[torch.Tensor], *, exact: bool,
+                 what: str, against: str, floor: float) -> None:
+    """``ValueError`` naming the first tensor whose hooked value differs from the reference computation's.
+
+    The hooks see a weight only where its module's forward uses it: a model that also reads a hooked
+    weight directly (``hidden @ module.weight.T`` outside the module) would lose that part of the
+    gradient without notice. GEM's references and EWC's Fisher compare their first hooked pass with
+    autograd's (or the per-row loop's) through this, and ``"auto"`` falls back on the error.
+
+    Args:
+        names (`list[str]`): The parameter names, in the order of ``hooked`` and ``reference``.
+        hooked, reference (`list[torch.Tensor]`): The two results, tensor by tensor.
+        exact (`bool`): fp32/fp64 weights (relative tolerance 1e-3), else 16-bit ones (5e-2).
+        what (`str`): What was hooked, for the message (``"Fisher"``, ``"reference gradients"``).
+        against (`str`): What it is compared with, for the message.
+        floor (`float`): Absolute error allowed on top of the relative one (for near-zero tensors).
+
+    Example:
+
+    >>> check_hooked(["w"], [torch.ones(2)], [torch.ones(2)], exact=True, what="Fisher", against="the loop's", floor=0.0)
+    >>> check_hooked(["w"], [torch.zeros(2)], [torch.ones(2)], exact=True, what="Fisher", against="the loop's", floor=0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: the hooked Fisher of 'w' differs from the loop's (error 1.41, norm 1.41): the model uses it outside its module.
+    """
+    tolerance = 1e-3 if exact else 5e-2  # float32 rounding, or that of 16-bit weights and activations
+    verb = "differ" if what.endswith("s") else "differs"
+    for name, got, want in zip(names, hooked, reference):
+        error = float((got - want).norm())
+        if not error <= tolerance * float(want.norm()) + floor:
+            raise ValueError(f"the hooked {what} of {name!r} {verb} from {against} (error {error:.3g}, "
+                             f"norm {float(want.norm()):.3g}): the model uses it outside its module.")
+
+
 class RowGradientSink:
     """What :func:`hooked_group_gradients` does with each layer's per-group weight gradients.
 

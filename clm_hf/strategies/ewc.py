@@ -27,7 +27,7 @@ from ..deepspeed_support import (Zero3QuadraticPenalty, gather_partition, gather
 from ..modeling import decoder_inputs, is_seq2seq, unwrap_model
 from ..sharding import all_reduce_sum_like, any_dtensor, like_param, local_part, reshard
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning
-from ._row_gradients import SquareSumSink, hooked_group_gradients, row_gradient_modules
+from ._row_gradients import SquareSumSink, check_hooked, hooked_group_gradients, row_gradient_modules
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -698,18 +698,10 @@ def _hooked_squared_grads(model: nn.Module, modules: dict[nn.Module, dict[str, i
 
 def _check_hooked_fisher(names: list[str], hooked: list[torch.Tensor], reference: list[torch.Tensor],
                          params: dict[str, nn.Parameter]) -> None:
-    """``ValueError`` naming the first parameter whose hooked squares differ from the loop's.
-
-    The hooks see a weight only where its module's forward uses it: a model that also reads a hooked
-    weight directly (``hidden @ module.weight.T`` outside the module) would lose that part of the
-    gradient without notice (as GEM's ``_check_hook_references``)."""
+    """``ValueError`` naming the first parameter whose hooked squares differ from the loop's (see
+    :func:`~clm_hf.strategies._row_gradients.check_hooked`); squares of small gradients are tiny, hence the floor."""
     exact = all(p.dtype in (torch.float32, torch.float64) for p in params.values())
-    tolerance = 1e-3 if exact else 5e-2  # float32 rounding, or that of 16-bit weights and activations
-    for name, got, want in zip(names, hooked, reference):
-        error = float((got - want).norm())
-        if not error <= tolerance * float(want.norm()) + 1e-12:
-            raise ValueError(f"the hooked Fisher of {name!r} differs from the per-row loop's (error {error:.3g}, "
-                             f"norm {float(want.norm()):.3g}): the model uses it outside its module.")
+    check_hooked(names, hooked, reference, exact=exact, what="Fisher", against="the per-row loop's", floor=1e-12)
 
 
 def _world() -> tuple[int, int]:

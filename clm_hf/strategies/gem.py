@@ -69,7 +69,7 @@ from torch import nn
 from ..modeling import decoder_inputs, is_seq2seq
 from ._functional import FunctionalModel, batchable_attention, no_padding_warning, swapped
 from .lwf import has_active_dropout
-from ._row_gradients import GroupBufferSink, _maybe_eval, hooked_group_gradients, row_gradient_modules
+from ._row_gradients import GroupBufferSink, _maybe_eval, check_hooked, hooked_group_gradients, row_gradient_modules
 from ..sharding import all_reduce_sum_like, is_dtensor, like_param, local_part
 from .base import (
     Strategy,
@@ -888,13 +888,8 @@ class EpisodicGradientStrategy(Strategy):
         expected = [torch.empty_like(view) for view in self._ref_views]
         reference_gradients_(model, params, batches, expected, method="per_task")
         exact = all(p.dtype in (torch.float32, torch.float64) for p in params)
-        tolerance = 1e-3 if exact else 5e-2  # float32 rounding, or that of 16-bit weights and activations
-        names = list(_named(model, params))
-        for name, got, want in zip(names, self._ref_views, expected):
-            error = float((got - want).norm())
-            if not error <= tolerance * float(want.norm()) + 1e-7:
-                raise ValueError(f"the hooked reference gradients of {name!r} differ from autograd's (error {error:.3g}, "
-                                 f"norm {float(want.norm()):.3g}): the model uses it outside its module.")
+        check_hooked(list(_named(model, params)), self._ref_views, expected, exact=exact, what="reference gradients",
+                     against="autograd's", floor=1e-7)
         self._hooks_checked = True
 
     def _functional(self, model: nn.Module, params: list[nn.Parameter]) -> FunctionalModel:
