@@ -25,6 +25,8 @@ Each case times a piece of a strategy's step in isolation, alternating the varia
   ``fisher_hooked``), each as a multiple of one training pass over the same rows.
 - ``ewc-step``: a training step plain, with EWC's autograd penalty and with its gradient added in
   ``edit_gradients``.
+- ``ewc-edit-traffic``: EWC's ``edit_gradients`` from cold caches against plain element-wise passes
+  over the same tensors (2 or 3 read, 1 written): how close the edit is to its memory-traffic floor.
 - ``fisher-batch-size``: EWC's true Fisher at 16, 32 and 64 rows per vmapped pass against one
   training pass.
 - ``pnn-breakdown``: a PNN step with 3 columns, a plain step, and the two frozen columns' no-grad
@@ -419,6 +421,50 @@ def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
                                     for k in ("ewc_autograd_penalty", "ewc_edit_gradients", "plain_step_again")}}
 
 
+def ewc_edit_traffic(model_size: str, repeats: int) -> dict[str, Any]:
+    """EWC's ``edit_gradients`` (``grad += λ F (θ − θ*)``: θ, θ*, F and the gradient read, the
+    gradient written, through one reused scratch buffer) against plain element-wise passes over the
+    same tensors, every run from cold caches (64 MiB written before it, untimed), as in a training
+    step where the forward and backward have evicted them: its floor in eager PyTorch. The passes:
+    ``θ − θ*`` into the scratch (the edit's first op: 2 tensors read, 1 written), ``grad += θ·F``
+    (3 read, 1 written: what one fused kernel of the edit's 4 inputs would need at least) and
+    ``grad += F`` (2 read, 1 written)."""
+    from clm_hf import EWC
+    from clm_hf.strategies.base import trainable_parameters
+
+    model = C.build_model(model_size)
+    params = trainable_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    ewc = EWC()
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
+    ewc._bind(model)
+    ewc._direct = True
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=gen)
+    thetas, grads = [p.detach() for p in params.values()], [p.grad for p in params.values()]
+    buffer = torch.empty(max(t.numel() for t in thetas))
+    scratch = [buffer[: t.numel()].view(t.shape) for t in thetas]  # views made once, as the edit's
+    evict = torch.empty(64 * 2**20 // 4)
+
+    def sub_into_scratch() -> None:
+        for theta, anchor, out in zip(thetas, ewc._anchors, scratch):
+            torch.sub(theta, anchor, out=out)
+
+    variants = {"ewc_edit_gradients": lambda: ewc.edit_gradients(model), "sub_into_scratch_2r1w": sub_into_scratch,
+                "grad_addcmul_theta_fisher_3r1w": lambda: [g.addcmul_(t, f) for g, t, f in zip(grads, thetas, ewc._fishers)],
+                "grad_add_fisher_2r1w": lambda: [g.add_(f) for g, f in zip(grads, ewc._fishers)]}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats + 2):
+        for name, fn in variants.items():
+            evict.fill_(1.0)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    ms = {name: round(1e3 * C.median(values[2:]), 3) for name, values in times.items()}
+    return {"parameters": sum(t.numel() for t in thetas), "tensors": len(thetas), "ms": ms}
+
+
 def fisher_batch_size(model_size: str, repeats: int, rows: int = 128) -> dict[str, Any]:
     """EWC's true Fisher over 128 rows at 16 (the default), 32 and 64 rows per vmapped pass, each as a
     multiple of one training pass over the same rows (batch 16). The Fisher is the same at any of them."""
@@ -485,7 +531,7 @@ def pnn_breakdown(model_size: str, repeats: int, rows: int = 16) -> dict[str, An
 
 CASES = {"ewc-penalty": ewc_penalty, "packnet-hooks": packnet_hooks, "fisher-squares": fisher_squares,
          "gem-breakdown": gem_breakdown, "gem-k-steps": gem_k_steps, "lwf-teacher": lwf_teacher, "fisher-row-grads": fisher_row_grads,
-         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step,
+         "pnn-breakdown": pnn_breakdown, "ewc-step": ewc_step, "ewc-edit-traffic": ewc_edit_traffic,
          "fisher-batch-size": fisher_batch_size}
 # Cases that take ``--vocab``.
 VOCAB_CASES = ("lwf-teacher",)

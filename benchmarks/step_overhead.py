@@ -24,6 +24,14 @@ input token); every row reports both per step and per token.
 
 On a GPU the clock synchronises the device at both ends of a step, so a step's time includes its
 kernels, not only their launches.
+
+``--phases`` also splits every timed step into its parts, per side (median ms over the timed steps):
+``forward_backward`` (every ``training_step``), ``edit_gradients`` (the strategies' gradient edits),
+``clip`` (the Trainer's clipping and norm, without the edits), ``optimizer`` (``optimizer.step()`` and
+the strategies' ``after_optimizer_step``) and ``rest`` (callbacks, scheduler, ``zero_grad``): where a
+strategy's extra time goes (docs/benchmarks.md section 6, EWC).
+
+    OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --models medium --strategies ewc --blocks 12 --phases
 """
 
 from __future__ import annotations
@@ -123,6 +131,9 @@ class StepClock(TrainerCallback):
         self.baton, self.me, self.other, self.block, self.total = baton, me, other, block, total
         self.times: list[float] = []
         self.tokens: list[int] = []
+        self.phases: list[dict[str, float]] = []  # seconds of each part of every step (see _time_phases)
+        self._phase = dict.fromkeys(PHASES, 0.0)
+        self._optimizer_start = 0.0
         self._pending = 0
         self._start = 0.0
 
@@ -132,13 +143,28 @@ class StepClock(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._pending = 0
+        self._phase = dict.fromkeys(PHASES, 0.0)
         _synchronize()
         self._start = time.perf_counter()
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self._phase[name] += seconds
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        _synchronize()
+        self._optimizer_start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Callbacks run in the order they were added: the strategies' after_optimizer_step came first.
+        _synchronize()
+        self._phase["optimizer"] += time.perf_counter() - self._optimizer_start
 
     def on_step_end(self, args, state, control, **kwargs):
         _synchronize()  # GPU work is asynchronous: a step ends when its kernels have run
         self.times.append(time.perf_counter() - self._start)
         self.tokens.append(self._pending)
+        self._phase["rest"] = self.times[-1] - sum(self._phase[k] for k in PHASES if k != "rest")
+        self.phases.append(self._phase)
         if len(self.times) % self.block == 0:
             if len(self.times) >= self.total:
                 raise _Done
@@ -160,6 +186,38 @@ def _count_tokens(trainer, clock: StepClock) -> None:
         return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step
+
+
+# The parts of a step --phases reports; "rest" is the step's time less the others.
+PHASES = ("forward_backward", "edit_gradients", "clip", "optimizer", "rest")
+
+
+def _time_phases(trainer, clock: StepClock) -> None:
+    """Wrap the trainer's ``training_step``, clipping and its strategies' ``edit_gradients`` (instance
+    attributes: the trainer finds its editors by class, so which hooks run does not change) to add
+    their times to the clock's phases. The edits run inside the clipping call; they are counted
+    once, as ``edit_gradients``."""
+    def timed(owner, name: str, phase: str, inner: str | None = None) -> None:
+        original = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            _synchronize()
+            start = time.perf_counter()
+            nested = clock._phase[inner] if inner else 0.0
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _synchronize()
+                inside = (clock._phase[inner] - nested) if inner else 0.0
+                clock.add_phase(phase, time.perf_counter() - start - inside)
+
+        setattr(owner, name, run)
+
+    timed(trainer, "training_step", "forward_backward")
+    timed(trainer, "_clip_grad_norm", "clip", inner="edit_gradients")
+    timed(trainer, "_get_grad_norm", "clip", inner="edit_gradients")
+    for strategy in trainer.strategies:
+        timed(strategy, "edit_gradients", "edit_gradients")
 
 
 def _run_side(trainer, rows, clock: StepClock, errors: list) -> None:
@@ -187,6 +245,7 @@ def measure_pair(
     workdir: Path,
     bf16: bool = False,
     baseline: tuple[Callable[[], list], int] | None = None,
+    phases: bool = False,
 ) -> dict[str, Any]:
     """Alternate plain and strategy steps on a new task after ``past`` tasks; return both step series.
 
@@ -213,6 +272,8 @@ def measure_pair(
     for side, trainer in (("strategy", strategy_trainer), ("plain", plain_trainer)):
         trainer.add_callback(clocks[side])
         _count_tokens(trainer, clocks[side])
+        if phases:
+            _time_phases(trainer, clocks[side])
         trainer.args.max_steps = total + block_steps  # never reached: the clock stops the task
         threads.append(threading.Thread(target=_run_side, args=(trainer, tasks[-1][1], clocks[side], errors), daemon=True))
     for thread in threads:
@@ -223,8 +284,10 @@ def measure_pair(
         raise errors[0]
     trainable = C.count_parameters(strategy_trainer.model, trainable_only=True)
     return {
-        "strategy": {"times": clocks["strategy"].times, "tokens": clocks["strategy"].tokens},
-        "plain": {"times": clocks["plain"].times, "tokens": clocks["plain"].tokens},
+        "strategy": {"times": clocks["strategy"].times, "tokens": clocks["strategy"].tokens,
+                     **({"phases": clocks["strategy"].phases} if phases else {})},
+        "plain": {"times": clocks["plain"].times, "tokens": clocks["plain"].tokens,
+                  **({"phases": clocks["plain"].phases} if phases else {})},
         "setup_seconds": setup_seconds,
         "trainable_parameters": trainable,
         "plain_trainable_parameters": C.count_parameters(plain_trainer.model, trainable_only=True),
@@ -245,7 +308,15 @@ def summarize(pair: dict[str, Any], block_steps: int) -> dict[str, Any]:
     count = min(len(s_blocks), len(p_blocks))
     step_ratios = [s_blocks[i][0] / p_blocks[i][0] for i in range(count)]
     token_ratios = [s_blocks[i][1] / p_blocks[i][1] for i in range(count)]
+    phases = {}
+    if "phases" in pair["strategy"]:
+        # Median ms of each part over the timed steps (the warm-up block dropped, as above): the
+        # medians of the parts need not add up to the median step.
+        for side in ("plain", "strategy"):
+            steps = pair[side]["phases"][block_steps:] or pair[side]["phases"]
+            phases[side] = {k: round(1e3 * C.median([s[k] for s in steps]), 3) for k in PHASES}
     return {
+        **({"phases_ms": phases} if phases else {}),
         "ratio_step": C.median(step_ratios),
         "ratio_token": C.median(token_ratios),
         # Interquartile range of the per-block ratios: how much the machine's load moved them.
@@ -284,6 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "gem_direct": []}
     measure = dict(blocks=args.blocks, block_steps=args.block_steps, batch_size=args.batch_size,
                    seq_len=args.seq_len, rows_per_task=args.rows_per_task, bf16=args.bf16)
+    rows_measure = {**measure, "phases": args.phases}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.models.split(","):
             for name in names:
@@ -292,12 +364,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 past = case["past"] if args.max_past is None else min(case["past"], args.max_past)
                 build = (lambda o=opts, c=case, k=past: c["build"](o, k)) if name.startswith("gem") else (lambda o=opts, c=case: c["build"](o))
                 load_before = C.load_average()
-                pair = measure_pair(size, build, past, workdir=Path(tmp) / f"{size}-{name}", **measure)
+                pair = measure_pair(size, build, past, workdir=Path(tmp) / f"{size}-{name}", **rows_measure)
                 row = {"model": size, "strategy": name, "past_tasks": past, "options": opts, **summarize(pair, args.block_steps),
                        "load_avg": [load_before, C.load_average()], "target": TARGETS.get(case.get("target_of", name))}
                 row["figure"] = row["ratio_token"] if case.get("per_token") else row["ratio_step"]
                 report["rows"].append(row)
                 print(_line(row), flush=True)
+                for phase in row.get("phases_ms", {}).get("plain", {}):
+                    plain_ms, strategy_ms = row["phases_ms"]["plain"][phase], row["phases_ms"]["strategy"][phase]
+                    print(f"    {phase:<17} plain {plain_ms:8.3f} ms  strategy {strategy_ms:8.3f} ms  "
+                          f"difference {strategy_ms - plain_ms:+8.3f} ms", flush=True)
             for curve in args.gem_curves:
                 kind, _, rows = curve.partition(":")
                 for k in args.gem_scaling.get(size, args.gem_scaling.get("*", [])):
@@ -423,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--option", action="append", default=[], help="strategy option, e.g. gem.memory_batch_size=8")
     parser.add_argument("--output", default="benchmarks/results/step_overhead.json")
     parser.add_argument("--plot", default="docs/gem_scaling.png")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the parts of every step (forward_backward, edit_gradients, clip, optimizer, rest)")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     args = parser.parse_args(argv)
     # "1,2,4" for every model, or per model: "tiny=1,2,3,4;medium=1,4"

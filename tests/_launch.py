@@ -235,3 +235,17 @@ def assert_ranks_match_one_process(out: Path, run: str, *, tasks: tuple[int, ...
                 torch.testing.assert_close(r0[key], value, atol=ATOL, rtol=rtol, msg=lambda m, k=key: f"{run} {k}: {m}")
             elif key not in IGNORED:
                 assert same(value, r0[key]), f"{run}: {key} differs between the sharded run and one process"
+
+
+def assert_first_tasks_weights_held(two: Path, run: str) -> None:
+    """PackNet's defining property across a launch: on each rank, the weights the first task owns after
+    task 2 are the ones it owned after task 1, bit for bit, and none of them moved."""
+    for rank in (0, 1):
+        first, second = (load_dump(two, run, rank, task, "after") for task in (0, 1))
+        owned = [k for k in second if k.startswith("packnet/ownership/")]
+        assert owned
+        for key in owned:
+            mine = second[key] == 1  # owned by the first task
+            weight = "model/" + key.removeprefix("packnet/ownership/")
+            assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
+            assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"

@@ -32,7 +32,7 @@ def step_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("steps")
     module = _load("step_overhead")
     report = module.main(["--quick", "--strategies", "ewc,replay", "--gem-scaling", "1,2", "--gem-curves", "per_task:1", "--gem-direct",
-                          "--output", str(tmp / "steps.json"), "--plot", str(tmp / "gem.png")])
+                          "--phases", "--output", str(tmp / "steps.json"), "--plot", str(tmp / "gem.png")])
     return report, tmp
 
 
@@ -48,6 +48,38 @@ def test_step_overhead_alternates_both_sides_and_plots_gem_scaling(step_report):
     assert report["gem_direct"][0]["ratio_step"] > 0
     assert (tmp / "gem.png").stat().st_size > 0
     assert json.loads((tmp / "steps.json").read_text())["rows"][0]["target"] == 1.03  # issue 13: EWC <= 1.03x
+
+
+def test_step_overhead_phases_split_each_side(step_report):
+    # --phases: where a strategy's extra time goes. EWC's edit is timed on its side only, and a
+    # step's parts (rest = what the others leave) are all there for both sides.
+    report, _ = step_report
+    module = _load("step_overhead")
+    phases = {r["strategy"]: r["phases_ms"] for r in report["rows"]}
+    for row in phases.values():
+        for side in ("plain", "strategy"):
+            assert set(row[side]) == set(module.PHASES)
+            assert row[side]["forward_backward"] > 0 and row[side]["optimizer"] > 0 and row[side]["clip"] > 0
+    assert phases["ewc"]["strategy"]["edit_gradients"] > 0 and phases["ewc"]["plain"]["edit_gradients"] == 0.0
+    assert phases["replay"]["strategy"]["edit_gradients"] == 0.0  # replay edits no gradient
+
+    # The edits run inside the Trainer's clipping call: they are counted once, as edit_gradients.
+    import time
+    from types import SimpleNamespace
+
+    strategy = SimpleNamespace(edit_gradients=lambda model: time.sleep(0.05))
+
+    def clip(model):
+        strategy.edit_gradients(model)
+        time.sleep(0.01)
+
+    trainer = SimpleNamespace(strategies=[strategy], training_step=lambda *a: None, _clip_grad_norm=clip,
+                              _get_grad_norm=lambda model, grad_norm=None: None)
+    clock = module.StepClock(module.Baton("a"), "a", "b", block=10, total=10)
+    module._time_phases(trainer, clock)
+    clock.on_step_begin(None, None, None)
+    trainer._clip_grad_norm(None)
+    assert clock._phase["edit_gradients"] >= 0.05 and 0.01 <= clock._phase["clip"] < 0.05
 
 
 def test_baton_alternates_strictly():

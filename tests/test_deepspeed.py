@@ -16,7 +16,7 @@ import pytest
 
 import torch
 
-from tests._launch import assert_ranks_match_one_process, launch_pair, load_dump
+from tests._launch import assert_first_tasks_weights_held, assert_ranks_match_one_process, launch_pair, load_dump
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -53,15 +53,8 @@ def test_zero2_packnet_keeps_the_first_tasks_weights_bit_identical_in_the_model_
     # The gradient is masked on ZeRO-2's reduced partition and the held weights are written into its fp32 master
     # partition inside the step (clm_hf.deepspeed_support.hook_zero2_step): held in the model's weights only, they
     # would move in the master (weight decay, packnet-decay), which the next step copies over the model.
+    assert_first_tasks_weights_held(zero2 / "two", run)
     for rank in (0, 1):
-        first, second = (load_dump(zero2 / "two", run, rank, task, "after") for task in (0, 1))
-        owned = [k for k in second if k.startswith("packnet/ownership/")]
-        assert owned
-        for key in owned:
-            mine = second[key] == 1  # owned by the first task
-            weight = "model/" + key.removeprefix("packnet/ownership/")
-            assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
-            assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
         for task in (0, 1):  # the last engine's master partitions are the model's weights, exactly
             zero = torch.load(zero2 / "two" / run / f"rank{rank}" / f"task{task}_zero2_master.pt")
             assert len(zero["master"]) == len(zero["model"]) > 0

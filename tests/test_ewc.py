@@ -490,6 +490,31 @@ def test_edit_gradients_on_bf16_parameters_accumulates_in_fp32(make_model):
         torch.testing.assert_close(p.grad, expected, rtol=0, atol=0)
 
 
+def test_edit_gradients_fused_small_tensors_give_the_same_bits(make_model, monkeypatch):
+    # On the CPU the small tensors go through two _foreach calls, the large ones one at a time
+    # through the scratch buffer: every split gives the bits of the all-one-at-a-time path.
+    import clm_hf.strategies.ewc as ewc_module
+
+    model = make_model("gpt2")
+    params = trainable_parameters(model)
+    sizes = sorted(p.numel() for p in params.values())
+    results = {}
+    for limit in (0, sizes[len(sizes) // 2] + 1, sizes[-1] + 1):  # none fused, about half, all
+        monkeypatch.setattr(ewc_module, "FOREACH_MAX_NUMEL", limit)
+        ewc, _, _ = _armed_ewc(model, lam=3.0)
+        ewc._direct = True
+        for i, p in enumerate(params.values()):
+            p.grad = torch.full_like(p, 0.25 + i)
+        ewc.edit_gradients(model)
+        assert len(ewc._small) == sum(n < limit for n in sizes) and len(ewc._small) + len(ewc._large) == len(sizes)
+        results[limit] = {n: p.grad.clone() for n, p in params.items()}
+    reference, *others = results.values()
+    assert 0 < len([n for n in sizes if n < sizes[len(sizes) // 2] + 1]) < len(sizes)  # the middle limit splits
+    for other in others:
+        for name in reference:
+            assert torch.equal(other[name], reference[name]), name
+
+
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16_fisher", "bfloat16"])
 def test_edit_gradients_adds_the_autograd_penalty_gradient(make_model, state_dtype):
     model = make_model("gpt2")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._launch import launch, launch_pair
+from tests._launch import assert_first_tasks_weights_held, launch, launch_pair
 from tests._launch import ATOL, free_port, launch_env, load_dump, same
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -127,15 +127,7 @@ def test_fsdp2_without_reshard_after_forward_matches_one_unsharded_process(fsdp_
 @pytest.mark.parametrize("run", [r for r, s in RUNS.items() if s == "packnet"])
 def test_fsdp2_packnet_keeps_the_first_tasks_weights_bit_identical(fsdp_launches, run):
     # Under FSDP2 the held weights are restored shard by shard after every optimizer step.
-    for rank in (0, 1):
-        first, second = (load_dump(fsdp_launches / "two", run, rank, task, "after") for task in (0, 1))
-        owned = [k for k in second if k.startswith("packnet/ownership/")]
-        assert owned
-        for key in owned:
-            mine = second[key] == 1  # owned by the first task
-            weight = "model/" + key.removeprefix("packnet/ownership/")
-            assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
-            assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
+    assert_first_tasks_weights_held(fsdp_launches / "two", run)
 
 
 @pytest.mark.parametrize("run", [r for r, s in RUNS.items() if s == "pnn" and r != "pnn-lora"])
