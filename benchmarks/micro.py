@@ -380,10 +380,20 @@ def fisher_row_grads(model_size: str, repeats: int, rows: int = 128) -> dict[str
             "load_avg": C.load_average()}
 
 
+def _ewc_with_random_state(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], gen: torch.Generator):
+    """An EWC bound to ``model`` with a random Fisher and an anchor 0.01 off the weights, as after a task."""
+    from clm_hf import EWC
+
+    ewc = EWC()
+    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
+                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
+    ewc._bind(model)
+    return ewc
+
+
 def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
     """A training step (AdamW, clipping at 1.0) plain, with EWC's autograd penalty in the loss (the
     former path, still DeepSpeed's) and with its gradient added to ``.grad`` (``edit_gradients``)."""
-    from clm_hf import EWC
     from clm_hf.strategies.base import trainable_parameters
 
     data = C.task_rows(1, rows, 8)[0][1]
@@ -391,10 +401,7 @@ def ewc_step(model_size: str, repeats: int, rows: int = 16) -> dict[str, Any]:
     model = C.build_model(model_size).train()
     params = trainable_parameters(model)
     gen = torch.Generator().manual_seed(0)
-    ewc = EWC()
-    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
-                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
-    ewc._bind(model)
+    ewc = _ewc_with_random_state(model, params, gen)
     optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
 
     def step(loss_of, edit=None):
@@ -429,16 +436,12 @@ def ewc_edit_traffic(model_size: str, repeats: int) -> dict[str, Any]:
     ``θ − θ*`` into the scratch (the edit's first op: 2 tensors read, 1 written), ``grad += θ·F``
     (3 read, 1 written: what one fused kernel of the edit's 4 inputs would need at least) and
     ``grad += F`` (2 read, 1 written)."""
-    from clm_hf import EWC
     from clm_hf.strategies.base import trainable_parameters
 
     model = C.build_model(model_size)
     params = trainable_parameters(model)
     gen = torch.Generator().manual_seed(0)
-    ewc = EWC()
-    ewc.terms = [({n: torch.rand(p.shape, generator=gen) for n, p in params.items()},
-                  {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for n, p in params.items()})]
-    ewc._bind(model)
+    ewc = _ewc_with_random_state(model, params, gen)
     ewc._direct = True
     for p in params.values():
         p.grad = torch.randn(p.shape, generator=gen)

@@ -22,6 +22,7 @@ plain code paths.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
@@ -474,8 +475,13 @@ def hook_zero2_step(optimizer: Any, edit: Callable[[Zero2GradientPartition], Non
                                   "the reduced gradient goes straight into the CPU copy. Turn the offload off.")
     step = type(optimizer).step
     held: list[int] = []  # the groups whose master partition after_step saw during this step
+    # The hooks live in the optimizer's own __dict__: holding it weakly keeps that from being a
+    # reference cycle, so a finished task's optimizer (its fp32 master and Adam state) is freed as
+    # soon as the Trainer drops it, not at some later garbage collection.
+    this = weakref.ref(optimizer)
 
     def hooked(closure=None):
+        optimizer = this()
         if edit is not None:
             edit(Zero2GradientPartition(optimizer))
         held.clear()
@@ -495,6 +501,7 @@ def hook_zero2_step(optimizer: Any, edit: Callable[[Zero2GradientPartition], Non
         group_step = type(optimizer)._optimizer_step
 
         def stepped(group_no):
+            optimizer = this()
             group_step(optimizer, group_no)
             with torch.no_grad():
                 after_step(Zero2MasterPartition(optimizer, group_no))

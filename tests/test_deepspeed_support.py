@@ -408,3 +408,19 @@ def test_zero2_hooks_without_a_deepspeed_engine_are_an_error_not_a_silent_skip(t
     trainer.is_deepspeed_enabled = True  # as if under DeepSpeed, but model_wrapped is the bare model
     with pytest.raises(RuntimeError, match="PackNet edit.*no DeepSpeed engine with an optimizer"):
         trainer._hook_zero_optimizer()
+
+
+def test_a_hooked_zero2_optimizer_is_freed_when_dropped_without_waiting_for_the_garbage_collector():
+    # Each task gets a new engine; the old optimizer's fp32 master and Adam state must go with it (a GPU's memory).
+    import gc
+    import weakref
+
+    optimizer = _fake_zero2(per_group=True)
+    ds.hook_zero2_step(optimizer, lambda partition: None, lambda master: None)
+    gone = weakref.ref(optimizer)
+    gc.disable()
+    try:
+        del optimizer
+        assert gone() is None, "the hooks keep the optimizer in a reference cycle"
+    finally:
+        gc.enable()
