@@ -2,7 +2,7 @@
 
 A continual checkpoint is a folder::
 
-    model.safetensors          the model's weights (safetensors.torch.save_model: tied weights ok)
+    model.safetensors          the model's weights (save_model_weights: tied weights once)
     strategies/<i>-<name>/     each strategy's own state (state.safetensors + state.json, a buffer)
     rng.safetensors            torch / numpy RNG arrays
     continual_state.json       task list, progress, strategy configs, python RNG, versions
@@ -267,8 +267,6 @@ def save_continual_checkpoint(
         extra_files (`dict[str, str]`, *optional*): More text files (name -> content) to store in
             the checkpoint, so that its manifest covers them too.
     """
-    from safetensors.torch import save_model
-
     if sharded:
         return save_sharded_continual_checkpoint(final_dir, state=state, strategies=strategies, model=model,
                                                  results=results, extra_files=extra_files, writer=writer)
@@ -276,7 +274,7 @@ def save_continual_checkpoint(
 
     def fill(tmp: Path) -> None:
         if model is not None:
-            save_model(model, str(tmp / MODEL_FILE))
+            save_model_weights(model, tmp / MODEL_FILE)
         for i, strategy in enumerate(strategies):
             strategy.save_state(strategy_dir(tmp, i, strategy.name))
         _write_state_files(tmp, state, rng_meta, rng_tensors, results, extra_files)
@@ -357,6 +355,52 @@ def _state_problem(state: Any) -> str | None:
     if not isinstance(state.get("rng"), dict):
         return "'rng' must be an object"
     return None
+
+
+def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights to the safetensors file ``path``, each tied weight once, as ``safetensors.torch.save_model``.
+
+    ``save_model`` refuses tied weights that are views into a larger buffer ("None is covering the entire
+    storage"): DeepSpeed ZeRO-2 keeps every weight of a parameter group as a view into one flat buffer, so
+    GPT-2's tied ``lm_head.weight``/``transformer.wte.weight`` could not be saved after a ZeRO-2 task. Names
+    that are the same view (same address, shape, stride and dtype) are written once, under the name
+    ``save_model`` keeps (the first in sorted order), the others recorded in the metadata as it does;
+    :func:`load_model_weights` (``safetensors.torch.load_model``) restores the tie.
+
+    Args:
+        model (`torch.nn.Module`): The model whose ``state_dict()`` to write.
+        path (`str` or `os.PathLike`): The ``.safetensors`` file to write.
+
+    Example:
+
+    >>> import tempfile, torch
+    >>> flat = torch.arange(6.0)
+    >>> model = torch.nn.Module()
+    >>> model.a, model.b = torch.nn.Parameter(flat[:4].view(2, 2)), torch.nn.Parameter(flat[4:])
+    >>> model.c = model.a  # tied, and a view into a larger buffer
+    >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> save_model_weights(model, path)
+    >>> from safetensors import safe_open
+    >>> with safe_open(str(path), "pt") as f:
+    ...     sorted(f.keys()), f.metadata()
+    (['a', 'b'], {'c': 'a', 'format': 'pt'})
+    """
+    from safetensors.torch import save_file
+
+    tensors = model.state_dict()
+    kept: dict[tuple, str] = {}
+    metadata = {"format": "pt"}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and view in kept:
+            metadata[name] = kept[view]
+        else:
+            kept.setdefault(view, name)
+    # Views of one buffer that do not overlap are saved as they are; overlapping ones that are not the same
+    # view make save_file raise, as save_model would.
+    save_file({name: tensors[name].detach().contiguous() for name in tensors if name not in metadata}, str(path),
+              metadata=metadata)
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:

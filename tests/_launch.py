@@ -249,3 +249,36 @@ def assert_first_tasks_weights_held(two: Path, run: str) -> None:
             weight = "model/" + key.removeprefix("packnet/ownership/")
             assert bool(mine.any()) and torch.equal(first[key] == 1, mine), key
             assert torch.equal(second[weight][mine], first[weight][mine]), f"{run}: {weight} moved on rank {rank}"
+
+
+def assert_resumed_as_uninterrupted(out: Path, name: str, run: str, *, straight: str = "two", task: int = 1,
+                                    state: str | None = None) -> None:
+    """After ``task``, the resumed launch ``out/name`` holds on each rank the floating-point weights and strategy
+    tensors of the uninterrupted launch ``out/straight`` (to 1e-5: float summation order only), and its
+    non-tensor strategy state (memories, counters) exactly.
+
+    ``state`` is the strategy's prefix in the dumps (``"ewc"``): at least one of its tensors must be compared.
+    """
+    for rank in (0, 1):
+        resumed, uninterrupted = (load_dump(out / folder, run, rank, task, "after") for folder in (name, straight))
+        floats = [k for k, v in uninterrupted.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        assert any(k.startswith("model/") for k in floats), run
+        assert state is None or any(k.startswith(f"{state}/") for k in uninterrupted), (run, state)
+        for key in floats:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-5,
+                                       msg=lambda m, k=key: f"{run} {k}: {m}")
+        for key, value in uninterrupted.items():
+            if state is not None and key.startswith(f"{state}/") and key not in floats:
+                assert same(resumed.get(key), value), f"{run}: {key} differs from the uninterrupted run on rank {rank}"
+
+
+def killed_mid_task(out: Path, run: str, *, continual: Path, checkpoint: Path) -> Path:
+    """A run folder ``out/killed/<run>/run`` as a run killed mid-task leaves it: the ``continual`` checkpoint of the
+    last finished task and the Trainer's ``checkpoint`` of the task in progress (its later ones gone). Returns
+    ``out/killed``, for ``CLM_DRIVER_RESUME_RUN``."""
+    import shutil
+
+    source = out / "killed" / run / "run"
+    shutil.copytree(continual, source / "continual" / continual.name)
+    shutil.copytree(checkpoint, source / checkpoint.parent.name / checkpoint.name)
+    return out / "killed"

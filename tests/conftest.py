@@ -91,6 +91,7 @@ FILE_SECONDS: dict[str, float] = {
     "tests/test_packnet.py": 68,
     "tests/test_fsdp_checkpoint.py": 62,
     "tests/test_fsdp_crash_resume.py": 53,
+    "tests/test_deepspeed_zero2_resume.py": 52,  # three 2-rank DeepSpeed launches
     "tests/test_generation_eval.py": 46,
     "tests/test_benchmarks.py": 41,
     "tests/test_peft.py": 41,

@@ -154,6 +154,25 @@ def _count_scored_rows(trainer) -> list[int]:
     return count
 
 
+def dump_zero2_master(trainer, path: Path) -> None:
+    """This rank's fp32 master partitions of the trainer's DeepSpeed ZeRO-2 engine, and its partitions of the model's
+    weights, into ``path`` (nothing without a ZeRO-2 engine).
+
+    ZeRO-2 copies the masters over the model's weights at every step (and DeepSpeed's checkpoints save and reload
+    them): a weight a strategy writes must be in both (PackNet's holds, tests/test_deepspeed.py).
+    """
+    import torch.distributed as dist
+
+    zero = getattr(trainer.model_wrapped, "optimizer", None)
+    masters = getattr(zero, "single_partition_of_fp32_groups", None)
+    if masters is None:
+        return
+    model = [parts[dist.get_rank(group=zero.real_dp_process_group[i])]
+             for i, parts in enumerate(zero.parallel_partitioned_bit16_groups)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"master": [_whole(m) for m in masters], "model": [_whole(m).float() for m in model]}, path)
+
+
 def strategy_snapshot(strategy) -> dict[str, Any]:
     """Everything a strategy holds, flattened; data held as datasets is listed row by row."""
     out: dict[str, Any] = {}
@@ -253,21 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 self._dump_zero2_master(trainer, task)
 
         def _dump_zero2_master(self, trainer, task) -> None:
-            """This rank's fp32 master partitions of the last engine, and its partitions of the model's weights.
-
-            ZeRO-2 copies the masters over the model's weights at every step (and DeepSpeed's checkpoints save
-            them): a weight a strategy writes must be in both (PackNet's holds, tests/test_deepspeed.py).
-            """
-            import torch.distributed as dist
-
-            zero = getattr(trainer.model_wrapped, "optimizer", None)
-            masters = getattr(zero, "single_partition_of_fp32_groups", None)
-            if masters is None:
-                return
-            model = [parts[dist.get_rank(group=zero.real_dp_process_group[i])]
-                     for i, parts in enumerate(zero.parallel_partitioned_bit16_groups)]
-            torch.save({"master": [_whole(m) for m in masters], "model": [_whole(m).float() for m in model]},
-                       self.folder / f"task{task.index}_zero2_master.pt")
+            dump_zero2_master(trainer, self.folder / f"task{task.index}_zero2_master.pt")
 
     tokenizer = build_tokenizer()
     no_dropout = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
@@ -304,9 +309,25 @@ def main(argv: list[str] | None = None) -> None:
         strategies = [*strategies_from_specs(specs), Probe(Path(options.out) / run / f"rank{rank}")]
         trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tokenizer, strategies=strategies)
         eval_rows = _count_scored_rows(trainer)
+        resume = os.environ.get("CLM_DRIVER_RESUME") or os.environ.get("CLM_DRIVER_RESUME_RUN")
+        if resume and options.deepspeed == 2:
+            from transformers import TrainerCallback
+
+            class MasterAtResume(TrainerCallback):
+                """The resumed engine's ZeRO-2 master and model partitions at its first train begin: after
+                DeepSpeed loaded a mid-task checkpoint's engine state (tests/test_deepspeed_zero2_resume.py)."""
+
+                def __init__(self, path: Path) -> None:
+                    self.path, self.done = path, False
+
+                def on_train_begin(self, args, state, control, **kwargs):
+                    if not self.done:
+                        self.done = True
+                        dump_zero2_master(trainer, self.path)
+
+            trainer.add_callback(MasterAtResume(Path(options.out) / run / f"rank{rank}" / "resumed_zero2_master.pt"))
         stream = make_suite(TASKS.get(run, options.tasks).split(","), num_train=NUM_TRAIN, num_eval=NUM_EVAL,
                             min_len=3, max_len=3, seed=0)
-        resume = os.environ.get("CLM_DRIVER_RESUME") or os.environ.get("CLM_DRIVER_RESUME_RUN")
         if os.environ.get("CLM_DRIVER_RESUME"):  # continue from another launch's checkpoint after task 0 (its --epochs for every task)
             trainer.fit(stream, resume_from_checkpoint=str(Path(resume) / run / "run" / "continual" / "task-000"))
         elif resume:  # continue from the latest checkpoint (end-of-task or mid-task) of another launch's run folder

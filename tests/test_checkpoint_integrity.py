@@ -235,3 +235,26 @@ def test_cli_restart_on_damage(tmp_path, capsys):
         main(["--traceback", "train", recipe, *fast, "--resume", str(out)])
     assert main(["train", recipe, *fast, "--resume", str(out), "--restart-on-damage"]) == 0
     ckpt.read_continual_state(out / "continual" / "task-000")  # trained again and saved anew
+
+
+# --- weights that are views into one flat buffer (DeepSpeed ZeRO-2) ------------------------------------
+def test_tied_weights_that_are_views_of_one_flat_buffer_are_saved_and_load_back(tmp_path, make_model):
+    """ZeRO-2 keeps each parameter group's weights as views into one flat buffer: GPT-2's tied ``lm_head.weight``
+    and ``transformer.wte.weight`` then cover none of their storage, which ``safetensors.torch.save_model`` refuses.
+    The continual checkpoint writes the tie once and a fresh model loads it back with the tie intact."""
+    import torch
+
+    model = make_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    params = list(model.parameters())  # each tied parameter once, as DeepSpeed flattens them
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    start = 0
+    for p in params:  # what ZeRO-2 does to the model's weights
+        p.data = flat[start:start + p.numel()].view_as(p)
+        start += p.numel()
+    ckpt.save_continual_checkpoint(tmp_path / "ckpt", state={}, strategies=[], model=model, results=None)
+    fresh = make_model("gpt2")
+    ckpt.load_model_weights(fresh, tmp_path / "ckpt")
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    for (name, saved), (_, loaded) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(saved, loaded), name

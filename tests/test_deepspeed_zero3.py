@@ -72,16 +72,9 @@ def zero3_resumed(zero3):
 
 
 def _assert_ewc_task1_as_uninterrupted(zero3, name: str) -> None:
-    import torch
+    from tests._launch import assert_resumed_as_uninterrupted
 
-    from tests._launch import load_dump
-
-    for rank in (0, 1):
-        resumed, straight = load_dump(zero3 / name, "ewc", rank, 1, "after"), load_dump(zero3 / "two", "ewc", rank, 1, "after")
-        floats = [k for k, v in straight.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        assert any(k.startswith("ewc/terms/") for k in floats) and any(k.startswith("model/") for k in floats)
-        for key in floats:
-            torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_resumed_as_uninterrupted(zero3, name, "ewc", state="ewc")
 
 
 def test_zero3_ewc_resumed_after_task_0_ends_as_the_uninterrupted_run(zero3, zero3_resumed):
@@ -112,16 +105,12 @@ def test_zero3_ewc_mid_task_checkpoint_holds_the_whole_fisher_and_anchor(zero3, 
 def test_zero3_ewc_resumed_from_a_mid_task_checkpoint_ends_as_the_uninterrupted_run(zero3, zero3_resumed):
     """Killed after step 1 of task 1 (its later checkpoints removed), the run resumes from the mid-task checkpoint on
     2 ranks: the gathered Fisher and anchor are cut into the partitions again, and it ends as the run that never stopped."""
-    import shutil
+    from tests._launch import killed_mid_task, launch
 
-    from tests._launch import launch
-
-    source = zero3 / "killed" / "ewc" / "run"
-    shutil.copytree(zero3 / "two" / "ewc" / "run" / "continual" / "task-000", source / "continual" / "task-000")
-    shutil.copytree(zero3_resumed / "resumed" / "ewc" / "run" / "task-001" / "checkpoint-1",
-                    source / "task-001" / "checkpoint-1")
+    killed = killed_mid_task(zero3, "ewc", continual=zero3 / "two" / "ewc" / "run" / "continual" / "task-000",
+                             checkpoint=zero3_resumed / "resumed" / "ewc" / "run" / "task-001" / "checkpoint-1")
     launch(zero3, "mid-task", ["ewc"], ["--deepspeed", "3"], processes=2,
-           env={"CLM_DRIVER_RESUME_RUN": str(zero3 / "killed"), "CLM_DRIVER_SAVE_STEPS": "1"})
+           env={"CLM_DRIVER_RESUME_RUN": str(killed), "CLM_DRIVER_SAVE_STEPS": "1"})
     # It trained step 2 only (a resume from the end of task 0 would save checkpoint-1 again).
     inner = sorted(p.name for p in (zero3 / "mid-task" / "ewc" / "run" / "task-001").glob("checkpoint-*"))
     assert inner == ["checkpoint-2"]
