@@ -237,11 +237,12 @@ def assert_ranks_match_one_process(out: Path, run: str, *, tasks: tuple[int, ...
                 assert same(value, r0[key]), f"{run}: {key} differs between the sharded run and one process"
 
 
-def assert_first_tasks_weights_held(two: Path, run: str) -> None:
+def assert_first_tasks_weights_held(two: Path, run: str, later: Path | None = None) -> None:
     """PackNet's defining property across a launch: on each rank, the weights the first task owns after
-    task 2 are the ones it owned after task 1, bit for bit, and none of them moved."""
+    task 2 are the ones it owned after task 1, bit for bit, and none of them moved. ``later``: take task 2
+    from that launch (a resumed one) and task 1 from ``two``."""
     for rank in (0, 1):
-        first, second = (load_dump(two, run, rank, task, "after") for task in (0, 1))
+        first, second = load_dump(two, run, rank, 0, "after"), load_dump(later or two, run, rank, 1, "after")
         owned = [k for k in second if k.startswith("packnet/ownership/")]
         assert owned
         for key in owned:
