@@ -500,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", default="benchmarks/results/step_overhead.json")
     parser.add_argument("--plot", default="docs/gem_scaling.png")
     parser.add_argument("--phases", action="store_true",
-                        help="also time the parts of every step (forward_backward, edit_gradients, clip, optimizer, rest)")
+                        help="also time the parts of every step (forward_backward, edit_gradients, clip, optimizer, rest); "
+                             "on a GPU this synchronises at each part, so compare its ratios only with other --phases runs")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     args = parser.parse_args(argv)
     # "1,2,4" for every model, or per model: "tiny=1,2,3,4;medium=1,4"

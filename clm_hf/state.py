@@ -358,14 +358,15 @@ def _state_problem(state: Any) -> str | None:
 
 
 def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights to the safetensors file ``path``, each tied weight once, as ``safetensors.torch.save_model``.
+    """Write ``model``'s weights to the safetensors file ``path`` with ``safetensors.torch.save_model``, or, where
+    that refuses the model's tied weights, write each tied weight once in the same layout.
 
     ``save_model`` refuses tied weights that are views into a larger buffer ("None is covering the entire
     storage"): DeepSpeed ZeRO-2 keeps every weight of a parameter group as a view into one flat buffer, so
-    GPT-2's tied ``lm_head.weight``/``transformer.wte.weight`` could not be saved after a ZeRO-2 task. Names
-    that are the same view (same address, shape, stride and dtype) are written once, under the name
+    GPT-2's tied ``lm_head.weight``/``transformer.wte.weight`` could not be saved after a ZeRO-2 task. Then
+    names that are the same view (same address, shape, stride and dtype) are written once, under the name
     ``save_model`` keeps (the first in sorted order), the others recorded in the metadata as it does;
-    :func:`load_model_weights` (``safetensors.torch.load_model``) restores the tie.
+    :func:`load_model_weights` restores the tie.
 
     Args:
         model (`torch.nn.Module`): The model whose ``state_dict()`` to write.
@@ -382,11 +383,17 @@ def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     >>> save_model_weights(model, path)
     >>> from safetensors import safe_open
     >>> with safe_open(str(path), "pt") as f:
-    ...     sorted(f.keys()), f.metadata()
-    (['a', 'b'], {'c': 'a', 'format': 'pt'})
+    ...     sorted(f.keys()), sorted(f.metadata().items())
+    (['a', 'b'], [('c', 'a'), ('format', 'pt')])
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
+    try:
+        save_model(model, str(path))
+        return
+    except RuntimeError as err:
+        if "covering the entire storage" not in str(err):
+            raise
     tensors = model.state_dict()
     kept: dict[tuple, str] = {}
     metadata = {"format": "pt"}
@@ -398,16 +405,48 @@ def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         else:
             kept.setdefault(view, name)
     # Views of one buffer that do not overlap are saved as they are; overlapping ones that are not the same
-    # view make save_file raise, as save_model would.
+    # view make save_file raise.
     save_file({name: tensors[name].detach().contiguous() for name in tensors if name not in metadata}, str(path),
               metadata=metadata)
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    from safetensors.torch import load_model
+    """Load the weights :func:`save_model_weights` wrote into ``directory`` back into ``model``, in place.
+
+    ``safetensors.torch.load_model`` refuses the same tied views into one buffer that ``save_model`` does;
+    then the file is read with ``load_file``, every tied name given its kept tensor (the metadata says
+    which), and copied into the model with ``load_state_dict``.
+
+    Args:
+        model (`torch.nn.Module`): The model to fill.
+        directory (`str` or `os.PathLike`): The checkpoint folder holding ``model.safetensors``.
+
+    Raises:
+        CheckpointError: The file's names do not fit the model's (missing or unexpected weights).
+
+    Example:
+
+    >>> import tempfile, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> folder = Path(tempfile.mkdtemp()); save_model_weights(model, folder / MODEL_FILE)
+    >>> other = torch.nn.Linear(2, 2); load_model_weights(other, folder)
+    >>> torch.equal(other.weight, model.weight)
+    True
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
 
     path = Path(directory) / MODEL_FILE
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as err:
+        if "covering the entire storage" not in str(err):
+            raise
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            aliases = {k: v for k, v in (f.metadata() or {}).items() if k != "format"}
+        tensors.update({alias: tensors[kept] for alias, kept in aliases.items() if kept in tensors})
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"The weights in {path} do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. "

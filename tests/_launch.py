@@ -258,7 +258,8 @@ def assert_resumed_as_uninterrupted(out: Path, name: str, run: str, *, straight:
     tensors of the uninterrupted launch ``out/straight`` (to 1e-5: float summation order only), and its
     non-tensor strategy state (memories, counters) exactly.
 
-    ``state`` is the strategy's prefix in the dumps (``"ewc"``): at least one of its tensors must be compared.
+    ``state`` is the strategy's prefix in the dumps (``"ewc"``): at least one of its entries (a tensor, or GEM's
+    memories and counters) must be there, and so compared.
     """
     for rank in (0, 1):
         resumed, uninterrupted = (load_dump(out / folder, run, rank, task, "after") for folder in (name, straight))
@@ -283,3 +284,14 @@ def killed_mid_task(out: Path, run: str, *, continual: Path, checkpoint: Path) -
     shutil.copytree(continual, source / "continual" / continual.name)
     shutil.copytree(checkpoint, source / checkpoint.parent.name / checkpoint.name)
     return out / "killed"
+
+
+def assert_zero2_master_is_the_model(folder: Path, dumps: tuple[str, ...], label: str) -> None:
+    """Each ``folder/rank<r>/<dump>`` (the driver's ``*_zero2_master.pt``): ZeRO-2's fp32 master partitions equal
+    this rank's part of the model's weights, exactly (what DeepSpeed checkpoints save is what trained)."""
+    for rank in (0, 1):
+        for dump in dumps:
+            zero = torch.load(folder / f"rank{rank}" / dump)
+            assert len(zero["master"]) == len(zero["model"]) > 0
+            for master, model in zip(zero["master"], zero["model"]):
+                assert torch.equal(master, model), f"{label} {dump}: ZeRO-2's master differs from the model on rank {rank}"

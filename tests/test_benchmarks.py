@@ -67,7 +67,7 @@ def test_step_overhead_phases_split_each_side(step_report):
     import time
     from types import SimpleNamespace
 
-    strategy = SimpleNamespace(edit_gradients=lambda model: time.sleep(0.05))
+    strategy = SimpleNamespace(edit_gradients=lambda model: time.sleep(0.3))  # far above any sleep overshoot
 
     def clip(model):
         strategy.edit_gradients(model)
@@ -79,7 +79,7 @@ def test_step_overhead_phases_split_each_side(step_report):
     module._time_phases(trainer, clock)
     clock.on_step_begin(None, None, None)
     trainer._clip_grad_norm(None)
-    assert clock._phase["edit_gradients"] >= 0.05 and 0.01 <= clock._phase["clip"] < 0.05
+    assert clock._phase["edit_gradients"] >= 0.3 and 0.01 <= clock._phase["clip"] < 0.3  # the edit counted once, not as clipping
 
 
 def test_baton_alternates_strictly():

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-import torch
-
-from tests._launch import assert_first_tasks_weights_held, assert_ranks_match_one_process, launch_pair, load_dump
+from tests._launch import (assert_first_tasks_weights_held, assert_ranks_match_one_process,
+                           assert_zero2_master_is_the_model, launch_pair, load_dump)
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -54,9 +53,5 @@ def test_zero2_packnet_keeps_the_first_tasks_weights_bit_identical_in_the_model_
     # partition inside the step (clm_hf.deepspeed_support.hook_zero2_step): held in the model's weights only, they
     # would move in the master (weight decay, packnet-decay), which the next step copies over the model.
     assert_first_tasks_weights_held(zero2 / "two", run)
-    for rank in (0, 1):
-        for task in (0, 1):  # the last engine's master partitions are the model's weights, exactly
-            zero = torch.load(zero2 / "two" / run / f"rank{rank}" / f"task{task}_zero2_master.pt")
-            assert len(zero["master"]) == len(zero["model"]) > 0
-            for master, model in zip(zero["master"], zero["model"]):
-                assert torch.equal(master, model), f"{run}: ZeRO-2's master differs from the model on rank {rank}"
+    # After each task, the last engine's master partitions are the model's weights, exactly.
+    assert_zero2_master_is_the_model(zero2 / "two" / run, ("task0_zero2_master.pt", "task1_zero2_master.pt"), run)

@@ -11,9 +11,9 @@ clm-hf's continual state). Each resumed run must end as the uninterrupted one.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests._launch import assert_first_tasks_weights_held, assert_resumed_as_uninterrupted, killed_mid_task, launch, load_dump
+from tests._launch import (assert_first_tasks_weights_held, assert_resumed_as_uninterrupted,
+                           assert_zero2_master_is_the_model, killed_mid_task, launch, load_dump)
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -64,10 +64,4 @@ def test_zero2_packnet_resumed_holds_the_first_tasks_weights_in_the_model_and_ze
     resumed engine's fp32 master equals the model's weights, exactly, both when training resumes (after DeepSpeed
     loaded a mid-task checkpoint's master) and at the end of the task."""
     assert_first_tasks_weights_held(zero2_resumed / "two", "packnet", later=zero2_resumed / name)
-    for rank in (0, 1):
-        folder = zero2_resumed / name / "packnet" / f"rank{rank}"
-        for dump in ("resumed_zero2_master.pt", "task1_zero2_master.pt"):
-            zero = torch.load(folder / dump)
-            assert len(zero["master"]) == len(zero["model"]) > 0
-            for master, model in zip(zero["master"], zero["model"]):
-                assert torch.equal(master, model), f"{name} {dump}: ZeRO-2's master differs from the model on rank {rank}"
+    assert_zero2_master_is_the_model(zero2_resumed / name / "packnet", ("resumed_zero2_master.pt", "task1_zero2_master.pt"), name)

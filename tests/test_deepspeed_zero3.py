@@ -72,9 +72,13 @@ def zero3_resumed(zero3):
 
 
 def _assert_ewc_task1_as_uninterrupted(zero3, name: str) -> None:
-    from tests._launch import assert_resumed_as_uninterrupted
+    import torch
+
+    from tests._launch import assert_resumed_as_uninterrupted, load_dump
 
     assert_resumed_as_uninterrupted(zero3, name, "ewc", state="ewc")
+    straight = load_dump(zero3 / "two", "ewc", 0, 1, "after")  # the Fisher and anchor themselves were compared
+    assert any(k.startswith("ewc/terms/") and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in straight.items())
 
 
 def test_zero3_ewc_resumed_after_task_0_ends_as_the_uninterrupted_run(zero3, zero3_resumed):
