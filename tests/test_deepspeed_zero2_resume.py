@@ -1,8 +1,8 @@
-"""Resuming PackNet and GEM under DeepSpeed ZeRO-2, for real, on CPU (2 ``torchrun`` processes; see ``test_deepspeed.py``).
+"""Resuming PackNet, GEM and A-GEM under DeepSpeed ZeRO-2, for real, on CPU (2 ``torchrun`` processes; see ``test_deepspeed.py``).
 
-Both strategies edit inside ZeRO-2's optimizer step (``clm_hf.deepspeed_support.hook_zero2_step``): GEM projects
-the reduced gradient partition, PackNet masks it and writes its held weights into the fp32 master partition, which
-DeepSpeed's checkpoint saves and reloads. Three launches, each running both strategies: the uninterrupted run with
+The three edit inside ZeRO-2's optimizer step (``clm_hf.deepspeed_support.hook_zero2_step``): GEM projects
+(and A-GEM) the reduced gradient partition, PackNet masks it and writes its held weights into the fp32 master partition, which
+DeepSpeed's checkpoint saves and reloads. Three launches, each running the three: the uninterrupted run with
 its continual checkpoints, a run resumed from the continual checkpoint after task 0 (writing a Trainer checkpoint at
 every step of task 1), and a run resumed from the first of those mid-task checkpoints (DeepSpeed's engine state plus
 clm-hf's continual state). Each resumed run must end as the uninterrupted one.
@@ -18,7 +18,7 @@ from tests._launch import (assert_first_tasks_weights_held, assert_resumed_as_un
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'clm-hf[deepspeed]')")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-RUNS = ["packnet", "gem"]
+RUNS = ["packnet", "gem", "agem"]
 ZERO2 = ["--deepspeed", "2"]
 
 
