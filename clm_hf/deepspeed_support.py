@@ -250,6 +250,9 @@ def _partition_pieces(optimizer) -> tuple[list[tuple[torch.Tensor, int, int, int
     """
     import torch.distributed as dist
 
+    cached = getattr(optimizer, "_clm_hf_partition_layout", None)
+    if cached is not None:  # fixed for the engine's life: walked once, not at every step and group
+        return cached
     distributed = dist.is_available() and dist.is_initialized()
     pieces: list[tuple[torch.Tensor, int, int, int]] = []
     spans: list[tuple[int, int]] = []
@@ -267,26 +270,33 @@ def _partition_pieces(optimizer) -> tuple[list[tuple[torch.Tensor, int, int, int
                 pieces.append((param, source, offset + dest, count))
         spans.append((offset, size))
         offset += size
+    optimizer._clm_hf_partition_layout = pieces, spans
     return pieces, spans
 
 
-def _slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition.
+class _PartitionSlices:
+    """What the gradient and master views of a ZeRO-2 partition share: :attr:`pieces` and cutting tensors like them."""
 
-    ``whole[j]`` belongs to ``params[j]``; ``out`` is ``K x numel`` and is zeroed first (padding
-    and parameters that are not trained stay 0). Returns ``out``.
-    """
-    index = {id(p): j for j, p in enumerate(params)}
-    out.zero_()
-    for param, source, dest, count in self.pieces:
-        j = index.get(id(param))
-        if j is not None:
-            rows = whole[j].reshape(whole[j].shape[0], -1)
-            out[:, dest : dest + count] = rows[:, source : source + count]
-    return out
+    # (param, first element of its slice in the flattened param, first element in the flat vector, length)
+    pieces: list[tuple[torch.Tensor, int, int, int]]
+
+    def slice_rows(self, whole: list[torch.Tensor], params: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """``out[:, a:a+n]`` <- the rows of ``whole`` (``K x *param.shape`` each) cut like this partition.
+
+        ``whole[j]`` belongs to ``params[j]``; ``out`` is ``K x numel`` and is zeroed first (padding
+        and parameters that are not trained stay 0). Returns ``out``.
+        """
+        index = {id(p): j for j, p in enumerate(params)}
+        out.zero_()
+        for param, source, dest, count in self.pieces:
+            j = index.get(id(param))
+            if j is not None:
+                rows = whole[j].reshape(whole[j].shape[0], -1)
+                out[:, dest : dest + count] = rows[:, source : source + count]
+        return out
 
 
-class Zero2GradientPartition:
+class Zero2GradientPartition(_PartitionSlices):
     """This rank's partition of the reduced gradient, at the start of DeepSpeed ZeRO-2's optimizer step.
 
     ZeRO-2 keeps whole parameters on every rank but reduce-scatters the gradients during backward:
@@ -324,8 +334,6 @@ class Zero2GradientPartition:
         self.optimizer = optimizer
         self.group = getattr(optimizer, "dp_process_group", None)
         self.scale = float(getattr(optimizer, "loss_scale", 1.0))
-        # (param, first element of its slice in the flattened param, first element in the flat vector, length)
-        self.pieces: list[tuple[torch.Tensor, int, int, int]]
         self.pieces, spans = _partition_pieces(optimizer)
         self._tensors: list[tuple[list[torch.Tensor], int, int]] = []  # (pieces of a group, its offset, its size)
         for i, (offset, size) in enumerate(spans):
@@ -363,7 +371,6 @@ class Zero2GradientPartition:
                     yield tensor.view(-1)[:n], at
                 at += n
 
-    slice_rows = _slice_rows
 
     def all_reduce_sum(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over the data-parallel ranks of ``partial`` (a collective; a new tensor)."""
@@ -389,7 +396,7 @@ class Zero2GradientPartition:
         return bool(self.all_reduce_sum(bad.to(self._tensors[0][0][0].device)) > 0)
 
 
-class Zero2MasterPartition:
+class Zero2MasterPartition(_PartitionSlices):
     """This rank's fp32 master weights of one parameter group, right after ZeRO-2's inner optimizer stepped them.
 
     The model's weights are not what DeepSpeed ZeRO-2 updates: each rank keeps the fp32 master copy
@@ -434,8 +441,6 @@ class Zero2MasterPartition:
         self.weights: torch.Tensor = optimizer.single_partition_of_fp32_groups[group_no].detach().view(-1)
         self.pieces = [(param, source, dest - offset, count) for param, source, dest, count in pieces
                        if offset <= dest < offset + self.numel]
-
-    slice_rows = _slice_rows
 
 
 def hook_zero2_step(optimizer: Any, edit: Callable[[Zero2GradientPartition], None] | None = None,

@@ -83,11 +83,9 @@ class _StrategyStepHooks(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = self.trainer.model
-        # Under DeepSpeed these wrote ZeRO-2's master weights inside its step (_hook_zero_optimizer).
-        skipped = self.trainer._strategies_overriding("edit_zero_master_weights") \
-            if getattr(self.trainer, "is_deepspeed_enabled", False) else []
         for strategy in self.trainer.strategies:
-            if strategy not in skipped:
+            # Under DeepSpeed ZeRO-2 some wrote the master weights inside its step (_hook_zero_optimizer).
+            if strategy not in self.trainer._zero_held:
                 strategy.after_optimizer_step(model)
 
 
@@ -155,6 +153,9 @@ class ContinualTrainerMixin:
         self._finite_watch: list[tuple[int, str, torch.Tensor]] = []  # (step, term, value) not yet checked
         self._pending_rng: tuple[Path, dict[str, Any]] | None = None  # a mid-task resume's RNG, set before train()
         self._gradients_edited = False  # whether this optimizer step's gradients went through edit_gradients
+        # Strategies whose edit_gradients / after_optimizer_step DeepSpeed ZeRO-2's step runs instead (_hook_zero_optimizer).
+        self._zero_edited: list[Strategy] = []
+        self._zero_held: list[Strategy] = []
         self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
         self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
         self._in_task_train = False  # True while train_task/fit/run_training_phase run the Trainer's own train()
@@ -313,9 +314,8 @@ class ContinualTrainerMixin:
         self._gradients_edited = True
         # A loss term's gradient goes in first: the other edits must see the gradient of the whole loss.
         editors = sorted(self._strategies_overriding("edit_gradients"), key=lambda s: not s.adds_loss_gradient)
-        if getattr(self, "is_deepspeed_enabled", False):
-            # DeepSpeed has stepped already (inside backward): these edited ZeRO's partition in its step.
-            editors = [s for s in editors if s not in self._strategies_overriding("edit_zero_gradients")]
+        # Under DeepSpeed ZeRO-2 some edited the gradient partition inside its step (_hook_zero_optimizer).
+        editors = [s for s in editors if s not in self._zero_edited]
         if not editors:
             return
         with self._unscaled_once():
@@ -332,6 +332,7 @@ class ContinualTrainerMixin:
         master partition between its update and DeepSpeed's copy of it into the model's weights. On
         an fp16 step that overflowed (DeepSpeed skips it) nothing is edited.
         """
+        self._zero_edited, self._zero_held = [], []
         editors = self._strategies_overriding("edit_zero_gradients")
         holders = self._strategies_overriding("edit_zero_master_weights")
         if not (editors or holders) or not getattr(self, "is_deepspeed_enabled", False):
@@ -358,6 +359,9 @@ class ContinualTrainerMixin:
                 strategy.edit_zero_master_weights(model, master)
 
         hook_zero2_step(engine.optimizer, edit if editors else None, hold if holders else None)
+        # Their edit_gradients / after_optimizer_step would come after DeepSpeed's step: the trainer skips them,
+        # decided here once per task rather than at every step.
+        self._zero_edited, self._zero_held = editors, holders
 
     @contextlib.contextmanager
     def _unscaled_once(self) -> Iterator[None]:
