@@ -475,6 +475,49 @@ def test_auto_falls_back_to_per_task_when_vmap_fails(conflicted, monkeypatch, ca
         explicit.edit_gradients(model)
 
 
+def test_reference_pass_out_of_memory_is_raised_not_turned_into_a_switch_of_method(conflicted, monkeypatch):
+    # Mirrors EWC's test_hooked_fisher_out_of_memory_is_raised_not_retried_with_the_larger_vmapped_pass:
+    # out of memory says the memory batch is too big, not that the model does not fit the method.
+    import clm_hf.strategies.gem as gem_module
+
+    model, memories, current = conflicted
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def misfit(*args, **kwargs):
+        raise RuntimeError("a layer the hooks do not know")
+
+    def counted(name):
+        original = getattr(gem_module, name)
+
+        def run(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(gem_module, name, run)
+
+    counted("_vmap_reference_gradients_")
+    counted("reference_gradients_")
+    # The hooked pass runs out of memory: raised, the (larger) vmapped pass is not tried, nothing recorded.
+    monkeypatch.setattr(gem_module, "_hook_reference_gradients_", out_of_memory)
+    gem = _armed(GEM(), memories)
+    _set_grad(model, current)
+    with pytest.raises(torch.OutOfMemoryError):
+        gem.edit_gradients(model)
+    assert calls == [] and gem._reference_method(model, gem._bank) == "hooks"
+    # The hooks do not fit (a real misfit: auto goes on to vmap), then the vmapped pass runs out of memory:
+    # raised, and vmap is not switched off for the rest of the run.
+    monkeypatch.setattr(gem_module, "_hook_reference_gradients_", misfit)
+    monkeypatch.setattr(gem_module, "_vmap_reference_gradients_", out_of_memory)
+    gem = _armed(GEM(), memories)
+    _set_grad(model, current)
+    with pytest.raises(torch.OutOfMemoryError):
+        gem.edit_gradients(model)
+    assert calls == [] and gem._vmap and gem._reference_method(model, gem._bank) == "vmap"
+
+
 def test_memory_losses_are_per_task_means(make_model, tokenizer):
     model = make_model("gpt2").eval()
     rows = [_rows(tokenizer, "copy", 4, 0, max_len=3), _rows(tokenizer, "sort", 3, 1, max_len=6)]

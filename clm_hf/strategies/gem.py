@@ -837,7 +837,9 @@ class EpisodicGradientStrategy(Strategy):
                     self._check_hook_references(model, params, batches, bank, selections)
                 return None
             except Exception as err:  # noqa: BLE001 - any model the hooks do not fit falls back
-                if getattr(self.config, "reference_method", None) == "hooks":
+                # Out of memory is no misfit: the vmapped pass needs more memory than the hooked one,
+                # and recording the switch would keep it for the rest of the run.
+                if getattr(self.config, "reference_method", None) == "hooks" or isinstance(err, torch.OutOfMemoryError):
                     raise
                 logger.warning("%s: the hooked reference pass failed (%s); using the vmapped or per-task one.", self.name, err)
                 self._hook_plan = (model, str(err))
@@ -848,7 +850,9 @@ class EpisodicGradientStrategy(Strategy):
                 stacked = bank.stacked(selections) if bank is not None else _stack_groups(batches)
                 return self._vmap_references(model, params, stacked)
             except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
-                if getattr(self.config, "reference_method", None) == "vmap":
+                # Out of memory is raised rather than recorded as "vmap does not fit this model" for the
+                # rest of the run: it says the memory batch is too big, which the user should hear.
+                if getattr(self.config, "reference_method", None) == "vmap" or isinstance(err, torch.OutOfMemoryError):
                     raise
                 logger.warning("%s: vmapped reference gradients failed (%s); using one backward per task.", self.name, err)
                 self._vmap = False
