@@ -14,12 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from .strategies.base import Strategy, _unknown_message, build_strategy
-from .validation import as_bool, as_number, did_you_mean, validate_training_section
+from .validation import RecipeError, as_bool, as_number, did_you_mean, validate_training_section
 
 TOP_LEVEL_KEYS = ("optimizer", "continual_strategy", "training", "output_dir", "num_epochs", "batch_size", "seed")
 OPTIMIZER_KEYS = ("type", "lr", "weight_decay", "betas", "eps", "momentum")
 # Adam is AdamW with no weight decay; the HF Trainer names its optimizers differently.
 OPTIMIZERS = {"adam": "adamw_torch", "adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
+# The options each type uses besides type/lr/weight_decay. The HF Trainer passes `betas`/`eps`
+# (adam_beta1/2, adam_epsilon) to its AdamW optimizers only and `momentum` (optim_args) to SGD only;
+# anything else would be dropped without a word, so it is refused instead.
+TYPE_OPTIONS = {"adam": ("betas", "eps"), "adamw": ("betas", "eps"), "sgd": ("momentum",), "adafactor": ()}
 
 
 def _check_keys(section: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
@@ -27,14 +31,47 @@ def _check_keys(section: dict[str, Any], valid: tuple[str, ...], where: str) -> 
         raise TypeError(f"config section {where} must be a dict, got {type(section).__name__}.")
     for key in section:
         if key not in valid:
-            raise ValueError(_unknown_message(f"config key '{key}'", where, key, list(valid)))
+            raise RecipeError(_unknown_message(f"config key '{key}'", where, key, list(valid)))
+
+
+def _optimizer_family(optim: str) -> str | None:
+    """The ``TYPE_OPTIONS`` key of a ``TrainingArguments.optim`` name, or ``None`` for another optimizer."""
+    optim = optim.lower()
+    if optim.startswith(("adamw", "paged_adamw")):
+        return "adamw"
+    return optim if optim in ("sgd", "adafactor") else None
+
+
+def _check_type_options(optimizer: dict[str, Any], optim: str | None, args_class: type) -> None:
+    """Raise when ``optimizer`` holds an option that its optimizer type would ignore."""
+    given = [key for key in optimizer if key not in ("type", "lr", "weight_decay")]
+    if not given:
+        return
+    if "type" in optimizer:
+        kind, source = str(optimizer["type"]).lower(), f"type '{str(optimizer['type']).lower()}'"
+    else:
+        # No type: the optimizer is config['training']['optim'], else the arguments class's default.
+        if optim is None:
+            optim = str(getattr(args_class, "optim", None) or "adamw_torch")
+        optim = str(getattr(optim, "value", optim))
+        kind, source = _optimizer_family(optim), f"optim '{optim}' (no config['optimizer']['type'] given)"
+    allowed = TYPE_OPTIONS.get(kind, ()) if kind is not None else ()
+    for key in given:
+        if key not in allowed:
+            users = [name for name, options in TYPE_OPTIONS.items() if key in options]
+            raise RecipeError(
+                f"config['optimizer']['{key}'] applies to type {' or '.join(repr(u) for u in users)} only, got {source}, "
+                f"whose optimizer would ignore it. Remove '{key}' or set config['optimizer']['type'] to "
+                f"{' or '.join(repr(u) for u in users)}."
+            )
 
 
 def parse_config_dict(config: dict[str, Any], args_class: type | None = None) -> tuple[dict[str, Any], list[Strategy]]:
     """Turn a config dict into ``TrainingArguments`` keyword arguments and strategy objects.
 
     Args:
-        config (`dict`): Keys ``optimizer`` ({type, lr, weight_decay, betas, eps, momentum}),
+        config (`dict`): Keys ``optimizer`` ({type, lr, weight_decay, betas, eps, momentum}; ``betas`` and
+            ``eps`` apply to types adam/adamw, ``momentum`` to sgd, and one the type would ignore raises),
             ``continual_strategy`` ({strategy name: {enabled, options...}}), ``training`` (any
             ``TrainingArguments`` field), ``output_dir``, ``num_epochs``, ``batch_size``, ``seed``.
             Numbers may be written as strings that parse ("1e-3"); booleans must be real booleans or
@@ -52,7 +89,9 @@ def parse_config_dict(config: dict[str, Any], args_class: type | None = None) ->
     # Names and types of every training keyword, before any model or data is touched.
     kwargs: dict[str, Any] = validate_training_section(config.get("training", {}), args_class, where="config['training']")
     optimizer = config.get("optimizer", {})
-    _check_keys(optimizer, OPTIMIZER_KEYS, "config['optimizer']")
+    # An unknown key names the type too, since which options apply depends on it.
+    kind_named = f" (type '{optimizer['type']}')" if isinstance(optimizer, dict) and "type" in optimizer else ""
+    _check_keys(optimizer, OPTIMIZER_KEYS, f"config['optimizer']{kind_named}")
     if "type" in optimizer:
         kind = str(optimizer["type"]).lower()
         if kind not in OPTIMIZERS:
@@ -60,6 +99,7 @@ def parse_config_dict(config: dict[str, Any], args_class: type | None = None) ->
         kwargs["optim"] = OPTIMIZERS[kind]
         if kind == "adam":
             kwargs.setdefault("weight_decay", 0.0)
+    _check_type_options(optimizer, kwargs.get("optim"), args_class)
     if "lr" in optimizer:
         kwargs["learning_rate"] = as_number(optimizer["lr"], "config['optimizer']['lr']")
     if "weight_decay" in optimizer:

@@ -353,6 +353,24 @@ CONFIG_CASES = {
                            r"config\['continual_strategy'\]\['ewc'\]\['enabled'\] must be a boolean"),
     "training-typo": ({"training": {"num_epochs": 2}},
                       r"Unknown key 'num_epochs' in config\['training'\]. Did you mean 'num_train_epochs'\?"),
+    # Options the chosen optimizer would ignore (HF's AdamW drops optim_args, its SGD the adam_* fields).
+    "momentum-with-adam": ({"optimizer": {"type": "adam", "momentum": 0.9}},
+                           r"config\['optimizer'\]\['momentum'\] applies to type 'sgd' only, got type 'adam'"),
+    "momentum-with-adamw": ({"optimizer": {"type": "adamw", "momentum": 0.9}},
+                            r"config\['optimizer'\]\['momentum'\] applies to type 'sgd' only, got type 'adamw'"),
+    "momentum-default-optim": ({"optimizer": {"momentum": 0.9}},
+                               r"\['momentum'\] applies to type 'sgd' only, got optim 'adamw_torch_fused' \(no config"),
+    "betas-with-sgd": ({"optimizer": {"type": "sgd", "betas": [0.9, 0.99]}},
+                       r"config\['optimizer'\]\['betas'\] applies to type 'adam' or 'adamw' only, got type 'sgd'"),
+    "eps-with-sgd": ({"optimizer": {"type": "SGD", "eps": 1e-6}},
+                     r"config\['optimizer'\]\['eps'\] applies to type 'adam' or 'adamw' only, got type 'sgd'"),
+    "eps-with-training-optim-sgd": ({"optimizer": {"eps": 1e-6}, "training": {"optim": "sgd"}},
+                                    r"\['eps'\] applies to type 'adam' or 'adamw' only, got optim 'sgd'"),
+    "eps-with-adafactor": ({"optimizer": {"type": "adafactor", "eps": 1e-6}},
+                           r"\['eps'\] applies to type 'adam' or 'adamw' only, got type 'adafactor'"),
+    "unknown-optimizer-key": ({"optimizer": {"type": "sgd", "momentom": 0.9}},
+                              r"Unknown config key 'momentom' for config\['optimizer'\] \(type 'sgd'\). "
+                              r"Did you mean 'momentum'\?"),
 }
 
 
@@ -372,6 +390,24 @@ def test_config_dict_strings_that_parse_are_converted(make_model):
                                             "continual_strategy": {"ewc": {"enabled": "false"}}})
     assert kwargs == {"per_device_train_batch_size": 8, "num_train_epochs": 2.0, "learning_rate": 1e-3}
     assert strategies == []  # enabled: "false" turns EWC off
+
+
+@pytest.mark.parametrize("optimizer, cls, expected", [
+    ({"type": "sgd", "momentum": 0.9}, "SGD", {"momentum": 0.9}),
+    ({"type": "adam", "betas": [0.8, 0.9], "eps": 1e-6}, "AdamW", {"betas": (0.8, 0.9), "eps": 1e-6}),
+    ({"type": "adamw", "eps": 1e-7}, "AdamW", {"eps": 1e-7}),
+    ({"betas": [0.8, 0.9]}, "AdamW", {"betas": (0.8, 0.9)}),  # no type: the default AdamW uses them
+], ids=["sgd-momentum", "adam-betas-eps", "adamw-eps", "default-betas"])
+def test_config_dict_optimizer_options_that_are_accepted_reach_the_optimizer(optimizer, cls, expected, tmp_path):
+    from transformers import Trainer
+
+    from clm_hf import ContinualTrainingArguments
+    from clm_hf.config import parse_config_dict
+
+    kwargs, _ = parse_config_dict({"optimizer": optimizer})
+    args = ContinualTrainingArguments(output_dir=str(tmp_path), **kwargs)
+    got_cls, got = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert got_cls.__name__ == cls and {k: got.get(k) for k in expected} == expected
 
 
 def test_cli_missing_recipe_is_one_line_and_exit_code_2(tmp_path, capsys):
