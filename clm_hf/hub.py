@@ -332,16 +332,37 @@ def save_continual_pretrained(trainer: Any, directory: str | os.PathLike, **card
 
 
 def task_finished(trainer: Any) -> None:
-    """Push after a task when ``args.push_to_hub`` is set (any ``hub_strategy`` but ``"end"``); called by the trainer."""
+    """Push after a task when ``args.push_to_hub`` is set (any ``hub_strategy`` but ``"end"``); called by the trainer.
+
+    The first push this trainer makes raises when it fails: a wrong token or repository would
+    otherwise fail again after every task of a long run, seen only as warnings. A later failure
+    (the Hub or the network down for a while) is a warning and training goes on.
+
+    Raises:
+        RuntimeError: The first push failed; the message names the task and the repository, and the
+            upload's own error is chained as its cause.
+    """
     args = trainer.args
     if not getattr(args, "push_to_hub", False) or args.hub_strategy == "end":
         return
     task = trainer.tasks[-1] if trainer.tasks else None
     message = f"clm-hf: after task {task.index} ({task.name})" if task is not None else "clm-hf: continual state"
+    first = not getattr(trainer, "_clm_hub_pushed", False)
+    trainer._clm_hub_pushed = True  # attempted: only the first attempt of the run may stop it
     try:
         trainer.push_to_hub(commit_message=message, blocking=True)
-    except Exception as err:  # the run goes on; the state is on disk and can be pushed later
-        logger.warning("clm-hf: pushing to the Hub after task %s failed: %s", task.name if task else "?", err)
+    except Exception as err:  # noqa: BLE001 - any upload error: first push raises, later ones warn
+        where = f"task {task.index} ('{task.name}')" if task is not None else "the continual state"
+        if first:
+            repo = getattr(trainer, "hub_model_id", None) or getattr(args, "hub_model_id", None)
+            raise RuntimeError(
+                f"Pushing to the Hub after {where}, the first push of this run, failed: {err}. Check the "
+                f"repository (hub_model_id={repo!r}) and the token (hub_token or `hf auth login`); the run stops "
+                "here rather than fail the same way after every task. What is saved on disk stays: fix the "
+                "setting and resume with resume_from_checkpoint=True. Later push failures are only warnings."
+            ) from err
+        # The run goes on; the state is on disk and the next push (or a manual one) uploads it.
+        logger.warning("clm-hf: pushing to the Hub after %s failed: %s", where, err)
 
 
 # --- the model card --------------------------------------------------------------------------------------

@@ -246,3 +246,43 @@ def test_export_publishes_no_local_path_and_its_metadata_is_covered_by_the_manif
     path.write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match="is not covered by the manifest"):
         ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "loose"))
+
+
+def _failing_uploads(monkeypatch, fail_calls):
+    """Make the fake upload raise (as a wrong token would) on the given 0-based calls; returns the call count."""
+    import huggingface_hub
+
+    calls, upload = [], huggingface_hub.HfApi.upload_folder
+
+    def maybe_failing(self, **kwargs):
+        calls.append(kwargs.get("commit_message"))
+        if len(calls) - 1 in fail_calls:
+            raise PermissionError("401 Client Error: Invalid credentials in Authorization header")
+        return upload(self, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", maybe_failing)
+    return calls
+
+
+def test_a_failed_first_push_stops_the_run_and_names_the_task(tmp_path, fake_hub, make_model, tokenizer, tiny_stream,
+                                                              monkeypatch):
+    # A wrong token or repo would fail after every task of a long run: the first push raises.
+    calls = _failing_uploads(monkeypatch, fail_calls={0, 1, 2})
+    trainer = _trainer(tmp_path, make_model, tokenizer, push_to_hub=True, hub_model_id="tester/cl-stream")
+    with pytest.raises(RuntimeError, match=r"Pushing to the Hub after task 0 \('copy'\), the first push of this run, "
+                                           r"failed: 401 Client Error.*hub_model_id='tester/cl-stream'") as info:
+        trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert calls == ["clm-hf: after task 0 (copy)"] and [t.task_id for t in trainer.tasks] == ["copy"]
+    assert fake_hub.uploads == []
+
+
+def test_a_failed_later_push_is_a_warning_and_training_goes_on(tmp_path, fake_hub, make_model, tokenizer, tiny_stream,
+                                                               monkeypatch, caplog):
+    calls = _failing_uploads(monkeypatch, fail_calls={1})  # the Hub down after task 1 only
+    trainer = _trainer(tmp_path, make_model, tokenizer, push_to_hub=True, hub_model_id="tester/cl-stream")
+    with caplog.at_level("WARNING", logger="clm_hf.hub"):
+        trainer.fit(tiny_stream)
+    assert [t.task_id for t in trainer.tasks] == ["copy", "reverse", "sort"] and len(calls) == 3
+    assert "pushing to the Hub after task 1 ('reverse') failed: 401 Client Error" in caplog.text
+    assert [u["message"] for u in fake_hub.uploads] == ["clm-hf: after task 0 (copy)", "clm-hf: after task 2 (sort)"]
