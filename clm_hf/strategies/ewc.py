@@ -84,6 +84,13 @@ class EWCConfig(StrategyConfig):
             θ* moves by up to 2⁻⁸·|θ*|, so the penalty pulls towards a rounded point, a gradient
             error of 15% of the penalty's gradient on the tiny model of docs/strategies.md against
             0.17% for ``"bfloat16_fisher"``.
+
+    Example:
+
+    >>> from clm_hf.strategies.ewc import EWCConfig
+    >>> config = EWCConfig.from_dict({"lambda": 500.0, "mode": "separate"})  # the config-dict alias of ewc_lambda
+    >>> config.ewc_lambda, config.mode, config.fisher_method
+    (500.0, 'separate', 'auto')
     """
 
     aliases = {"lambda": "ewc_lambda", "lambda_": "ewc_lambda", "ewc_mode": "mode"}
@@ -127,6 +134,10 @@ class EWC(Strategy):
     >>> ewc = EWC(ewc_lambda=1000.0, mode="online", gamma=0.9)
     >>> ewc.config.mode
     'online'
+
+    Reference: Kirkpatrick et al., *Overcoming catastrophic forgetting in neural networks*, PNAS
+    2017, https://arxiv.org/abs/1612.00796; online EWC: Schwarz et al., *Progress & Compress*, ICML
+    2018, https://arxiv.org/abs/1805.06370.
     """
 
     name = "ewc"

@@ -1027,6 +1027,13 @@ class GEMConfig(EpisodicMemoryConfig):
               ``"vmap"`` where it applies, else (one past task, seq2seq models, left padding, or once
               both failed) ``"per_task"``.
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
+
+    Example:
+
+    >>> from clm_hf.strategies.gem import GEMConfig
+    >>> config = GEMConfig(memory_per_task=32, memory_batch_size=8)
+    >>> config.margin, config.reference_method
+    (0.5, 'auto')
     """
 
     aliases = {"gamma": "margin", "memory_strength": "margin", "n_memories": "memory_per_task"}
@@ -1065,6 +1072,9 @@ class GEM(EpisodicGradientStrategy):
     >>> gem = GEM(memory_per_task=32, margin=0.5)
     >>> gem.name, gem.config.memory_batch_size
     ('gem', 'auto')
+
+    Reference: Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS 2017,
+    https://arxiv.org/abs/1706.08840.
     """
 
     name = "gem"
@@ -1116,6 +1126,12 @@ class AGEMConfig(EpisodicMemoryConfig):
             forgetting where plain fine-tuning has it (BWT -0.52 for both), while ``0.5`` brought
             BWT to about -0.3 (measured before the projection moved ahead of clipping).
         seed (`int`): Seed of the choice of memory rows and of the per-step draws.
+
+    Example:
+
+    >>> from clm_hf.strategies.gem import AGEMConfig
+    >>> AGEMConfig(sample_size="auto").sample_size, AGEMConfig().margin
+    ('auto', 0.0)
     """
 
     aliases = {"n_memories": "memory_per_task", "memory_batch_size": "sample_size"}
@@ -1146,6 +1162,9 @@ class AGEM(EpisodicGradientStrategy):
     >>> agem = AGEM(memory_per_task=32, sample_size=16)
     >>> agem.name, agem.config.sample_size
     ('agem', 16)
+
+    Reference: Chaudhry et al., *Efficient Lifelong Learning with A-GEM*, ICLR 2019,
+    https://arxiv.org/abs/1812.00420.
     """
 
     name = "agem"

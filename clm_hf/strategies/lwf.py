@@ -77,6 +77,13 @@ class LwFConfig(StrategyConfig):
         cache_top_k (`int`): Tokens kept per supervised position by the cache (clamped to the
             vocabulary size; ``k = vocab size`` makes the cached loss exact).
         cache_batch_size (`int`): Rows per teacher forward pass when filling the cache.
+
+    Example:
+
+    >>> from clm_hf.strategies.lwf import LwFConfig
+    >>> config = LwFConfig(alpha=0.5, cache_teacher=True)
+    >>> config.temperature, config.to_dict()["cache_teacher"]
+    (2.0, True)
     """
 
     aliases = {"lambda_o": "alpha", "lwf_alpha": "alpha", "T": "temperature", "top_k": "cache_top_k"}

@@ -61,6 +61,13 @@ class OLoRAConfig(StrategyConfig):
         use_task (`bool`): Evaluate task ``t`` with adapters ``0..t`` only, i.e. the model exactly
             as task ``t`` left it (needs the task identity at inference, unlike the paper's
             method). ``False`` (the paper's setting) scores every task with all adapters.
+
+    Example:
+
+    >>> from clm_hf.strategies.olora import OLoRAConfig
+    >>> config = OLoRAConfig(lora_rank=4, lambda_orth=0.5)
+    >>> config.lora_rank, config.use_task
+    (4, False)
     """
 
     aliases = {"lambda_1": "lambda_orth", "lamda_1": "lambda_orth", "lambda_2": "lambda_l2", "lamda_2": "lambda_l2",

@@ -61,6 +61,13 @@ class PackNetConfig(StrategyConfig):
             embeddings (``lm_head``). Or a list of regular expressions: every trainable parameter
             with 2 or more dimensions whose name matches one of them (``re.search``).
         seed (`int`): Seed of random pruning (``use_magnitude_pruning=False``).
+
+    Example:
+
+    >>> from clm_hf.strategies.packnet import PackNetConfig
+    >>> config = PackNetConfig(prune_percentage=0.5, prunable=["mlp"])  # regular expressions
+    >>> config.prune_percentage, config.prunable
+    (0.5, ['mlp'])
     """
 
     aliases = {"prune_ratio": "prune_percentage", "prune_fraction": "prune_percentage",
@@ -126,6 +133,9 @@ class PackNet(Strategy):
     >>> packnet = PackNet(prune_percentage=0.75, use_magnitude_pruning=True)
     >>> packnet.config.retrain_epochs
     1.0
+
+    Reference: Mallya & Lazebnik, *PackNet: Adding Multiple Tasks to a Single Network by Iterative
+    Pruning*, CVPR 2018, https://arxiv.org/abs/1711.05769.
     """
 
     name = "packnet"

@@ -61,6 +61,13 @@ class PNNConfig(StrategyConfig):
         lora_target_modules (`list[str]` or `str`, *optional*): Modules LoRA wraps; ``None`` uses
             PEFT's default for the architecture (e.g. ``c_attn`` for GPT-2, ``q_proj``/``v_proj`` for
             Llama, ``q``/``v`` for T5).
+
+    Example:
+
+    >>> from clm_hf.strategies.pnn import PNNConfig
+    >>> config = PNNConfig(mode="lora", lora_rank=4)
+    >>> config.mode, config.lora_rank
+    ('lora', 4)
     """
 
     aliases = {"rank": "lateral_rank", "lora_r": "lora_rank", "init": "column_init", "activation": "lateral_activation"}
@@ -114,6 +121,8 @@ class PNN(Strategy):
     >>> pnn = PNN(mode="columns", lateral_rank=16)
     >>> pnn.config.lateral_rank, pnn.parameter_growth()
     (16, [])
+
+    Reference: Rusu et al., *Progressive Neural Networks*, 2016, https://arxiv.org/abs/1606.04671.
     """
 
     name = "pnn"

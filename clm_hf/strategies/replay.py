@@ -41,6 +41,14 @@ class ReplayConfig(StrategyConfig):
             every two new ones; 1 doubles the epoch with as many old rows as new. The old rows are
             drawn afresh from the buffer every epoch (without repeats while the buffer has enough).
         seed (`int`): Seeds the reservoir and, with the Trainer's seed, the draws of replayed rows.
+
+    Example:
+
+    >>> from clm_hf import Replay
+    >>> from clm_hf.strategies.replay import ReplayConfig
+    >>> config = ReplayConfig(buffer_size=200, replay_ratio=0.25)
+    >>> Replay(config).buffer.capacity, ReplayConfig.from_dict({"capacity": 64}).buffer_size  # an alias
+    (200, 64)
     """
 
     aliases = {"capacity": "buffer_size", "memory_size": "buffer_size", "ratio": "replay_ratio"}
@@ -69,6 +77,9 @@ class Replay(Strategy):
     >>> replay = Replay(buffer_size=200, replay_ratio=0.5)
     >>> len(replay.buffer), replay.buffer.capacity
     (0, 200)
+
+    Reference: Rolnick et al., *Experience Replay for Continual Learning*, NeurIPS 2019,
+    https://arxiv.org/abs/1811.11682; reservoir sampling: Vitter, 1985, https://doi.org/10.1145/3147.3165.
     """
 
     name = "replay"
