@@ -59,6 +59,13 @@ class TaskInfo:
             before any strategy mixed other rows in.
         resumed (`bool`): True when training of this task restarts from a mid-task checkpoint, so
             state that ``before_task`` would snapshot was restored instead.
+
+    Example:
+
+    >>> from clm_hf.strategies import TaskInfo
+    >>> task = TaskInfo(task_id="qa", name="qa", index=1)
+    >>> task.to_json()
+    {'task_id': 'qa', 'name': 'qa', 'index': 1}
     """
 
     task_id: str
@@ -68,6 +75,10 @@ class TaskInfo:
     resumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """The task's identity as JSON (``task_id``, ``name``, ``index``), as checkpoints and results record it.
+
+        ``train_dataset`` and ``resumed`` belong to the running process and are left out.
+        """
         return {"task_id": self.task_id, "name": self.name, "index": self.index}
 
 
@@ -76,7 +87,31 @@ class StrategyConfig:
     """Base class of every strategy's config.
 
     Subclasses are dataclasses whose fields carry ``metadata={"help": ...}``; they validate in
-    ``validate`` (called from ``__post_init__``) and raise ``ValueError`` naming the field.
+    ``validate`` (called from ``__post_init__``) and raise ``ValueError`` naming the field. A
+    config round-trips through JSON with :meth:`to_dict` / :meth:`from_dict` (checkpoints and
+    model cards store it so).
+
+    Args:
+        **fields: The subclass's dataclass fields; the base class has none. ``aliases`` (a class
+            attribute, ``{other spelling: field}``) lists the other names :meth:`from_dict` accepts.
+
+    Example:
+
+    >>> from dataclasses import dataclass
+    >>> from clm_hf.strategies import StrategyConfig
+    >>> @dataclass
+    ... class MyConfig(StrategyConfig):
+    ...     aliases = {"lambda": "strength"}
+    ...     strength: float = 1.0
+    ...     def validate(self):
+    ...         if self.strength < 0:
+    ...             raise ValueError(f"strength must be >= 0, got {self.strength}.")
+    >>> MyConfig.from_dict({"lambda": 2.0}).to_dict()
+    {'strength': 2.0}
+    >>> MyConfig(strength=-1.0)
+    Traceback (most recent call last):
+        ...
+    ValueError: strength must be >= 0, got -1.0.
     """
 
     # Other spellings accepted for a field, e.g. ``{"lambda": "ewc_lambda"}`` (the original
@@ -90,6 +125,7 @@ class StrategyConfig:
         """Raise ``ValueError`` when a value is out of range. Override in subclasses."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (nested dataclasses too), which :meth:`from_dict` turns back into the config."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -130,7 +166,19 @@ class Strategy:
     """Base class of continual-learning strategies. Every hook is a no-op by default.
 
     Subclasses set ``name`` (the registry key) and ``config_class``, and are built either from a
-    config object or from keyword arguments that become the config:
+    config object or from keyword arguments that become the config. The hooks and the class
+    attributes a trainer reads (``supports_fsdp``, ``side_columns``, ...) are listed in the module
+    docstring and in docs/api.md.
+
+    Args:
+        config ([`StrategyConfig`], *optional*): An instance of the subclass's ``config_class``.
+        **options: Or the config's fields (or their aliases) as keyword arguments; not both.
+
+    Raises:
+        ValueError: Both a config and options were given, or an option is unknown or out of range.
+        TypeError: ``config`` is not an instance of ``config_class``.
+
+    Example:
 
     >>> from clm_hf import EWC
     >>> EWC(ewc_lambda=50.0).config.ewc_lambda
@@ -338,7 +386,29 @@ STRATEGY_REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator that adds a strategy under its ``name``; a duplicate name is an error."""
+    """Class decorator that adds a strategy under its ``name``; a duplicate name is an error.
+
+    Registered strategies can be named in recipes, config dicts and :func:`build_strategy`.
+
+    Args:
+        cls (`type[Strategy]`): The strategy class; its ``name`` (lower-cased) is the key.
+
+    Returns:
+        `type[Strategy]`: ``cls`` itself, so it works as a decorator.
+
+    Raises:
+        ValueError: Another class is already registered under that name.
+
+    Example:
+
+    >>> from clm_hf.strategies import STRATEGY_REGISTRY, Strategy, register_strategy
+    >>> @register_strategy
+    ... class Frozen(Strategy):
+    ...     name = "doc_frozen"
+    >>> STRATEGY_REGISTRY["doc_frozen"] is Frozen
+    True
+    >>> del STRATEGY_REGISTRY["doc_frozen"]  # keep the registry as it was
+    """
     key = cls.name.lower()
     if key in STRATEGY_REGISTRY and STRATEGY_REGISTRY[key] is not cls:
         raise ValueError(f"A strategy named '{key}' is already registered ({STRATEGY_REGISTRY[key].__name__}).")
@@ -347,7 +417,27 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
-    """Look a strategy class up by name; an unknown name raises with the closest valid one."""
+    """Look a strategy class up by name; an unknown name raises with the closest valid one.
+
+    Args:
+        name (`str`): The registry key, case-insensitive; ``-`` reads as ``_``.
+
+    Returns:
+        `type[Strategy]`: The registered class.
+
+    Raises:
+        ValueError: No strategy has that name; the message suggests the closest and lists all.
+
+    Example:
+
+    >>> from clm_hf.strategies import get_strategy_class
+    >>> get_strategy_class("EWC").__name__
+    'EWC'
+    >>> get_strategy_class("replya")
+    Traceback (most recent call last):
+        ...
+    ValueError: Unknown strategy 'replya' for clm_hf. Did you mean 'replay'? Valid: ...
+    """
     key = name.lower().replace("-", "_")
     if key not in STRATEGY_REGISTRY:
         raise ValueError(_unknown_message(f"strategy '{key}'", "clm_hf", key, list(STRATEGY_REGISTRY)))
@@ -357,6 +447,15 @@ def get_strategy_class(name: str) -> type[Strategy]:
 def build_strategy(name: str, **options: Any) -> Strategy:
     """Build a registered strategy from its name and options.
 
+    Args:
+        name (`str`): The registry key (see :func:`get_strategy_class`).
+        **options: The strategy's config fields or their aliases.
+
+    Returns:
+        [`Strategy`]: The new strategy.
+
+    Example:
+
     >>> from clm_hf.strategies import build_strategy
     >>> build_strategy("ewc", ewc_lambda=10.0).name
     'ewc'
@@ -365,7 +464,27 @@ def build_strategy(name: str, **options: Any) -> Strategy:
 
 
 def strategies_from_specs(specs: list[dict[str, Any] | str | Strategy]) -> list[Strategy]:
-    """Turn recipe entries (``{"name": "ewc", ...}``, ``"replay"`` or objects) into strategies."""
+    """Turn recipe entries (``{"name": "ewc", ...}``, ``"replay"`` or objects) into strategies.
+
+    Args:
+        specs (`list`): Each entry a dict with a ``name`` key and the strategy's options, a
+            strategy name, or a [`Strategy`] (kept as it is). The order is the order of application.
+
+    Returns:
+        `list[Strategy]`: One strategy per entry.
+
+    Raises:
+        ValueError: A dict has no ``name``, or a name or option is unknown.
+        TypeError: An entry is of another type.
+
+    Example:
+
+    >>> from clm_hf import EWC
+    >>> from clm_hf.strategies import strategies_from_specs
+    >>> built = strategies_from_specs([{"name": "replay", "buffer_size": 64}, "lwf", EWC()])
+    >>> [s.name for s in built], built[0].config.buffer_size
+    (['replay', 'lwf', 'ewc'], 64)
+    """
     built = []
     for spec in specs:
         if isinstance(spec, Strategy):
