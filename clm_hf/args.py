@@ -17,6 +17,36 @@ class ContinualTrainingArguments(TrainingArguments):
     Everything ``TrainingArguments`` takes still applies to each task's ``train()``; the fields
     below control what happens between tasks.
 
+    Args:
+        eval_metrics (`list[str]`, *optional*, defaults to all four): Per-task scores computed after
+            every task: ``"exact_match"``, ``"token_accuracy"``, ``"loss"``, ``"perplexity"``.
+        primary_metric (`str`, *optional*, defaults to `"exact_match"`): The score whose matrix gives
+            ACC/BWT/FWT/forgetting in summaries and plots.
+        eval_before_training (`bool`, *optional*, defaults to `True`): Score every task before any
+            training: the baseline that forward transfer (FWT) needs.
+        continual_eval_batch_size (`int`, *optional*): Rows per process in each forward pass of the
+            per-task scoring; ``None``: ``per_device_eval_batch_size``, as ``Trainer.evaluate``.
+        continual_eval_sort_by_length (`bool`, *optional*, defaults to `True`): Batch the scoring's
+            rows by length (longest first) so few pad tokens are computed; the scores are the same.
+        save_continual_state (`bool`, *optional*, defaults to `True`): Write a continual checkpoint
+            (model, strategies, buffer, results, RNG) after every task, which a resume reads.
+        continual_save_total_limit (`int`, *optional*): Keep at most this many end-of-task continual
+            checkpoints (oldest deleted first); ``None`` keeps all.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): Start a new run in an
+            ``output_dir`` that holds another run's continual checkpoints by deleting them first;
+            without it such a folder is refused unless the run resumes from it.
+        generation_metrics (`list[str]`, *optional*, defaults to `[]`): Text metrics of generated
+            answers computed after every task (``"exact_match"``, ``"rouge_l"``, ``"bleu"``), recorded
+            as ``gen_<metric>``; a comma-separated string is split. Empty: no generation.
+        generation_max_new_tokens (`int`, *optional*): Longest generated answer; ``None``: the
+            longest reference answer of each eval set.
+        generation_num_beams (`int`, *optional*): Beam width of the generated answers; ``None``: the
+            model's ``generation_config`` (greedy).
+        reference_metric (`str`, *optional*, defaults to `"perplexity"`): The score of the reference
+            (never trained) eval sets shown in summaries and plots.
+        answer_only_loss (`bool`, *optional*, defaults to `True`): When the trainer tokenizes
+            prompt/answer rows itself, put the loss on the answer tokens only.
+
     Example:
 
     >>> from clm_hf import ContinualTrainingArguments
@@ -105,10 +135,47 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"continual_save_total_limit must be >= 1 or None, got {self.continual_save_total_limit}.")
 
 
+def _continual_args_section() -> str:
+    """The ``Args:`` section of :class:`ContinualTrainingArguments` (its continual fields), as written there.
+
+    The argument classes that inherit those fields (Seq2Seq, TRL's ``SFTConfig``) append it to their
+    own docstrings with :func:`_document_continual_fields`, so the fields are described in one place.
+
+    >>> _continual_args_section().splitlines()[0].strip()
+    'Args:'
+    """
+    doc = ContinualTrainingArguments.__doc__
+    start = doc.index("    Args:")
+    return doc[start : doc.index("    Example:", start)].rstrip() + "\n"
+
+
+def _document_continual_fields(cls: type) -> type:
+    """Append the continual fields' ``Args:`` section to the docstring of ``cls``, which inherits them.
+
+    Args:
+        cls (`type`): A subclass of :class:`ContinualTrainingArguments`.
+
+    Returns:
+        `type`: ``cls``, so it works as a class decorator.
+    """
+    if ContinualTrainingArguments.__doc__ is None or cls.__doc__ is None:  # python -OO strips docstrings
+        return cls
+    doc = cls.__doc__
+    section = "    The continual fields, inherited from [`ContinualTrainingArguments`]:\n\n" + _continual_args_section()
+    # Before the example, as in every other docstring of the package; at the end when there is none.
+    at = doc.find("    Example:")
+    cls.__doc__ = doc[:at] + section + "\n" + doc[at:] if at >= 0 else doc.rstrip() + "\n\n" + section + "    "
+    return cls
+
+
+@_document_continual_fields
 @dataclass
 class ContinualSeq2SeqTrainingArguments(Seq2SeqTrainingArguments, ContinualTrainingArguments):
     """[`~transformers.Seq2SeqTrainingArguments`] with the continual fields of
-    [`ContinualTrainingArguments`].
+    [`ContinualTrainingArguments`] (listed below); the ``Seq2SeqTrainingArguments`` fields
+    (``predict_with_generate``, ``generation_max_length``, ...) keep their meaning.
+
+    Example:
 
     >>> from clm_hf import ContinualSeq2SeqTrainingArguments
     >>> ContinualSeq2SeqTrainingArguments(output_dir="runs/t5").primary_metric

@@ -36,7 +36,7 @@ import copy
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -48,6 +48,10 @@ from .validation import (
     validate_strategies_section,
     validate_training_section,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import ContinualResults
+    from .trainer import ContinualTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +379,8 @@ def _check_eval_split(entry: dict[str, Any], index: int) -> None:
 
 
 def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
-               joint: bool = False, force_resume: bool = False, restart_on_damage: bool = False):
+               joint: bool = False, force_resume: bool = False,
+               restart_on_damage: bool = False) -> tuple[ContinualResults, ContinualTrainerMixin]:
     """Build everything a recipe describes and train the stream; returns ``(results, trainer)``.
 
     ``joint=True`` trains all tasks at once instead (the multitask upper bound); ``force_resume``

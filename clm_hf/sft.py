@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .args import ContinualTrainingArguments
+from .args import ContinualTrainingArguments, _document_continual_fields
 from .data import ContinualDataCollator, dataset_from_loader
 from .strategies.base import Strategy, unwrap_model
 from .trainer import ContinualTrainerMixin
@@ -40,6 +40,7 @@ __all__ = ["ContinualSFTConfig", "ContinualSFTTrainer"]
 _SEQ_LENGTHS = "seq_lengths"
 
 
+@_document_continual_fields  # appends the continual fields' Args: section to the docstring
 @dataclass
 class ContinualSFTConfig(SFTConfig, ContinualTrainingArguments):
     """[`trl.SFTConfig`] with the continual fields of [`ContinualTrainingArguments`] (``eval_metrics``,

@@ -18,7 +18,7 @@ import shutil
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset
@@ -48,6 +48,9 @@ from .validation import (
     check_tensor_columns,
     check_training_length,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +430,8 @@ class ContinualTrainerMixin:
                                  shuffle=isinstance(sampler, torch.utils.data.RandomSampler), seed=seed)
 
     # --- loss: model loss + named strategy terms ---------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The model's loss plus every strategy's terms (training only), each logged by name.
 
         The HF loss is already normalised over the whole accumulated batch when the model takes
@@ -1620,7 +1624,8 @@ class ContinualTrainerMixin:
 
     # --- the Hugging Face Hub (clm_hf.hub) --------------------------------------------------------
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs: Any):
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **kwargs: Any) -> Any:
         """``Trainer.push_to_hub`` plus the continual state, results, plots and a continual model card.
 
         See :mod:`clm_hf.hub` for the repository layout; ``kwargs`` go to the model card.
@@ -1644,7 +1649,7 @@ class ContinualTrainerMixin:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, args: Any = None,
-                        strategies: Sequence[Strategy] | None = None, **kwargs: Any):
+                        strategies: Sequence[Strategy] | None = None, **kwargs: Any) -> Self:
         """Rebuild a trainer with its whole continual state from a Hub repo or a local folder.
 
         >>> trainer = ContinualCausalLMTrainer.from_pretrained("user/my-stream")  # doctest: +SKIP
@@ -1662,7 +1667,7 @@ class ContinualTrainer(ContinualTrainerMixin, Trainer):
     ``processing_class``, saving). The continual parts:
 
     Args:
-        model: The model to train (causal or seq2seq LM, optionally a PEFT model).
+        model (`nn.Module`, *optional*): The model to train (causal or seq2seq LM, optionally a PEFT model).
         args ([`ContinualTrainingArguments`], *optional*): Plain ``TrainingArguments`` work too.
         strategies (`list[Strategy]`, *optional*): Applied in order; an empty list is plain
             sequential fine-tuning. E.g. ``[Replay(), EWC()]``.
@@ -1686,11 +1691,65 @@ class ContinualTrainer(ContinualTrainerMixin, Trainer):
 
 
 class ContinualCausalLMTrainer(ContinualTrainer):
-    """[`ContinualTrainer`] for decoder-only language models (GPT-2, Llama, ...)."""
+    """[`ContinualTrainer`] for decoder-only language models (GPT-2, Llama, ...).
+
+    Each task of :meth:`~ContinualTrainer.fit` runs the Trainer's own ``train()``; after each, every
+    task's eval set is scored and the score matrices, ACC/BWT/FWT/forgetting and a continual
+    checkpoint are written under ``args.output_dir``.
+
+    Args:
+        model (`nn.Module`, *optional*): The decoder-only model to train (a PEFT model works too).
+        args ([`ContinualTrainingArguments`], *optional*): The Trainer's settings plus the continual
+            ones; plain ``TrainingArguments`` work too. Default: ``output_dir="clm_hf_output"``.
+        strategies (`list[Strategy]`, *optional*): Applied in order; ``None`` or ``[]`` is plain
+            sequential fine-tuning. E.g. ``[Replay(), EWC()]``.
+        config (`dict`, *optional*): The original config-dict form (``optimizer`` +
+            ``continual_strategy`` + ...), see :func:`clm_hf.config.parse_config_dict`; not with ``args``.
+        task_metrics (`dict[str, callable]`, *optional*): Extra per-task scores,
+            ``fn(predictions, references) -> float`` over answer token ids.
+        generation_scorer (`callable`, *optional*): ``fn(predictions, references) -> dict[str, float]``
+            over generated and reference texts, recorded as ``gen_<key>`` after every task.
+        **kwargs: Any other ``Trainer`` argument (``processing_class``, ``data_collator``,
+            ``callbacks``, ``compute_metrics``, ...).
+
+    Example:
+
+    >>> from transformers import PrinterCallback
+    >>> from clm_hf import ContinualCausalLMTrainer, ContinualTrainingArguments, Replay
+    >>> from clm_hf.tasks import build_tokenizer, build_tiny_model, make_suite
+    >>> tok = build_tokenizer(); model = build_tiny_model("gpt2", tok)
+    >>> args = ContinualTrainingArguments(output_dir="runs/causal", num_train_epochs=1, report_to="none",
+    ...                                   disable_tqdm=True, save_continual_state=False, use_cpu=True)
+    >>> trainer = ContinualCausalLMTrainer(model=model, args=args, processing_class=tok,
+    ...                                    strategies=[Replay(buffer_size=8)])
+    >>> trainer.remove_callback(PrinterCallback)  # the Trainer would print its logs here
+    >>> results = trainer.fit(make_suite(["copy", "reverse"], num_train=8, num_eval=4))
+    >>> results.task_names, len(results.matrix("exact_match")), len(trainer.strategies[0].buffer)
+    (['copy', 'reverse'], 2, 8)
+    """
 
 
 class ContinualSeq2SeqTrainer(ContinualTrainerMixin, Seq2SeqTrainer):
     """A [`~transformers.Seq2SeqTrainer`] with the continual machinery of [`ContinualTrainer`].
+
+    For encoder-decoder models (T5, BART, ...): the prompt is the encoder's input and the answer the
+    decoder's labels; ``fit``, the scores and the checkpoints are those of [`ContinualTrainer`].
+
+    Args:
+        model (`nn.Module`, *optional*): The encoder-decoder model to train.
+        args ([`ContinualSeq2SeqTrainingArguments`], *optional*): ``Seq2SeqTrainingArguments`` plus
+            the continual fields. Default: ``output_dir="clm_hf_output"``.
+        strategies (`list[Strategy]`, *optional*): Applied in order; ``None`` or ``[]`` is plain
+            sequential fine-tuning.
+        config (`dict`, *optional*): The original config-dict form, see
+            :func:`clm_hf.config.parse_config_dict`; not with ``args``.
+        task_metrics (`dict[str, callable]`, *optional*): Extra per-task scores,
+            ``fn(predictions, references) -> float`` over answer token ids.
+        generation_scorer (`callable`, *optional*): ``fn(predictions, references) -> dict[str, float]``
+            over generated and reference texts, recorded as ``gen_<key>`` after every task.
+        **kwargs: Any other ``Seq2SeqTrainer`` argument.
+
+    Example:
 
     >>> from clm_hf import ContinualSeq2SeqTrainer, ContinualSeq2SeqTrainingArguments
     >>> from clm_hf.tasks import build_tokenizer, build_tiny_model

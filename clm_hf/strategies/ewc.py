@@ -31,6 +31,8 @@ from ._row_gradients import SquareSumSink, check_hooked, hooked_group_gradients,
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, eval_mode, register_strategy, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
     from ..trainer import ContinualTrainer
 
 logger = logging.getLogger(__name__)
@@ -571,7 +573,7 @@ def _unpadded_batches(rows, batch_size: int, device) -> list[dict[str, torch.Ten
 
 def estimate_fisher(
     model: nn.Module,
-    rows,
+    rows: Dataset,
     *,
     batch_size: int = 16,
     method: str = "auto",

@@ -677,6 +677,7 @@ class EpisodicGradientStrategy(Strategy):
         self._bank, self._binding = None, None  # one more past task: rebuild both lazily
 
     def memory_bank(self, device: torch.device) -> _MemoryBank:
+        """Every past task's memory rows, collated once and kept on ``device`` (rebuilt after each new task)."""
         if self._bank is None:
             collator = getattr(self.trainer, "data_collator", None)
             if collator is None:
