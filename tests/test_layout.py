@@ -186,3 +186,11 @@ def test_clm_hf_messages_reach_stderr_when_the_application_configured_no_logging
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert done.returncode == 0 and done.stderr == "clm-hf: hello\n", done.stderr
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = set(block.split())
+    modules = {path.name for path in (ROOT / "clm_hf").glob("*.py") if path.name != "__init__.py"}
+    assert modules - listed == set(), f"README's Layout misses {sorted(modules - listed)}"

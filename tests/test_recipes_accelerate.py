@@ -113,6 +113,8 @@ def test_the_cli_runs_as_a_module():
 
 # --- the support matrix of docs/distributed.md is what the code does ----------------------------------
 DEEPSPEED_TESTED = "tested (CPU torchrun, 2 processes, DeepSpeed's CPU accelerator)"
+# A cell whose default is rejected but whose cached-teacher variant runs (LwF on ZeRO-3).
+CACHED_TEACHER = "; with cache_teacher=True: "
 
 
 def _matrix() -> dict[str, dict[str, str]]:
@@ -170,6 +172,8 @@ def test_the_doc_matrix_covers_every_strategy_and_backend():
                 (backend == "FSDP2" and re.fullmatch(FSDP2_TESTED, cell)), (name, backend, cell)
             if cell == DEEPSPEED_TESTED:  # the claim is backed by a run of tests/test_deepspeed{,_zero3}.py
                 assert name in {run.split("-")[0] for run in checked[backend]}, (name, backend)
+            if CACHED_TEACHER in cell:  # "rejected ...; with cache_teacher=True: tested ...": the cached run exists
+                assert cell.endswith(CACHED_TEACHER + DEEPSPEED_TESTED) and f"{name}-cached" in checked[backend], cell
         assert cells["DDP"] == "tested (CPU torchrun, gloo)" and name in RUNS, name
         if re.fullmatch(FSDP2_TESTED, cells["FSDP2"]):
             assert name in FSDP_RUNS.values(), f"{name}: docs say FSDP2 is tested, but tests/test_fsdp.py has no run of it"
@@ -185,6 +189,9 @@ def test_the_doc_matrix_is_what_the_code_does(name, make_model, tokenizer, monke
             excerpt = re.search(r"`([^`]+)`", cell).group(1)
             assert error is not None, f"docs say {name} is rejected on {backend}, but it starts"
             assert excerpt in error and name in error.lower(), (error, excerpt)
+            if CACHED_TEACHER in cell:
+                cached = _start(name, backend, make_model, tokenizer, monkeypatch, cache_teacher=True)
+                assert cached is None, f"docs say {name} with cache_teacher=True runs on {backend}, but: {cached}"
         else:
             assert error is None, f"docs say {name} is not rejected on {backend}, but: {error}"
 
