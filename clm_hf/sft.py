@@ -104,8 +104,9 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
     Each task's rows go through TRL's own preparation (``text``, ``prompt``/``completion`` or
     ``messages`` with the tokenizer's chat template, ``packing``, ``completion_only_loss``,
     ``assistant_only_loss``); ``peft_config`` wraps the model once, as in TRL. Evaluation rows are
-    never packed and are always scored on the answer only: a ``prompt``/``completion`` row on its
-    completion, a ``messages`` row on its last (assistant) message.
+    never packed nor truncated to ``max_length`` and are always scored on the answer only: a
+    ``prompt``/``completion`` row on its completion, a ``messages`` row on its last (assistant)
+    message. Training rows TRL truncates to ``max_length`` or drops are counted in a warning.
 
     Args:
         model: The model (a ``PreTrainedModel``) or a Hub id TRL loads.
@@ -172,7 +173,8 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
     def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset:
         """Tokenize raw rows with ``SFTTrainer._prepare_dataset``, then validate them as every task's rows.
 
-        ``scoring`` rows are eval rows: never packed, never shuffled, labels on the answer only.
+        ``scoring`` rows are eval rows: never packed, shuffled or truncated to ``max_length``, labels on the
+        answer only. Training rows TRL truncates or drops are counted in a warning.
         """
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
