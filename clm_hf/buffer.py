@@ -248,7 +248,7 @@ class ReservoirBuffer:
         if isinstance(task_id, bool) or not isinstance(task_id, (str, numbers.Integral)):
             raise TypeError(f"task_id must be a str or an int, got {task_id!r}")
         if len(dataset) == 0:
-            raise ValueError("Cannot add an empty dataset to the buffer")
+            raise ValueError(f"Cannot add the rows of task {str(task_id)!r} to the buffer: the dataset is empty (0 rows)")
         if TASK_ID_COLUMN in dataset.column_names:
             raise ValueError(
                 f"The dataset already has a {TASK_ID_COLUMN!r} column, which the buffer reserves for the task id; "

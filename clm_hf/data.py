@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -120,13 +121,30 @@ class UserCollator:
         self.builds_labels: bool | None = None  # found out by probe() on the first rows
 
     def probe(self, features: Sequence[dict[str, Any]]) -> None:
-        """Find out, once, whether the collator makes labels from rows that have none."""
-        if self.builds_labels is None:
+        """Find out, once, whether the collator makes labels from rows that have none.
+
+        A ``KeyError``, ``TypeError``, ``ValueError`` or ``IndexError`` on rows without labels means the
+        collator needs labels given (``builds_labels=False``), as long as it then works on the rows with
+        their labels; any other error, or an error with the labels given too (chained to the first), is
+        raised, so a bug in the collator is never taken for a need for labels.
+
+        Args:
+            features (`Sequence[dict]`): A few tokenized rows with ``labels``.
+        """
+        if self.builds_labels is not None:
+            return
+        try:
+            # DataCollatorForSeq2Seq answers {"labels": None} for rows without labels.
+            self.builds_labels = self.collator([_without_labels(f) for f in features]).get("labels") is not None
+        except (KeyError, TypeError, ValueError, IndexError) as unlabelled:
+            # What a collator that reads ``labels`` raises on rows without them: it needs the rows' own labels.
+            # Any other error is a bug of the collator and propagates. So does one it also raises with the
+            # labels given: that is no need for labels either, and its first error stays chained to it.
             try:
-                # DataCollatorForSeq2Seq answers {"labels": None} for rows without labels.
-                self.builds_labels = self.collator([_without_labels(f) for f in features]).get("labels") is not None
-            except Exception:  # it needs labels given (e.g. DataCollatorForSeq2Seq on some models)
-                self.builds_labels = False
+                self.collator(list(features))
+            except Exception as labelled:
+                raise labelled from unlabelled
+            self.builds_labels = False
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> Any:
         if self.builds_labels and all(_full_sequence(f) for f in features):
@@ -163,14 +181,25 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
     """Check that a tokenized dataset can train a language model; raise ``ValueError`` if not.
 
     Checks: it is a ``datasets.Dataset``, it is not empty, it has ``input_ids`` and ``labels``
-    holding lists of integers, at least one label is supervised (not -100), no token id is
-    outside the vocabulary, and (``causal``) every row has as many labels as ``input_ids``.
+    holding lists of integers, (``causal``) every row has as many labels as ``input_ids``, no row
+    is empty (0 ``input_ids``), every row has at least one supervised label (not -100: a scored row
+    without one would silently lower exact_match), and no token id is outside the vocabulary. Each
+    error names the first row at fault and how many rows are.
 
     Args:
         dataset: The dataset to check.
         what (`str`): How to name it in messages, e.g. ``"train dataset of task 'reverse'"``.
         vocab_size (`int`, *optional*): The model's vocabulary size, to check token ids against.
         causal (`bool`): The rows train a decoder-only model, whose labels align with ``input_ids``.
+
+    Example:
+
+    >>> from datasets import Dataset
+    >>> rows = Dataset.from_dict({"input_ids": [[5, 6], [7, 8]], "labels": [[5, 6], [-100, -100]]})
+    >>> validate_lm_dataset(rows, what="eval dataset of task 'qa'", causal=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: Row 1 of the eval dataset of task 'qa' has no supervised label (every label is -100); 1 of its 2 rows have none. ...
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"The {what} must be a datasets.Dataset, got {type(dataset).__name__}.")
@@ -203,12 +232,14 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
                 "labels. A causal LM's labels line up with its input_ids (the model shifts them itself): give one "
                 "label per token, -100 where there is nothing to predict."
             )
+    _check_empty_rows(table, what)
     labels = pc.list_flatten(table.column("labels"))
     if len(labels) == 0 or pc.all(pc.equal(labels, -100)).as_py():
         raise ValueError(
             f"Every label in the {what} is -100, so there is nothing to learn. "
             "Check the prompt/answer masking (answer tokens must keep their ids)."
         )
+    _check_unsupervised_rows(table, labels, what)
     if vocab_size is not None:
         ids = pc.list_flatten(table.column("input_ids"))
         supervised = pc.filter(labels, pc.not_equal(labels, -100))
@@ -221,6 +252,34 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
                     f"The {what} has {column} outside the model's vocabulary [0, {vocab_size}): "
                     f"min {low.as_py()}, max {high.as_py()}. Was it tokenized with another tokenizer?"
                 )
+
+
+def _check_empty_rows(table: pa.Table, what: str) -> None:
+    """A row with no token (an empty ``text`` or prompt) gives the model nothing to read or score."""
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    empty = np.flatnonzero(lengths == 0)
+    if len(empty):
+        raise ValueError(
+            f"Row {int(empty[0])} of the {what} has no tokens (0 input_ids); {len(empty)} of its {len(lengths)} rows "
+            "are empty. Drop them (e.g. dataset.filter(lambda r: len(r['input_ids']) > 0), or filter out empty "
+            "text before tokenizing)."
+        )
+
+
+def _check_unsupervised_rows(table: pa.Table, labels: pa.ChunkedArray, what: str) -> None:
+    """Every row needs a supervised label: a scored row without one counts in exact_match's denominator but can
+    never be right (it silently lowers the score), and a training row without one has nothing to learn."""
+    lengths = pc.list_value_length(table.column("labels")).to_numpy(zero_copy_only=False)
+    supervised = pc.not_equal(labels, -100).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each flattened label
+    missing = np.flatnonzero(np.bincount(rows[supervised], minlength=len(lengths)) == 0)
+    if len(missing):
+        raise ValueError(
+            f"Row {int(missing[0])} of the {what} has no supervised label (every label is -100); "
+            f"{len(missing)} of its {len(lengths)} rows have none. Such a row has nothing to learn, and scored it "
+            "would count as a wrong answer in exact_match. Drop those rows, or check the prompt/answer masking "
+            "(answer tokens must keep their ids)."
+        )
 
 
 def dataset_from_loader(loader: torch.utils.data.DataLoader) -> Dataset:

@@ -162,6 +162,7 @@ class TaskScorer:
         order: The dataset index of each row, in the order the rows are added (e.g.
             :func:`length_sorted_order`); per-row results, ``extra_metrics`` and ``compute_metrics``
             then see the rows in the dataset's order. ``None``: rows are added in the dataset's order.
+        what: How errors name the rows, e.g. ``"eval dataset of task 'qa'"`` (the trainer gives ``"eval qa"``).
 
     Example:
 
@@ -176,7 +177,7 @@ class TaskScorer:
                  compute_metrics: Callable[[Any], dict[str, float]] | None = None,
                  preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                 order: Sequence[int] | None = None) -> None:
+                 order: Sequence[int] | None = None, what: str | None = None) -> None:
         unknown = [m for m in metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ValueError(f"Unknown metric(s) {unknown}; built-in metrics are {list(BUILTIN_METRICS)}.")
@@ -184,6 +185,7 @@ class TaskScorer:
         self.compute_metrics, self.preprocess = compute_metrics, preprocess_logits_for_metrics
         self.gather = gather
         self.order = None if order is None else list(order)
+        self.what = what
         # Per-row counts stay where the model ran (no host sync per batch) until result() reads them.
         self._per_row: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_ROW}
         self._tokens: dict[str, list[torch.Tensor]] = {"predicted": [], "references": []}
@@ -233,7 +235,7 @@ class TaskScorer:
             ``tokens`` (answer tokens) and ``nll`` (summed over the answer tokens), one value per row.
         """
         if not self._per_row["tokens"]:
-            raise ValueError("Cannot evaluate on an empty dataset.")
+            raise ValueError(f"Cannot evaluate{_named(self.what)}: the dataset is empty (0 rows).")
         values = {k: torch.cat([v.reshape(-1) for v in parts]).cpu() for k, parts in self._per_row.items()}
         position = self._restore(values["tokens"].numel())
         return values if position is None else {k: v[position] for k, v in values.items()}
@@ -242,7 +244,8 @@ class TaskScorer:
         """The scores of every row added so far."""
         rows = self.per_row()
         if int(rows["tokens"].sum()) == 0:
-            raise ValueError("The dataset has no supervised token (every label is -100): nothing to score.")
+            raise ValueError(f"Cannot evaluate{_named(self.what)}: the dataset has no supervised token (every label is "
+                             "-100), so there is nothing to score.")
         count, tokens = rows["tokens"].numel(), int(rows["tokens"].sum())
         loss = float(rows["nll"].double().sum()) / tokens
         values = {
@@ -288,6 +291,11 @@ class TaskScorer:
 _PER_ROW = ("exact", "tokens_correct", "tokens", "nll")
 
 
+def _named(what: str | None) -> str:
+    """`` (eval qa)``: which rows an error is about, when the caller said."""
+    return f" ({what})" if what else ""
+
+
 def _concat_padded(parts: list[torch.Tensor]) -> Any:
     """Batches of different lengths as one numpy array, padded with -100 like the Trainer's loop."""
     length = max(p.shape[1] for p in parts) if parts[0].dim() > 1 else None
@@ -329,7 +337,8 @@ def evaluate_lm(
         extra_metrics (`dict[str, callable]`, *optional*): Name -> ``fn(predictions, references)``
             where both are lists (one per row) of answer token ids; returns a float.
         device: Where to run; defaults to the model's device.
-        description (`str`, *optional*): Progress-bar label.
+        description (`str`, *optional*): Progress-bar label, and how errors name the rows (e.g.
+            ``"eval dataset of task 'qa'"``).
         disable_progress (`bool`): Hide the progress bar.
         sort_by_length (`bool`): Batch rows of similar length together (:func:`length_sorted_order`),
             so that few pad tokens are computed; the scores do not depend on it (beyond float rounding).
@@ -352,11 +361,11 @@ def evaluate_lm(
     ['exact_match', 'loss', 'perplexity', 'token_accuracy']
     """
     if len(dataset) == 0:
-        raise ValueError("Cannot evaluate on an empty dataset.")
+        raise ValueError(f"Cannot evaluate{_named(description)}: the dataset is empty (0 rows).")
     seq2seq = is_seq2seq(model)
     order = length_sorted_order(dataset, seq2seq) if sort_by_length else list(range(len(dataset)))
     if scorer is None:
-        scorer = TaskScorer(metrics, extra_metrics)
+        scorer = TaskScorer(metrics, extra_metrics, what=description)
     scorer.order = order
     if device is None:
         device = next(model.parameters()).device

@@ -26,6 +26,8 @@ import datasets
 import numpy as np
 import transformers
 
+from ._logging import get_logger
+
 __all__ = [
     "COLUMN_OPTIONS",
     "LAYOUTS",
@@ -53,6 +55,8 @@ _ACCEPTED = (
 )
 # transformers stores "no limit" as a huge sentinel; anything above this is treated as unset.
 _UNBOUNDED_LENGTH = 1_000_000
+
+logger = get_logger(__name__)
 
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -440,6 +444,7 @@ def tokenize_rows(
     """
     layout = detect_layout(dataset, what=what)
     columns = _column_names(dataset)
+    _warn_unused_layout_columns(columns, layout, what)
     if layout == "tokenized":
         if "labels" in columns or labels_from_collator:
             return dataset
@@ -478,8 +483,32 @@ def tokenize_rows(
                              "template; give string prompt/completion columns for an encoder-decoder model.")
         return tokenize_messages(dataset, tokenizer, completion_column=completion, conversational_prompt_completion=True)
     if seq2seq:
-        return tokenize_for_seq2seq(dataset, tokenizer, answer_column=completion)
-    return tokenize_for_causal_lm(dataset, tokenizer, answer_only_loss=answer_only_loss, answer_column=completion)
+        return tokenize_for_seq2seq(dataset, tokenizer, answer_column=completion, what=what)
+    return tokenize_for_causal_lm(dataset, tokenizer, answer_only_loss=answer_only_loss, answer_column=completion,
+                                  what=what)
+
+
+def _warn_unused_layout_columns(columns: Sequence[str], layout: str, what: str) -> None:
+    """One warning when the columns of a layout that lost to another (see `detect_layout`) are present: they are
+    neither trained nor scored. Tokenized rows are left alone: the text columns they keep after `dataset.map` are
+    usually what their `input_ids` were made from."""
+    names = set(columns)
+    if layout == "tokenized":
+        return
+    # Every full layout the columns hold, in detect_layout's order of precedence: the first one is read.
+    present = [["messages"]] if "messages" in names else []
+    present += [["prompt", c] for c in ("completion", "answer") if "prompt" in names and c in names]
+    present += [["text"]] if "text" in names else []
+    if len(present) < 2:
+        return
+    chosen = present[0]
+    unused = list(dict.fromkeys(c for group in present[1:] for c in group if c not in chosen))
+    logger.warning(
+        "clm-hf: the %s has the columns of more than one layout; it is read as the %r layout (columns %s), so "
+        "column(s) %s are dropped, neither trained nor scored. Remove them (dataset.remove_columns) or rename the "
+        "ones you mean (data.md: if several fit, input_ids win, then messages, then prompt + completion/answer, "
+        "then text).", what, layout, chosen, unused,
+    )
 
 
 def _resolve_max_length(
@@ -494,20 +523,20 @@ def _resolve_max_length(
     return None
 
 
-def _check_dataset(dataset: datasets.Dataset, columns: Sequence[str]) -> None:
+def _check_dataset(dataset: datasets.Dataset, columns: Sequence[str], what: str = "dataset") -> None:
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
         raise TypeError(
-            f"Expected a datasets.Dataset (a single split), got {type(dataset).__name__}. "
+            f"Expected a datasets.Dataset (a single split) for the {what}, got {type(dataset).__name__}. "
             "For a DatasetDict, tokenize each split."
         )
     names = _column_names(dataset)
     for column in columns:
         if column not in names:
             raise ValueError(
-                f"Column {column!r} not found in dataset; columns present: {names}."
+                f"Column {column!r} not found in the {what}; columns present: {names}."
             )
     if isinstance(dataset, datasets.Dataset) and dataset.num_rows == 0:
-        raise ValueError("Cannot tokenize an empty dataset (0 rows).")
+        raise ValueError(f"Cannot tokenize the {what}: it is empty (0 rows), and a task needs at least one example.")
 
 
 def _encode(
@@ -559,6 +588,7 @@ def tokenize_for_causal_lm(
     answer_only_loss: bool = True,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
+    what: str = "dataset",
 ) -> datasets.Dataset:
     """Tokenize prompt/answer rows for a decoder-only (causal) language model.
 
@@ -587,6 +617,8 @@ def tokenize_for_causal_lm(
             Column holding the prompt text.
         answer_column (`str`, *optional*, defaults to `"answer"`):
             Column holding the answer text.
+        what (`str`, *optional*, defaults to `"dataset"`):
+            How to name the rows in errors, e.g. `"eval dataset of task 'qa'"`.
 
     Returns:
         `datasets.Dataset`: Columns `input_ids`, `attention_mask`, `labels`; all original columns
@@ -614,7 +646,7 @@ def tokenize_for_causal_lm(
 
     ```
     """
-    _check_dataset(dataset, (prompt_column, answer_column))
+    _check_dataset(dataset, (prompt_column, answer_column), what)
     eos = _require_eos(tokenizer)
     limit = _resolve_max_length(tokenizer, max_length)
     # What the tokenizer itself puts first (Llama 3's <bos>) starts every row, unsupervised.
@@ -654,6 +686,7 @@ def tokenize_for_seq2seq(
     max_length: int | None = None,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
+    what: str = "dataset",
 ) -> datasets.Dataset:
     """Tokenize prompt/answer rows for an encoder-decoder model.
 
@@ -673,6 +706,8 @@ def tokenize_for_seq2seq(
             Column holding the prompt text.
         answer_column (`str`, *optional*, defaults to `"answer"`):
             Column holding the answer text.
+        what (`str`, *optional*, defaults to `"dataset"`):
+            How to name the rows in errors, e.g. `"eval dataset of task 'qa'"`.
 
     Returns:
         `datasets.Dataset`: Columns `input_ids`, `attention_mask`, `labels`; all original columns
@@ -696,7 +731,7 @@ def tokenize_for_seq2seq(
 
     ```
     """
-    _check_dataset(dataset, (prompt_column, answer_column))
+    _check_dataset(dataset, (prompt_column, answer_column), what)
     eos = _require_eos(tokenizer)
     limit = _resolve_max_length(tokenizer, max_length)
     lead, _ = _special_ids(tokenizer)

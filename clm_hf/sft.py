@@ -24,17 +24,21 @@ except ImportError as err:  # the optional extra is missing
         "clm_hf.sft needs TRL (trl.SFTTrainer), which is not installed: pip install 'clm-hf[trl]'."
     ) from err
 
+import pyarrow.compute as pc
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from ._logging import get_logger
 from .args import ContinualTrainingArguments, _document_continual_fields
 from .data import ContinualDataCollator, dataset_from_loader
 from .strategies.base import Strategy, unwrap_model
 from .trainer import ContinualTrainerMixin
 
 __all__ = ["ContinualSFTConfig", "ContinualSFTTrainer"]
+
+logger = get_logger(__name__)
 
 # TRL's packing adds this column (document lengths of a packed row) for its padding-free collator.
 _SEQ_LENGTHS = "seq_lengths"
@@ -101,8 +105,9 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
     Each task's rows go through TRL's own preparation (``text``, ``prompt``/``completion`` or
     ``messages`` with the tokenizer's chat template, ``packing``, ``completion_only_loss``,
     ``assistant_only_loss``); ``peft_config`` wraps the model once, as in TRL. Evaluation rows are
-    never packed and are always scored on the answer only: a ``prompt``/``completion`` row on its
-    completion, a ``messages`` row on its last (assistant) message.
+    never packed nor truncated to ``max_length`` and are always scored on the answer only: a
+    ``prompt``/``completion`` row on its completion, a ``messages`` row on its last (assistant)
+    message. Training rows TRL truncates to ``max_length`` or drops are counted in a warning.
 
     Args:
         model: The model (a ``PreTrainedModel``) or a Hub id TRL loads.
@@ -169,7 +174,8 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
     def _prepare_rows(self, dataset: Any, what: str, *, scoring: bool = False) -> Dataset:
         """Tokenize raw rows with ``SFTTrainer._prepare_dataset``, then validate them as every task's rows.
 
-        ``scoring`` rows are eval rows: never packed, never shuffled, labels on the answer only.
+        ``scoring`` rows are eval rows: never packed, shuffled or truncated to ``max_length``, labels on the
+        answer only. Training rows TRL truncates or drops are counted in a warning.
         """
         if isinstance(dataset, DataLoader):
             dataset = dataset_from_loader(dataset)
@@ -185,18 +191,43 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
             dataset = _split_last_turn(dataset, what)
             columns = set(dataset.column_names)
         is_prompt_completion = {"prompt", "completion"} <= columns
-        args = copy.copy(self.args)
-        if scoring:
-            args.shuffle_dataset = False
+        # First TRL's tokenization alone: no truncation (TRL then drops the rows it left without a supervised
+        # token), no packing, no shuffle. Scoring rows stay whole: the continual checks then refuse, naming the
+        # row, what cannot be scored (too long for the model, nothing supervised), as for every other trainer.
+        whole = copy.copy(self.args)
+        whole.max_length, whole.shuffle_dataset = None, False
         if self.args.completion_only_loss is None:  # TRL's rule, per task: prompt/completion rows -> completion only
             completion_only = is_prompt_completion
         else:
             completion_only = self.args.completion_only_loss
         with _attribute(self, "completion_only_loss", completion_only or (scoring and is_prompt_completion)):
-            dataset = self._prepare_dataset(dataset, self.processing_class, args, self.args.packing and not scoring,
-                                            self._formatting_func, what)
+            dataset = self._prepare_dataset(dataset, self.processing_class, whole, False, self._formatting_func, what)
+            if not scoring:
+                dataset = self._truncate_and_pack(dataset, what)
         # TRL keeps the raw text columns; only its model columns go on (replay mixes tasks of any layout).
         return dataset.select_columns([c for c in ("input_ids", "labels", _SEQ_LENGTHS) if c in dataset.column_names])
+
+    def _truncate_and_pack(self, rows: Dataset, what: str) -> Dataset:
+        """TRL's truncation to ``max_length`` (and its dropping of rows left with no supervised token), packing and
+        shuffle, on rows it tokenized; never silent: the rows cut or dropped are counted in a warning."""
+        max_length, packing = self.args.max_length, self.args.packing
+        # Wrapped packing splits a long row across packed rows (nothing is lost); otherwise what passes
+        # max_length is cut off (bfd packing keeps a row's start, as truncation_mode='keep_start' does).
+        cuts = max_length is not None and not (packing and self.args.packing_strategy == "wrapped")
+        lengths = pc.list_value_length(rows.with_format("arrow")[:].column("input_ids"))
+        truncated = pc.sum(pc.greater(lengths, max_length)).as_py() or 0 if cuts else 0
+        # TRL's second pass sees tokenized rows: it only truncates, drops, packs and shuffles them.
+        prepared = self._prepare_dataset(rows, self.processing_class, self.args, packing, None, what)
+        dropped = 0 if packing else len(rows) - len(prepared)  # TRL drops rows only when it does not pack
+        if truncated or dropped:
+            how = f"packing_strategy={self.args.packing_strategy!r}" if packing else \
+                f"truncation_mode={self.args.truncation_mode!r}"
+            logger.warning(
+                "clm-hf: TRL's preparation of the %s (%d rows given) truncated %d row(s) longer than max_length=%d (%s) "
+                "and dropped %d row(s) left with no supervised token; %d rows train. Raise max_length to train "
+                "them whole.", what, len(rows), truncated, max_length, how, dropped, len(rows) - dropped,
+            )
+        return prepared
 
     # --- evaluation: one padded row per example ------------------------------------------------
     def evaluate_task(self, dataset: Dataset, *, description: str | None = None, generate: bool = True) -> dict[str, float]:

@@ -1027,7 +1027,7 @@ class ContinualTrainerMixin:
             compute_metrics = functools.partial(compute_metrics, compute_result=True)
         scorer = TaskScorer(self._setting("eval_metrics"), self.task_metrics, compute_metrics=compute_metrics,
                             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics, gather=gather,
-                            order=order)
+                            order=order, what=description or "eval dataset")
         model, seq2seq, hidden = self.model, is_seq2seq(self.model), self._side_columns()
         trim = compute_metrics is None and self.preprocess_logits_for_metrics is None
         # Iterating a DataLoader draws a seed from the global RNG: fork it, so how many eval sets are

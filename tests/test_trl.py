@@ -292,3 +292,41 @@ def test_recipe_sft_errors_are_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "clm_hf.sft")
     assert main(["train", str(path)]) == 2
     assert "needs TRL: pip install 'clm-hf[trl]'" in capsys.readouterr().err
+
+
+def _long_rows(prompts: list[str], completions: list[str]) -> Dataset:
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def test_eval_rows_are_never_truncated_or_dropped_and_too_long_rows_are_named(tmp_path, chat_tokenizer):
+    """TRL truncates to max_length and drops rows left with no supervised token: scoring rows skip that, so every
+    row is scored on its whole answer; one longer than the model's positions is refused, naming it."""
+    trainer = sft_trainer(tmp_path, chat_tokenizer, max_length=8)
+    data = _long_rows(["a b =", "c d =", "a b c d a b c d a b c d =", "d c b a d c b a d c ="],
+                      [" b a", " d c", " d c", " a b"])
+    scored = trainer._prepare_rows(data, "eval dataset of task 't'", scoring=True)
+    whole = sft_trainer(tmp_path, chat_tokenizer, max_length=None)._prepare_rows(data, "eval rows", scoring=True)
+    assert len(scored) == 4 and scored["labels"] == whole["labels"]
+    assert max(len(r) for r in scored["input_ids"]) > 8
+    positions = trainer.model.config.max_position_embeddings
+    too_long = _long_rows(["a b =", " ".join(["a"] * positions) + " ="], [" b a", " a"])
+    with pytest.raises(ValueError, match=rf"Row 1 of the eval dataset of task 't' has \d+ tokens, but the model has "
+                                         rf"only {positions} positions"):
+        trainer._prepare_rows(too_long, "eval dataset of task 't'", scoring=True)
+
+
+def test_training_rows_truncated_or_dropped_by_trl_are_counted_in_a_warning(tmp_path, chat_tokenizer, caplog):
+    trainer = sft_trainer(tmp_path, chat_tokenizer, max_length=8)
+    data = _long_rows(["a b ="] * 4 + ["a b c d a b c d a b ="] * 2 + ["a ="] * 2,
+                      [" b a"] * 4 + [" d c"] * 2 + [" a b c d a b c d"] * 2)
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        prepared = trainer._prepare_rows(data, "train dataset of task 't'")
+    # The long prompts leave nothing supervised within 8 tokens (dropped); the long answers are cut (kept).
+    assert len(prepared) == 6 and max(len(r) for r in prepared["input_ids"]) == 8
+    assert ("TRL's preparation of the train dataset of task 't' (8 rows given) truncated 4 row(s) longer than "
+            "max_length=8 (truncation_mode='keep_start') and dropped 2 row(s) left with no supervised token; 6 rows "
+            "train") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clm_hf"):  # nothing cut: nothing said
+        sft_trainer(tmp_path, chat_tokenizer, max_length=32)._prepare_rows(data, "train dataset of task 't'")
+    assert "TRL's preparation" not in caplog.text
