@@ -1236,8 +1236,8 @@ class ContinualTrainerMixin:
             for spec in specs:
                 if spec["task_id"] not in trained and spec["task_id"] not in self._eval_sets:
                     logger.warning("clm-hf: task '%s' has no eval set: it is trained but never scored, so its column "
-                                   "of the score matrices stays empty (and ACC/BWT leave it out). Give it one (fit: "
-                                   "{'train': ..., 'eval': ...}) to measure it.", spec["name"])
+                                   "of the score matrices stays empty. Give it one (fit: {'train': ..., 'eval': ...}) "
+                                   "to measure it.", spec["name"])
             for index, spec in enumerate(specs):
                 if spec["task_id"] in trained:
                     continue
