@@ -1183,6 +1183,13 @@ class ContinualTrainerMixin:
     ) -> ContinualResults:
         """Train a whole stream of tasks, evaluating every task after each one.
 
+        On a trainer that already trained tasks (an earlier ``fit``, ``train_task``,
+        ``from_pretrained``), without ``resume_from_checkpoint``, the stream continues: give only
+        the new tasks, or the whole stream in order (the trained task ids first, which are
+        skipped); ``results`` keep their rows and grow. Any other stream raises a ``ValueError``
+        naming the trained ids and the given ones. A task without an eval set is trained but not
+        scored: a warning names it when ``fit`` starts.
+
         Args:
             tasks: Either a dict ``{task name: DatasetDict / {"train": ..., "eval": ...} / (train, eval)}``
                 or a list of such entries (``{"name", "train", "eval"}`` dicts or ``(train, eval)`` pairs).
