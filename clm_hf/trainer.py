@@ -177,6 +177,7 @@ class ContinualTrainerMixin:
         check_training_length(self.args.num_train_epochs, self.args.max_steps, "args.")
         self._check_backend_support()
         self._check_compile_support()
+        self._check_generation_support()
         self._check_single_writer()
         self._run_lock: ckpt.RunLock | None = None  # held while this trainer writes output_dir
         self._owns_output_dir = False  # True once output_dir was checked free of other runs' state
@@ -269,6 +270,21 @@ class ContinualTrainerMixin:
             problem = strategy.torch_compile_problem()
             if problem:
                 raise NotImplementedError(f"Strategy {strategy.name!r} does not support torch_compile=True: {problem}.")
+
+    def _check_generation_support(self) -> None:
+        """Refuse, before any training, a strategy that cannot generate the answers scored after each task."""
+        if not self._generates():
+            return
+        for strategy in self.strategies:
+            problem = strategy.generation_problem(self.model)
+            if problem:
+                raise NotImplementedError(
+                    f"Strategy {strategy.name!r} cannot generate answers for generation_metrics="
+                    f"{list(self._setting('generation_metrics'))!r}"
+                    + (" / generation_scorer" if self.generation_scorer is not None else "")
+                    + f": {problem}. Drop generation_metrics (and generation_scorer): the teacher-forced scores "
+                    "(loss, token_accuracy, exact_match) need no generation."
+                )
 
     def _check_single_writer(self) -> None:
         """Refuse a ``torchrun`` launch in which every rank believes it is the only process.
@@ -768,6 +784,7 @@ class ContinualTrainerMixin:
         if train_dataset is None:
             raise ValueError("train_task needs training data: train_dataset= (or train_loader=).")
         check_training_length(num_epochs, self.args.max_steps, "train_task: ", "num_epochs")
+        self._check_generation_support()
         task = self._register_task(task_id, task_name)
         task.train_dataset = self._prepare_rows(train_dataset, f"train dataset of task '{task.name}'")
         # Rows are checked first, so refused input leaves nothing in output_dir, not even the lock.
@@ -982,7 +999,11 @@ class ContinualTrainerMixin:
         return bool(self._setting("generation_metrics")) or self.generation_scorer is not None
 
     def evaluate_task(self, dataset: Dataset, *, description: str | None = None, generate: bool = True) -> dict[str, float]:
-        """Score the model as it is now on tokenized rows, with the Trainer's evaluation settings.
+        """Score the model as it is now on rows, with the Trainer's evaluation settings.
+
+        Rows in any layout of :mod:`clm_hf.layouts` (``prompt``/``completion``, ``messages``, ...) are
+        tokenized first, as :meth:`evaluate` does (labels on the answer only); tokenized rows
+        (``input_ids``/``labels``) are scored as they are.
 
         The rows go through the Trainer's evaluation DataLoader (``per_device_eval_batch_size``,
         or ``continual_eval_batch_size`` when set; the collator; split across processes), sorted
@@ -998,6 +1019,8 @@ class ContinualTrainerMixin:
         the ``gen_*`` scores of generated answers are added
         (:func:`~clm_hf.generation_eval.evaluate_generation`).
         """
+        # Raw prompt/answer (text, messages) rows are tokenized as evaluate() and the per-task scoring do.
+        dataset = self._rows_for_evaluate(dataset, description or "dataset given to evaluate_task")
         accelerator = self.accelerator
         batch_size = self._setting("continual_eval_batch_size") or self.args.eval_batch_size
         drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False  # score every row
@@ -1164,6 +1187,13 @@ class ContinualTrainerMixin:
     ) -> ContinualResults:
         """Train a whole stream of tasks, evaluating every task after each one.
 
+        On a trainer that already trained tasks (an earlier ``fit``, ``train_task``,
+        ``from_pretrained``), without ``resume_from_checkpoint``, the stream continues: give only
+        the new tasks, or the whole stream in order (the trained task ids first, which are
+        skipped); ``results`` keep their rows and grow. Any other stream raises a ``ValueError``
+        naming the trained ids and the given ones. A task without an eval set is trained but not
+        scored: a warning names it when ``fit`` starts.
+
         Args:
             tasks: Either a dict ``{task name: DatasetDict / {"train": ..., "eval": ...} / (train, eval)}``
                 or a list of such entries (``{"name", "train", "eval"}`` dicts or ``(train, eval)`` pairs).
@@ -1193,7 +1223,11 @@ class ContinualTrainerMixin:
         check_training_length(num_epochs, self.args.max_steps, "fit: ", "num_epochs")
         if reference_sets is not None and not isinstance(reference_sets, Mapping):
             raise TypeError(f"reference_sets must be a dict name -> dataset, got {type(reference_sets).__name__}.")
-        specs = self._plan_stream(tasks)
+        self._check_generation_support()
+        # A trainer that already trained tasks (an earlier fit, train_task, from_pretrained) continues
+        # its stream when not resuming: the trained tasks are skipped and the results grow.
+        continuing = bool(self.tasks) and not resume_from_checkpoint
+        specs = self._plan_stream(tasks, continuing=continuing)
         for name, dataset in (reference_sets or {}).items():
             self.add_reference_set(name, dataset)
         resume_run = None
@@ -1205,10 +1239,18 @@ class ContinualTrainerMixin:
             if resume_from_checkpoint:
                 mid_task_checkpoint = self.resume_stream(resume_from_checkpoint, specs, force=force_resume,
                                                          restart_on_damage=restart_on_damage)
-            elif self._setting("eval_before_training"):
+            elif self._setting("eval_before_training") and not continuing:  # the baseline is taken once
                 self._evaluate_stream(row=False)
+            # Resuming restored the stream's first tasks (their ids checked against it), continuing
+            # checked they open it: either way the trained ids are the ones to skip.
+            trained = {t.task_id for t in self.tasks}
+            for spec in specs:
+                if spec["task_id"] not in trained and spec["task_id"] not in self._eval_sets:
+                    logger.warning("clm-hf: task '%s' has no eval set: it is trained but never scored, so its column "
+                                   "of the score matrices stays empty. Give it one (fit: {'train': ..., 'eval': ...}) "
+                                   "to measure it.", spec["name"])
             for index, spec in enumerate(specs):
-                if index < len(self.tasks):
+                if spec["task_id"] in trained:
                     continue
                 task = self._register_task(spec["task_id"], spec["name"])
                 task.train_dataset = self._prepare_rows(spec["train"], f"train dataset of task '{task.name}'")
@@ -1221,8 +1263,12 @@ class ContinualTrainerMixin:
             self._release_output_dir()
         return self.results
 
-    def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
-        """Register every task of a stream (names, eval rows) before any training."""
+    def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any], *, continuing: bool = False) -> list[dict[str, Any]]:
+        """Register every task of a stream (names, eval rows) before any training.
+
+        ``continuing``: this trainer already trained tasks and the stream goes on from them, so
+        the results (score matrices) are kept and grow, and the trained tasks are left as they are.
+        """
         specs = normalize_tasks(tasks)
         names = [s["name"] for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -1232,13 +1278,46 @@ class ContinualTrainerMixin:
         for spec in specs:
             if isinstance(spec["train"], IterableDataset):  # refused before any task trains
                 self._check_streaming(f"train dataset of task '{spec['name']}'")
-        self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        if continuing:
+            specs = self._check_continuation(specs)
+        if not continuing or self.results is None:
+            self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
+        trained = {t.task_id for t in self.tasks} if continuing else set()
         for spec in specs:
+            if spec["task_id"] in trained:  # its name and eval set were registered when it trained
+                continue
             self._task_names[spec["task_id"]] = spec["name"]
             if spec["eval"] is not None:
                 self.add_eval_task(spec["task_id"], spec["eval"], spec["name"])
             elif spec["name"] not in self.results.task_names:
                 self.results.add_task(spec["name"])
+        return specs
+
+    def _check_continuation(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Check that a stream given to ``fit`` on a trainer with trained tasks continues them.
+
+        Accepted: the trained tasks' ids first, in training order, then new ones (the whole
+        stream), or only new ids (the next tasks). Anything else would skip or retrain tasks by
+        position, so it raises before anything is registered.
+        """
+        trained = [t.task_id for t in self.tasks]
+        given = [s["task_id"] for s in specs]
+        opens_with_trained = given[: len(trained)] == trained
+        rest = given[len(trained):] if opens_with_trained else given
+        again = [i for i in rest if i in trained]
+        if again:
+            why = "trains " + repr(again) + " again" if opens_with_trained else "its first ids are not the trained ones"
+            raise ValueError(
+                f"This trainer already trained tasks {trained}, and fit() got the stream {given}, which does not "
+                f"continue it ({why}). Pass only the new tasks "
+                "(fit({'next_task': ...})), or the whole stream in order, starting with the trained tasks; to "
+                "train from scratch, build a new trainer."
+            )
+        names = {t.name for t in self.tasks}
+        clash = [s["name"] for s in specs if s["task_id"] in rest and s["name"] in names]
+        if clash:
+            raise ValueError(f"New task(s) of the stream use display name(s) {clash}, which trained tasks already "
+                             "use; results and plots are keyed by display name, so give every task its own name.")
         return specs
 
     def fit_joint(self, tasks: Mapping[str, Any] | Sequence[Any], num_epochs: float | None = None) -> ContinualResults:
@@ -1355,8 +1434,17 @@ class ContinualTrainerMixin:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def export_model(self, directory: str | os.PathLike) -> Path | None:
+    def export_model(self, directory: str | os.PathLike, task: Any = None) -> Path | None:
         """Write the trained model whole, as ``model.safetensors`` + ``config.json``, for ``from_pretrained``.
+
+        Each strategy has its say first (:meth:`Strategy.export_model`), before anything is written:
+        O-LoRA writes the base model with every task's adapter merged in (all of them answer at
+        inference), ``PNN(mode="lora")`` the base model with ``task``'s adapter merged in (it needs
+        ``task``), and ``PNN(mode="columns")`` raises, naming what to keep instead (the continual
+        checkpoint, read back by ``from_pretrained(run_dir)``). A merged export holds a second copy
+        of the model in memory while it is written; the trainer's model is left as it is. With
+        ``task``, the model is exported as :meth:`use_task` makes it for that task (e.g. PackNet's
+        masks applied).
 
         Under FSDP2 this is a collective (every rank calls it): the shards are gathered to rank 0 on the
         CPU (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), which writes the folder
@@ -1365,6 +1453,7 @@ class ContinualTrainerMixin:
 
         Args:
             directory (`str` or `os.PathLike`): The folder to write (replaced if it exists).
+            task (`str` or `int`, *optional*): The id of a trained task to export the model of.
 
         Returns:
             `pathlib.Path` on the rank that wrote, else `None`.
@@ -1374,28 +1463,40 @@ class ContinualTrainerMixin:
         >>> trainer.fit(stream)  # doctest: +SKIP
         >>> trainer.export_model("runs/ewc/export")  # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained("runs/ewc/export")  # doctest: +SKIP
+        >>> trainer.export_model("runs/pnn/export-copy", task="copy")  # PNN(mode="lora"): that task's adapter  # doctest: +SKIP
         """
         from safetensors.torch import save_file
 
         from .sharding import local_part
 
-        model = unwrap_model(self.model)
-        if not any_dtensor(reshard(model).parameters()):
+        info = self.task(task) if task is not None else None  # an unknown id raises, naming the trained ones
+        with self.use_task(info.task_id) if info is not None else contextlib.nullcontext():
+            model = unwrap_model(self.model)
+            exported = model
+            for strategy in self.strategies:
+                exported = strategy.export_model(exported, info)
+            if not any_dtensor(reshard(model).parameters()):
+                if not self.args.should_save:
+                    return None
+                return ckpt.atomic_write_dir(directory, lambda tmp: exported.save_pretrained(str(tmp)))
+            if exported is not model:
+                raise NotImplementedError(
+                    f"Strategies {[s.name for s in self.strategies]} export a model built from the trained one (merged "
+                    "adapters), which is not supported under FSDP2; save the continual checkpoint "
+                    "(save_continual_checkpoint) and export from a single process."
+                )
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if not self.args.should_save:
                 return None
-            return ckpt.atomic_write_dir(directory, lambda tmp: model.save_pretrained(str(tmp)))
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.args.should_save:
-            return None
-        tensors, seen = {}, set()
-        for name, tensor in model.state_dict().items():
-            ptr = local_part(tensor).data_ptr()
-            if ptr in seen:  # a tied weight: stored once
-                continue
-            seen.add(ptr)
-            tensors[name] = full[name].detach().contiguous()
+            tensors, seen = {}, set()
+            for name, tensor in model.state_dict().items():
+                ptr = local_part(tensor).data_ptr()
+                if ptr in seen:  # a tied weight: stored once
+                    continue
+                seen.add(ptr)
+                tensors[name] = full[name].detach().contiguous()
 
         def fill(tmp: Path) -> None:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -174,3 +174,31 @@ def test_state_round_trip_rebuilds_the_adapters(make_model):
     rebuilt = restored.restore_model(make_model("llama"))
     assert sorted(rebuilt.peft_config) == sorted(model.peft_config)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("use_task", [False, True])
+def test_export_merges_the_adapters_into_a_model_from_pretrained_loads(use_task, tmp_path, make_model, tokenizer,
+                                                                       tiny_stream):
+    from transformers import AutoModelForCausalLM
+
+    trainer = _trainer(tmp_path, make_model("llama"), tokenizer, [OLoRA(lora_rank=4, use_task=use_task)],
+                       learning_rate=1e-2, max_steps=2, save_continual_state=False)
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    trainer.model.eval()
+    with torch.no_grad():
+        trained = trainer.model(input_ids=ids).logits
+        with trainer.use_task("copy"):
+            trained_copy = trainer.model(input_ids=ids).logits
+    cases = [(None, trained)] + ([("copy", trained_copy)] if use_task else [])
+    for task, expected in cases:
+        folder = trainer.export_model(tmp_path / f"export-{task}", task=task)
+        assert (folder / "config.json").is_file() and not list(folder.glob("adapter_*"))
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    # The trainer's model keeps its adapters, unmerged: the next task trains as before.
+    model = unwrap_model(trainer.model)
+    assert isinstance(model, peft.PeftModel) and sorted(model.peft_config) == [adapter_name(0), adapter_name(1)]
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(input_ids=ids).logits, trained, rtol=0, atol=0)

@@ -301,3 +301,53 @@ def test_the_column_rebuilt_for_fsdp2_equals_a_deep_copy_and_draws_nothing(make_
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(input_ids=ids).logits, twin.eval()(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# --- export and generation -----------------------------------------------------------------------------
+def test_lora_mode_exports_one_tasks_adapter_merged_and_asks_which(tmp_path, make_model, tokenizer, tiny_stream):
+    from transformers import AutoModelForCausalLM
+
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [PNN(mode="lora", lora_rank=4)], learning_rate=1e-2,
+                       max_steps=2, save_continual_state=False)
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    with pytest.raises(ValueError, match=r"export_model\(folder, task=task_id\).*from_pretrained\(run_dir\)"):
+        trainer.export_model(tmp_path / "export")
+    assert not (tmp_path / "export").exists()  # refused before anything was written
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    per_task = {}
+    for task in ("copy", "reverse"):
+        with trainer.use_task(task), torch.no_grad():
+            trainer.model.eval()
+            expected = per_task[task] = trainer.model(input_ids=ids).logits
+        folder = trainer.export_model(tmp_path / f"export-{task}", task=task)
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    assert (per_task["copy"] - per_task["reverse"]).abs().max() > 1e-3  # the two exports are two different models
+    assert list(trainer.model.peft_config) == [adapter_name(0), adapter_name(1)]  # the trainer's model is unmerged
+
+
+def test_columns_mode_export_is_refused_at_once_naming_what_to_keep(tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [PNN(lateral_rank=4)], max_steps=1,
+                       save_continual_state=False)
+    trainer.fit({"copy": tiny_stream["copy"]})
+    for task in (None, "copy"):
+        with pytest.raises(ValueError, match=r"mode='columns'.*save_continual_checkpoint.*from_pretrained\(run_dir\)"):
+            trainer.export_model(tmp_path / "export", task=task)
+    assert not (tmp_path / "export").exists()
+
+
+def test_columns_mode_with_a_seq2seq_model_and_generation_metrics_is_refused_before_training(
+        tmp_path, make_model, tokenizer, tiny_stream):
+    with pytest.raises(NotImplementedError, match=r"'pnn' cannot generate.*generation_metrics=\['exact_match'\].*mode='lora'"):
+        _trainer(tmp_path, make_model("t5"), tokenizer, [PNN(lateral_rank=4)], arch="t5",
+                 generation_metrics=["exact_match"])
+    # Set after the trainer was built: refused when fit starts, before the first task trains.
+    trainer = _trainer(tmp_path, make_model("t5"), tokenizer, [PNN(lateral_rank=4)], arch="t5", max_steps=1)
+    trainer.args.generation_metrics = ["exact_match"]
+    with pytest.raises(NotImplementedError, match="generation_metrics"):
+        trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    assert trainer.tasks == [] and trainer.state.global_step == 0
+    # lora mode generates with any model; columns generate with a causal LM.
+    _trainer(tmp_path, make_model("t5"), tokenizer, [PNN(mode="lora")], arch="t5", generation_metrics=["exact_match"])
+    _trainer(tmp_path, make_model("gpt2"), tokenizer, [PNN()], generation_metrics=["exact_match"])

@@ -405,3 +405,69 @@ def test_gradient_edits_run_before_clipping_on_unscaled_gradients(tmp_path, make
     for seen, clip_norm in zip(probe.norms, logged):
         assert seen == pytest.approx(clip_norm, rel=1e-4) and seen > 1e-2  # unclipped and unscaled
     assert "unscale_gradients" not in vars(trainer.accelerator)  # the accelerator's own method is back
+
+
+# --- fit() on a trainer that already trained tasks -----------------------------------------------------
+def _saved_rows(trainer):
+    from pathlib import Path
+
+    saved = json.loads((Path(trainer._base_output_dir) / "results.json").read_text())
+    return saved["task_names"], saved["scores"]["loss"]
+
+
+def test_a_later_fit_continues_the_stream_and_the_results_keep_every_row(tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, [EWC(fisher_samples=8)], max_steps=2)
+    copy = tiny_stream["copy"]
+    trainer.train_task(copy["train"], copy["eval"], task_id="copy")  # the config-dict / train_task form first
+    baseline = dict(trainer.results.baseline)
+    first = trainer.results.matrix("loss")[0][0]
+    # The whole stream in order: 'copy' is skipped (not retrained by position), 'reverse' is trained.
+    results = trainer.fit({"copy": copy, "reverse": tiny_stream["reverse"]})
+    assert [t.task_id for t in trainer.tasks] == ["copy", "reverse"]
+    assert results.task_names == ["copy", "reverse"] and results.matrix("loss")[0][0] == first
+    # Only the next task: the matrix grows by a row and a column, the earlier rows are kept, on disk too.
+    results = trainer.fit({"sort": tiny_stream["sort"]})
+    assert [t.task_id for t in trainer.tasks] == ["copy", "reverse", "sort"]
+    loss = results.matrix("loss")
+    assert results.task_names == ["copy", "reverse", "sort"] and len(loss) == 3 and loss[0][0] == first
+    assert all(v is not None for v in loss[2])
+    assert results.baseline == baseline  # the FWT baseline is taken once, before the first task
+    names, saved = _saved_rows(trainer)
+    assert names == ["copy", "reverse", "sort"] and len(saved) == 3 and saved[0][0] == first
+    # The whole stream again: nothing left to train, nothing lost.
+    weights = _params(trainer.model)
+    assert trainer.fit(tiny_stream).matrix("loss") == loss
+    assert all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("stream", [["reverse", "sort"], ["sort", "copy"], ["reverse"]])
+def test_a_later_fit_that_does_not_continue_the_stream_is_refused_before_anything_changes(
+        stream, tmp_path, make_model, tokenizer, tiny_stream):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1)
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    before = trainer.results.to_dict()
+    saved = _saved_rows(trainer)
+    with pytest.raises(ValueError, match=r"already trained tasks \['copy', 'reverse'\].*stream "
+                                         + repr(stream).replace("[", r"\[").replace("]", r"\]")
+                                         + r".*Pass only the new tasks.*whole stream in order"):
+        trainer.fit({k: tiny_stream[k] for k in stream})
+    assert [t.task_id for t in trainer.tasks] == ["copy", "reverse"]
+    assert trainer.results.to_dict() == before
+    assert _saved_rows(trainer) == saved
+
+
+def test_fit_warns_once_for_each_task_without_an_eval_set(tmp_path, make_model, tokenizer, tiny_stream, caplog):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    with caplog.at_level("WARNING"):
+        trainer.fit({"copy": {"train": tiny_stream["copy"]["train"]}, "reverse": tiny_stream["reverse"]})
+    warned = [r.getMessage() for r in caplog.records if "has no eval set" in r.getMessage()]
+    assert len(warned) == 1 and "task 'copy'" in warned[0] and "score matrices" in warned[0]
+
+
+def test_evaluate_task_tokenizes_raw_rows_as_the_per_task_scoring_does(tmp_path, make_model, tokenizer):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    eval_rows = make_task("copy", 6, seed=1)  # raw prompt/answer rows
+    trainer.train_task(make_task("copy", 8), eval_rows, task_id="copy")
+    scores = trainer.evaluate_task(eval_rows)
+    assert scores["loss"] == pytest.approx(trainer.results.matrix("loss")[0][0], abs=1e-6)
+    assert scores["exact_match"] == trainer.results.matrix("exact_match")[0][0]

@@ -4,6 +4,7 @@ mode, O-LoRA): the adapter config, which adapter trains, and a temporary switch 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterator
 
 from torch import nn
@@ -41,3 +42,14 @@ def adapters_active(model: nn.Module, active: list[str]) -> Iterator[nn.Module]:
         model.base_model.set_adapter(previous)
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def merged_copy(model: nn.Module, adapters: list[str]) -> nn.Module:
+    """A copy of the base model of the ``PeftModel`` ``model`` with the LoRA ``adapters`` merged into its
+    weights (``W + Σ B A · scaling``): a plain Hugging Face model that ``from_pretrained`` loads.
+
+    ``model`` itself is left as it is (PEFT's ``merge_and_unload`` merges in place, and unmerging
+    later would not give the exact weights back), at the cost of a second copy in memory while it is built.
+    """
+    twin = copy.deepcopy(model)
+    return twin.merge_and_unload(adapter_names=list(adapters))

@@ -245,6 +245,39 @@ class Strategy:
         """
         return None
 
+    def generation_problem(self, model: nn.Module) -> str | None:
+        """Why this strategy, with its options, cannot generate answers with ``model`` (``None``: it can).
+
+        Asked when the trainer is built and when ``fit``/``train_task`` start, if generated answers
+        are scored after every task (``generation_metrics`` or a ``generation_scorer``): the
+        trainer then refuses the run with this reason before anything trains.
+
+        >>> Strategy().generation_problem(None) is None
+        True
+        """
+        return None
+
+    def export_model(self, model: nn.Module, task: TaskInfo | None) -> nn.Module:
+        """The model :meth:`ContinualTrainer.export_model` writes: a plain Hugging Face model for ``from_pretrained``.
+
+        Called before anything is written, on the unwrapped model (inside ``trainer.use_task(task)``
+        when a task is given), with the model the previous strategy returned. Return ``model``
+        itself (the default), a copy to write instead (e.g. LoRA adapters merged into the base,
+        leaving the trainer's model as it is), or raise a ``ValueError`` saying what to use instead
+        when the strategy's model has no ``from_pretrained`` form.
+
+        Args:
+            model (`nn.Module`): The model to write so far.
+            task ([`TaskInfo`], *optional*): The task the export is for, ``None`` when none was given.
+
+        Returns:
+            `nn.Module`: the model to write.
+
+        >>> Strategy().export_model("the model", None)
+        'the model'
+        """
+        return model
+
     # --- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: ContinualTrainer) -> None:
         """Called once when the trainer is built. Keep a handle and check backend support."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..sharding import is_dtensor, reshard, shard_plain_modules
-from ._lora import adapters_active, lora_config, train_only
+from ._lora import adapters_active, lora_config, merged_copy, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -261,6 +261,18 @@ class OLoRA(Strategy):
             raise KeyError(f"O-LoRA has no adapter for task '{task.task_id}'; adapters belong to {self.task_ids}.")
         return adapters_active(unwrap_model(model), self.adapter_names[: self.task_ids.index(task.task_id) + 1])
 
+    def export_model(self, model: nn.Module, task: TaskInfo | None) -> nn.Module:
+        """The base model with every task's adapter merged in, since all of them answer at inference.
+
+        With ``use_task=True`` and a task, the adapters ``0..t`` that score task ``t`` are merged.
+        """
+        names = self.adapter_names
+        if task is not None and self.config.use_task:
+            names = names[: self.task_ids.index(task.task_id) + 1]
+        if not names or not _is_peft(model):
+            return model
+        return merged_copy(model, names)
+
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"task_ids": list(self.task_ids), "adapter_names": list(self.adapter_names)}
@@ -275,6 +287,12 @@ def _whole(value: torch.Tensor) -> torch.Tensor:
     """A DTensor (an FSDP2 shard) gathered into the whole plain tensor, differentiably (its gradient
     goes back to each rank's shard); a plain tensor as it is."""
     return value.full_tensor() if is_dtensor(value) else value
+
+
+def _is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def adapter_name(index: int) -> str:

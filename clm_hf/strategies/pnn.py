@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..sharding import shard_plain_modules
-from ._lora import adapters_active, lora_config, train_only
+from ._lora import adapters_active, lora_config, merged_copy, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 from .pnn_model import ACTIVATIONS, ProgressiveModel
 
@@ -160,6 +160,36 @@ class PNN(Strategy):
         return ("mode='columns' adds its lateral connections as forward hooks, which torch.compile does not "
                 "guard on, so a block graph compiled without them can be silently reused; use mode='lora' or "
                 "torch_compile=False")
+
+    def generation_problem(self, model: nn.Module) -> str | None:
+        config = getattr(unwrap_model(model), "config", None) if model is not None else None
+        if self.config.mode != "columns" or not getattr(config, "is_encoder_decoder", False):
+            return None
+        return ("mode='columns' generates through its lateral connections for causal LMs only, and a seq2seq "
+                "model's columns after the first could not generate; use mode='lora' to generate with a seq2seq model")
+
+    def export_model(self, model: nn.Module, task: TaskInfo | None) -> nn.Module:
+        """lora mode: the base model with ``task``'s adapter merged in; columns mode: refused.
+
+        Each task has its own column (adapter), so an export is for one task; the columns of the
+        paper's method, joined by laterals, are no Hugging Face model at all.
+        """
+        if self.config.mode == "columns":
+            raise ValueError(
+                "PNN(mode='columns') has no from_pretrained form to export: its model is a ProgressiveModel, one "
+                "column per task joined by lateral adapters. Keep the continual checkpoint instead "
+                "(trainer.save_continual_checkpoint(folder), or <output_dir>/continual/task-XXX) and rebuild it with "
+                "ContinualCausalLMTrainer.from_pretrained(run_dir) (ContinualSeq2SeqTrainer for seq2seq), then "
+                "trainer.use_task(task_id); or train with PNN(mode='lora'), whose export merges one task's adapter."
+            )
+        if task is None:
+            raise ValueError(
+                f"PNN(mode='lora') has one adapter per task ({self.task_ids}): say which one to merge into the exported "
+                "model with trainer.export_model(folder, task=task_id). To keep every adapter, save the continual "
+                "checkpoint (trainer.save_continual_checkpoint(folder)) and rebuild it with "
+                "ContinualCausalLMTrainer.from_pretrained(run_dir)."
+            )
+        return merged_copy(model, [adapter_name(self.column_of(task))])
 
     def prepare_model(self, model: nn.Module, task: TaskInfo) -> nn.Module:
         model = unwrap_model(model)
