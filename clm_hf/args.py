@@ -85,6 +85,8 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.eval_metrics, str):  # "exact_match" or "exact_match,loss": not read letter by letter
+            self.eval_metrics = [m.strip() for m in self.eval_metrics.split(",") if m.strip()]
         unknown = [m for m in self.eval_metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
