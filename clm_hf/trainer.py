@@ -1322,7 +1322,7 @@ class ContinualTrainerMixin:
         elif found:
             self._release_output_dir()
             names = ", ".join(str(p.relative_to(run_dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
-            raise FileExistsError(
+            raise ckpt.OutputDirInUseError(
                 f"output_dir {run_dir} already holds another run's continual checkpoints ({names}). A new run there "
                 "would mix with it: a later resume would continue the old run's state. Resume it instead "
                 f"(fit(..., resume_from_checkpoint=True), clm-hf train --resume {run_dir}), pass "
