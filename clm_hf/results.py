@@ -551,31 +551,37 @@ class ContinualResults:
         >>> res.set_baseline({"exact_match": [0.0, 0.0], "token_accuracy": [0.1, 0.1]})
         >>> res.add_row({"exact_match": [0.0, 0.0], "token_accuracy": [0.85, 0.2]})
         >>> print(res.stalled_primary_metric())  # doctest: +ELLIPSIS
-        The primary metric 'exact_match' is 0.0 in every evaluation so far, while token_accuracy moved ...
+        The primary metric 'exact_match' is 0.0 in every evaluation so far, while the token_accuracy of task 'a' moved ...
 
         ```
         """
-        def values(metric: str) -> list[float]:
-            rows = [*self.scores.get(metric, []), self.baseline.get(metric, [])]
-            return [v for row in rows for v in row if v is not None]
+        def evaluations(metric: str) -> list[list[float | None]]:
+            baseline = self.baseline.get(metric)
+            return ([list(baseline)] if baseline else []) + [list(row) for row in self.scores.get(metric, [])]
 
         primary = self.resolve_metric()
-        seen = values(primary)
+        seen = [v for row in evaluations(primary) for v in row if v is not None]
         if len(seen) < 2 or max(seen) - min(seen) > tolerance:
             return None
         for other in ("token_accuracy", "loss"):
-            moved = values(other) if other != primary else []
-            if len(moved) >= 2 and max(moved) - min(moved) > tolerance:
+            if other == primary:
+                continue
+            rows = evaluations(other)
+            # A task's own score across evaluations: different tasks differ anyway, that is not movement.
+            for column, task in enumerate(self.task_names):
+                moved = [row[column] for row in rows if row[column] is not None]
+                if len(moved) < 2 or max(moved) - min(moved) <= tolerance:
+                    continue
                 suggestion = ("primary_metric=\"token_accuracy\"" if primary != "token_accuracy"
                               else "primary_metric=\"loss\"")
                 return (
-                    f"The primary metric {primary!r} is {round(seen[0], 4)!r} in every evaluation so far, while {other} moved "
-                    f"(from {min(moved):.4g} to {max(moved):.4g}): the summary (ACC, BWT, FWT, forgetting), the "
-                    f"comparison tables and the plots are computed on a metric that does not move, so they show no "
-                    f"forgetting whatever the model learned or lost. Exact match of a whole multi-token answer is "
-                    f"often 0.0 throughout. Set {suggestion} (or a generation metric, e.g. "
+                    f"The primary metric {primary!r} is {round(seen[0], 4)!r} in every evaluation so far, while the "
+                    f"{other} of task {task!r} moved (from {moved[0]:.4g} to {moved[-1]:.4g}): the summary (ACC, BWT, "
+                    "FWT, forgetting), the comparison tables and the plots are computed on a metric that does not "
+                    "move, so they show no forgetting whatever the model learned or lost. Exact match of a whole "
+                    f"multi-token answer is often 0.0 throughout. Set {suggestion} (or a generation metric, e.g. "
                     "generation_metrics=[\"rouge_l\"] with primary_metric=\"gen_rouge_l\"); every metric's matrix is "
-                    "kept, so results.summary(\"token_accuracy\") also reads it now."
+                    "kept, so results.summary(\"token_accuracy\") reads it now."
                 )
         return None
 
