@@ -27,7 +27,8 @@ class ContinualTrainingArguments(TrainingArguments):
 
     eval_metrics: list[str] = field(
         default_factory=lambda: list(BUILTIN_METRICS),
-        metadata={"help": "Per-task scores computed after every task: exact_match, token_accuracy, loss, perplexity."},
+        metadata={"help": "Per-task scores computed after every task: exact_match, token_accuracy, loss, perplexity "
+                          "(a list; a string is read as comma-separated names)."},
     )
     primary_metric: str = field(
         default="exact_match",

@@ -28,6 +28,7 @@ import numpy as np
 import transformers
 
 __all__ = [
+    "CHAT_ROLES",
     "COLUMN_OPTIONS",
     "LAYOUTS",
     "detect_layout",
