@@ -25,6 +25,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import transformers
 
 __all__ = [
@@ -579,11 +580,10 @@ def _warn_unknown_context(tokenized: Any, tokenizer: Any, what: str, part: str) 
     if unk is None or not isinstance(tokenized, datasets.Dataset) or tokenized.num_rows == 0:
         return tokenized
     column = tokenized.data.column("input_ids").combine_chunks()
-    flat = np.asarray(column.flatten())
-    if not (flat == unk).any():
+    hits = np.asarray(pc.list_flatten(column)) == unk
+    if not hits.any():
         return tokenized
-    offsets = np.asarray(column.offsets)
-    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(flat == unk), side="right") - 1)
+    rows = np.unique(np.asarray(pc.list_parent_indices(column))[hits])  # the table's rows, whatever its chunks
     logger.warning(
         "clm-hf: %d of %d rows of the %s have words unknown to the tokenizer in their %s (first: row %d), read as "
         "%r; they are trained and scored that way (the answers have none).%s", len(rows), tokenized.num_rows, what,
