@@ -574,10 +574,26 @@ def _warn_unknown_context(tokenized: Any, tokenizer: Any, what: str, part: str) 
     """Warn, once per split, about rows with `<unk>` outside the answers (answers with one were refused already).
 
     The count reads the tokenized ids (arrow, vectorised), so it holds when `datasets` reuses a cached map.
-    A stream is tokenized lazily: it is not counted.
+    A stream is tokenized lazily, as it is read: its first such row is named when it is read (no count).
     """
     unk = _unknown_id(tokenizer)
-    if unk is None or not isinstance(tokenized, datasets.Dataset) or tokenized.num_rows == 0:
+    if unk is None:
+        return tokenized
+    if isinstance(tokenized, datasets.IterableDataset):
+        warned = False
+
+        def check(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+            nonlocal warned
+            first = next((i for ids, i in zip(batch["input_ids"], indices) if unk in ids), None) if not warned else None
+            if first is not None:
+                warned = True
+                logger.warning("clm-hf: row %d of the streamed %s has words unknown to the tokenizer in its %s, read "
+                               "as %r (later rows are not reported).%s", first, what, part, tokenizer.unk_token,
+                               _unknown_advice(tokenizer))
+            return {}
+
+        return tokenized.map(check, batched=True, with_indices=True)
+    if not isinstance(tokenized, datasets.Dataset) or tokenized.num_rows == 0:
         return tokenized
     column = tokenized.data.column("input_ids").combine_chunks()
     hits = np.asarray(pc.list_flatten(column)) == unk

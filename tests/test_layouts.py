@@ -399,6 +399,12 @@ def test_unknown_words_are_an_error_in_answers_and_a_warning_in_prompts(caplog):
     assert len(warned) == 2  # one per tokenized split, not one per row
     assert "2 of 3 rows of the train dataset of task 'qa'" in warned[0] and "(first: row 0)" in warned[0]
     assert "build_tokenizer's word vocabulary" in warned[0]  # the advice fits this tokenizer
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        streamed = tokenize_rows(rows.to_iterable_dataset(), tok, seq2seq=False, what="train dataset of task 'qa'")
+        assert len(list(streamed)) == 3
+    assert [r.getMessage()[:72] for r in caplog.records if "unknown to the tokenizer" in r.getMessage()] == [
+        "clm-hf: row 0 of the streamed train dataset of task 'qa' has words unkn"]
     # In the answer it stays an error, for causal and seq2seq rows.
     bad = datasets.Dataset.from_dict({"prompt": ["copy : a =", "copy : a ?"], "completion": ["a", "a ?"]})
     for seq2seq in (False, True):
