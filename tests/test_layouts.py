@@ -403,8 +403,9 @@ def test_unknown_words_are_an_error_in_answers_and_a_warning_in_prompts(caplog):
     with caplog.at_level("WARNING", logger="clm_hf"):
         streamed = tokenize_rows(rows.to_iterable_dataset(), tok, seq2seq=False, what="train dataset of task 'qa'")
         assert len(list(streamed)) == 3
-    assert [r.getMessage()[:72] for r in caplog.records if "unknown to the tokenizer" in r.getMessage()] == [
-        "clm-hf: row 0 of the streamed train dataset of task 'qa' has words unkn"]
+    streamed_warnings = [r.getMessage() for r in caplog.records if "unknown to the tokenizer" in r.getMessage()]
+    assert len(streamed_warnings) == 1  # once per stream, at its first such row
+    assert streamed_warnings[0].startswith("clm-hf: row 0 of the streamed train dataset of task 'qa' has words unknown")
     # In the answer it stays an error, for causal and seq2seq rows.
     bad = datasets.Dataset.from_dict({"prompt": ["copy : a =", "copy : a ?"], "completion": ["a", "a ?"]})
     for seq2seq in (False, True):
