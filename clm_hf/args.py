@@ -57,7 +57,8 @@ class ContinualTrainingArguments(TrainingArguments):
 
     eval_metrics: list[str] = field(
         default_factory=lambda: list(BUILTIN_METRICS),
-        metadata={"help": "Per-task scores computed after every task: exact_match, token_accuracy, loss, perplexity."},
+        metadata={"help": "Per-task scores computed after every task: exact_match, token_accuracy, loss, perplexity "
+                          "(a list; a string is read as comma-separated names)."},
     )
     primary_metric: str = field(
         default="exact_match",
@@ -115,6 +116,8 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.eval_metrics, str):  # "exact_match" or "exact_match,loss": not read letter by letter
+            self.eval_metrics = [m.strip() for m in self.eval_metrics.split(",") if m.strip()]
         unknown = [m for m in self.eval_metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")

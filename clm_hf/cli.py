@@ -46,6 +46,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     state = sys.modules.get("clm_hf.state")
     if state is not None:
         types.append(state.RunLockError)  # another process holds the run folder
+        types.append(state.OutputDirInUseError)  # a new run in a folder holding another run's checkpoints
     packnet = sys.modules.get("clm_hf.strategies.packnet")
     if packnet is not None:
         types.append(packnet.PackNetCapacityError)  # more tasks than the capacity the config leaves

@@ -88,6 +88,38 @@ def supervised_predictions(logits: torch.Tensor, labels: torch.Tensor, seq2seq: 
     return logits.argmax(-1), targets, mask, answer_nll(logits, targets, mask)
 
 
+def argmax_logits(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None = None) -> torch.Tensor:
+    """A `preprocess_logits_for_metrics` that keeps each position's arg-max token id.
+
+    The continual trainers install it when `compute_metrics` is given without a `preprocess_logits_for_metrics`,
+    so `compute_metrics` receives one format from every evaluation of the trainer: `EvalPrediction.predictions`
+    are arg-max token ids `(rows, positions)`, unshifted (position `t` predicts token `t + 1` of a causal LM), in
+    the per-task scores as in the Trainer's own `evaluate()` (`eval_strategy="steps"`); the full logits are never
+    kept. Ids that are already ids (a seq2seq `predict_with_generate` output) pass through unchanged.
+
+    Args:
+        logits (`torch.Tensor` or `tuple[torch.Tensor, ...]`): The model's logits `(rows, positions, vocabulary)`,
+            or a tuple whose first item they are (models that return more outputs than the logits).
+        labels (`torch.Tensor`, *optional*): Unused; the Trainer passes them.
+
+    Returns:
+        `torch.Tensor`: The arg-max ids, `(rows, positions)`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from clm_hf.evaluation import argmax_logits
+    >>> argmax_logits(torch.tensor([[[0.1, 2.0, 0.3], [5.0, 0.0, 0.0]]])).tolist()
+    [[1, 0]]
+
+    ```
+    """
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits.argmax(-1) if logits.dim() >= 3 else logits
+
+
 def length_sorted_order(dataset: Dataset, seq2seq: bool = False) -> list[int]:
     """Row indices from the longest row to the shortest (stable), for padding-aware batching.
 

@@ -19,16 +19,19 @@ The synthetic suite (:mod:`clm_hf.tasks`) re-exports the older `tokenize_*` help
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import transformers
 
 from ._logging import get_logger
 
 __all__ = [
+    "CHAT_ROLES",
     "COLUMN_OPTIONS",
     "LAYOUTS",
     "detect_layout",
@@ -55,6 +58,9 @@ _ACCEPTED = (
 )
 # transformers stores "no limit" as a huge sentinel; anything above this is treated as unset.
 _UNBOUNDED_LENGTH = 1_000_000
+# The roles chat templates know (OpenAI's and TRL's names); anything else is a typo the template would render as is.
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
+
 
 logger = get_logger(__name__)
 
@@ -252,6 +258,18 @@ def _check_messages(value: Any, column: str, idx: int) -> list[dict[str, Any]]:
         raise ValueError(
             f"Row {idx}: column {column!r} must hold a list of {{'role', 'content'}} messages, got {value!r:.120}."
         )
+    for turn, message in enumerate(value):
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            hint = (f" Roles are lower-case: write {role.lower()!r}." if isinstance(role, str) and role.lower() in CHAT_ROLES
+                    else "")
+            raise ValueError(f"Row {idx}: column {column!r}, turn {turn} has role {role!r}, which is not one of "
+                             f"{list(CHAT_ROLES)}.{hint}")
+        # An assistant turn is what the model learns: without text it would train on the end-of-turn marker alone.
+        # (A tool-calling turn may carry its call instead of text.)
+        if role == "assistant" and not message.get("tool_calls") and not (isinstance(content, str) and content.strip()):
+            raise ValueError(f"Row {idx}: column {column!r}, turn {turn} (assistant) has no content to learn (got "
+                             f"{content!r}); an assistant turn needs a non-empty string.")
     return [dict(m) for m in value]
 
 
@@ -305,6 +323,7 @@ def tokenize_messages(
     prompt_column: str = "prompt",
     completion_column: str = "completion",
     conversational_prompt_completion: bool = False,
+    what: str = "dataset",
 ) -> Any:
     """Tokenize conversations with the tokenizer's chat template, with the loss on assistant turns only.
 
@@ -322,13 +341,19 @@ def tokenize_messages(
         messages_column, prompt_column, completion_column (`str`, *optional*): Column names.
         conversational_prompt_completion (`bool`, *optional*, defaults to `False`): Rows are prompt/completion
             message lists rather than one `messages` list.
+        what (`str`, *optional*): How to name the dataset in warnings, e.g. `"train dataset of task 'qa'"`.
 
     Returns:
         The rows as `input_ids`, `attention_mask`, `labels`.
 
+    Each turn's role must be one of [`CHAT_ROLES`] and each assistant turn's content a non-empty string. A word
+    the tokenizer does not know (its `<unk>`, when that is a token of its own) is an error inside an assistant turn
+    and a warning (a count of rows, and the first) in the rest of the conversation.
+
     Raises:
-        `ValueError`: No chat template, a malformed message list, a conversation without an assistant turn, or a
-        row longer than `max_length`.
+        `ValueError`: No chat template, a malformed message list, an unknown role, an assistant turn without
+        content, a conversation without an assistant turn, an unknown word in an assistant turn, or a row longer
+        than `max_length`.
 
     Example:
 
@@ -354,6 +379,7 @@ def tokenize_messages(
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("Conversational rows need a fast tokenizer (offset mapping) to locate the assistant tokens.")
     limit = _resolve_max_length(tokenizer, max_length)
+    unknown = _unknown_id(tokenizer)
     tagged = "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template
 
     def encode_one(prompt: list[dict[str, Any]], answer: list[dict[str, Any]] | None, idx: int) -> tuple[list[int], list[int]]:
@@ -369,6 +395,12 @@ def tokenize_messages(
                     for start, end in enc["offset_mapping"]]
         if not any(mask):
             raise ValueError(f"Row {idx}: the conversation has no assistant tokens to learn from.")
+        if unknown is not None and any(m and t == unknown for t, m in zip(ids, mask)):
+            column = completion_column if answer is not None else messages_column
+            raise ValueError(f"Row {idx}: an assistant turn of column {column!r} contains words unknown to the tokenizer "
+                             f"(read as {tokenizer.unk_token!r}), which the model would learn to write: "
+                             f"{[m['content'] for m in (answer or prompt) if m['role'] == 'assistant']!r:.300}."
+                             f"{_unknown_advice(tokenizer)}")
         _check_length(len(ids), limit, idx, "the conversation")
         return ids, [t if m else -100 for t, m in zip(ids, mask)]
 
@@ -388,7 +420,7 @@ def tokenize_messages(
             out["labels"].append(labels)
         return out
 
-    return _map(dataset, encode, desc="Tokenizing (chat)")
+    return _warn_unknown_context(_map(dataset, encode, desc="Tokenizing (chat)"), tokenizer, what, "chat context")
 
 
 def _is_conversational(dataset: Any, column: str) -> bool:
@@ -475,17 +507,21 @@ def tokenize_rows(
     if layout == "text":
         return tokenize_text(dataset, tokenizer, with_labels=not labels_from_collator)
     if layout == "messages":
-        return tokenize_messages(dataset, tokenizer)
+        return tokenize_messages(dataset, tokenizer, what=what)
     completion = "completion" if "completion" in columns else "answer"
     if _is_conversational(dataset, "prompt"):
         if seq2seq:
             raise ValueError(f"The {what} has conversational prompt/completion rows, which need a causal LM's chat "
                              "template; give string prompt/completion columns for an encoder-decoder model.")
-        return tokenize_messages(dataset, tokenizer, completion_column=completion, conversational_prompt_completion=True)
+        return tokenize_messages(dataset, tokenizer, completion_column=completion, conversational_prompt_completion=True,
+                                 what=what)
     if seq2seq:
         return tokenize_for_seq2seq(dataset, tokenizer, answer_column=completion, what=what)
+    # TRL's prompt/completion rows are joined exactly as written (a template-formatted prompt ends where the
+    # completion starts); the project's own prompt/answer rows (the synthetic suite) keep the separating space.
     return tokenize_for_causal_lm(dataset, tokenizer, answer_only_loss=answer_only_loss, answer_column=completion,
-                                  what=what)
+                                  separator="" if completion == "completion" else None, what=what)
+
 
 
 def _warn_unused_layout_columns(columns: Sequence[str], layout: str, what: str) -> None:
@@ -539,11 +575,73 @@ def _check_dataset(dataset: datasets.Dataset, columns: Sequence[str], what: str 
         raise ValueError(f"Cannot tokenize the {what}: it is empty (0 rows), and a task needs at least one example.")
 
 
+def _unknown_id(tokenizer: Any) -> int | None:
+    """The tokenizer's `<unk>` id, or None when it has none or reuses it (GPT-2: one id for unk/eos/pad/bos)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    reused = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return None if unk is None or unk in reused else unk
+
+
+def _is_builtin_tokenizer(tokenizer: Any) -> bool:
+    """Whether the tokenizer is (a saved copy of) :func:`clm_hf.tasks.build_tokenizer`'s: a whitespace-split word
+    vocabulary that starts with its four special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":
+        return False
+    return tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+def _unknown_advice(tokenizer: Any) -> str:
+    if _is_builtin_tokenizer(tokenizer):
+        return (" The tokenizer is build_tokenizer's word vocabulary: build it with the matching alphabet, task_names "
+                "or extra_tokens.")
+    return " Fix those rows, or use a tokenizer whose vocabulary covers them."
+
+
+def _warn_unknown_context(tokenized: Any, tokenizer: Any, what: str, part: str) -> Any:
+    """Warn, once per split, about rows with `<unk>` outside the answers (answers with one were refused already).
+
+    The count reads the tokenized ids (arrow, vectorised), so it holds when `datasets` reuses a cached map.
+    A stream is tokenized lazily, as it is read: its first such row is named when it is read (no count).
+    """
+    unk = _unknown_id(tokenizer)
+    if unk is None:
+        return tokenized
+    if isinstance(tokenized, datasets.IterableDataset):
+        warned = False
+
+        def check(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+            nonlocal warned
+            first = next((i for ids, i in zip(batch["input_ids"], indices) if unk in ids), None) if not warned else None
+            if first is not None:
+                warned = True
+                logger.warning("clm-hf: row %d of the streamed %s has words unknown to the tokenizer in its %s, read "
+                               "as %r (later rows are not reported).%s", first, what, part, tokenizer.unk_token,
+                               _unknown_advice(tokenizer))
+            return {}
+
+        return tokenized.map(check, batched=True, with_indices=True)
+    if not isinstance(tokenized, datasets.Dataset) or tokenized.num_rows == 0:
+        return tokenized
+    column = tokenized.data.column("input_ids").combine_chunks()
+    hits = np.asarray(pc.list_flatten(column)) == unk
+    if not hits.any():
+        return tokenized
+    rows = np.unique(np.asarray(pc.list_parent_indices(column))[hits])  # the table's rows, whatever its chunks
+    logger.warning(
+        "clm-hf: %d of %d rows of the %s have words unknown to the tokenizer in their %s (first: row %d), read as "
+        "%r; they are trained and scored that way (the answers have none).%s", len(rows), tokenized.num_rows, what,
+        part, int(rows[0]), tokenizer.unk_token, _unknown_advice(tokenizer))
+    return tokenized
+
+
 def _encode(
     tokenizer: transformers.PreTrainedTokenizerBase,
     texts: list[str],
     column: str,
     indices: list[int],
+    *,
+    supervised: bool = True,
 ) -> list[list[int]]:
     for text, idx in zip(texts, indices):
         if not isinstance(text, str):
@@ -551,16 +649,15 @@ def _encode(
                 f"Row {idx}: column {column!r} must hold a string, got {type(text).__name__}."
             )
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
-    # Some tokenizers (GPT-2) reuse one id for unk/eos/pad; that id then means something else.
-    reused = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
-    if unk is not None and unk not in reused:
+    unk = _unknown_id(tokenizer)
+    if unk is not None and supervised:
         for row_ids, text, idx in zip(ids, texts, indices):
             if unk in row_ids:
-                # An <unk> in the answer would train the model on a meaningless target; fail loudly.
+                # An <unk> in the answer would train the model to write <unk>; in a prompt it is only context
+                # (one code row's "{" in a SentencePiece vocabulary), counted in a warning after the map.
                 raise ValueError(
-                    f"Row {idx}: column {column!r} text {text!r} contains words unknown to the "
-                    "tokenizer. Build it with the matching alphabet/task names/extra_tokens."
+                    f"Row {idx}: column {column!r} text {text!r:.300} contains words unknown to the tokenizer "
+                    f"(read as {tokenizer.unk_token!r}), which the model would learn to write.{_unknown_advice(tokenizer)}"
                 )
     return ids
 
@@ -588,6 +685,7 @@ def tokenize_for_causal_lm(
     answer_only_loss: bool = True,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
+    separator: str | None = None,
     what: str = "dataset",
 ) -> datasets.Dataset:
     """Tokenize prompt/answer rows for a decoder-only (causal) language model.
@@ -599,9 +697,16 @@ def tokenize_for_causal_lm(
     Nothing is padded (leave that to a collator, e.g.
     [`~transformers.DataCollatorForSeq2Seq`], which pads labels with -100).
 
-    The answer ids are taken from tokenizing `prompt + " " + answer` jointly (a separator space is
-    added only when neither side already has one) whenever that reproduces `prompt_ids` as a
-    prefix, so subword tokenizers see the same boundary as at generation time.
+    The answer ids are taken from tokenizing prompt and answer jointly whenever that reproduces
+    `prompt_ids` as a prefix, so subword tokenizers see the same boundary as at generation time; else
+    they are the answer tokenized alone. With `separator=None` (the default, the `prompt`/`answer`
+    rows of the synthetic suite) the joined text is `prompt + " " + answer`, the space added only when
+    neither side already has one; with `separator=""` (what [`tokenize_rows`] uses for TRL's
+    `prompt`/`completion` rows) it is `prompt + completion` exactly as written, as in TRL.
+
+    A word the tokenizer does not know (its `<unk>`, when that is a token of its own) is an error in
+    the answer, which the model would learn to write, and a warning in the prompt (a count of rows,
+    and the first).
 
     Args:
         dataset (`datasets.Dataset`):
@@ -617,8 +722,11 @@ def tokenize_for_causal_lm(
             Column holding the prompt text.
         answer_column (`str`, *optional*, defaults to `"answer"`):
             Column holding the answer text.
+        separator (`str`, *optional*):
+            What joins prompt and answer: `None` adds a space when neither side has one; a string
+            (`""`: TRL's convention) is put between them as is.
         what (`str`, *optional*, defaults to `"dataset"`):
-            How to name the rows in errors, e.g. `"eval dataset of task 'qa'"`.
+            How to name the rows in errors and warnings, e.g. `"eval dataset of task 'qa'"`.
 
     Returns:
         `datasets.Dataset`: Columns `input_ids`, `attention_mask`, `labels`; all original columns
@@ -627,7 +735,7 @@ def tokenize_for_causal_lm(
     Raises:
         `ValueError`: Missing column (the columns present are listed), empty dataset, a row longer
         than `max_length` (the row index is named; nothing is truncated), a non-string cell, or a
-        word unknown to the tokenizer (when its unk token is distinct from eos/pad/bos).
+        word unknown to the tokenizer in an answer (when its unk token is distinct from eos/pad/bos).
         `TypeError`: `dataset` is not a `datasets.Dataset`.
 
     Example:
@@ -654,11 +762,14 @@ def tokenize_for_causal_lm(
 
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
         prompts, answers = batch[prompt_column], batch[answer_column]
-        prompt_ids = _encode(tokenizer, prompts, prompt_column, indices)
+        prompt_ids = _encode(tokenizer, prompts, prompt_column, indices, supervised=not answer_only_loss)
         answer_ids = _encode(tokenizer, answers, answer_column, indices)
         joined_texts = []
         for p, a in zip(prompts, answers):
-            sep = " " if p and a and not p[-1].isspace() and not a[0].isspace() else ""
+            if separator is not None:
+                sep = separator
+            else:
+                sep = " " if p and a and not p[-1].isspace() and not a[0].isspace() else ""
             joined_texts.append(p + sep + a)
         joined_ids = tokenizer(joined_texts, add_special_tokens=False)["input_ids"]
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -676,7 +787,7 @@ def tokenize_for_causal_lm(
             out["labels"].append(labels)
         return out
 
-    return _map(dataset, encode, desc="Tokenizing (causal LM)")
+    return _warn_unknown_context(_map(dataset, encode, desc="Tokenizing (causal LM)"), tokenizer, what, "prompt")
 
 
 def tokenize_for_seq2seq(
@@ -707,14 +818,15 @@ def tokenize_for_seq2seq(
         answer_column (`str`, *optional*, defaults to `"answer"`):
             Column holding the answer text.
         what (`str`, *optional*, defaults to `"dataset"`):
-            How to name the rows in errors, e.g. `"eval dataset of task 'qa'"`.
+            How to name the rows in errors and warnings, e.g. `"eval dataset of task 'qa'"`.
 
     Returns:
         `datasets.Dataset`: Columns `input_ids`, `attention_mask`, `labels`; all original columns
         are removed.
 
     Raises:
-        `ValueError`: Same cases as [`tokenize_for_causal_lm`].
+        `ValueError`: Same cases as [`tokenize_for_causal_lm`] (an unknown word is an error in the
+        answer, a warning in the prompt).
         `TypeError`: `dataset` is not a `datasets.Dataset`.
 
     Example:
@@ -737,7 +849,7 @@ def tokenize_for_seq2seq(
     lead, _ = _special_ids(tokenizer)
 
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
-        prompt_ids = _encode(tokenizer, batch[prompt_column], prompt_column, indices)
+        prompt_ids = _encode(tokenizer, batch[prompt_column], prompt_column, indices, supervised=False)
         answer_ids = _encode(tokenizer, batch[answer_column], answer_column, indices)
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for p_ids, a_ids, idx in zip(prompt_ids, answer_ids, indices):
@@ -749,7 +861,7 @@ def tokenize_for_seq2seq(
             out["labels"].append(labels)
         return out
 
-    return _map(dataset, encode, desc="Tokenizing (seq2seq)")
+    return _warn_unknown_context(_map(dataset, encode, desc="Tokenizing (seq2seq)"), tokenizer, what, "prompt")
 
 
 def tokenize_task(

@@ -378,6 +378,24 @@ def _check_eval_split(entry: dict[str, Any], index: int) -> None:
     logger.info("clm-hf: task %s is scored on split 'train' of its eval data_files %s", where, evaluation["data_files"])
 
 
+def _build_strategies(specs: list[Any]) -> list[Any]:
+    """Build each strategy entry; a wrong option is a `RecipeError` naming it, e.g. ``strategies[0].buffer_size``."""
+    from .strategies.base import strategies_from_specs
+
+    built: list[Any] = []
+    for index, spec in enumerate(specs):
+        try:
+            built += strategies_from_specs([spec])
+        except (TypeError, ValueError) as err:
+            message = str(err)
+            options = [k for k in spec if k != "name"] if isinstance(spec, dict) else []
+            key = next((k for k in options if re.search(rf"(?<![\w.]){re.escape(str(k))}(?!\w)", message)), None)
+            if isinstance(err, TypeError) and key is None:
+                raise  # not about an option of the recipe's: a bug, which keeps its traceback
+            raise RecipeError(f"strategies[{index}]{'.' + str(key) if key else ''}: {message}") from err
+    return built
+
+
 def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, output_dir: str | None = None,
                joint: bool = False, force_resume: bool = False,
                restart_on_damage: bool = False) -> tuple[ContinualResults, ContinualTrainerMixin]:
@@ -388,7 +406,6 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     again when every checkpoint is damaged (see ``ContinualTrainer.fit``).
     """
     from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
-    from .strategies.base import strategies_from_specs
     from .trainer import ContinualCausalLMTrainer, ContinualSeq2SeqTrainer
 
     validate_recipe(recipe)
@@ -407,7 +424,7 @@ def run_recipe(recipe: dict[str, Any], *, resume: str | bool | None = None, outp
     else:
         training = validate_training_section(
             recipe.get("training"), ContinualSeq2SeqTrainingArguments if seq2seq_arch else ContinualTrainingArguments)
-    strategies = strategies_from_specs(validate_strategies_section(recipe.get("strategies")))
+    strategies = _build_strategies(validate_strategies_section(recipe.get("strategies")))
     stream = build_task_stream(recipe["tasks"])  # before the model: it checks the eval splits
     reference_sets = build_reference_sets(recipe.get("reference"))
     if output_dir is not None:

@@ -528,6 +528,63 @@ class ContinualResults:
             self.higher_is_better.get(name, HIGHER_IS_BETTER.get(name, True)),
         )
 
+    def stalled_primary_metric(self, tolerance: float = 1e-9) -> str | None:
+        """Says whether the summary's metric has not moved while the model did.
+
+        The summary (ACC/BWT/FWT/forgetting), [`comparison_table`] and the plots use `primary_metric`. When every
+        score of that metric so far (baseline and every row, all tasks) is the same value while `token_accuracy`
+        or `loss` changed, they report "no forgetting" whatever happened: typically exact match of multi-token
+        free-text answers, which stays 0.0 while the model learns and forgets. The trainer logs the returned text
+        once per run, after a task's evaluation.
+
+        Args:
+            tolerance (`float`, *optional*, defaults to 1e-9): Largest spread of values still counted as "not moved".
+
+        Returns:
+            `str | None`: A warning naming the metric, its constant value and the metric that moved, with a
+            suggestion; `None` when the primary metric moved, or nothing else was seen to move.
+
+        Example:
+
+        ```python
+        >>> res = ContinualResults(task_names=["a", "b"])
+        >>> res.set_baseline({"exact_match": [0.0, 0.0], "token_accuracy": [0.1, 0.1]})
+        >>> res.add_row({"exact_match": [0.0, 0.0], "token_accuracy": [0.85, 0.2]})
+        >>> print(res.stalled_primary_metric())  # doctest: +ELLIPSIS
+        The primary metric 'exact_match' is 0.0 in every evaluation so far, while the token_accuracy of task 'a' moved ...
+
+        ```
+        """
+        def evaluations(metric: str) -> list[list[float | None]]:
+            baseline = self.baseline.get(metric)
+            return ([list(baseline)] if baseline else []) + [list(row) for row in self.scores.get(metric, [])]
+
+        primary = self.resolve_metric()
+        seen = [v for row in evaluations(primary) for v in row if v is not None]
+        if len(seen) < 2 or max(seen) - min(seen) > tolerance:
+            return None
+        for other in ("token_accuracy", "loss"):
+            if other == primary:
+                continue
+            rows = evaluations(other)
+            # A task's own score across evaluations: different tasks differ anyway, that is not movement.
+            for column, task in enumerate(self.task_names):
+                moved = [row[column] for row in rows if row[column] is not None]
+                if len(moved) < 2 or max(moved) - min(moved) <= tolerance:
+                    continue
+                suggestion = ("primary_metric=\"token_accuracy\"" if primary != "token_accuracy"
+                              else "primary_metric=\"loss\"")
+                return (
+                    f"The primary metric {primary!r} is {round(seen[0], 4)!r} in every evaluation so far, while the "
+                    f"{other} of task {task!r} moved (from {moved[0]:.4g} to {moved[-1]:.4g}): the summary (ACC, BWT, "
+                    "FWT, forgetting), the comparison tables and the plots are computed on a metric that does not "
+                    "move, so they show no forgetting whatever the model learned or lost. Exact match of a whole "
+                    f"multi-token answer is often 0.0 throughout. Set {suggestion} (or a generation metric, e.g. "
+                    "generation_metrics=[\"rouge_l\"] with primary_metric=\"gen_rouge_l\"); every metric's matrix is "
+                    "kept, so results.summary(\"token_accuracy\") reads it now."
+                )
+        return None
+
     def summaries(self) -> dict[str, dict[str, float | None]]:
         """Computes `summary` for every metric that has a score matrix.
 

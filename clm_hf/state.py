@@ -761,6 +761,11 @@ class RunLockError(RuntimeError):
     """Another live process holds the lock of a run folder."""
 
 
+class OutputDirInUseError(FileExistsError):
+    """A new run's ``output_dir`` holds another run's continual checkpoints (a user's choice to fix: resume the run,
+    pass ``overwrite_output_dir=True`` or choose another folder); the command line shows it as one line."""
+
+
 class RunLock:
     """An advisory lock on a run folder: ``<output_dir>/.clm_hf.lock`` holding the owner's pid and host.
 

@@ -34,8 +34,8 @@ from ._logging import follow_training_args
 from .args import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .config import parse_config_dict
 from .data import ContinualDataCollator, UserCollator, _full_sequence, dataset_from_loader, validate_lm_dataset
-from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, first_scored_logit, forward_logits, is_seq2seq,
-                         length_sorted_order)
+from .evaluation import (TaskScorer, TokenMetric, _OrderedSampler, argmax_logits, first_scored_logit, forward_logits,
+                         is_seq2seq, length_sorted_order)
 from .generation_eval import GENERATION_PREFIX, evaluate_generation, generation_metric_names
 from .layouts import tokenize_full_text, tokenize_rows
 from .results import ContinualResults
@@ -141,6 +141,10 @@ class ContinualTrainerMixin:
             finally:
                 args.eval_strategy = eval_strategy
         follow_training_args(self.args)  # args.log_level sets clm-hf's level too, as it does transformers'
+        if self.compute_metrics is not None and self.preprocess_logits_for_metrics is None:
+            # The per-task scores hand compute_metrics arg-max ids; the Trainer's own evaluate() then does too,
+            # so one compute_metrics works for both (and no full logits pile up in memory).
+            self.preprocess_logits_for_metrics = argmax_logits
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
         self.generation_scorer = generation_scorer
@@ -1167,6 +1171,11 @@ class ContinualTrainerMixin:
         if row:
             logger.info("clm-hf: after task '%s': %s", self.tasks[-1].name,
                         {n: round(s[self.results.primary_metric], 4) for n, s in scores.items()})
+            # Once per trainer: a summary on a metric that never moves reads as "no forgetting".
+            stalled = None if getattr(self, "_warned_stalled_metric", False) else self.results.stalled_primary_metric()
+            if stalled is not None:
+                self._warned_stalled_metric = True
+                logger.warning("clm-hf: %s", stalled)
         self._save_results()
 
     def _save_results(self) -> None:
@@ -1396,7 +1405,7 @@ class ContinualTrainerMixin:
         elif found:
             self._release_output_dir()
             names = ", ".join(str(p.relative_to(run_dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
-            raise FileExistsError(
+            raise ckpt.OutputDirInUseError(
                 f"output_dir {run_dir} already holds another run's continual checkpoints ({names}). A new run there "
                 "would mix with it: a later resume would continue the old run's state. Resume it instead "
                 f"(fit(..., resume_from_checkpoint=True), clm-hf train --resume {run_dir}), pass "

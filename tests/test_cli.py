@@ -300,3 +300,35 @@ def test_recipe_model_lora_trains_adapters_only(tmp_path, capsys):
     # A wrong LoRA key fails before any model is built, with a suggestion.
     assert main(["train", str(path), "--model.lora", "{rank: 4}"]) == 2
     assert "Unknown key 'rank' in model.lora." in capsys.readouterr().err
+
+
+# --- review je, finding 5: a bad strategy option and a folder holding another run are user errors --------------
+def test_bad_strategy_option_and_a_taken_output_dir_are_one_line_and_exit_2(tmp_path, capsys):
+    recipe = RECIPES[0].parent.parent / "ewc" / "tiny_gpt2.yaml"
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), *FAST, "--training.output_dir", str(out),
+                 "--strategies.0.ewc_lambda", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clm-hf: error: strategies[0].ewc_lambda: ") and len(err.splitlines()) == 1, err
+    assert "'abc'" in err
+    # A folder that holds another run's complete checkpoint: refused, naming resume / overwrite_output_dir.
+    from clm_hf.state import MANIFEST
+
+    (out / "continual" / "task-000").mkdir(parents=True)
+    (out / "continual" / "task-000" / MANIFEST).write_text("{}")
+    assert main(["train", str(recipe), *FAST, "--training.output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clm-hf: error: output_dir ") and "already holds another run" in err, err
+    assert len(err.splitlines()) == 1 and "--resume" in err
+
+
+def test_a_strategy_type_error_that_names_no_option_keeps_its_traceback(tmp_path, monkeypatch):
+    import clm_hf.strategies.base
+
+    def broken(specs):
+        raise TypeError("unsupported operand type(s): a bug, not the user's mistake")
+
+    monkeypatch.setattr(clm_hf.strategies.base, "strategies_from_specs", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["train", str(RECIPES[0].parent.parent / "ewc" / "tiny_gpt2.yaml"), *FAST,
+              "--training.output_dir", str(tmp_path / "run")])

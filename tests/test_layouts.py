@@ -349,3 +349,106 @@ def test_every_strategy_trains_with_a_user_collator(name, tmp_path, chat_tok):
     trainer, results = _fit(tmp_path, chat_tok, [_fast(name)], _stream("text", chat_tok), collator=collator)
     assert trainer.data_collator.collator is collator and results.num_trained == 2
     assert all(v is not None for v in results.scores["loss"][-1])
+
+
+# --- review je, findings 6, 8 and 10: chat roles and contents, unknown words, the prompt/completion join -------
+def _bpe_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained in memory (GPT-2 style: tokens carry the space before a word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.parametrize("turn, expected", [
+    ({"role": "robot", "content": "a b"}, r"Row 0: column 'messages', turn 1 has role 'robot', which is not one of "
+                                          r"\['system', 'user', 'assistant', 'tool', 'developer'\]\.$"),
+    ({"role": "Assistant", "content": "a b"}, r"turn 1 has role 'Assistant'.*Roles are lower-case: write 'assistant'"),
+    ({"role": "assistant", "content": None}, r"Row 0: column 'messages', turn 1 \(assistant\) has no content.*None"),
+    ({"role": "assistant", "content": ""}, r"Row 0: column 'messages', turn 1 \(assistant\) has no content.*''"),
+])
+def test_messages_roles_and_assistant_contents_are_checked(turn, expected, chat_tok):
+    convo = [{"role": "user", "content": "copy : a b"}, turn, {"role": "assistant", "content": "a b"}]
+    with pytest.raises(ValueError, match=expected):
+        tokenize_rows(datasets.Dataset.from_list([{"messages": convo}]), chat_tok, seq2seq=False)
+
+
+def test_messages_every_accepted_role_tokenizes(chat_tok):
+    tok = build_tokenizer(extra_tokens=["user", "assistant", "system", "tool", "developer"])
+    tok.chat_template = TEMPLATE
+    convo = [{"role": r, "content": "a"} for r in ("system", "developer", "user", "tool")]
+    row = tokenize_rows(datasets.Dataset.from_list([{"messages": convo + [{"role": "assistant", "content": "b"}]}]),
+                        tok, seq2seq=False)[0]
+    assert tok.convert_ids_to_tokens([t for t in row["labels"] if t != -100]) == ["b", "="]
+
+
+def test_unknown_words_are_an_error_in_answers_and_a_warning_in_prompts(caplog):
+    tok = build_tokenizer()
+    rows = datasets.Dataset.from_dict({"prompt": ["copy : a ? =", "copy : b =", "copy : { c ="],
+                                       "completion": ["a", "b", "c"]})
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        for seq2seq in (False, True):
+            out = tokenize_rows(rows, tok, seq2seq=seq2seq, what="train dataset of task 'qa'")
+            assert out.num_rows == 3 and tok.unk_token_id in out[0]["input_ids"]  # trained as <unk>, not dropped
+    warned = [r.getMessage() for r in caplog.records if "unknown to the tokenizer" in r.getMessage()]
+    assert len(warned) == 2  # one per tokenized split, not one per row
+    assert "2 of 3 rows of the train dataset of task 'qa'" in warned[0] and "(first: row 0)" in warned[0]
+    assert "build_tokenizer's word vocabulary" in warned[0]  # the advice fits this tokenizer
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        streamed = tokenize_rows(rows.to_iterable_dataset(), tok, seq2seq=False, what="train dataset of task 'qa'")
+        assert len(list(streamed)) == 3
+    streamed_warnings = [r.getMessage() for r in caplog.records if "unknown to the tokenizer" in r.getMessage()]
+    assert len(streamed_warnings) == 1  # once per stream, at its first such row
+    assert streamed_warnings[0].startswith("clm-hf: row 0 of the streamed train dataset of task 'qa' has words unknown")
+    # In the answer it stays an error, for causal and seq2seq rows.
+    bad = datasets.Dataset.from_dict({"prompt": ["copy : a =", "copy : a ?"], "completion": ["a", "a ?"]})
+    for seq2seq in (False, True):
+        with pytest.raises(ValueError, match=r"Row 1: column 'completion' text 'a \?' contains words unknown.*"
+                                             r"learn to write.*build_tokenizer's"):
+            tokenize_rows(bad, tok, seq2seq=seq2seq)
+    # In a chat: unknown in the context warns, in an assistant turn it is an error.
+    chat = build_tokenizer(extra_tokens=["user", "assistant"])
+    chat.chat_template = TEMPLATE
+    caplog.clear()
+    convo = [{"role": "user", "content": "copy : a ?"}, {"role": "assistant", "content": "a"}]
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        tokenize_rows(datasets.Dataset.from_list([{"messages": convo}]), chat, seq2seq=False)
+    assert any("1 of 1 rows of the dataset have words unknown to the tokenizer in their chat context" in r.getMessage()
+               for r in caplog.records)
+    convo[1]["content"] = "a ?"
+    with pytest.raises(ValueError, match=r"Row 0: an assistant turn of column 'messages' contains words unknown"):
+        tokenize_rows(datasets.Dataset.from_list([{"messages": convo}]), chat, seq2seq=False)
+
+
+def test_unknown_word_advice_names_build_tokenizer_only_for_its_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, "copy": 3, ":": 4, "a": 5, "=": 6}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    with pytest.raises(ValueError) as err:
+        tokenize_rows(datasets.Dataset.from_dict({"prompt": ["copy : a ="], "completion": ["a b"]}), other,
+                      seq2seq=False)
+    assert "unknown to the tokenizer" in str(err.value) and "build_tokenizer" not in str(err.value)
+    assert "use a tokenizer whose vocabulary covers them" in str(err.value)
+
+
+def test_prompt_completion_is_joined_as_written_and_prompt_answer_keeps_its_space():
+    tok = _bpe_tokenizer(["Q: 2+2=4", "Q: 3+1=4", "<|assistant|>Hello", "Q: 2+2= 4"])
+    rows = {"prompt": ["Q: 2+2=", "<|assistant|>", "Q: 2+2= "], "completion": ["4", "Hello", "4"]}
+    out = tokenize_rows(datasets.Dataset.from_dict(rows), tok, seq2seq=False)
+    # TRL's prompt/completion: prompt + completion exactly as written.
+    assert [tok.decode(r["input_ids"]) for r in out] == ["Q: 2+2=4<eos>", "<|assistant|>Hello<eos>", "Q: 2+2= 4<eos>"]
+    assert [tok.decode([t for t in r["labels"] if t != -100]) for r in out] == ["4<eos>", "Hello<eos>", "4<eos>"]
+    # The project's prompt/answer rows (the synthetic suite's layout) keep the separating space.
+    answer = tokenize_rows(datasets.Dataset.from_dict({"prompt": rows["prompt"][:1], "answer": ["4"]}), tok,
+                           seq2seq=False)
+    assert tok.decode(answer[0]["input_ids"]) == "Q: 2+2= 4<eos>"

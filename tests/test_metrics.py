@@ -335,3 +335,25 @@ def test_docs_metrics_worked_example():
     r = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.3, 0.6, 0.7]]
     b = [0.0, 0.0, 0.1]
     assert summarize(r, b) == approx({"acc": 1.6 / 3, "bwt": -0.4, "fwt": 0.1, "forgetting": 0.4})
+
+
+# --- review je, finding 1: a primary metric that never moves -----------------------------------------------
+def test_stalled_primary_metric_needs_a_task_whose_other_score_moved():
+    res = ContinualResults(task_names=["a", "b"])
+    res.set_baseline({"exact_match": [0.0, 0.0], "token_accuracy": [0.1, 0.3], "loss": [4.0, 3.0]})
+    # Tasks differ from each other, but no task's score has moved yet: nothing to say.
+    assert res.stalled_primary_metric() is None
+    res.add_row({"exact_match": [0.0, 0.0], "token_accuracy": [0.1, 0.3], "loss": [2.5, 3.0]})
+    message = res.stalled_primary_metric()
+    assert "'exact_match' is 0.0 in every evaluation" in message and "loss of task 'a' moved (from 4 to 2.5)" in message
+    res.add_row({"exact_match": [0.0, 0.0], "token_accuracy": [0.85, 0.2], "loss": [1.0, 1.0]})
+    assert "token_accuracy of task 'a'" in res.stalled_primary_metric()  # token_accuracy named first
+    assert 'primary_metric="token_accuracy"' in res.stalled_primary_metric()
+    # A primary metric that moved anywhere, or a primary metric that is token_accuracy itself and moved: None.
+    moved = ContinualResults(task_names=["a", "b"], scores={"exact_match": [[0.0, 0.0], [0.0, 0.5]],
+                                                            "token_accuracy": [[0.1, 0.2], [0.5, 0.9]]})
+    assert moved.stalled_primary_metric() is None
+    on_accuracy = ContinualResults(task_names=["a"], primary_metric="token_accuracy",
+                                   scores={"token_accuracy": [[0.5]], "loss": [[2.0]]},
+                                   baseline={"token_accuracy": [0.5], "loss": [3.0]})
+    assert 'primary_metric="loss"' in on_accuracy.stalled_primary_metric()

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from clm_hf import EWC, ContinualCausalLMTrainer, Replay
+from clm_hf.evaluation import argmax_logits
 from clm_hf.tasks import make_task, tokenize_task
 from tests.conftest import make_trainer, small_args
 
@@ -279,3 +280,56 @@ def test_scoring_leaves_the_global_rng_as_it_was(tmp_path, make_model, tokenizer
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(torch.rand(3), after)
+
+
+# --- review je, finding 9: compute_metrics sees one format from both evaluations ------------------
+def test_compute_metrics_gets_argmax_ids_from_the_trainers_evaluate_too(tmp_path, make_model, tokenizer, tiny_stream):
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.ndim)
+        predictions, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+        mask = labels != -100
+        return {"answer_acc": float((predictions[mask] == labels[mask]).mean())}
+
+    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                       compute_metrics=compute_metrics,
+                                       args=small_args(tmp_path, save_continual_state=False, eval_strategy="steps",
+                                                       eval_steps=2, eval_before_training=False))
+    trainer.fit({"copy": tiny_stream["copy"]})
+    in_task = [h for h in trainer.state.log_history if "eval_answer_acc" in h]
+    # The Trainer's own evaluations (steps 2 and 4) and the per-task scores: ids (rows, positions) each time.
+    assert len(in_task) == 2 and len(seen) == 3 and set(seen) == {2}
+    # The Trainer's last evaluation and the per-task score are the same eval set on the same model.
+    assert in_task[-1]["eval_answer_acc"] == pytest.approx(trainer.results.matrix("answer_acc")[0][0])
+    # A preprocess_logits_for_metrics of the user's own is left alone.
+    own = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, compute_metrics=compute_metrics,
+                                   preprocess_logits_for_metrics=lambda logits, labels: logits,
+                                   args=small_args(tmp_path / "own"))
+    assert own.preprocess_logits_for_metrics is not argmax_logits
+
+
+# --- review je, finding 1: a primary metric that never moves is named once per run ----------------
+def test_a_primary_metric_that_never_moves_is_warned_about_once(tmp_path, make_model, tokenizer, tiny_stream, caplog):
+    stream = {k: tiny_stream[k] for k in ("copy", "reverse")}
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [], save_continual_state=False, max_steps=2)
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        results = trainer.fit(stream)
+    assert {v for row in results.matrix("exact_match") for v in row} == {0.0}  # a few steps: no answer right
+    warned = [r.getMessage() for r in caplog.records if "does not move" in r.getMessage()]
+    assert len(warned) == 1, warned  # after the first task, not again after the second
+    assert "'exact_match'" in warned[0] and 'primary_metric="token_accuracy"' in warned[0]
+    caplog.clear()
+    other = make_trainer(tmp_path / "ta", make_model("gpt2"), tokenizer, [], save_continual_state=False, max_steps=2,
+                         primary_metric="token_accuracy")
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        other.fit(stream)
+    assert not [r for r in caplog.records if "does not move" in r.getMessage()]
+
+
+# --- review je, finding 11: eval_metrics given as one string ---------------------------------------
+def test_eval_metrics_as_a_string_is_a_list_of_names(tmp_path):
+    assert small_args(tmp_path, eval_metrics="exact_match").eval_metrics == ["exact_match"]
+    assert small_args(tmp_path, eval_metrics="loss, token_accuracy").eval_metrics == ["loss", "token_accuracy"]
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bleu'\]"):
+        small_args(tmp_path, eval_metrics="bleu")
