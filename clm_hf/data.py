@@ -17,6 +17,10 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from ._logging import get_logger
+
+logger = get_logger(__name__)
+
 # Columns that describe a row rather than feed the model; the collator drops them.
 METADATA_COLUMNS = ("task_id",)
 REQUIRED_COLUMNS = ("input_ids", "labels")
@@ -177,20 +181,24 @@ def _as_list(value: Any) -> list[int]:
     return list(value)
 
 
-def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = None, causal: bool = False) -> None:
+def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = None, causal: bool = False,
+                        training: bool = False) -> None:
     """Check that a tokenized dataset can train a language model; raise ``ValueError`` if not.
 
     Checks: it is a ``datasets.Dataset``, it is not empty, it has ``input_ids`` and ``labels``
     holding lists of integers, (``causal``) every row has as many labels as ``input_ids``, no row
     is empty (0 ``input_ids``), every row has at least one supervised label (not -100: a scored row
     without one would silently lower exact_match), and no token id is outside the vocabulary. Each
-    error names the first row at fault and how many rows are.
+    error names the first row at fault and how many rows are. Training rows with no supervised label
+    (e.g. a prompt cut by ``truncation=True``) only give no loss: they are kept, with one warning.
 
     Args:
         dataset: The dataset to check.
         what (`str`): How to name it in messages, e.g. ``"train dataset of task 'reverse'"``.
         vocab_size (`int`, *optional*): The model's vocabulary size, to check token ids against.
         causal (`bool`): The rows train a decoder-only model, whose labels align with ``input_ids``.
+        training (`bool`, *optional*, defaults to `False`): The rows are a training split: rows with no
+            supervised label are counted in a warning instead of an error (scored rows must have one).
 
     Example:
 
@@ -239,7 +247,7 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
             f"Every label in the {what} is -100, so there is nothing to learn. "
             "Check the prompt/answer masking (answer tokens must keep their ids)."
         )
-    _check_unsupervised_rows(table, labels, what)
+    _check_unsupervised_rows(table, labels, what, training=training)
     if vocab_size is not None:
         ids = pc.list_flatten(table.column("input_ids"))
         supervised = pc.filter(labels, pc.not_equal(labels, -100))
@@ -266,20 +274,32 @@ def _check_empty_rows(table: pa.Table, what: str) -> None:
         )
 
 
-def _check_unsupervised_rows(table: pa.Table, labels: pa.ChunkedArray, what: str) -> None:
-    """Every row needs a supervised label: a scored row without one counts in exact_match's denominator but can
-    never be right (it silently lowers the score), and a training row without one has nothing to learn."""
+def _check_unsupervised_rows(table: pa.Table, labels: pa.ChunkedArray, what: str, *, training: bool = False) -> None:
+    """Every scored row needs a supervised label: one without it counts in exact_match's denominator but can never
+    be right (it silently lowers the score). A training row without one only gives no loss (a pre-tokenized set
+    made with ``truncation=True`` has such rows): it is kept, as the Trainer would, and counted in a warning."""
     lengths = pc.list_value_length(table.column("labels")).to_numpy(zero_copy_only=False)
+    # One bool per label and one any() per row (empty rows were refused before, so no segment is empty):
+    # no per-token integer array, whatever the dataset's size.
     supervised = pc.not_equal(labels, -100).to_numpy(zero_copy_only=False)
-    rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each flattened label
-    missing = np.flatnonzero(np.bincount(rows[supervised], minlength=len(lengths)) == 0)
-    if len(missing):
-        raise ValueError(
-            f"Row {int(missing[0])} of the {what} has no supervised label (every label is -100); "
-            f"{len(missing)} of its {len(lengths)} rows have none. Such a row has nothing to learn, and scored it "
-            "would count as a wrong answer in exact_match. Drop those rows, or check the prompt/answer masking "
-            "(answer tokens must keep their ids)."
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    missing = np.flatnonzero(~np.logical_or.reduceat(supervised, starts))
+    if not len(missing):
+        return
+    if training:
+        logger.warning(
+            "clm-hf: row %d of the %s has no supervised label (every label is -100); %d of its %d rows have none. "
+            "They are kept but give no loss (e.g. a prompt cut by truncation=True left no answer token). Drop them, "
+            "or raise the tokenizer's max_length, to train on every row.",
+            int(missing[0]), what, len(missing), len(lengths),
         )
+        return
+    raise ValueError(
+        f"Row {int(missing[0])} of the {what} has no supervised label (every label is -100); "
+        f"{len(missing)} of its {len(lengths)} rows have none. Scored, such a row would count as a wrong answer in "
+        "exact_match. Drop those rows, or check the prompt/answer masking (answer tokens must keep their ids)."
+    )
 
 
 def dataset_from_loader(loader: torch.utils.data.DataLoader) -> Dataset:

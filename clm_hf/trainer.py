@@ -641,7 +641,7 @@ class ContinualTrainerMixin:
             what = f"{what} (its first {len(checked)} rows)"
         config = getattr(unwrap_model(self.model), "config", None)
         vocab = getattr(config, "vocab_size", None)
-        validate_lm_dataset(checked, what=what, vocab_size=vocab, causal=not seq2seq)
+        validate_lm_dataset(checked, what=what, vocab_size=vocab, causal=not seq2seq, training=not scoring)
         if isinstance(self.data_collator, UserCollator) and not scoring:
             self._check_collator_labels(checked, what)
         if not seq2seq:

@@ -52,21 +52,46 @@ def test_a_row_with_no_supervised_token_is_refused_before_it_lowers_exact_match(
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_empty_and_unsupervised_rows_of_either_split_name_the_row_count_and_task(split, tmp_path, make_model,
-                                                                                  tokenizer):
+def test_empty_rows_of_either_split_name_the_row_count_and_task(split, tmp_path, make_model, tokenizer):
     good = make_task("copy", 8)
     empty_text = Dataset.from_dict({"text": ["copy : a b = a b", "", "copy : c = c", ""]})
     task = {"train": good, "eval": good, split: empty_text}
     with pytest.raises(ValueError, match=rf"Row 1 of the {split} dataset of task 'qa' has no tokens \(0 input_ids\); "
                                          r"2 of its 4 rows are empty"):
         _fit(tmp_path, make_model, tokenizer, task)
-    tokenized = tokenize_for_causal_lm(good, tokenizer)
-    unsupervised = tokenized.map(lambda r, i: {"labels": [-100] * len(r["labels"])} if i == 5 else {},
-                                 with_indices=True)
-    task = {"train": good, "eval": good, split: unsupervised}
-    with pytest.raises(ValueError, match=rf"Row 5 of the {split} dataset of task 'qa' has no supervised label .*"
+
+def _unsupervised_rows(tokenizer, rows: tuple[int, ...]) -> Dataset:
+    """Tokenized copy rows whose labels at `rows` are all -100, as a prompt cut by truncation=True leaves them."""
+    tokenized = tokenize_for_causal_lm(make_task("copy", 8), tokenizer)
+    return tokenized.map(lambda r, i: {"labels": [-100] * len(r["labels"])} if i in rows else {}, with_indices=True)
+
+
+def test_an_eval_row_with_no_supervised_label_is_refused_naming_the_row_count_and_task(tmp_path, make_model,
+                                                                                        tokenizer):
+    good = make_task("copy", 8)
+    task = {"train": good, "eval": _unsupervised_rows(tokenizer, (5,))}
+    with pytest.raises(ValueError, match=r"Row 5 of the eval dataset of task 'qa' has no supervised label .*"
                                          r"1 of its 8 rows have none"):
         _fit(tmp_path, make_model, tokenizer, task)
+
+
+def test_training_rows_with_no_supervised_label_are_kept_with_one_warning(tmp_path, make_model, tokenizer, caplog):
+    """A pre-tokenized training set made with truncation=True has rows whose answer was cut off: they give no loss,
+    as in the Trainer, so they are kept (no data lost) and counted in one warning naming the first one."""
+    unsupervised = _unsupervised_rows(tokenizer, (2, 5))
+    trainer = make_trainer(tmp_path, make_model("gpt2"), tokenizer, [], max_steps=1, save_continual_state=False)
+    with caplog.at_level(logging.WARNING, logger="clm_hf"):
+        prepared = trainer._prepare_rows(unsupervised, "train dataset of task 'qa'")
+    assert prepared["labels"] == unsupervised["labels"]  # kept as given
+    warnings = [r.getMessage() for r in caplog.records if "no supervised label" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "clm-hf: row 2 of the train dataset of task 'qa' has no supervised label (every label is -100); 2 of its 8 "
+        "rows have none. They are kept but give no loss")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clm_hf"):
+        trainer.fit({"qa": {"train": unsupervised, "eval": make_task("copy", 4)}})
+    assert "row 2 of the train dataset of task 'qa' has no supervised label" in caplog.text
+    assert [t.task_id for t in trainer.tasks] == ["qa"]  # it trained
 
 
 # --- empty splits name the task and split (review M2) -----------------------------------------------------------
