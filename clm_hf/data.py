@@ -247,7 +247,7 @@ def validate_lm_dataset(dataset: Any, *, what: str, vocab_size: int | None = Non
             f"Every label in the {what} is -100, so there is nothing to learn. "
             "Check the prompt/answer masking (answer tokens must keep their ids)."
         )
-    _check_unsupervised_rows(table, labels, what, training=training)
+    _check_unsupervised_rows(table, what, training=training)
     if vocab_size is not None:
         ids = pc.list_flatten(table.column("input_ids"))
         supervised = pc.filter(labels, pc.not_equal(labels, -100))
@@ -274,17 +274,36 @@ def _check_empty_rows(table: pa.Table, what: str) -> None:
         )
 
 
-def _check_unsupervised_rows(table: pa.Table, labels: pa.ChunkedArray, what: str, *, training: bool = False) -> None:
+def _rows_without_supervision(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The indices of the rows of a ``labels`` list column whose labels are all -100 (or that have none).
+
+    One bool per label and one ``any`` per row: no per-token integer array, whatever the dataset's size.
+
+    Args:
+        labels (`pyarrow.ChunkedArray` or `pyarrow.Array`): A column of lists of label ids.
+
+    Example:
+
+    >>> import pyarrow as pa
+    >>> _rows_without_supervision(pa.array([[-100, 5], [-100, -100], [], [7]])).tolist()
+    [1, 2]
+    """
+    lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False)
+    supervised = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
+    has = np.zeros(len(lengths), dtype=bool)
+    nonempty = lengths > 0
+    if supervised.size:
+        # reduceat over the non-empty rows' starts: each segment is exactly one such row's labels.
+        has[nonempty] = np.logical_or.reduceat(supervised, (np.cumsum(lengths) - lengths)[nonempty])
+    return np.flatnonzero(~has)
+
+
+def _check_unsupervised_rows(table: pa.Table, what: str, *, training: bool = False) -> None:
     """Every scored row needs a supervised label: one without it counts in exact_match's denominator but can never
     be right (it silently lowers the score). A training row without one only gives no loss (a pre-tokenized set
     made with ``truncation=True`` has such rows): it is kept, as the Trainer would, and counted in a warning."""
-    lengths = pc.list_value_length(table.column("labels")).to_numpy(zero_copy_only=False)
-    # One bool per label and one any() per row (empty rows were refused before, so no segment is empty):
-    # no per-token integer array, whatever the dataset's size.
-    supervised = pc.not_equal(labels, -100).to_numpy(zero_copy_only=False)
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    missing = np.flatnonzero(~np.logical_or.reduceat(supervised, starts))
+    missing = _rows_without_supervision(table.column("labels"))
+    rows = table.num_rows
     if not len(missing):
         return
     if training:
@@ -292,12 +311,12 @@ def _check_unsupervised_rows(table: pa.Table, labels: pa.ChunkedArray, what: str
             "clm-hf: row %d of the %s has no supervised label (every label is -100); %d of its %d rows have none. "
             "They are kept but give no loss (e.g. a prompt cut by truncation=True left no answer token). Drop them, "
             "or raise the tokenizer's max_length, to train on every row.",
-            int(missing[0]), what, len(missing), len(lengths),
+            int(missing[0]), what, len(missing), rows,
         )
         return
     raise ValueError(
         f"Row {int(missing[0])} of the {what} has no supervised label (every label is -100); "
-        f"{len(missing)} of its {len(lengths)} rows have none. Scored, such a row would count as a wrong answer in "
+        f"{len(missing)} of its {rows} rows have none. Scored, such a row would count as a wrong answer in "
         "exact_match. Drop those rows, or check the prompt/answer masking (answer tokens must keep their ids)."
     )
 

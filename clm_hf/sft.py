@@ -24,6 +24,7 @@ except ImportError as err:  # the optional extra is missing
         "clm_hf.sft needs TRL (trl.SFTTrainer), which is not installed: pip install 'clm-hf[trl]'."
     ) from err
 
+import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
 from torch import nn
@@ -32,7 +33,7 @@ from transformers import Trainer
 
 from ._logging import get_logger
 from .args import ContinualTrainingArguments, _document_continual_fields
-from .data import ContinualDataCollator, dataset_from_loader
+from .data import ContinualDataCollator, _rows_without_supervision, dataset_from_loader
 from .strategies.base import Strategy, unwrap_model
 from .trainer import ContinualTrainerMixin
 
@@ -218,14 +219,24 @@ class ContinualSFTTrainer(ContinualTrainerMixin, _SFTLoss):
         truncated = pc.sum(pc.greater(lengths, max_length)).as_py() or 0 if cuts else 0
         # TRL's second pass sees tokenized rows: it only truncates, drops, packs and shuffles them.
         prepared = self._prepare_dataset(rows, self.processing_class, self.args, packing, None, what)
-        dropped = 0 if packing else len(rows) - len(prepared)  # TRL drops rows only when it does not pack
+        if packing:
+            # TRL drops rows left with no supervised token only when it does not pack; a packed row made of
+            # prompt tokens only (bfd: a long prompt cut at max_length; wrapped: a split row's prompt chunk)
+            # carries no loss either, so it is dropped here, as TRL does unpacked ones, and counted.
+            unsupervised = _rows_without_supervision(prepared.with_format("arrow")[:].column("labels"))
+            dropped = len(unsupervised)
+            if dropped:
+                prepared = prepared.select(np.setdiff1d(np.arange(len(prepared)), unsupervised))
+        else:
+            dropped = len(rows) - len(prepared)
         if truncated or dropped:
             how = f"packing_strategy={self.args.packing_strategy!r}" if packing else \
                 f"truncation_mode={self.args.truncation_mode!r}"
             logger.warning(
-                "clm-hf: TRL's preparation of the %s (%d rows given) truncated %d row(s) longer than max_length=%d (%s) "
-                "and dropped %d row(s) left with no supervised token; %d rows train. Raise max_length to train "
-                "them whole.", what, len(rows), truncated, max_length, how, dropped, len(rows) - dropped,
+                "clm-hf: TRL's preparation of the %s (%d rows given) truncated %d row(s) longer than max_length=%s (%s) "
+                "and dropped %d %s left with no supervised token; %d %srows train. Raise max_length to train "
+                "them whole.", what, len(rows), truncated, max_length, how, dropped,
+                "packed row(s)" if packing else "row(s)", len(prepared), "packed " if packing else "",
             )
         return prepared
 

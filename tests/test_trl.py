@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 
@@ -330,3 +331,26 @@ def test_training_rows_truncated_or_dropped_by_trl_are_counted_in_a_warning(tmp_
     with caplog.at_level("WARNING", logger="clm_hf"):  # nothing cut: nothing said
         sft_trainer(tmp_path, chat_tokenizer, max_length=32)._prepare_rows(data, "train dataset of task 't'")
     assert "TRL's preparation" not in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packed_rows_with_no_supervised_token_are_dropped_and_counted(strategy, tmp_path, chat_tokenizer, caplog):
+    """Prompts longer than max_length leave packed rows made of prompt tokens only (bfd: the cut long row; wrapped:
+    a split row's prompt chunk). TRL drops such rows only when it does not pack: they carry no loss, so they are
+    dropped too and counted in the warning, never an error naming a packed row the user cannot find."""
+    data = _long_rows(["a b ="] * 4 + ["a b c d a b c d a b ="] * 2, [" b a"] * 4 + [" d c"] * 2)
+    trainer = sft_trainer(tmp_path, chat_tokenizer, max_length=8, packing=True, packing_strategy=strategy)
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        packed = trainer._prepare_rows(data, "train dataset of task 't'")
+    assert all(any(label != -100 for label in row) for row in packed["labels"])
+    found = re.search(rf"truncated (\d+) row\(s\) longer than max_length=8 \(packing_strategy='{strategy}'\) and "
+                      rf"dropped (\d+) packed row\(s\) left with no supervised token; {len(packed)} packed rows train",
+                      caplog.text)
+    assert found, caplog.text
+    assert int(found.group(1)) == (2 if strategy == "bfd" else 0) and int(found.group(2)) >= 1
+    assert "no supervised label" not in caplog.text  # the row check saw no unsupervised packed row
+    # Only prompt tokens were dropped: wrapped keeps every answer token, bfd those of the rows it did not cut.
+    whole = sft_trainer(tmp_path, chat_tokenizer, max_length=None)._prepare_rows(data, "train rows")
+    answers = [sum(label != -100 for label in row) for row in whole["labels"]]
+    kept = sum(sum(label != -100 for label in row) for row in packed["labels"])
+    assert kept == (sum(answers[:4]) if strategy == "bfd" else sum(answers))
