@@ -25,6 +25,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import transformers
 
@@ -519,9 +520,37 @@ def tokenize_rows(
         return tokenize_for_seq2seq(dataset, tokenizer, answer_column=completion, what=what)
     # TRL's prompt/completion rows are joined exactly as written (a template-formatted prompt ends where the
     # completion starts); the project's own prompt/answer rows (the synthetic suite) keep the separating space.
+    if completion == "completion":
+        _warn_glued_join(dataset, what)
     return tokenize_for_causal_lm(dataset, tokenizer, answer_only_loss=answer_only_loss, answer_column=completion,
                                   separator="" if completion == "completion" else None, what=what)
 
+
+
+def _warn_glued_join(dataset: Any, what: str) -> None:
+    """One warning when most rows join two non-space characters (``"...?"`` + ``"Natalia"``): prompt/completion
+    rows are joined as written, TRL's convention, where prompt/answer rows get a space, so a user who relied on
+    that space (e.g. a recipe mapping ``completion_column: answer``) sees it is gone. A stream is not read ahead."""
+    if not isinstance(dataset, datasets.Dataset) or dataset.num_rows == 0:
+        return
+    table = dataset.select_columns(["prompt", "completion"]).with_format("arrow")[:]  # honours select()/shuffle()
+    prompt, completion = table.column("prompt"), table.column("completion")
+    if not (pa.types.is_string(prompt.type) or pa.types.is_large_string(prompt.type)) or \
+            not (pa.types.is_string(completion.type) or pa.types.is_large_string(completion.type)):
+        return
+    last, first = pc.utf8_slice_codeunits(prompt, -1), pc.utf8_slice_codeunits(completion, 0, 1)
+    glued = pc.and_(pc.and_(pc.greater(pc.utf8_length(last), 0), pc.invert(pc.utf8_is_space(last))),
+                    pc.and_(pc.greater(pc.utf8_length(first), 0), pc.invert(pc.utf8_is_space(first))))
+    count = pc.sum(glued).as_py() or 0
+    if 2 * count <= len(table):
+        return
+    row = pc.index(glued, True).as_py()
+    logger.warning(
+        "clm-hf: %d of the %d rows of the %s join 'prompt' and 'completion' with no space between them (row %d: "
+        "%r + %r). prompt/completion rows are joined as written (TRL's convention; prompt/answer rows get a "
+        "space): end the prompt or start the completion with a space if the text needs one.",
+        count, len(table), what, row, prompt[row].as_py()[-20:], completion[row].as_py()[:20],
+    )
 
 
 def _warn_unused_layout_columns(columns: Sequence[str], layout: str, what: str) -> None:

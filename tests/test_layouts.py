@@ -452,3 +452,27 @@ def test_prompt_completion_is_joined_as_written_and_prompt_answer_keeps_its_spac
     answer = tokenize_rows(datasets.Dataset.from_dict({"prompt": rows["prompt"][:1], "answer": ["4"]}), tok,
                            seq2seq=False)
     assert tok.decode(answer[0]["input_ids"]) == "Q: 2+2= 4<eos>"
+
+
+def test_a_prompt_completion_join_that_glues_most_rows_warns_once_per_split(caplog):
+    """prompt/completion rows are joined as written (TRL's convention) where prompt/answer rows get a space: a
+    split whose rows mostly glue two words ("...=" + "b") says so once, naming the columns."""
+    tok = build_tokenizer()
+    glued = datasets.Dataset.from_dict({"prompt": ["reverse : a b =", "copy : a =", "reverse : c d ="],
+                                        "completion": ["b a", "a", " d c"]})
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        rows = tokenize_rows(glued, tok, seq2seq=False, what="train dataset of task 'r'")
+    warned = [r.getMessage() for r in caplog.records if "no space between them" in r.getMessage()]
+    assert warned == ["clm-hf: 2 of the 3 rows of the train dataset of task 'r' join 'prompt' and 'completion' with "
+                      "no space between them (row 0: 'reverse : a b =' + 'b a'). prompt/completion rows are joined as "
+                      "written (TRL's convention; prompt/answer rows get a space): end the prompt or start the "
+                      "completion with a space if the text needs one."]
+    assert len(rows) == 3  # a warning, not an error: every row is tokenized
+    caplog.clear()
+    spaced = glued.map(lambda r: {"completion": " " + r["completion"].lstrip()})
+    as_answer = glued.rename_column("completion", "answer")  # prompt/answer rows get the space: nothing to say
+    minority = datasets.Dataset.from_dict({"prompt": ["a =", "b =", "c ="], "completion": ["a", " b", " c"]})
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        for data in (spaced, as_answer, minority):
+            tokenize_rows(data, tok, seq2seq=False, what="train dataset of task 'r'")
+    assert "no space between them" not in caplog.text
