@@ -145,6 +145,14 @@ class ContinualTrainerMixin:
             # The per-task scores hand compute_metrics arg-max ids; the Trainer's own evaluate() then does too,
             # so one compute_metrics works for both (and no full logits pile up in memory).
             self.preprocess_logits_for_metrics = argmax_logits
+            # It changes what a plain Trainer's evaluate() hands compute_metrics: say so, and how to opt out.
+            logger.info(
+                "clm-hf: compute_metrics is given without preprocess_logits_for_metrics, so the trainer installs "
+                "clm_hf.evaluation.argmax_logits: compute_metrics receives arg-max token ids (rows, positions), not "
+                "logits, in the Trainer's own evaluate() as in the per-task scores. To get something else, pass your "
+                "own preprocess_logits_for_metrics (e.g. lambda logits, labels: logits; it then runs in the per-task "
+                "scores too)."
+            )
         self.strategies: list[Strategy] = strategies
         self.task_metrics = dict(task_metrics or {})
         self.generation_scorer = generation_scorer

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -283,7 +284,8 @@ def test_scoring_leaves_the_global_rng_as_it_was(tmp_path, make_model, tokenizer
 
 
 # --- review je, finding 9: compute_metrics sees one format from both evaluations ------------------
-def test_compute_metrics_gets_argmax_ids_from_the_trainers_evaluate_too(tmp_path, make_model, tokenizer, tiny_stream):
+def test_compute_metrics_gets_argmax_ids_from_the_trainers_evaluate_too(tmp_path, make_model, tokenizer, tiny_stream,
+                                                                         caplog):
     seen = []
 
     def compute_metrics(prediction):
@@ -292,21 +294,30 @@ def test_compute_metrics_gets_argmax_ids_from_the_trainers_evaluate_too(tmp_path
         mask = labels != -100
         return {"answer_acc": float((predictions[mask] == labels[mask]).mean())}
 
-    trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
-                                       compute_metrics=compute_metrics,
-                                       args=small_args(tmp_path, save_continual_state=False, eval_strategy="steps",
-                                                       eval_steps=2, eval_before_training=False))
+    with caplog.at_level(logging.INFO, logger="clm_hf"):
+        trainer = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer,
+                                           compute_metrics=compute_metrics,
+                                           args=small_args(tmp_path, save_continual_state=False, eval_strategy="steps",
+                                                           eval_steps=2, eval_before_training=False))
+    # Installing it changes what the Trainer's own evaluate() hands compute_metrics: said once, with the opt-out.
+    said = [r for r in caplog.records if "installs clm_hf.evaluation.argmax_logits" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "receives arg-max token ids (rows, positions), not logits, in the Trainer's own evaluate()" in \
+        said[0].getMessage() and "pass your own preprocess_logits_for_metrics" in said[0].getMessage()
     trainer.fit({"copy": tiny_stream["copy"]})
     in_task = [h for h in trainer.state.log_history if "eval_answer_acc" in h]
     # The Trainer's own evaluations (steps 2 and 4) and the per-task scores: ids (rows, positions) each time.
     assert len(in_task) == 2 and len(seen) == 3 and set(seen) == {2}
     # The Trainer's last evaluation and the per-task score are the same eval set on the same model.
     assert in_task[-1]["eval_answer_acc"] == pytest.approx(trainer.results.matrix("answer_acc")[0][0])
-    # A preprocess_logits_for_metrics of the user's own is left alone.
-    own = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, compute_metrics=compute_metrics,
-                                   preprocess_logits_for_metrics=lambda logits, labels: logits,
-                                   args=small_args(tmp_path / "own"))
+    # A preprocess_logits_for_metrics of the user's own is left alone (and nothing is said about it).
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clm_hf"):
+        own = ContinualCausalLMTrainer(model=make_model("gpt2"), processing_class=tokenizer, compute_metrics=compute_metrics,
+                                       preprocess_logits_for_metrics=lambda logits, labels: logits,
+                                       args=small_args(tmp_path / "own"))
     assert own.preprocess_logits_for_metrics is not argmax_logits
+    assert "installs clm_hf.evaluation.argmax_logits" not in caplog.text
 
 
 # --- review je, finding 1: a primary metric that never moves is named once per run ----------------
