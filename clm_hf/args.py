@@ -116,15 +116,13 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.eval_metrics, str):  # "exact_match" or "exact_match,loss": not read letter by letter
-            self.eval_metrics = [m.strip() for m in self.eval_metrics.split(",") if m.strip()]
+        self.eval_metrics = _metric_names(self.eval_metrics)  # "exact_match,loss": not read letter by letter
         unknown = [m for m in self.eval_metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ValueError(f"eval_metrics has unknown metric(s) {unknown}; choose from {list(BUILTIN_METRICS)}.")
         if not self.eval_metrics:
             raise ValueError("eval_metrics must name at least one metric.")
-        if isinstance(self.generation_metrics, str):  # "bleu" or "exact_match,bleu" from a recipe or the CLI
-            self.generation_metrics = [m.strip() for m in self.generation_metrics.split(",") if m.strip()]
+        self.generation_metrics = _metric_names(self.generation_metrics)  # "exact_match,bleu" from a recipe or CLI
         unknown = [m for m in self.generation_metrics if m not in TEXT_METRICS]
         if unknown:
             raise ValueError(f"generation_metrics has unknown metric(s) {unknown}; choose from {list(TEXT_METRICS)}.")
@@ -136,6 +134,13 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"continual_eval_batch_size must be >= 1, got {self.continual_eval_batch_size}.")
         if self.continual_save_total_limit is not None and self.continual_save_total_limit < 1:
             raise ValueError(f"continual_save_total_limit must be >= 1 or None, got {self.continual_save_total_limit}.")
+
+
+def _metric_names(value: str | list[str]) -> list[str]:
+    """A metric list as a recipe or the CLI writes it (``"exact_match, bleu"``) split at commas; a list as given."""
+    if isinstance(value, str):
+        return [m.strip() for m in value.split(",") if m.strip()]
+    return value
 
 
 def _continual_args_section() -> str:
