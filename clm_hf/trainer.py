@@ -1199,9 +1199,14 @@ class ContinualTrainerMixin:
         On a trainer that already trained tasks (an earlier ``fit``, ``train_task``,
         ``from_pretrained``), without ``resume_from_checkpoint``, the stream continues: give only
         the new tasks, or the whole stream in order (the trained task ids first, which are
-        skipped); ``results`` keep their rows and grow. Any other stream raises a ``ValueError``
-        naming the trained ids and the given ones. A task without an eval set is trained but not
-        scored: a warning names it when ``fit`` starts.
+        skipped); ``results`` keep their rows and grow. A trained task that has no eval set yet
+        (after ``from_pretrained``) gets the stream's, so it is scored after the new tasks. A list
+        names its entries by position (``'0'``, ``'1'``, ...) unless they carry ``task_id`` or
+        ``name``: such a list must be the whole stream (a warning names the entries skipped); use
+        a dict to give only new tasks. Any other stream raises a ``ValueError`` naming the trained
+        ids and the given ones. Tasks added by a later ``fit`` have no FWT (``None``): the
+        baseline is the initial model's, taken once before the first task. A task without an eval
+        set is trained but not scored: a warning names it when ``fit`` starts.
 
         Args:
             tasks: Either a dict ``{task name: DatasetDict / {"train": ..., "eval": ...} / (train, eval)}``
@@ -1809,7 +1814,7 @@ class ContinualTrainerMixin:
         """Rebuild a trainer with its whole continual state from a Hub repo or a local folder.
 
         >>> trainer = ContinualCausalLMTrainer.from_pretrained("user/my-stream")  # doctest: +SKIP
-        >>> trainer.fit(stream, resume_from_checkpoint=True)  # doctest: +SKIP
+        >>> trainer.fit(stream)  # doctest: +SKIP
 
         See :func:`clm_hf.hub.from_pretrained` for the options.
         """
