@@ -611,10 +611,11 @@ def from_pretrained(
     saved settings) with their states, the tasks done and the score matrices; the checkpoint is
     copied into ``<output_dir>/continual/`` so that new checkpoints follow it.
 
-    Continue with ``trainer.fit(stream, resume_from_checkpoint=True)`` (the stream starts with the
-    tasks already done, which are skipped) or ``trainer.train_task(next_task, eval_rows)``; with
-    ``train_task``, pass the earlier tasks' evaluation rows as ``eval_datasets`` so that they are
-    scored too.
+    Continue with ``trainer.fit(stream)`` (the whole stream, whose tasks already done are skipped
+    while their eval sets are scored after each new task; or only the new tasks, given as a dict),
+    ``trainer.fit(stream, resume_from_checkpoint=True)`` (the whole stream), or
+    ``trainer.train_task(next_task, eval_rows)``; with ``train_task`` or a stream of only new
+    tasks, pass the earlier tasks' evaluation rows as ``eval_datasets`` so that they are scored too.
 
     Args:
         trainer_cls: The trainer class to build (``ContinualCausalLMTrainer``, ...).

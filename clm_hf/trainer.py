@@ -1207,9 +1207,14 @@ class ContinualTrainerMixin:
         On a trainer that already trained tasks (an earlier ``fit``, ``train_task``,
         ``from_pretrained``), without ``resume_from_checkpoint``, the stream continues: give only
         the new tasks, or the whole stream in order (the trained task ids first, which are
-        skipped); ``results`` keep their rows and grow. Any other stream raises a ``ValueError``
-        naming the trained ids and the given ones. A task without an eval set is trained but not
-        scored: a warning names it when ``fit`` starts.
+        skipped); ``results`` keep their rows and grow. A trained task that has no eval set yet
+        (after ``from_pretrained``) gets the stream's, so it is scored after the new tasks. A list
+        names its entries by position (``'0'``, ``'1'``, ...) unless they carry ``task_id`` or
+        ``name``: such a list must be the whole stream (a warning names the entries skipped); use
+        a dict to give only new tasks. Any other stream raises a ``ValueError`` naming the trained
+        ids and the given ones. Tasks added by a later ``fit`` have no FWT (``None``): the
+        baseline is the initial model's, taken once before the first task. A task without an eval
+        set is trained but not scored: a warning names it when ``fit`` starts.
 
         Args:
             tasks: Either a dict ``{task name: DatasetDict / {"train": ..., "eval": ...} / (train, eval)}``
@@ -1262,10 +1267,29 @@ class ContinualTrainerMixin:
             # checked they open it: either way the trained ids are the ones to skip.
             trained = {t.task_id for t in self.tasks}
             for spec in specs:
-                if spec["task_id"] not in trained and spec["task_id"] not in self._eval_sets:
+                if spec["task_id"] in self._eval_sets:
+                    continue
+                if spec["task_id"] in trained:
+                    logger.warning("clm-hf: trained task '%s' has no eval set: it is not scored after the next tasks, "
+                                   "so its forgetting (BWT) is not measured. Give its eval set in the stream (fit: "
+                                   "{'train': ..., 'eval': ...}) or from_pretrained(eval_datasets=...).",
+                                   self.task(spec["task_id"]).name)
+                else:
                     logger.warning("clm-hf: task '%s' has no eval set: it is trained but never scored, so its column "
                                    "of the score matrices stays empty. Give it one (fit: {'train': ..., 'eval': ...}) "
                                    "to measure it.", spec["name"])
+            def has_baseline(task_id: str) -> bool:
+                column = self.results.task_names.index(self._task_names[task_id])
+                return any(len(v) > column and v[column] is not None for v in self.results.baseline.values())
+
+            added_later = [s["name"] for s in specs if s["task_id"] not in trained and s["task_id"] in self._eval_sets
+                           and not has_baseline(s["task_id"])]
+            if continuing and added_later and self.results.baseline:
+                # The baseline is the initial model's score, gone once tasks were trained: FWT cannot
+                # be measured for tasks that join the stream later.
+                logger.info("clm-hf: task(s) %s join a stream that already trained tasks: the initial model's "
+                            "baseline on them was never taken, so their FWT is None (ACC, BWT and forgetting "
+                            "are measured).", added_later)
             for index, spec in enumerate(specs):
                 if spec["task_id"] in trained:
                     continue
@@ -1301,7 +1325,14 @@ class ContinualTrainerMixin:
             self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
         trained = {t.task_id for t in self.tasks} if continuing else set()
         for spec in specs:
-            if spec["task_id"] in trained:  # its name and eval set were registered when it trained
+            if spec["task_id"] in trained:
+                # Trained: only its training is skipped. A trainer from from_pretrained (or a task
+                # trained by train_task without eval rows) has no eval set for it: the stream's one is
+                # registered under the trained name, so the task is scored after the next tasks
+                # (its BWT/forgetting); one registered already is kept.
+                if spec["eval"] is not None and spec["task_id"] not in self._eval_sets:
+                    name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
+                    self.add_eval_task(spec["task_id"], spec["eval"], name)
                 continue
             self._task_names[spec["task_id"]] = spec["name"]
             if spec["eval"] is not None:
@@ -1322,14 +1353,29 @@ class ContinualTrainerMixin:
         opens_with_trained = given[: len(trained)] == trained
         rest = given[len(trained):] if opens_with_trained else given
         again = [i for i in rest if i in trained]
+        by_position = [s["task_id"] for s in specs if s.get("positional") and s["task_id"] in trained]
         if again:
             why = "trains " + repr(again) + " again" if opens_with_trained else "its first ids are not the trained ones"
+            if by_position:  # a list entry without task_id/name is named by its position: it cannot be "new"
+                raise ValueError(
+                    f"This trainer already trained tasks {trained}, and fit() got a list stream whose entries are "
+                    f"named by position {given}, which does not continue it ({why}). A list names its tasks by "
+                    "position, so it cannot name only the new tasks: pass the whole list in order (the trained "
+                    "entries first: they are skipped), or a dict with new names (fit({'next_task': ...})); to "
+                    "train from scratch, build a new trainer."
+                )
             raise ValueError(
                 f"This trainer already trained tasks {trained}, and fit() got the stream {given}, which does not "
                 f"continue it ({why}). Pass only the new tasks "
                 "(fit({'next_task': ...})), or the whole stream in order, starting with the trained tasks; to "
                 "train from scratch, build a new trainer."
             )
+        if by_position:
+            # Taken as the whole list in order; a list of only new tasks cannot be told from it, so say
+            # which entries are skipped rather than skip them silently.
+            logger.warning("clm-hf: fit() got a list stream named by position: its entries %s are taken as the "
+                           "trained tasks %s and skipped (not trained). To add only new tasks, pass a dict with new "
+                           "names (fit({'next_task': ...})).", by_position, by_position)
         names = {t.name for t in self.tasks}
         clash = [s["name"] for s in specs if s["task_id"] in rest and s["name"] in names]
         if clash:
@@ -1401,7 +1447,10 @@ class ContinualTrainerMixin:
             self._run_lock = ckpt.RunLock(run_dir).acquire()
             weakref.finalize(self, self._run_lock.release)
         resuming_here = resume_run is not None and resume_run.resolve() == run_dir.resolve()
-        if self._owns_output_dir or resuming_here:
+        # from_pretrained restored this trainer from (a copy into) output_dir: that state is this run's.
+        restored = getattr(self, "_restored_run", None)
+        restored_here = restored is not None and restored.resolve() == run_dir.resolve()
+        if self._owns_output_dir or resuming_here or restored_here:
             self._owns_output_dir = True
             return
         found = run_state_paths(run_dir)
@@ -1633,6 +1682,8 @@ class ContinualTrainerMixin:
             meta = ckpt.read_continual_state(task_ckpt)
             self._restore(task_ckpt, meta, specs, load_model=True, force=force)
             done = len(meta["tasks"])
+            # The run folder whose state this trainer now holds (_claim_output_dir accepts it).
+            self._restored_run = run_dir
         if done >= len(specs):
             return None
         # A Trainer checkpoint inside the next task, with its continual state, resumes mid-task.
@@ -1771,7 +1822,7 @@ class ContinualTrainerMixin:
         """Rebuild a trainer with its whole continual state from a Hub repo or a local folder.
 
         >>> trainer = ContinualCausalLMTrainer.from_pretrained("user/my-stream")  # doctest: +SKIP
-        >>> trainer.fit(stream, resume_from_checkpoint=True)  # doctest: +SKIP
+        >>> trainer.fit(stream)  # doctest: +SKIP
 
         See :func:`clm_hf.hub.from_pretrained` for the options.
         """
@@ -2058,9 +2109,12 @@ def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, 
             (train, evaluation), task_id = entry, None
         else:
             raise TypeError(f"Task entry {position} must be a DatasetDict, a dict with 'train'/'eval' or a (train, eval) pair.")
+        # An entry with neither task_id nor name is known by its position only: continuing a stream
+        # (fit on a trainer with trained tasks) cannot tell such an entry from a trained task.
+        positional = task_id is None and name is None
         task_id = str(task_id if task_id is not None else (name if name is not None else position))
         specs.append({"task_id": task_id, "name": str(name if name is not None else f"task_{position}"),
-                      "train": train, "eval": evaluation})
+                      "train": train, "eval": evaluation, "positional": positional})
     if not specs:
         raise ValueError("fit() got an empty stream: give at least one task.")
     ids = [s["task_id"] for s in specs]

@@ -158,6 +158,29 @@ def test_local_folder_resume_with_train_task(tmp_path, make_model, tokenizer, ti
     assert resumed.results.matrix()[0] == [pytest.approx(reference.results.matrix()[0][0], abs=1e-6), None]
 
 
+@pytest.mark.parametrize("where", ["run folder", "other folder"])
+def test_from_pretrained_then_fit_of_the_whole_stream_scores_the_restored_tasks(
+        where, tmp_path, make_model, tokenizer, tiny_stream, reference):
+    first = _trainer(tmp_path, make_model, tokenizer)
+    first.fit({"copy": tiny_stream["copy"]})
+    run_dir = tmp_path / "run"
+    # A run folder records no training arguments: give the first run's (output_dir aside).
+    args = small_args(tmp_path if where == "run folder" else tmp_path / "second")
+    resumed = ContinualCausalLMTrainer.from_pretrained(run_dir, model=make_model("gpt2"), processing_class=tokenizer,
+                                                       args=args)
+    # fit without resume_from_checkpoint continues the stream: no OutputDirInUseError in the restored
+    # folder, 'copy' is skipped but its eval set is registered, so it is scored after 'reverse'.
+    results = resumed.fit({"copy": tiny_stream["copy"], "reverse": tiny_stream["reverse"]})
+    assert [t.task_id for t in resumed.tasks] == ["copy", "reverse"]
+    loss = results.matrix("loss")
+    assert loss[1] == pytest.approx(reference.results.matrix("loss")[1][:2], abs=1e-6)
+    assert loss[0] == [pytest.approx(reference.results.matrix("loss")[0][0], abs=1e-6), None]
+    assert results.summary("loss")["bwt"] is not None and results.summary("loss")["forgetting"] is not None
+    target = Path(args.output_dir)
+    assert (target / "continual" / "task-001" / "manifest.json").is_file()
+    assert json.loads((target / "results.json").read_text())["task_names"] == ["copy", "reverse"]
+
+
 def test_from_pretrained_of_a_run_folder_continues_in_place(tmp_path, make_model, tokenizer, tiny_stream):
     first = _trainer(tmp_path, make_model, tokenizer)
     first.fit({"copy": tiny_stream["copy"]})

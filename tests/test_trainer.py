@@ -459,9 +459,71 @@ def test_a_later_fit_that_does_not_continue_the_stream_is_refused_before_anythin
 def test_fit_warns_once_for_each_task_without_an_eval_set(tmp_path, make_model, tokenizer, tiny_stream, caplog):
     trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
     with caplog.at_level("WARNING"):
-        trainer.fit({"copy": {"train": tiny_stream["copy"]["train"]}, "reverse": tiny_stream["reverse"]})
+        trainer.fit({"copy": {"train": tiny_stream["copy"]["train"]}, "reverse": tiny_stream["reverse"],
+                     "sort": {"train": tiny_stream["sort"]["train"]}})
     warned = [r.getMessage() for r in caplog.records if "has no eval set" in r.getMessage()]
-    assert len(warned) == 1 and "task 'copy'" in warned[0] and "score matrices" in warned[0]
+    assert len(warned) == 2 and all("score matrices" in w for w in warned)
+    assert "task 'copy'" in warned[0] and "task 'sort'" in warned[1]
+
+
+def test_a_later_fit_scores_a_trained_task_with_the_streams_eval_set_or_warns(tmp_path, make_model, tokenizer,
+                                                                            tiny_stream, caplog):
+    # 'copy' is trained without eval rows (as after from_pretrained): continuing with the whole stream
+    # registers its eval set (its training is skipped), so it is scored after 'reverse'.
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    # 'reverse' is scored from the start so that the row after 'copy' exists (a row needs a score).
+    trainer.add_eval_task("reverse", tiny_stream["reverse"]["eval"])
+    trainer.train_task(tiny_stream["copy"]["train"], task_id="copy")
+    weights = _params(trainer.model)
+    with caplog.at_level("WARNING"):
+        results = trainer.fit({"copy": tiny_stream["copy"], "reverse": tiny_stream["reverse"]})
+    assert not [r for r in caplog.records if "has no eval set" in r.getMessage()]
+    assert [t.task_id for t in trainer.tasks] == ["copy", "reverse"] and results.task_names == ["copy", "reverse"]
+    loss = results.matrix("loss")
+    assert loss[0][0] is None and loss[1][0] is not None and loss[1][1] is not None
+    assert not all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())  # 'reverse' trained
+    # A trained task still without eval set is named by the no-eval warning.
+    caplog.clear()
+    other = _trainer(tmp_path / "other", make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    other.train_task(tiny_stream["copy"]["train"], task_id="copy")
+    with caplog.at_level("WARNING"):
+        other.fit({"copy": {"train": tiny_stream["copy"]["train"]}, "reverse": tiny_stream["reverse"]})
+    warned = [r.getMessage() for r in caplog.records if "has no eval set" in r.getMessage()]
+    assert len(warned) == 1 and "trained task 'copy'" in warned[0] and "forgetting" in warned[0]
+
+
+def test_a_later_fit_with_a_list_stream_named_by_position_is_the_whole_list(tmp_path, make_model, tokenizer,
+                                                                           tiny_stream, caplog):
+    pairs = [(tiny_stream[n]["train"], tiny_stream[n]["eval"]) for n in ("copy", "reverse", "sort")]
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    trainer.fit(pairs[:2])
+    before = trainer.results.to_dict()
+    # Only the new task, as a list: its entry is '0' by position, a trained id: refused, not skipped.
+    with pytest.raises(ValueError, match=r"list stream whose entries are named by position \['0'\].*A list names "
+                                         r"its tasks by position.*whole list in order.*dict with new names"):
+        trainer.fit(pairs[2:])
+    assert [t.task_id for t in trainer.tasks] == ["0", "1"] and trainer.results.to_dict() == before
+    # The whole list in order: the trained entries are skipped, and a warning says so.
+    with caplog.at_level("WARNING"):
+        results = trainer.fit(pairs)
+    assert [t.task_id for t in trainer.tasks] == ["0", "1", "2"] and len(results.matrix("loss")) == 3
+    warned = [r.getMessage() for r in caplog.records if "named by position" in r.getMessage()]
+    assert len(warned) == 1 and "['0', '1']" in warned[0] and "skipped" in warned[0]
+
+
+def test_tasks_added_by_a_later_fit_have_no_fwt(tmp_path, make_model, tokenizer, tiny_stream, caplog):
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    trainer.fit({"copy": tiny_stream["copy"]})
+    with caplog.at_level("INFO", logger="clm_hf"):
+        results = trainer.fit({"reverse": tiny_stream["reverse"]})
+    # The baseline is the initial model's: 'reverse' was not in the stream then, so FWT has no term.
+    assert results.baseline["loss"][0] is not None and results.baseline["loss"][1] is None
+    assert results.summary("loss")["fwt"] is None and results.summary("loss")["bwt"] is not None
+    logged = [r.getMessage() for r in caplog.records if "FWT is None" in r.getMessage()]
+    assert len(logged) == 1 and "['reverse']" in logged[0]
+    # The same two tasks in one fit have an FWT.
+    whole = _trainer(tmp_path / "whole", make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    assert whole.fit({k: tiny_stream[k] for k in ("copy", "reverse")}).summary("loss")["fwt"] is not None
 
 
 def test_evaluate_task_tokenizes_raw_rows_as_the_per_task_scoring_does(tmp_path, make_model, tokenizer):
