@@ -1153,7 +1153,12 @@ class ContinualTrainerMixin:
         return dataset
 
     def _evaluate_stream(self, *, row: bool) -> None:
-        if not (self._eval_sets or self._reference_sets) or self.results is None:
+        if self.results is None:
+            return
+        if not (self._eval_sets or self._reference_sets):
+            if row:  # a row of None all the same: the matrices keep one row per trained task, in stream order
+                self.results.add_row({m: [None] * len(self.results.task_names) for m in self._setting("eval_metrics")})
+                self._save_results()
             return
         scores = self.evaluate_tasks()
         reference = self.evaluate_reference_sets()

@@ -466,6 +466,17 @@ def test_fit_warns_once_for_each_task_without_an_eval_set(tmp_path, make_model, 
     assert "task 'copy'" in warned[0] and "task 'sort'" in warned[1]
 
 
+def test_a_task_trained_with_no_eval_set_anywhere_still_gets_its_row(tmp_path, make_model, tokenizer, tiny_stream):
+    # Nothing is scored after 'copy' (no eval set registered at all); its row must still be there, or
+    # the row after 'reverse' would take its place and every later row would sit one task too early.
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1, save_continual_state=False)
+    trainer.train_task(tiny_stream["copy"]["train"], task_id="copy")
+    results = trainer.fit({"copy": tiny_stream["copy"], "reverse": tiny_stream["reverse"]})
+    loss = results.matrix("loss")
+    assert results.num_trained == 2 and len(loss) == 2, loss
+    assert loss[0] == [None, None] and None not in loss[1], loss
+
+
 def test_a_later_fit_scores_a_trained_task_with_the_streams_eval_set_or_warns(tmp_path, make_model, tokenizer,
                                                                             tiny_stream, caplog):
     # 'copy' is trained without eval rows (as after from_pretrained): continuing with the whole stream
