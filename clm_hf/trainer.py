@@ -1491,6 +1491,7 @@ class ContinualTrainerMixin:
         sharded = any_dtensor(reshard(model).parameters())
         if not self.args.should_save and not sharded:
             return None
+        in_run = directory is None
         if directory is None:
             directory = Path(self._base_output_dir) / CONTINUAL_DIR / f"task-{len(self.tasks) - 1:03d}"
         path = ckpt.save_continual_checkpoint(
@@ -1499,6 +1500,11 @@ class ContinualTrainerMixin:
         )
         if not self.args.should_save:
             return None
+        if in_run and getattr(self, "_run_base_written", None) != self._base_output_dir:
+            # Once per run folder: the model's config and the tokenizer, so that from_pretrained(run)
+            # rebuilds them with no model=/processing_class= (the checkpoint holds the weights only).
+            hub.write_run_base(self, self._base_output_dir)
+            self._run_base_written = self._base_output_dir
         limit = self._setting("continual_save_total_limit")
         if limit:
             for old in ckpt.list_checkpoints(Path(self._base_output_dir) / CONTINUAL_DIR)[:-limit]:
@@ -1989,7 +1995,7 @@ def run_state_paths(run_dir: str | os.PathLike) -> list[Path]:
         any(d.glob(f"checkpoint-*/{IN_TASK_STATE_DIR}/{ckpt.MANIFEST}")) for d in task_dirs)
     if not complete:
         return []
-    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME) if p.exists()]
+    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME, run_dir / hub.BASE_CONFIG_DIR) if p.exists()]
 
 
 def resolve_run_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
