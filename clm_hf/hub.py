@@ -398,11 +398,16 @@ def task_finished(trainer: Any) -> None:
         where = f"task {task.index} ('{task.name}')" if task is not None else "the continual state"
         if first:
             repo = getattr(trainer, "hub_model_id", None) or getattr(args, "hub_model_id", None)
+            # Without continual checkpoints there is nothing on disk to resume from.
+            if trainer._setting("save_continual_state"):
+                then = ("What is saved on disk stays: fix the setting and resume with resume_from_checkpoint=True.")
+            else:
+                then = ("With save_continual_state=False no continual checkpoint was written, so nothing can be "
+                        "resumed: fix the setting and re-run the stream from the start.")
             raise RuntimeError(
                 f"Pushing to the Hub after {where}, the first push of this run, failed: {err}. Check the "
                 f"repository (hub_model_id={repo!r}) and the token (hub_token or `hf auth login`); the run stops "
-                "here rather than fail the same way after every task. What is saved on disk stays: fix the "
-                "setting and resume with resume_from_checkpoint=True. Later push failures are only warnings."
+                f"here rather than fail the same way after every task. {then} Later push failures are only warnings."
             ) from err
         # The run goes on; the state is on disk and the next push (or a manual one) uploads it.
         logger.warning("clm-hf: pushing to the Hub after %s failed: %s", where, err)

@@ -335,6 +335,18 @@ def test_a_failed_first_push_stops_the_run_and_names_the_task(tmp_path, fake_hub
     assert isinstance(info.value.__cause__, PermissionError)
     assert calls == ["clm-hf: after task 0 (copy)"] and [t.task_id for t in trainer.tasks] == ["copy"]
     assert fake_hub.uploads == []
+    assert "resume with resume_from_checkpoint=True" in str(info.value)
+
+
+def test_a_failed_first_push_without_continual_state_says_to_re_run(tmp_path, fake_hub, make_model, tokenizer,
+                                                                    tiny_stream, monkeypatch):
+    _failing_uploads(monkeypatch, fail_calls={0})
+    trainer = _trainer(tmp_path, make_model, tokenizer, push_to_hub=True, hub_model_id="tester/cl-stream",
+                       save_continual_state=False)
+    with pytest.raises(RuntimeError, match="save_continual_state=False no continual checkpoint was written, so nothing "
+                                           "can be resumed: fix the setting and re-run the stream") as info:
+        trainer.fit({"copy": tiny_stream["copy"]})
+    assert "resume_from_checkpoint" not in str(info.value)
 
 
 def test_a_failed_later_push_is_a_warning_and_training_goes_on(tmp_path, fake_hub, make_model, tokenizer, tiny_stream,
