@@ -160,6 +160,8 @@ class ContinualTrainerMixin:
         self.current_task: TaskInfo | None = None
         self.results: ContinualResults | None = None
         self._eval_sets: dict[str, Dataset] = {}  # task_id -> tokenized eval rows
+        # task_id -> the eval rows as given (no copy), to tell a later stream's different set from it.
+        self._eval_given: dict[str, Any] = {}
         self._reference_sets: dict[str, Dataset] = {}  # name -> tokenized rows scored after every task, never trained
         self._task_names: dict[str, str] = {}
         self._base_output_dir = self.args.output_dir
@@ -705,6 +707,7 @@ class ContinualTrainerMixin:
         name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
         self._check_display_name(key, name)
         self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'", scoring=True)
+        self._eval_given[key] = eval_dataset
         self._task_names[key] = name
         if self.results is None:
             self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
@@ -1335,9 +1338,22 @@ class ContinualTrainerMixin:
                 # trained by train_task without eval rows) has no eval set for it: the stream's one is
                 # registered under the trained name, so the task is scored after the next tasks
                 # (its BWT/forgetting); one registered already is kept.
+                name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
                 if spec["eval"] is not None and spec["task_id"] not in self._eval_sets:
-                    name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
                     self.add_eval_task(spec["task_id"], spec["eval"], name)
+                    ignored = []
+                else:
+                    given = self._eval_given.get(spec["task_id"])
+                    ignored = ["eval set"] if spec["eval"] is not None and not _same_rows(spec["eval"], given) else []
+                if spec.get("named") and spec["name"] != name:  # a default task_N name is no request
+                    ignored.append(f"display name {spec['name']!r}")
+                if ignored:
+                    # The registered ones stay: the matrix's earlier rows were scored on them.
+                    logger.warning(
+                        "clm-hf: the stream's entry for trained task %r (%s) brings a different %s than the one "
+                        "registered; it is ignored and the registered one kept (its earlier scores were taken on it). "
+                        "To score other rows, register them under a new task id with add_eval_task.",
+                        spec["task_id"], name, " and ".join(ignored))
                 continue
             self._task_names[spec["task_id"]] = spec["name"]
             if spec["eval"] is not None:
@@ -2092,6 +2108,28 @@ def _pad_token_id(model: nn.Module | None, tokenizer: Any) -> int:
     return 0
 
 
+def _same_rows(given: Any, registered: Any) -> bool:
+    """Whether a stream's eval rows are the ones registered: the same object, equal Datasets, or equal lists.
+
+    Datasets compare by fingerprint, then by content (a stream built again from the same files or
+    dicts is the same set); other objects (a DataLoader, ...) only by identity.
+    """
+    if given is registered:
+        return True
+    if isinstance(given, Dataset) and isinstance(registered, Dataset):
+        if given._fingerprint == registered._fingerprint:
+            return True
+        if len(given) != len(registered) or given.column_names != registered.column_names:
+            return False
+        return given.with_format("arrow")[:].equals(registered.with_format("arrow")[:])
+    if isinstance(given, (list, tuple, Mapping)) and isinstance(registered, (list, tuple, Mapping)):
+        try:
+            return bool(given == registered)
+        except Exception:  # noqa: BLE001 - rows whose values do not compare (arrays): cannot tell, so different
+            return False
+    return False
+
+
 def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
     """Normalise a stream given as a dict or a list into ``[{"task_id", "name", "train", "eval"}]``."""
     if isinstance(tasks, DatasetDict):
@@ -2125,7 +2163,7 @@ def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, 
         positional = task_id is None and name is None
         task_id = str(task_id if task_id is not None else (name if name is not None else position))
         specs.append({"task_id": task_id, "name": str(name if name is not None else f"task_{position}"),
-                      "train": train, "eval": evaluation, "positional": positional})
+                      "train": train, "eval": evaluation, "positional": positional, "named": name is not None})
     if not specs:
         raise ValueError("fit() got an empty stream: give at least one task.")
     ids = [s["task_id"] for s in specs]
