@@ -254,7 +254,8 @@ def write_run_base(trainer: Any, run_dir: str | os.PathLike) -> Path | None:
         run_dir (`str` or `os.PathLike`): The run folder (``output_dir``).
 
     Returns:
-        `pathlib.Path` or `None`: the folder, or `None` on ranks other than 0.
+        `pathlib.Path` or `None`: the folder, or `None` on ranks other than 0 and for a model with no
+        `PreTrainedModel` inside (nothing to rebuild it from).
 
     Example:
 
@@ -263,7 +264,11 @@ def write_run_base(trainer: Any, run_dir: str | os.PathLike) -> Path | None:
     """
     if not trainer.args.should_save:
         return None
-    base = _base_pretrained(trainer.model)
+    try:
+        base = _base_pretrained(trainer.model)
+    except TypeError as err:  # a plain nn.Module: no config to save; from_pretrained then asks for model=
+        logger.info("clm-hf: no %s/ in %s: %s", BASE_CONFIG_DIR, run_dir, err)
+        return None
     peft_configs = getattr(unwrap_model(trainer.model), "peft_config", None) if _user_peft(trainer) else None
     processing = getattr(trainer, "processing_class", None)
 

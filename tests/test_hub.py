@@ -308,6 +308,14 @@ def test_no_continual_state_writes_no_base_model_config(tmp_path, make_model, to
     assert not (tmp_path / "run" / "base_model_config").exists()
 
 
+def test_a_model_with_no_pretrained_model_inside_gets_no_base_model_config(tmp_path):
+    from clm_hf.hub import write_run_base
+
+    trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), args=SimpleNamespace(should_save=True), strategies=[],
+                              processing_class=None)
+    assert write_run_base(trainer, tmp_path) is None and not (tmp_path / "base_model_config").exists()
+
+
 def _failing_uploads(monkeypatch, fail_calls):
     """Make the fake upload raise (as a wrong token would) on the given 0-based calls; returns the call count."""
     import huggingface_hub
