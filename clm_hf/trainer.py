@@ -1397,11 +1397,13 @@ class ContinualTrainerMixin:
             logger.warning("clm-hf: fit() got a list stream named by position: its entries %s are taken as the "
                            "trained tasks %s and skipped (not trained). To add only new tasks, pass a dict with new "
                            "names (fit({'next_task': ...})).", by_position, by_position)
-        names = {t.name for t in self.tasks}
-        clash = [s["name"] for s in specs if s["task_id"] in rest and s["name"] in names]
+        names = {t.name: t.task_id for t in self.tasks}
+        clash = [f"{s['task_id']!r} ({s['name']!r}, the name of trained task {names[s['name']]!r})"
+                 for s in specs if s["task_id"] in rest and s["name"] in names]
         if clash:
-            raise ValueError(f"New task(s) of the stream use display name(s) {clash}, which trained tasks already "
-                             "use; results and plots are keyed by display name, so give every task its own name.")
+            raise ValueError(f"New task(s) of the stream use display names that trained tasks already use: "
+                             f"{', '.join(clash)}; results and plots are keyed by display name, so give every task "
+                             "its own name.")
         return specs
 
     def fit_joint(self, tasks: Mapping[str, Any] | Sequence[Any], num_epochs: float | None = None) -> ContinualResults:

@@ -467,6 +467,10 @@ def test_a_later_fit_warns_once_per_trained_task_whose_eval_set_or_name_changed(
     # The registered ones are kept: names, and the earlier rows' scores.
     assert results.task_names == ["copy", "reverse", "sort"]
     assert [row[:2] for row in results.matrix("loss")[:2]] == loss
+    # A new task that takes a trained task's display name is refused, naming both tasks.
+    with pytest.raises(ValueError, match=r"display names that trained tasks already use: 'next' \('sort', the name "
+                                         r"of trained task 'sort'\)"):
+        trainer.fit([{"task_id": "next", "name": "sort", **tiny_stream["copy"]}])
 
 
 @pytest.mark.parametrize("stream", [["reverse", "sort"], ["sort", "copy"], ["reverse"]])
