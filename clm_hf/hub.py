@@ -690,9 +690,10 @@ def from_pretrained(
             ``output_dir`` replaced and ``push_to_hub=False``.
         strategies (`list[Strategy]`, *optional*): Defaults to the saved ones; if given, they must
             have the saved names and settings.
-        model (*optional*): The model *before* any strategy touched it (needed for a run folder
-            without ``config.json``); by default built from the saved config.
-        processing_class (*optional*): Defaults to the saved tokenizer.
+        model (*optional*): The model *before* any strategy touched it (needed only for a run folder
+            with neither ``base_model_config/`` nor a root ``config.json``); by default built from the
+            saved config.
+        processing_class (*optional*): Defaults to the saved tokenizer (``base_model_config/``, else the root).
         output_dir (*optional*): Where the continued run writes when ``args`` is not given;
             defaults to ``path_or_repo`` itself for a local run folder, else ``clm_hf_output``.
         eval_datasets (`dict[str, Dataset]`, *optional*): Task id -> evaluation rows of tasks done.

@@ -190,6 +190,9 @@ def test_from_pretrained_of_a_run_folder_continues_in_place(tmp_path, make_model
     base = run_dir / "base_model_config"
     assert (base / "config.json").is_file() and (base / "tokenizer_config.json").is_file()
     assert not list(base.glob("*.safetensors"))
+    from clm_hf.trainer import run_state_paths
+
+    assert base in run_state_paths(run_dir)  # overwrite_output_dir=True deletes it with the run's checkpoints
     again = ContinualCausalLMTrainer.from_pretrained(run_dir)
     assert again.args.output_dir == str(run_dir) and [t.task_id for t in again.tasks] == ["copy"]
     _assert_same_weights(again.model, {n: p.detach() for n, p in first.model.named_parameters()})
