@@ -65,6 +65,7 @@ __all__ = [
     "save_continual_pretrained",
     "task_finished",
     "write_model_card",
+    "write_run_base",
 ]
 
 HUB_FOLDER = "hub_repo"
@@ -238,6 +239,53 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
 
 
 
+def write_run_base(trainer: Any, run_dir: str | os.PathLike) -> Path | None:
+    """Write what rebuilds the model and tokenizer into ``<run_dir>/base_model_config/``, atomically.
+
+    The trainer calls it (rank 0) with its first end-of-task continual checkpoint, so that
+    ``from_pretrained(<run>)`` and ``from_pretrained(<run>/continual/task-XXX)`` need neither
+    ``model=`` nor ``processing_class=``. It holds the config of the pretrained model under any
+    wrapper (and its generation config where the model generates), the user's own LoRA adapter
+    config when the model is a one-adapter ``PeftModel`` (its weights are in the continual state),
+    and ``processing_class.save_pretrained``. No weights.
+
+    Args:
+        trainer: The continual trainer.
+        run_dir (`str` or `os.PathLike`): The run folder (``output_dir``).
+
+    Returns:
+        `pathlib.Path` or `None`: the folder, or `None` on ranks other than 0 and for a model with no
+        `PreTrainedModel` inside (nothing to rebuild it from).
+
+    Example:
+
+    >>> write_run_base(trainer, "runs/ewc")  # doctest: +SKIP
+    PosixPath('runs/ewc/base_model_config')
+    """
+    if not trainer.args.should_save:
+        return None
+    try:
+        base = _base_pretrained(trainer.model)
+    except TypeError as err:  # a plain nn.Module: no config to save; from_pretrained then asks for model=
+        logger.info("clm-hf: no %s/ in %s: %s", BASE_CONFIG_DIR, run_dir, err)
+        return None
+    peft_configs = getattr(unwrap_model(trainer.model), "peft_config", None) if _user_peft(trainer) else None
+    processing = getattr(trainer, "processing_class", None)
+
+    def fill(tmp: Path) -> None:
+        base.config.save_pretrained(tmp)
+        generation = getattr(base, "generation_config", None)
+        if generation is not None and getattr(base, "can_generate", lambda: False)():
+            generation.save_pretrained(tmp)
+        # Several user adapters cannot be rebuilt from one adapter_config.json: then model= is needed.
+        if peft_configs is not None and len(peft_configs) == 1:
+            next(iter(peft_configs.values())).save_pretrained(tmp)
+        if processing is not None and callable(getattr(processing, "save_pretrained", None)):
+            processing.save_pretrained(tmp)
+
+    return ckpt.write_atomically(Path(run_dir) / BASE_CONFIG_DIR, fill)
+
+
 class _WritingInto:
     """Point ``args.output_dir`` at ``directory`` and clear ``args.hub_token`` for the Trainer's own save/push."""
 
@@ -355,11 +403,16 @@ def task_finished(trainer: Any) -> None:
         where = f"task {task.index} ('{task.name}')" if task is not None else "the continual state"
         if first:
             repo = getattr(trainer, "hub_model_id", None) or getattr(args, "hub_model_id", None)
+            # Without continual checkpoints there is nothing on disk to resume from.
+            if trainer._setting("save_continual_state"):
+                then = ("What is saved on disk stays: fix the setting and resume with resume_from_checkpoint=True.")
+            else:
+                then = ("With save_continual_state=False no continual checkpoint was written, so nothing can be "
+                        "resumed: fix the setting and re-run the stream from the start.")
             raise RuntimeError(
                 f"Pushing to the Hub after {where}, the first push of this run, failed: {err}. Check the "
                 f"repository (hub_model_id={repo!r}) and the token (hub_token or `hf auth login`); the run stops "
-                "here rather than fail the same way after every task. What is saved on disk stays: fix the "
-                "setting and resume with resume_from_checkpoint=True. Later push failures are only warnings."
+                f"here rather than fail the same way after every task. {then} Later push failures are only warnings."
             ) from err
         # The run goes on; the state is on disk and the next push (or a manual one) uploads it.
         logger.warning("clm-hf: pushing to the Hub after %s failed: %s", where, err)
@@ -508,20 +561,27 @@ def _resolve(path_or_repo: str | os.PathLike, *, token: Any, revision: str | Non
     return Path(local)
 
 
+def _run_config_dir(run: Path) -> Path | None:
+    """A run folder's model config: ``base_model_config/`` (written with its first checkpoint), else its root."""
+    for candidate in (run / BASE_CONFIG_DIR, run):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def _find_state(root: Path) -> tuple[Path, Path | None]:
     """(the continual checkpoint to resume from, the folder with the model's config or None)."""
     if (root / STATE_DIR / ckpt.MANIFEST).is_file():
         return root / STATE_DIR, root / BASE_CONFIG_DIR
     if (root / ckpt.MANIFEST).is_file():  # a checkpoint folder: <run>/continual/task-XXX
-        run = root.parent.parent
-        return root, run if (run / "config.json").is_file() else None
+        return root, _run_config_dir(root.parent.parent)
     latest = ckpt.latest_valid_checkpoint(ckpt.list_checkpoints(root / CONTINUAL_DIR))
     if latest is None:
         raise FileNotFoundError(
             f"{root} holds no clm-hf continual state: expected {STATE_DIR}/ (a pushed or exported run), "
             f"{CONTINUAL_DIR}/task-XXX/ (a run folder) or a checkpoint folder with {ckpt.MANIFEST}."
         )
-    return latest, root if (root / "config.json").is_file() else None
+    return latest, _run_config_dir(root)
 
 
 def _read_meta(root: Path, state_dir: Path) -> dict[str, Any]:
@@ -583,6 +643,12 @@ def _build_model(config_dir: Path, root: Path, meta: Mapping[str, Any]) -> Any:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, root, is_trainable=True)
+    elif (config_dir / "adapter_config.json").is_file():
+        # A run folder's base_model_config/ holds the user's adapter config only: the adapter's
+        # weights, like every other weight, come from the continual state.
+        from peft import PeftConfig, get_peft_model
+
+        model = get_peft_model(model, PeftConfig.from_pretrained(config_dir))
     return model
 
 
@@ -624,9 +690,10 @@ def from_pretrained(
             ``output_dir`` replaced and ``push_to_hub=False``.
         strategies (`list[Strategy]`, *optional*): Defaults to the saved ones; if given, they must
             have the saved names and settings.
-        model (*optional*): The model *before* any strategy touched it (needed for a run folder
-            without ``config.json``); by default built from the saved config.
-        processing_class (*optional*): Defaults to the saved tokenizer.
+        model (*optional*): The model *before* any strategy touched it (needed only for a run folder
+            with neither ``base_model_config/`` nor a root ``config.json``); by default built from the
+            saved config.
+        processing_class (*optional*): Defaults to the saved tokenizer (``base_model_config/``, else the root).
         output_dir (*optional*): Where the continued run writes when ``args`` is not given;
             defaults to ``path_or_repo`` itself for a local run folder, else ``clm_hf_output``.
         eval_datasets (`dict[str, Dataset]`, *optional*): Task id -> evaluation rows of tasks done.
@@ -640,17 +707,24 @@ def from_pretrained(
     state_dir, config_dir = _find_state(root)
     state = ckpt.read_continual_state(state_dir)  # verifies every file against the manifest
     meta = _read_meta(root, state_dir)
+    has_config = config_dir is not None and (config_dir / "config.json").is_file()
+    tokenizer_dir = next((d for d in (config_dir, root) if d is not None and (d / "tokenizer_config.json").is_file()),
+                         None)
+    if model is None and not has_config:
+        # Name both pieces at once when both are missing (a run folder from before base_model_config/).
+        also = (" and processing_class= (the tokenizer of the first run; its saved copy is missing too)"
+                if processing_class is None and tokenizer_dir is None else "")
+        raise FileNotFoundError(
+            f"{root} has no model config to rebuild the model from (a run folder gets {BASE_CONFIG_DIR}/ with its "
+            "first continual checkpoint); pass model= (the model as it was before training, e.g. the same "
+            f"from_pretrained(...) call as the first run){also}."
+        )
     if model is None:
-        if config_dir is None or not (config_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{root} has no model config to rebuild the model from; pass model= (the model as it was "
-                "before training, e.g. the same from_pretrained(...) call as the first run)."
-            )
         model = _build_model(config_dir, root, meta)
-    if processing_class is None and (root / "tokenizer_config.json").is_file():
+    if processing_class is None and tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        processing_class = AutoTokenizer.from_pretrained(root)
+        processing_class = AutoTokenizer.from_pretrained(tokenizer_dir)
     if strategies is None:
         strategies = strategies_from_specs(_strategy_specs(state["strategies"]))
     if args is None:

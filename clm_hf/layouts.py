@@ -506,7 +506,9 @@ def tokenize_rows(
             "needs an input and a target. Give 'prompt'/'completion' columns, or train a causal LM."
         )
     if layout == "text":
-        return tokenize_text(dataset, tokenizer, with_labels=not labels_from_collator)
+        # Every token of a text row is learned, an <unk> too: said once per split, as for prompts.
+        return _warn_unknown_context(tokenize_text(dataset, tokenizer, with_labels=not labels_from_collator),
+                                     tokenizer, what, "text")
     if layout == "messages":
         return tokenize_messages(dataset, tokenizer, what=what)
     completion = "completion" if "completion" in columns else "answer"
@@ -628,7 +630,8 @@ def _unknown_advice(tokenizer: Any) -> str:
 
 
 def _warn_unknown_context(tokenized: Any, tokenizer: Any, what: str, part: str) -> Any:
-    """Warn, once per split, about rows with `<unk>` outside the answers (answers with one were refused already).
+    """Warn, once per split, about rows with `<unk>` outside the answers (answers with one were refused already),
+    or anywhere in `text` rows (``part="text"``: no answer of their own, every token is learned).
 
     The count reads the tokenized ids (arrow, vectorised), so it holds when `datasets` reuses a cached map.
     A stream is tokenized lazily, as it is read: its first such row is named when it is read (no count).
@@ -659,8 +662,9 @@ def _warn_unknown_context(tokenized: Any, tokenizer: Any, what: str, part: str) 
     rows = np.unique(np.asarray(pc.list_parent_indices(column))[hits])  # the table's rows, whatever its chunks
     logger.warning(
         "clm-hf: %d of %d rows of the %s have words unknown to the tokenizer in their %s (first: row %d), read as "
-        "%r; they are trained and scored that way (the answers have none).%s", len(rows), tokenized.num_rows, what,
-        part, int(rows[0]), tokenizer.unk_token, _unknown_advice(tokenizer))
+        "%r; they are trained and scored that way%s.%s", len(rows), tokenized.num_rows, what,
+        part, int(rows[0]), tokenizer.unk_token, "" if part == "text" else " (the answers have none)",
+        _unknown_advice(tokenizer))
     return tokenized
 
 

@@ -160,6 +160,8 @@ class ContinualTrainerMixin:
         self.current_task: TaskInfo | None = None
         self.results: ContinualResults | None = None
         self._eval_sets: dict[str, Dataset] = {}  # task_id -> tokenized eval rows
+        # task_id -> the eval rows as given (no copy), to tell a later stream's different set from it.
+        self._eval_given: dict[str, Any] = {}
         self._reference_sets: dict[str, Dataset] = {}  # name -> tokenized rows scored after every task, never trained
         self._task_names: dict[str, str] = {}
         self._base_output_dir = self.args.output_dir
@@ -705,6 +707,7 @@ class ContinualTrainerMixin:
         name = task_name or self._task_names.get(key) or (key if isinstance(task_id, str) else f"task_{key}")
         self._check_display_name(key, name)
         self._eval_sets[key] = self._prepare_rows(eval_dataset, f"eval dataset of task '{name}'", scoring=True)
+        self._eval_given[key] = eval_dataset
         self._task_names[key] = name
         if self.results is None:
             self.results = ContinualResults(task_names=[], primary_metric=self._setting("primary_metric"))
@@ -1335,9 +1338,22 @@ class ContinualTrainerMixin:
                 # trained by train_task without eval rows) has no eval set for it: the stream's one is
                 # registered under the trained name, so the task is scored after the next tasks
                 # (its BWT/forgetting); one registered already is kept.
+                name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
                 if spec["eval"] is not None and spec["task_id"] not in self._eval_sets:
-                    name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
                     self.add_eval_task(spec["task_id"], spec["eval"], name)
+                    ignored = []
+                else:
+                    given = self._eval_given.get(spec["task_id"])
+                    ignored = ["eval set"] if spec["eval"] is not None and not _same_rows(spec["eval"], given) else []
+                if spec.get("named") and spec["name"] != name:  # a default task_N name is no request
+                    ignored.append(f"display name {spec['name']!r}")
+                if ignored:
+                    # The registered ones stay: the matrix's earlier rows were scored on them.
+                    logger.warning(
+                        "clm-hf: the stream's entry for trained task %r (%s) brings a different %s than the one "
+                        "registered; it is ignored and the registered one kept (its earlier scores were taken on it). "
+                        "To score other rows, register them under a new task id with add_eval_task.",
+                        spec["task_id"], name, " and ".join(ignored))
                 continue
             self._task_names[spec["task_id"]] = spec["name"]
             if spec["eval"] is not None:
@@ -1381,11 +1397,13 @@ class ContinualTrainerMixin:
             logger.warning("clm-hf: fit() got a list stream named by position: its entries %s are taken as the "
                            "trained tasks %s and skipped (not trained). To add only new tasks, pass a dict with new "
                            "names (fit({'next_task': ...})).", by_position, by_position)
-        names = {t.name for t in self.tasks}
-        clash = [s["name"] for s in specs if s["task_id"] in rest and s["name"] in names]
+        names = {t.name: t.task_id for t in self.tasks}
+        clash = [f"{s['task_id']!r} ({s['name']!r}, the name of trained task {names[s['name']]!r})"
+                 for s in specs if s["task_id"] in rest and s["name"] in names]
         if clash:
-            raise ValueError(f"New task(s) of the stream use display name(s) {clash}, which trained tasks already "
-                             "use; results and plots are keyed by display name, so give every task its own name.")
+            raise ValueError(f"New task(s) of the stream use display names that trained tasks already use: "
+                             f"{', '.join(clash)}; results and plots are keyed by display name, so give every task "
+                             "its own name.")
         return specs
 
     def fit_joint(self, tasks: Mapping[str, Any] | Sequence[Any], num_epochs: float | None = None) -> ContinualResults:
@@ -1491,6 +1509,7 @@ class ContinualTrainerMixin:
         sharded = any_dtensor(reshard(model).parameters())
         if not self.args.should_save and not sharded:
             return None
+        in_run = directory is None
         if directory is None:
             directory = Path(self._base_output_dir) / CONTINUAL_DIR / f"task-{len(self.tasks) - 1:03d}"
         path = ckpt.save_continual_checkpoint(
@@ -1499,6 +1518,11 @@ class ContinualTrainerMixin:
         )
         if not self.args.should_save:
             return None
+        if in_run and getattr(self, "_run_base_written", None) != self._base_output_dir:
+            # Once per run folder: the model's config and the tokenizer, so that from_pretrained(run)
+            # rebuilds them with no model=/processing_class= (the checkpoint holds the weights only).
+            hub.write_run_base(self, self._base_output_dir)
+            self._run_base_written = self._base_output_dir
         limit = self._setting("continual_save_total_limit")
         if limit:
             for old in ckpt.list_checkpoints(Path(self._base_output_dir) / CONTINUAL_DIR)[:-limit]:
@@ -1989,7 +2013,7 @@ def run_state_paths(run_dir: str | os.PathLike) -> list[Path]:
         any(d.glob(f"checkpoint-*/{IN_TASK_STATE_DIR}/{ckpt.MANIFEST}")) for d in task_dirs)
     if not complete:
         return []
-    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME) if p.exists()]
+    return [p for p in (continual, *task_dirs, run_dir / RESULTS_NAME, run_dir / hub.BASE_CONFIG_DIR) if p.exists()]
 
 
 def resolve_run_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -2086,6 +2110,28 @@ def _pad_token_id(model: nn.Module | None, tokenizer: Any) -> int:
     return 0
 
 
+def _same_rows(given: Any, registered: Any) -> bool:
+    """Whether a stream's eval rows are the ones registered: the same object, equal Datasets, or equal lists.
+
+    Datasets compare by fingerprint, then by content (a stream built again from the same files or
+    dicts is the same set); other objects (a DataLoader, ...) only by identity.
+    """
+    if given is registered:
+        return True
+    if isinstance(given, Dataset) and isinstance(registered, Dataset):
+        if given._fingerprint == registered._fingerprint:
+            return True
+        if len(given) != len(registered) or given.column_names != registered.column_names:
+            return False
+        return given.with_format("arrow")[:].equals(registered.with_format("arrow")[:])
+    if isinstance(given, (list, tuple, Mapping)) and isinstance(registered, (list, tuple, Mapping)):
+        try:
+            return bool(given == registered)
+        except Exception:  # noqa: BLE001 - rows whose values do not compare (arrays): cannot tell, so different
+            return False
+    return False
+
+
 def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
     """Normalise a stream given as a dict or a list into ``[{"task_id", "name", "train", "eval"}]``."""
     if isinstance(tasks, DatasetDict):
@@ -2119,7 +2165,7 @@ def normalize_tasks(tasks: Mapping[str, Any] | Sequence[Any]) -> list[dict[str, 
         positional = task_id is None and name is None
         task_id = str(task_id if task_id is not None else (name if name is not None else position))
         specs.append({"task_id": task_id, "name": str(name if name is not None else f"task_{position}"),
-                      "train": train, "eval": evaluation, "positional": positional})
+                      "train": train, "eval": evaluation, "positional": positional, "named": name is not None})
     if not specs:
         raise ValueError("fit() got an empty stream: give at least one task.")
     ids = [s["task_id"] for s in specs]

@@ -185,12 +185,30 @@ def test_from_pretrained_of_a_run_folder_continues_in_place(tmp_path, make_model
     first = _trainer(tmp_path, make_model, tokenizer)
     first.fit({"copy": tiny_stream["copy"]})
     run_dir = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="pass model="):  # no config.json in a run folder
-        ContinualCausalLMTrainer.from_pretrained(run_dir)
-    first.save_model()  # now it has one
+    # The first continual checkpoint wrote the model's config and the tokenizer (no weights): no
+    # model= nor processing_class= is needed, from the run folder or from one of its checkpoints.
+    base = run_dir / "base_model_config"
+    assert (base / "config.json").is_file() and (base / "tokenizer_config.json").is_file()
+    assert not list(base.glob("*.safetensors"))
+    from clm_hf.trainer import run_state_paths
+
+    assert base in run_state_paths(run_dir)  # overwrite_output_dir=True deletes it with the run's checkpoints
     again = ContinualCausalLMTrainer.from_pretrained(run_dir)
     assert again.args.output_dir == str(run_dir) and [t.task_id for t in again.tasks] == ["copy"]
     _assert_same_weights(again.model, {n: p.detach() for n, p in first.model.named_parameters()})
+    assert again.processing_class("a b c")["input_ids"] == tokenizer("a b c")["input_ids"]
+    moved = ContinualCausalLMTrainer.from_pretrained(run_dir / "continual" / "task-000",
+                                                     output_dir=str(tmp_path / "moved"))
+    assert moved.processing_class is not None and [t.task_id for t in moved.tasks] == ["copy"]
+    _assert_same_weights(moved.model, {n: p.detach() for n, p in first.model.named_parameters()})
+    moved.fit({"reverse": tiny_stream["reverse"]})  # the continued run writes its own copy with its first checkpoint
+    assert (tmp_path / "moved" / "base_model_config" / "config.json").is_file()
+    # A run folder without it (written before it existed) names both missing pieces in one error.
+    shutil.rmtree(base)
+    with pytest.raises(FileNotFoundError, match="pass model=.* and processing_class="):
+        ContinualCausalLMTrainer.from_pretrained(run_dir)
+    first.save_model()  # the Trainer's own config.json and tokenizer at the root serve too
+    assert [t.task_id for t in ContinualCausalLMTrainer.from_pretrained(run_dir).tasks] == ["copy"]
     # Importing into a folder that holds another run is refused.
     other = _trainer(tmp_path / "other", make_model, tokenizer)
     other.fit({"reverse": tiny_stream["reverse"], "sort": tiny_stream["sort"]})
@@ -271,6 +289,36 @@ def test_export_publishes_no_local_path_and_its_metadata_is_covered_by_the_manif
         ContinualCausalLMTrainer.from_pretrained(export, output_dir=str(tmp_path / "loose"))
 
 
+def test_from_pretrained_of_a_lora_run_folder_rebuilds_the_adapter(tmp_path, make_model, tokenizer, tiny_stream):
+    import peft
+
+    model = peft.get_peft_model(make_model("gpt2"), peft.LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                                                                    fan_in_fan_out=True))
+    first = ContinualCausalLMTrainer(model=model, args=small_args(tmp_path), processing_class=tokenizer,
+                                     strategies=[EWC(ewc_lambda=50.0)])
+    first.fit({"copy": tiny_stream["copy"]})
+    assert (tmp_path / "run" / "base_model_config" / "adapter_config.json").is_file()
+    again = ContinualCausalLMTrainer.from_pretrained(tmp_path / "run" / "continual" / "task-000",
+                                                     output_dir=str(tmp_path / "again"))
+    assert isinstance(again.model, peft.PeftModel)
+    _assert_same_weights(again.model, {n: p.detach() for n, p in first.model.named_parameters()})
+    assert sorted(n for n, p in again.model.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in first.model.named_parameters() if p.requires_grad)
+
+
+def test_no_continual_state_writes_no_base_model_config(tmp_path, make_model, tokenizer, tiny_stream):
+    _trainer(tmp_path, make_model, tokenizer, save_continual_state=False).fit({"copy": tiny_stream["copy"]})
+    assert not (tmp_path / "run" / "base_model_config").exists()
+
+
+def test_a_model_with_no_pretrained_model_inside_gets_no_base_model_config(tmp_path):
+    from clm_hf.hub import write_run_base
+
+    trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), args=SimpleNamespace(should_save=True), strategies=[],
+                              processing_class=None)
+    assert write_run_base(trainer, tmp_path) is None and not (tmp_path / "base_model_config").exists()
+
+
 def _failing_uploads(monkeypatch, fail_calls):
     """Make the fake upload raise (as a wrong token would) on the given 0-based calls; returns the call count."""
     import huggingface_hub
@@ -298,6 +346,18 @@ def test_a_failed_first_push_stops_the_run_and_names_the_task(tmp_path, fake_hub
     assert isinstance(info.value.__cause__, PermissionError)
     assert calls == ["clm-hf: after task 0 (copy)"] and [t.task_id for t in trainer.tasks] == ["copy"]
     assert fake_hub.uploads == []
+    assert "resume with resume_from_checkpoint=True" in str(info.value)
+
+
+def test_a_failed_first_push_without_continual_state_says_to_re_run(tmp_path, fake_hub, make_model, tokenizer,
+                                                                    tiny_stream, monkeypatch):
+    _failing_uploads(monkeypatch, fail_calls={0})
+    trainer = _trainer(tmp_path, make_model, tokenizer, push_to_hub=True, hub_model_id="tester/cl-stream",
+                       save_continual_state=False)
+    with pytest.raises(RuntimeError, match="save_continual_state=False no continual checkpoint was written, so nothing "
+                                           "can be resumed: fix the setting and re-run the stream") as info:
+        trainer.fit({"copy": tiny_stream["copy"]})
+    assert "resume_from_checkpoint" not in str(info.value)
 
 
 def test_a_failed_later_push_is_a_warning_and_training_goes_on(tmp_path, fake_hub, make_model, tokenizer, tiny_stream,

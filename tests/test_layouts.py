@@ -387,6 +387,24 @@ def test_messages_every_accepted_role_tokenizes(chat_tok):
     assert tok.convert_ids_to_tokens([t for t in row["labels"] if t != -100]) == ["b", "="]
 
 
+def test_text_rows_with_unknown_words_warn_once_per_split_with_a_count_and_the_first_row(caplog):
+    tok = build_tokenizer()
+    rows = datasets.Dataset.from_dict({"text": ["copy : a b = a b", "copy : a ? = a ?", "copy : { c = { c"]})
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        out = tokenize_rows(rows, tok, seq2seq=False, what="train dataset of task 'lm'")
+        tokenize_rows(rows, tok, seq2seq=False, what="eval dataset of task 'lm'")
+    assert out.num_rows == 3 and tok.unk_token_id in out[1]["labels"]  # learned as <unk>, not dropped
+    warned = [r.getMessage() for r in caplog.records if "unknown to the tokenizer" in r.getMessage()]
+    assert len(warned) == 2  # one per split, not one per row
+    assert "2 of 3 rows of the train dataset of task 'lm' have words unknown to the tokenizer in their text " \
+           "(first: row 1)" in warned[0] and "eval dataset of task 'lm'" in warned[1]
+    assert "answers" not in warned[0] and "build_tokenizer's word vocabulary" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clm_hf"):
+        tokenize_rows(rows.select([0]), tok, seq2seq=False)
+    assert not [r for r in caplog.records if "unknown to the tokenizer" in r.getMessage()]
+
+
 def test_unknown_words_are_an_error_in_answers_and_a_warning_in_prompts(caplog):
     tok = build_tokenizer()
     rows = datasets.Dataset.from_dict({"prompt": ["copy : a ? =", "copy : b =", "copy : { c ="],

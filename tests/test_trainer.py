@@ -440,6 +440,39 @@ def test_a_later_fit_continues_the_stream_and_the_results_keep_every_row(tmp_pat
     assert all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_a_later_fit_warns_once_per_trained_task_whose_eval_set_or_name_changed(tmp_path, make_model, tokenizer,
+                                                                                tiny_stream, caplog):
+    from datasets import Dataset, DatasetDict
+
+    trainer = _trainer(tmp_path, make_model("gpt2"), tokenizer, max_steps=1)
+    trainer.fit({k: tiny_stream[k] for k in ("copy", "reverse")})
+    loss = trainer.results.matrix("loss")
+    # The same sets, rebuilt as new objects with the same rows: nothing to say.
+    rebuilt = {k: DatasetDict({s: Dataset.from_dict(tiny_stream[k][s].to_dict()) for s in ("train", "eval")})
+               for k in ("copy", "reverse")}
+    with caplog.at_level("WARNING"):
+        trainer.fit(rebuilt)
+    assert not [r for r in caplog.records if "trained task" in r.getMessage()]
+    caplog.clear()
+    other_eval = DatasetDict({"train": tiny_stream["copy"]["train"], "eval": tiny_stream["sort"]["eval"]})
+    stream = [{"task_id": "copy", "train": other_eval["train"], "eval": other_eval["eval"]},
+              {"task_id": "reverse", "name": "flip", **tiny_stream["reverse"]},
+              {"task_id": "sort", "name": "sort", **tiny_stream["sort"]}]
+    with caplog.at_level("WARNING"):
+        results = trainer.fit(stream)
+    warned = [r.getMessage() for r in caplog.records if "trained task" in r.getMessage()]
+    assert len(warned) == 2
+    assert "'copy'" in warned[0] and "different eval set" in warned[0] and "registered one kept" in warned[0]
+    assert "'reverse'" in warned[1] and "display name 'flip'" in warned[1] and "eval set" not in warned[1]
+    # The registered ones are kept: names, and the earlier rows' scores.
+    assert results.task_names == ["copy", "reverse", "sort"]
+    assert [row[:2] for row in results.matrix("loss")[:2]] == loss
+    # A new task that takes a trained task's display name is refused, naming both tasks.
+    with pytest.raises(ValueError, match=r"display names that trained tasks already use: 'next' \('sort', the name "
+                                         r"of trained task 'sort'\)"):
+        trainer.fit([{"task_id": "next", "name": "sort", **tiny_stream["copy"]}])
+
+
 @pytest.mark.parametrize("stream", [["reverse", "sort"], ["sort", "copy"], ["reverse"]])
 def test_a_later_fit_that_does_not_continue_the_stream_is_refused_before_anything_changes(
         stream, tmp_path, make_model, tokenizer, tiny_stream):
