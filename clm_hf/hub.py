@@ -49,6 +49,7 @@ from . import __version__
 from . import state as ckpt
 from .modeling import unwrap_model
 from .state import CONTINUAL_DIR
+from .strategies._lora import is_peft
 from .strategies.base import STRATEGY_REGISTRY, Strategy, get_strategy_class, strategies_from_specs
 from .tracking import _strategies_markdown, results_markdown, write_result_files
 
@@ -99,17 +100,17 @@ def _base_pretrained(model: Any) -> Any:
     raise TypeError(f"Cannot find a transformers PreTrainedModel inside {type(model).__name__} to save its config.")
 
 
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(unwrap_model(model), PeftModel)
+def _save_base_config(base: Any, folder: Path) -> None:
+    """The base model's config, and its generation config where it generates, into ``folder``."""
+    base.config.save_pretrained(folder)
+    generation = getattr(base, "generation_config", None)
+    if generation is not None and getattr(base, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)
 
 
 def _user_peft(trainer: Any) -> bool:
     """Whether the PEFT wrapping is the user's (to rebuild) rather than a strategy's (restore_model rebuilds it)."""
-    if not _is_peft(trainer.model):
+    if not is_peft(trainer.model):
         return False
     return not any(type(s).restore_model is not Strategy.restore_model for s in trainer.strategies)
 
@@ -226,10 +227,7 @@ def _stage(trainer: Any, directory: Path, *, clean: bool) -> Path:
         directory / STATE_DIR, state=trainer._continual_state(), strategies=trainer.strategies,
         model=unwrap_model(trainer.model), results=trainer.results, extra_files={META_FILE: meta_text},
     )
-    base.config.save_pretrained(directory / BASE_CONFIG_DIR)
-    generation = getattr(base, "generation_config", None)
-    if generation is not None and getattr(base, "can_generate", lambda: False)():
-        generation.save_pretrained(directory / BASE_CONFIG_DIR)
+    _save_base_config(base, directory / BASE_CONFIG_DIR)
     (directory / META_FILE).write_text(meta_text, encoding="utf-8")
     if trainer.results is not None and trainer.results.num_trained:
         for path in write_result_files(trainer.results, directory / PLOTS_DIR):
@@ -273,10 +271,7 @@ def write_run_base(trainer: Any, run_dir: str | os.PathLike) -> Path | None:
     processing = getattr(trainer, "processing_class", None)
 
     def fill(tmp: Path) -> None:
-        base.config.save_pretrained(tmp)
-        generation = getattr(base, "generation_config", None)
-        if generation is not None and getattr(base, "can_generate", lambda: False)():
-            generation.save_pretrained(tmp)
+        _save_base_config(base, tmp)
         # Several user adapters cannot be rebuilt from one adapter_config.json: then model= is needed.
         if peft_configs is not None and len(peft_configs) == 1:
             next(iter(peft_configs.values())).save_pretrained(tmp)
@@ -395,8 +390,8 @@ def task_finished(trainer: Any) -> None:
         return
     task = trainer.tasks[-1] if trainer.tasks else None
     message = f"clm-hf: after task {task.index} ({task.name})" if task is not None else "clm-hf: continual state"
-    first = not getattr(trainer, "_clm_hub_pushed", False)
-    trainer._clm_hub_pushed = True  # attempted: only the first attempt of the run may stop it
+    first = not trainer._hub_pushed
+    trainer._hub_pushed = True  # attempted: only the first attempt of the run may stop it
     try:
         trainer.push_to_hub(commit_message=message, blocking=True)
     except Exception as err:  # noqa: BLE001 - any upload error: first push raises, later ones warn

@@ -357,6 +357,11 @@ def _state_problem(state: Any) -> str | None:
     return None
 
 
+# What safetensors' save_model/load_model raise for weights that are views of one flat buffer (after a
+# DeepSpeed ZeRO-2 task): then the tensors are written and read one by one, ties by name.
+_SHARED_VIEWS_ERROR = "covering the entire storage"
+
+
 def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s weights to the safetensors file ``path`` with ``safetensors.torch.save_model``, or, where
     that refuses the model's tied weights, write each tied weight once in the same layout.
@@ -392,7 +397,7 @@ def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         save_model(model, str(path))
         return
     except RuntimeError as err:
-        if "covering the entire storage" not in str(err):
+        if _SHARED_VIEWS_ERROR not in str(err):
             raise
     tensors = model.state_dict()
     kept: dict[tuple, str] = {}
@@ -434,16 +439,16 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
     True
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     path = Path(directory) / MODEL_FILE
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as err:
-        if "covering the entire storage" not in str(err):
+        if _SHARED_VIEWS_ERROR not in str(err):
             raise
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: the tensors and the tie aliases of the metadata
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
             aliases = {k: v for k, v in (f.metadata() or {}).items() if k != "format"}
         tensors.update({alias: tensors[kept] for alias, kept in aliases.items() if kept in tensors})
         missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -173,6 +173,10 @@ class ContinualTrainerMixin:
         # Strategies whose edit_gradients / after_optimizer_step DeepSpeed ZeRO-2's step runs instead (_hook_zero_optimizer).
         self._zero_edited: list[Strategy] = []
         self._zero_held: list[Strategy] = []
+        self._warned_stalled_metric = False  # the stalled-primary-metric warning is given once per trainer
+        self._restored_run: Path | None = None  # the run folder resume_stream restored (_claim_output_dir accepts it)
+        self._run_base_written: str | None = None  # the run folder whose base_model_config/ is written
+        self._hub_pushed = False  # a push to the Hub was attempted (only the first one's failure stops the run)
         self._scaler_unscaled = False  # whether _edit_gradients unscaled fp16 gradients for this step
         self._selecting_rows = False  # True while a task's own train() runs: strategies may pick each epoch's rows
         self._in_task_train = False  # True while train_task/fit/run_training_phase run the Trainer's own train()
@@ -1188,7 +1192,7 @@ class ContinualTrainerMixin:
             logger.info("clm-hf: after task '%s': %s", self.tasks[-1].name,
                         {n: round(s[self.results.primary_metric], 4) for n, s in scores.items()})
             # Once per trainer: a summary on a metric that never moves reads as "no forgetting".
-            stalled = None if getattr(self, "_warned_stalled_metric", False) else self.results.stalled_primary_metric()
+            stalled = None if self._warned_stalled_metric else self.results.stalled_primary_metric()
             if stalled is not None:
                 self._warned_stalled_metric = True
                 logger.warning("clm-hf: %s", stalled)
@@ -1274,30 +1278,7 @@ class ContinualTrainerMixin:
             # Resuming restored the stream's first tasks (their ids checked against it), continuing
             # checked they open it: either way the trained ids are the ones to skip.
             trained = {t.task_id for t in self.tasks}
-            for spec in specs:
-                if spec["task_id"] in self._eval_sets:
-                    continue
-                if spec["task_id"] in trained:
-                    logger.warning("clm-hf: trained task '%s' has no eval set: it is not scored after the next tasks, "
-                                   "so its forgetting (BWT) is not measured. Give its eval set in the stream (fit: "
-                                   "{'train': ..., 'eval': ...}) or from_pretrained(eval_datasets=...).",
-                                   self.task(spec["task_id"]).name)
-                else:
-                    logger.warning("clm-hf: task '%s' has no eval set: it is trained but never scored, so its column "
-                                   "of the score matrices stays empty. Give it one (fit: {'train': ..., 'eval': ...}) "
-                                   "to measure it.", spec["name"])
-            def has_baseline(task_id: str) -> bool:
-                column = self.results.task_names.index(self._task_names[task_id])
-                return any(len(v) > column and v[column] is not None for v in self.results.baseline.values())
-
-            added_later = [s["name"] for s in specs if s["task_id"] not in trained and s["task_id"] in self._eval_sets
-                           and not has_baseline(s["task_id"])]
-            if continuing and added_later and self.results.baseline:
-                # The baseline is the initial model's score, gone once tasks were trained: FWT cannot
-                # be measured for tasks that join the stream later.
-                logger.info("clm-hf: task(s) %s join a stream that already trained tasks: the initial model's "
-                            "baseline on them was never taken, so their FWT is None (ACC, BWT and forgetting "
-                            "are measured).", added_later)
+            self._announce_unmeasured(specs, trained, continuing=continuing)
             for index, spec in enumerate(specs):
                 if spec["task_id"] in trained:
                     continue
@@ -1311,6 +1292,37 @@ class ContinualTrainerMixin:
         finally:
             self._release_output_dir()
         return self.results
+
+    def _announce_unmeasured(self, specs: list[dict[str, Any]], trained: set[str], *, continuing: bool) -> None:
+        """Before a stream trains, say which of its scores will be missing: tasks without an eval set (no
+        column, or no BWT for a trained one) and, when continuing, new tasks without a baseline (no FWT)."""
+        for spec in specs:
+            if spec["task_id"] in self._eval_sets:
+                continue
+            if spec["task_id"] in trained:
+                logger.warning("clm-hf: trained task '%s' has no eval set: it is not scored after the next tasks, "
+                               "so its forgetting (BWT) is not measured. Give its eval set in the stream (fit: "
+                               "{'train': ..., 'eval': ...}) or from_pretrained(eval_datasets=...).",
+                               self.task(spec["task_id"]).name)
+            else:
+                logger.warning("clm-hf: task '%s' has no eval set: it is trained but never scored, so its column "
+                               "of the score matrices stays empty. Give it one (fit: {'train': ..., 'eval': ...}) "
+                               "to measure it.", spec["name"])
+        if not (continuing and self.results.baseline):
+            return
+
+        def has_baseline(task_id: str) -> bool:
+            column = self.results.task_names.index(self._task_names[task_id])
+            return any(len(v) > column and v[column] is not None for v in self.results.baseline.values())
+
+        added_later = [s["name"] for s in specs if s["task_id"] not in trained and s["task_id"] in self._eval_sets
+                       and not has_baseline(s["task_id"])]
+        if added_later:
+            # The baseline is the initial model's score, gone once tasks were trained: FWT cannot
+            # be measured for tasks that join the stream later.
+            logger.info("clm-hf: task(s) %s join a stream that already trained tasks: the initial model's "
+                        "baseline on them was never taken, so their FWT is None (ACC, BWT and forgetting "
+                        "are measured).", added_later)
 
     def _plan_stream(self, tasks: Mapping[str, Any] | Sequence[Any], *, continuing: bool = False) -> list[dict[str, Any]]:
         """Register every task of a stream (names, eval rows) before any training.
@@ -1338,7 +1350,7 @@ class ContinualTrainerMixin:
                 # trained by train_task without eval rows) has no eval set for it: the stream's one is
                 # registered under the trained name, so the task is scored after the next tasks
                 # (its BWT/forgetting); one registered already is kept.
-                name = next(t.name for t in self.tasks if t.task_id == spec["task_id"])
+                name = self.task(spec["task_id"]).name
                 if spec["eval"] is not None and spec["task_id"] not in self._eval_sets:
                     self.add_eval_task(spec["task_id"], spec["eval"], name)
                     ignored = []
@@ -1471,8 +1483,7 @@ class ContinualTrainerMixin:
             weakref.finalize(self, self._run_lock.release)
         resuming_here = resume_run is not None and resume_run.resolve() == run_dir.resolve()
         # from_pretrained restored this trainer from (a copy into) output_dir: that state is this run's.
-        restored = getattr(self, "_restored_run", None)
-        restored_here = restored is not None and restored.resolve() == run_dir.resolve()
+        restored_here = self._restored_run is not None and self._restored_run.resolve() == run_dir.resolve()
         if self._owns_output_dir or resuming_here or restored_here:
             self._owns_output_dir = True
             return
@@ -1518,7 +1529,7 @@ class ContinualTrainerMixin:
         )
         if not self.args.should_save:
             return None
-        if in_run and getattr(self, "_run_base_written", None) != self._base_output_dir:
+        if in_run and self._run_base_written != self._base_output_dir:
             # Once per run folder: the model's config and the tokenizer, so that from_pretrained(run)
             # rebuilds them with no model=/processing_class= (the checkpoint holds the weights only).
             hub.write_run_base(self, self._base_output_dir)

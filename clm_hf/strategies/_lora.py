@@ -9,6 +9,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from .base import unwrap_model
+
 
 def lora_config(model: nn.Module, config: Any):
     """A ``peft.LoraConfig`` from a strategy config's ``lora_rank``/``lora_alpha``/``lora_dropout``/
@@ -53,3 +55,17 @@ def merged_copy(model: nn.Module, adapters: list[str]) -> nn.Module:
     """
     twin = copy.deepcopy(model)
     return twin.merge_and_unload(adapter_names=list(adapters))
+
+
+def is_peft(model: Any) -> bool:
+    """Whether ``model`` (unwrapped from DDP/accelerate first) is a PEFT model.
+
+    >>> from torch import nn
+    >>> is_peft(nn.Linear(2, 2))
+    False
+    """
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(unwrap_model(model), PeftModel)

@@ -838,9 +838,7 @@ class EpisodicGradientStrategy(Strategy):
                     self._check_hook_references(model, params, batches, bank, selections)
                 return None
             except Exception as err:  # noqa: BLE001 - any model the hooks do not fit falls back
-                # Out of memory is no misfit: the vmapped pass needs more memory than the hooked one,
-                # and recording the switch would keep it for the rest of the run.
-                if getattr(self.config, "reference_method", None) == "hooks" or isinstance(err, torch.OutOfMemoryError):
+                if self._must_raise(err, "hooks"):
                     raise
                 logger.warning("%s: the hooked reference pass failed (%s); using the vmapped or per-task one.", self.name, err)
                 self._hook_plan = (model, str(err))
@@ -851,9 +849,7 @@ class EpisodicGradientStrategy(Strategy):
                 stacked = bank.stacked(selections) if bank is not None else _stack_groups(batches)
                 return self._vmap_references(model, params, stacked)
             except Exception as err:  # noqa: BLE001 - any vmap incompatibility falls back
-                # Out of memory is raised rather than recorded as "vmap does not fit this model" for the
-                # rest of the run: it says the memory batch is too big, which the user should hear.
-                if getattr(self.config, "reference_method", None) == "vmap" or isinstance(err, torch.OutOfMemoryError):
+                if self._must_raise(err, "vmap"):
                     raise
                 logger.warning("%s: vmapped reference gradients failed (%s); using one backward per task.", self.name, err)
                 self._vmap = False
@@ -879,6 +875,15 @@ class EpisodicGradientStrategy(Strategy):
             except ValueError as err:
                 self._hook_plan = (model, str(err))
         return self._hook_plan[1]
+
+    def _must_raise(self, err: BaseException, method: str) -> bool:
+        """Whether a failed ``method`` reference pass is raised rather than left for the next method.
+
+        Raised when the user asked for that method, and on out of memory: that is no misfit of the
+        model, the fall-back needs more memory still, and recording the switch would keep it for the
+        rest of the run instead of telling the user the memory batch is too big.
+        """
+        return getattr(self.config, "reference_method", None) == method or isinstance(err, torch.OutOfMemoryError)
 
     def _check_hook_references(self, model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, torch.Tensor]] | None,
                                bank: _MemoryBank | None, selections: list[slice | torch.Tensor] | None) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..sharding import is_dtensor, reshard, shard_plain_modules
-from ._lora import adapters_active, lora_config, merged_copy, train_only
+from ._lora import adapters_active, is_peft, lora_config, merged_copy, train_only
 from .base import Strategy, StrategyConfig, TaskInfo, check_range, register_strategy, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -269,7 +269,7 @@ class OLoRA(Strategy):
         names = self.adapter_names
         if task is not None and self.config.use_task:
             names = names[: self.task_ids.index(task.task_id) + 1]
-        if not names or not _is_peft(model):
+        if not names or not is_peft(model):
             return model
         return merged_copy(model, names)
 
@@ -287,12 +287,6 @@ def _whole(value: torch.Tensor) -> torch.Tensor:
     """A DTensor (an FSDP2 shard) gathered into the whole plain tensor, differentiably (its gradient
     goes back to each rank's shard); a plain tensor as it is."""
     return value.full_tensor() if is_dtensor(value) else value
-
-
-def _is_peft(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def adapter_name(index: int) -> str:
